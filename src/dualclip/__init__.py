@@ -1,0 +1,11 @@
+"""dualclip: zero-shot visual anomaly detection and localization with CLIP.
+
+Implements "Dual-Image Enhanced CLIP for Zero-Shot Anomaly Detection" (arXiv 2405.04782): text guidance
+with V-V attention, dual-image visual reference, joint scoring and test-time adaptation.
+"""
+
+from .config import AdaptationConfig, DetectorConfig
+from .detector import DualClipDetector, Prediction
+
+__version__ = "0.1.0"
+__all__ = ["AdaptationConfig", "DetectorConfig", "DualClipDetector", "Prediction", "__version__"]

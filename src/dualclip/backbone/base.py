@@ -1,0 +1,108 @@
+"""The interface every backbone implements: images in, global embedding and dense features out."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class BackboneOutput:
+    """Features of one batch of B images.
+
+    Attributes
+    ----------
+    global_embedding:
+        ``(B, D)``: CLIP's image embedding in the joint space (equal to ``encode_image``), or the pooled
+        features of a vision-only backbone. Used for text scoring and for ``similar`` pairing.
+    patch_embeddings:
+        ``(B, P, D)``: dense tokens projected into the joint space for text scoring, or ``None`` for a
+        vision-only backbone.
+    match_features:
+        One ``(B, P, C_l)`` tensor per matching layer, each L2-normalised per patch.
+    grid:
+        ``(h, w)`` with ``h * w == P``: the patch grid, row-major.
+    """
+
+    global_embedding: torch.Tensor
+    patch_embeddings: torch.Tensor | None
+    match_features: list[torch.Tensor]
+    grid: tuple[int, int]
+
+
+class Backbone(nn.Module, ABC):
+    """A frozen feature extractor.
+
+    Subclasses set ``image_size``, ``mean``, ``std``, ``name`` and ``weights_id`` (identifies the weights:
+    an open_clip tag, a file, or ``None`` for random weights), and implement :meth:`forward`.
+    """
+
+    name: str
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights_id: str | None
+    has_text: bool = False
+    logit_scale: float = 100.0
+
+    @abstractmethod
+    def forward(self, images: torch.Tensor) -> BackboneOutput:
+        """Extract features of normalised images ``(B, 3, S, S)``."""
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """Embed sentences into the joint space (``(len(prompts), D)``, not normalised)."""
+        raise NotImplementedError(f"backbone {self.name!r} has no text tower")
+
+
+def finish_match_features(tokens: torch.Tensor, grid: tuple[int, int], neighbourhood: int) -> torch.Tensor:
+    """L2-normalise ``(B, P, C)`` patch tokens, average them over a ``neighbourhood`` square, re-normalise.
+
+    The average uses only patches inside the grid (no zero padding at the border).
+    """
+    tokens = F.normalize(tokens.float(), dim=-1)
+    if neighbourhood > 1:
+        b, p, c = tokens.shape
+        h, w = grid
+        x = tokens.transpose(1, 2).reshape(b, c, h, w)
+        x = F.avg_pool2d(x, neighbourhood, stride=1, padding=neighbourhood // 2, count_include_pad=False)
+        tokens = F.normalize(x.reshape(b, c, p).transpose(1, 2), dim=-1)
+    return tokens.contiguous()
+
+
+@torch.inference_mode()
+def extract_features(
+    backbone: Backbone,
+    images: list,
+    batch_size: int = 8,
+    keep_patch_embeddings: bool = True,
+    progress: bool = False,
+    desc: str = "features",
+) -> BackboneOutput:
+    """Run ``backbone`` over PIL RGB ``images`` in batches; concatenate the outputs on the CPU."""
+    from tqdm.auto import tqdm
+
+    from .preprocess import to_tensor
+
+    device = next(backbone.parameters()).device
+    globals_, patches, matches = [], [], []
+    grid = None
+    with tqdm(total=len(images), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for start in range(0, len(images), batch_size):
+            batch = to_tensor(images[start : start + batch_size], backbone.image_size, backbone.mean, backbone.std)
+            out = backbone(batch.to(device))
+            grid = out.grid
+            globals_.append(out.global_embedding.float().cpu())
+            if keep_patch_embeddings and out.patch_embeddings is not None:
+                patches.append(out.patch_embeddings.float().cpu())
+            matches.append([m.cpu() for m in out.match_features])
+            bar.update(batch.shape[0])
+    return BackboneOutput(
+        global_embedding=torch.cat(globals_),
+        patch_embeddings=torch.cat(patches) if patches else None,
+        match_features=[torch.cat(layer) for layer in zip(*matches, strict=True)],
+        grid=grid,
+    )

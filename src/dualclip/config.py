@@ -1,0 +1,172 @@
+"""Every setting of the detector, in one typed, validated dataclass (METHOD.md §1-§7)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+DEFAULT = "default"
+"""Sentinel for ``pretrained``: the preset's weights (an open_clip tag, or the bundled EfficientNet file)."""
+
+Pairing = Literal["random", "similar"]
+Aggregation = Literal["min", "mean_low30"]
+FusionNorm = Literal["zscore", "rank"]
+ImageScoreMode = Literal["max", "top1pct"]
+TTAScope = Literal["category", "image"]
+
+
+@dataclass
+class AdaptationConfig:
+    """Test-time adaptation on synthesized anomalies (METHOD.md §7).
+
+    Parameters
+    ----------
+    num_images:
+        Synthetic anomalous images made from the test images (per category, or per image with
+        ``scope="image"``).
+    steps:
+        AdamW steps of the head.
+    lr:
+        AdamW learning rate.
+    weight_decay:
+        AdamW weight decay.
+    scope:
+        ``"category"``: one head trained on the category's synthetic images (default);
+        ``"image"``: the head is re-initialised and trained for every image on its own synthetic copies.
+    rank:
+        Rank of the residual adapter in front of the linear head (0 disables the adapter).
+    dice_weight:
+        Weight of the Dice term added to the focal loss.
+    """
+
+    num_images: int = 32
+    steps: int = 60
+    lr: float = 1e-2
+    weight_decay: float = 1e-4
+    scope: TTAScope = "category"
+    rank: int = 16
+    dice_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.num_images >= 1, "adaptation.num_images must be >= 1")
+        _check(self.steps >= 0, "adaptation.steps must be >= 0")
+        _check(self.lr > 0, "adaptation.lr must be > 0")
+        _check(self.scope in ("category", "image"), f"adaptation.scope must be 'category' or 'image', got {self.scope!r}")
+        _check(self.rank >= 0, "adaptation.rank must be >= 0")
+
+
+@dataclass
+class DetectorConfig:
+    """Settings of :class:`dualclip.DualClipDetector`.
+
+    Parameters
+    ----------
+    backbone:
+        An ``open_clip`` model name (presets: ``"ViT-B-16-plus-240"`` at 240 px, ``"ViT-L-14-336"`` at
+        518 px) or ``"effnet-lite0"`` (vision-only EfficientNet-Lite0, no text branch).
+    pretrained:
+        ``"default"`` (the preset's weights), an ``open_clip`` pretrained tag (downloaded and cached on a
+        connected machine), a local checkpoint file (``.pt``/``.pth``/``.bin``/``.safetensors``, loaded
+        without executing pickled code), or ``None`` for randomly initialised weights (tests, benchmarks).
+    image_size:
+        Processing resolution S (square). ``None``: the preset's size (240, 518, 320 for effnet-lite0).
+    feature_layers:
+        1-based transformer blocks whose V-V tokens feed visual matching. ``None``: 4 evenly spaced blocks
+        ending at the last (3/6/9/12 for 12 blocks). For ``effnet-lite0``: indices of its MBConv blocks.
+    vv_start:
+        First (1-based) block of the V-V attention path; before it the V-V path equals the original one.
+    neighbourhood:
+        Side of the square neighbourhood over which matching features are averaged (1 = off).
+    k:
+        References per image. 1 is the paper's dual-image setting; ``"all"`` is full mutual scoring.
+    pairing:
+        ``"random"`` (seeded derangement: random pairs, each image the other's reference) or ``"similar"``
+        (the k most similar other images by global embedding).
+    k_aggregation:
+        How k per-reference distances are combined: ``"min"`` or ``"mean_low30"`` (mean of the lowest 30%).
+    use_text, use_visual:
+        Switch the text branch (§4) and the visual-reference branch (§5) on or off (ablations).
+    alpha:
+        Fusion weight of the text (or adapted) patch score: ``M = alpha*text + (1-alpha)*visual``.
+    beta:
+        Weight of the global text score in the image score: ``S = beta*g_txt + (1-beta)*max(M)``.
+    fusion_norm:
+        How both branches are brought to one scale before fusion: ``"zscore"`` over the run's patches, or
+        ``"rank"`` (quantile ranks). Only used when two branches are fused.
+    image_score:
+        ``"max"`` of the smoothed map, or ``"top1pct"``: mean of its top 1% pixels.
+    sigma:
+        Gaussian smoothing in pixels at resolution S.
+    temperature:
+        Softmax temperature tau of text scores; ``None``: the model's logit scale (100 for CLIP).
+    tta:
+        Test-time adaptation on synthesized anomalies (§7); settings in ``adaptation``.
+    batch_size:
+        Images per backbone forward pass.
+    seed:
+        Seeds pairing, synthesis and adaptation; recorded in every output.
+    device:
+        Torch device (``"cpu"``, ``"cuda"``).
+    cache_dir:
+        Where downloaded weights and text embeddings are cached (default: the user cache dir).
+    progress:
+        Show progress bars.
+    """
+
+    backbone: str = "ViT-B-16-plus-240"
+    pretrained: str | None = DEFAULT
+    image_size: int | None = None
+    feature_layers: tuple[int, ...] | None = None
+    vv_start: int = 1
+    neighbourhood: int = 3
+    k: int | Literal["all"] = 1
+    pairing: Pairing = "random"
+    k_aggregation: Aggregation = "min"
+    use_text: bool = True
+    use_visual: bool = True
+    alpha: float = 0.5
+    beta: float = 0.5
+    fusion_norm: FusionNorm = "zscore"
+    image_score: ImageScoreMode = "max"
+    sigma: float = 4.0
+    temperature: float | None = None
+    tta: bool = False
+    adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
+    batch_size: int = 8
+    seed: int = 0
+    device: str = "cpu"
+    cache_dir: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.adaptation, dict):
+            self.adaptation = AdaptationConfig(**self.adaptation)
+        if self.feature_layers is not None:
+            self.feature_layers = tuple(int(i) for i in self.feature_layers)
+            _check(len(self.feature_layers) > 0, "feature_layers must not be empty")
+        _check(self.image_size is None or self.image_size >= 32, "image_size must be >= 32 pixels")
+        _check(self.vv_start >= 1, "vv_start is 1-based and must be >= 1")
+        _check(self.neighbourhood >= 1 and self.neighbourhood % 2 == 1, "neighbourhood must be an odd number >= 1")
+        _check(self.k == "all" or (isinstance(self.k, int) and self.k >= 1), f"k must be an int >= 1 or 'all', got {self.k!r}")
+        _check(self.pairing in ("random", "similar"), f"pairing must be 'random' or 'similar', got {self.pairing!r}")
+        _check(self.k_aggregation in ("min", "mean_low30"), f"k_aggregation must be 'min' or 'mean_low30', got {self.k_aggregation!r}")
+        _check(self.use_text or self.use_visual or self.tta, "at least one branch (text, visual or tta) must be on")
+        _check(0.0 <= self.alpha <= 1.0, "alpha must lie in [0, 1]")
+        _check(0.0 <= self.beta <= 1.0, "beta must lie in [0, 1]")
+        _check(self.fusion_norm in ("zscore", "rank"), f"fusion_norm must be 'zscore' or 'rank', got {self.fusion_norm!r}")
+        _check(self.image_score in ("max", "top1pct"), f"image_score must be 'max' or 'top1pct', got {self.image_score!r}")
+        _check(self.sigma >= 0, "sigma must be >= 0")
+        _check(self.batch_size >= 1, "batch_size must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """All settings as plain JSON-able values (recorded in every output)."""
+        d = dataclasses.asdict(self)
+        if d["feature_layers"] is not None:
+            d["feature_layers"] = list(d["feature_layers"])
+        return d
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)

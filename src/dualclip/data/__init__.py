@@ -1,0 +1,5 @@
+"""Data: robust image loading and the field's dataset layouts."""
+
+from .images import IMAGE_SUFFIXES, ImageLoadError, expand_paths, load_image, to_rgb8
+
+__all__ = ["IMAGE_SUFFIXES", "ImageLoadError", "expand_paths", "load_image", "to_rgb8"]

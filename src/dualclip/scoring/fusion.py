@@ -1,0 +1,87 @@
+"""METHOD.md §6: joint scoring. Branches brought to one scale, fused, upsampled, smoothed; image scores."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def normalize_branch(x: torch.Tensor, how: str) -> torch.Tensor:
+    """Bring one branch's scores to a common scale over all its values (the run's patches or images).
+
+    ``zscore``: (x - mean) / std; ``rank``: quantile rank in [0, 1] (ties share their mean rank).
+    A constant branch becomes all zeros.
+    """
+    flat = x.reshape(-1).double()
+    if how == "zscore":
+        std = flat.std(unbiased=False) if flat.numel() > 1 else torch.tensor(0.0, dtype=torch.float64)
+        if std <= 0:
+            return torch.zeros_like(x)
+        return ((x.double() - flat.mean()) / std).to(x.dtype)
+    if how == "rank":
+        from scipy.stats import rankdata
+
+        if flat.numel() < 2:
+            return torch.zeros_like(x)
+        ranks = rankdata(flat.numpy(), method="average")
+        return torch.from_numpy((ranks - 1) / (flat.numel() - 1)).reshape(x.shape).to(x.dtype)
+    raise ValueError(f"unknown normalisation {how!r}")
+
+
+def fuse(branches: list[tuple[torch.Tensor, float]], how: str) -> torch.Tensor:
+    """Weighted sum of branches ``[(scores, weight), ...]``; one branch is returned unchanged (its own units)."""
+    if not branches:
+        raise ValueError("nothing to fuse: every branch is off")
+    if len(branches) == 1:
+        return branches[0][0]
+    total = sum(w for _, w in branches)
+    return sum(normalize_branch(s, how) * (w / total) for s, w in branches)
+
+
+def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    radius = max(1, int(math.ceil(4 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-(x**2) / (2 * sigma**2))
+    return k / k.sum()
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of ``(N, H, W)`` maps with reflect padding."""
+    if sigma <= 0:
+        return maps
+    k = gaussian_kernel1d(sigma).to(maps.device)
+    r = k.numel() // 2
+    x = maps.unsqueeze(1)
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+    return x.squeeze(1)
+
+
+def upsample(patch_scores: torch.Tensor, grid: tuple[int, int], size: int, sigma: float) -> torch.Tensor:
+    """``(N, P)`` patch scores -> ``(N, size, size)`` maps: bilinear upsampling, then Gaussian smoothing."""
+    n = patch_scores.shape[0]
+    maps = patch_scores.reshape(n, 1, *grid).float()
+    maps = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False).squeeze(1)
+    return gaussian_blur(maps, sigma)
+
+
+def map_scores(maps: torch.Tensor, mode: str = "max") -> torch.Tensor:
+    """Image score from ``(N, H, W)`` maps: the maximum, or the mean of the top 1% of pixels."""
+    flat = maps.reshape(maps.shape[0], -1)
+    if mode == "max":
+        return flat.amax(dim=1)
+    if mode == "top1pct":
+        m = max(1, int(round(0.01 * flat.shape[1])))
+        return flat.topk(m, dim=1).values.mean(dim=1)
+    raise ValueError(f"unknown image score mode {mode!r}")
+
+
+def resize_map(m: torch.Tensor, height: int, width: int) -> np.ndarray:
+    """One ``(S, S)`` map to the image's own ``(height, width)`` (bilinear), as float32 numpy."""
+    if m.shape == (height, width):
+        return m.float().numpy().astype(np.float32, copy=False)
+    out = F.interpolate(m[None, None].float(), size=(height, width), mode="bilinear", align_corners=False)
+    return out[0, 0].numpy().astype(np.float32, copy=False)

@@ -1,0 +1,6 @@
+"""Text guidance: prompt ensemble, class names, cached text embeddings."""
+
+from .embeddings import text_embeddings
+from .prompts import ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES, build_prompts, readable_class_name
+
+__all__ = ["ANOMALOUS_STATES", "NORMAL_STATES", "TEMPLATES", "build_prompts", "readable_class_name", "text_embeddings"]

@@ -1,0 +1,56 @@
+"""Shared fixtures: a small randomly initialised open_clip CLIP and generated data."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+# No network in tests: the hub client must answer from its cache at once (read at import time).
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import open_clip
+import pytest
+import torch
+
+TINY = "dualclip-tiny-test"
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 4, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def pytest_configure(config):
+    path = Path(config.rootpath) / ".pytest_cache" / "model_configs"
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"{TINY}.json").write_text(json.dumps(TINY_CONFIG))
+    open_clip.add_model_config(path)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DUALCLIP_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def tiny_backbone():
+    from dualclip.backbone import build_clip_backbone
+
+    torch.manual_seed(0)
+    return build_clip_backbone(TINY, pretrained=None, image_size=None)
+
+
+@pytest.fixture(scope="session")
+def texture_set():
+    from dualclip.data.synthetic import make_texture_set
+
+    return make_texture_set(n_normal=6, n_anomalous=4, size=96, seed=0)
+
+
+def shared_dataset(name: str) -> Path:
+    root = SHARED / name
+    if not root.is_dir():
+        pytest.skip(f"real data not available: {root} is absent (it lives in ../shared/datasets)")
+    return root
