@@ -35,7 +35,8 @@ class AdaptationConfig:
         ``"category"``: one head trained on the category's synthetic images (default);
         ``"image"``: the head is re-initialised and trained for every image on its own synthetic copies.
     rank:
-        Rank of the residual adapter in front of the linear head (0 disables the adapter).
+        Rank of the residual adapter in front of the linear head. 0 (default): a linear head, which
+        generalised better than rank 16 on magnetic_tile (README, "Test-time adaptation").
     dice_weight:
         Weight of the Dice term added to the focal loss.
     """
@@ -45,7 +46,7 @@ class AdaptationConfig:
     lr: float = 1e-2
     weight_decay: float = 1e-4
     scope: TTAScope = "category"
-    rank: int = 16
+    rank: int = 0
     dice_weight: float = 1.0
 
     def __post_init__(self) -> None:

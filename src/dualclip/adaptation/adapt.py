@@ -1,0 +1,80 @@
+"""Adaptation inside the detector: synthesize anomalies on the test images, train the head, score."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..backbone import Backbone, BackboneOutput, extract_features
+from .head import AdaptationHead, train_head
+from .synthesis import synthesize_batch
+
+
+def head_inputs(feats: BackboneOutput, use_text: bool) -> torch.Tensor:
+    """The features the head sees: joint-space V-V tokens (CLIP) or the concatenated matching features."""
+    if use_text and feats.patch_embeddings is not None:
+        return feats.patch_embeddings
+    return torch.cat(feats.match_features, dim=-1)
+
+
+def patch_targets(masks: list[np.ndarray], size: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Boolean masks -> the fraction of each patch they cover, ``(M, P)``."""
+    out = []
+    for m in masks:
+        small = Image.fromarray(m.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)
+        t = torch.from_numpy(np.array(small))
+        out.append(F.adaptive_avg_pool2d(t[None, None].float() / 255.0, grid).reshape(-1))
+    return torch.stack(out)
+
+
+def _fit(backbone, sources, n, seed, text, temperature, cfg, use_text) -> tuple[AdaptationHead, list[float]]:
+    arrays = [np.asarray(img) for img in sources]
+    synth = synthesize_batch(arrays, n, seed)
+    pils = [Image.fromarray(img) for img, _, _ in synth]
+    feats = extract_features(backbone, pils, cfg.batch_size, keep_patch_embeddings=use_text, desc="adaptation")
+    x = head_inputs(feats, use_text)
+    y = patch_targets([m for _, m, _ in synth], backbone.image_size, feats.grid)
+    direction = (text[1] - text[0]) if use_text else None
+    head = AdaptationHead(x.shape[-1], direction, temperature if use_text else None, cfg.adaptation.rank)
+    a = cfg.adaptation
+    losses = train_head(head, x, y, a.steps, a.lr, a.weight_decay, a.dice_weight, seed)
+    return head, losses
+
+
+def adapt_patch_scores(
+    backbone: Backbone,
+    images: list[Image.Image],
+    feats: BackboneOutput,
+    text: torch.Tensor | None,
+    temperature: float,
+    cfg,
+) -> torch.Tensor:
+    """Adapted patch scores ``(N, P)`` in [0, 1] for the test images (``feats`` are theirs).
+
+    ``scope="category"``: one head trained on ``num_images`` synthetic images made from the whole set.
+    ``scope="image"``: for each image a fresh head trained on ``num_images`` synthetic copies of it alone.
+    The losses are kept on ``adapt_patch_scores.last_losses`` for inspection.
+    """
+    use_text = text is not None and backbone.has_text
+    x_test = head_inputs(feats, use_text)
+    a = cfg.adaptation
+    if a.scope == "category":
+        head, losses = _fit(backbone, images, a.num_images, cfg.seed, text, temperature, cfg, use_text)
+        adapt_patch_scores.last_losses = [losses]
+        with torch.no_grad():
+            return torch.sigmoid(head(x_test))
+    out = torch.empty(x_test.shape[:2])
+    all_losses = []
+    for i in tqdm(range(len(images)), desc="adapting per image", disable=not cfg.progress, leave=False):
+        head, losses = _fit(backbone, [images[i]], a.num_images, cfg.seed + i, text, temperature, cfg, use_text)
+        all_losses.append(losses)
+        with torch.no_grad():
+            out[i] = torch.sigmoid(head(x_test[i]))
+    adapt_patch_scores.last_losses = all_losses
+    return out
+
+
+adapt_patch_scores.last_losses = []

@@ -1,0 +1,86 @@
+"""Anomaly synthesis (property tests) and the adaptation head."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from dualclip import AdaptationConfig, DetectorConfig, DualClipDetector
+from dualclip.adaptation import AdaptationHead, head_inputs, patch_targets, synthesize, synthesize_batch, train_head
+from dualclip.backbone import extract_features
+from dualclip.metrics import image_auroc
+from dualclip.scoring import text_anomaly_scores
+from dualclip.text import text_embeddings
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    h=st.integers(4, 70), w=st.integers(4, 70), channels=st.sampled_from([0, 1, 3, 4]),
+    kind=st.sampled_from(["cutpaste", "scar", "perlin"]), seed=st.integers(0, 2**32 - 1), with_source=st.booleans(),
+)
+def test_synthesis_properties(h, w, channels, kind, seed, with_source):
+    rng = np.random.default_rng(seed)
+    shape = (h, w) if channels == 0 else (h, w, channels)
+    image = rng.integers(0, 256, shape, dtype=np.uint8)
+    source = rng.integers(0, 256, (max(2, h // 2), w + 3, 3), dtype=np.uint8) if with_source else None
+    out, mask = synthesize(image, np.random.default_rng(seed), source=source, kind=kind)
+    assert out.shape == image.shape and out.dtype == image.dtype
+    assert mask.shape == (h, w) and mask.dtype == bool and mask.any()
+    assert np.array_equal(out[~mask], image[~mask])  # nothing changes outside the mask
+    out2, mask2 = synthesize(image, np.random.default_rng(seed), source=source, kind=kind)
+    assert np.array_equal(out, out2) and np.array_equal(mask, mask2)
+
+
+def test_synthesize_batch_is_seeded_and_cycles_images():
+    imgs = [np.full((20, 20, 3), v, np.uint8) for v in (10, 200)]
+    a = synthesize_batch(imgs, 5, seed=3)
+    b = synthesize_batch(imgs, 5, seed=3)
+    assert [x[2] for x in a] == [0, 1, 0, 1, 0]
+    assert all(np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) for x, y in zip(a, b, strict=True))
+
+
+def test_head_reproduces_text_score_before_training(tiny_backbone):
+    text = text_embeddings(tiny_backbone, "bottle")
+    f = torch.randn(3, 16, 32)
+    head = AdaptationHead(32, text[1] - text[0], tiny_backbone.logit_scale, rank=8)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.sigmoid(head(f)), text_anomaly_scores(f, text, tiny_backbone.logit_scale))
+    zero = AdaptationHead(32, None, None, rank=4)
+    with torch.no_grad():
+        assert torch.equal(torch.sigmoid(zero(f)), torch.full((3, 16), 0.5))
+
+
+def _synthetic_features(backbone, images, n, seed):
+    synth = synthesize_batch([np.asarray(i) for i in images], n, seed)
+    feats = extract_features(backbone, [Image.fromarray(s[0]) for s in synth])
+    return head_inputs(feats, True), patch_targets([s[1] for s in synth], backbone.image_size, feats.grid)
+
+
+def test_head_learns_on_synthetic_anomalies(tiny_backbone, texture_set):
+    images = texture_set[0][:6]
+    x, y = _synthetic_features(tiny_backbone, images, 24, seed=0)
+    x_val, y_val = _synthetic_features(tiny_backbone, images, 12, seed=99)
+    text = text_embeddings(tiny_backbone, "texture")
+    head = AdaptationHead(x.shape[-1], text[1] - text[0], tiny_backbone.logit_scale, rank=4)
+    with torch.no_grad():
+        before = image_auroc((y_val > 0.5).ravel().numpy(), head(x_val).ravel().numpy())
+    losses = train_head(head, x, y, steps=80, lr=1e-2, weight_decay=1e-4, dice_weight=1.0, seed=0)
+    with torch.no_grad():
+        after = image_auroc((y_val > 0.5).ravel().numpy(), head(x_val).ravel().numpy())
+    assert losses[-1] < 0.8 * losses[0]
+    assert after > before + 0.05
+
+
+@pytest.mark.parametrize("scope", ["category", "image"])
+def test_detector_with_tta(tiny_backbone, texture_set, scope):
+    cfg = DetectorConfig(pretrained=None, progress=False, tta=True, adaptation=AdaptationConfig(num_images=4, steps=5, scope=scope))
+    det = DualClipDetector(cfg, backbone=tiny_backbone)
+    preds = det.predict(texture_set[0][:4])
+    assert "adapted" in preds[0].branch_maps and "text" in preds[0].branch_maps
+    assert all(np.isfinite(p.anomaly_map).all() for p in preds)
+    again = DualClipDetector(cfg, backbone=tiny_backbone).predict(texture_set[0][:4])
+    assert [p.score for p in preds] == [p.score for p in again]
