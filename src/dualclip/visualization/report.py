@@ -1,0 +1,82 @@
+"""A self-contained offline HTML report: thumbnails, overlays, scores and verdicts, sortable by score."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+
+from PIL import Image
+
+
+def _data_uri(img: Image.Image, size: int = 256) -> str:
+    thumb = img.convert("RGB").copy()
+    thumb.thumbnail((size, size))
+    buf = io.BytesIO()
+    thumb.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+_SCRIPT = """
+function sortBy(col, numeric) {
+  const body = document.querySelector('#preds tbody');
+  const rows = Array.from(body.rows);
+  const dir = body.dataset.dir === 'desc' ? 'asc' : 'desc';
+  body.dataset.dir = dir;
+  rows.sort((a, b) => {
+    let x = a.cells[col].dataset.v, y = b.cells[col].dataset.v;
+    if (numeric) { x = parseFloat(x); y = parseFloat(y); if (isNaN(x)) x = -Infinity; if (isNaN(y)) y = -Infinity; }
+    return (x < y ? -1 : x > y ? 1 : 0) * (dir === 'asc' ? 1 : -1);
+  });
+  rows.forEach(r => body.appendChild(r));
+}
+"""
+
+
+def render_report(rows: list[dict], meta: dict) -> str:
+    """``rows``: dicts with path, score, verdict, error, image (PIL or None), overlay (PIL or None)."""
+    th = meta.get("threshold") or {}
+    head = (
+        f"<p><b>{len(rows)}</b> files &middot; class <b>{html.escape(str(meta.get('class_name')))}</b> &middot; "
+        f"backbone <b>{html.escape(str(meta.get('backbone')))}</b> &middot; seed {meta.get('seed')} &middot; "
+        f"threshold: <b>{html.escape(str(th.get('value')))}</b> ({html.escape(str(th.get('source')))}) &middot; "
+        f"heat-map scale {meta.get('heatmap_scale')}</p>"
+    )
+    trs = []
+    for r in rows:
+        score = r.get("score")
+        v = "" if score is None else f"{score:.4f}"
+        verdict = r.get("verdict") or ("error" if r.get("error") else "-")
+        img = f'<img src="{_data_uri(r["image"])}">' if r.get("image") is not None else ""
+        ov = f'<img src="{_data_uri(r["overlay"])}">' if r.get("overlay") is not None else ""
+        err = html.escape(r.get("error") or "")
+        trs.append(
+            f'<tr class="{html.escape(verdict)}"><td data-v="{html.escape(r["path"])}">{html.escape(r["path"])}'
+            f'<div class="err">{err}</div></td><td>{img}</td><td>{ov}</td>'
+            f'<td class="score" data-v="{v or "nan"}">{v or "-"}</td><td data-v="{html.escape(verdict)}">{html.escape(verdict)}</td></tr>'
+        )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>dualclip report</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; }}
+table {{ border-collapse: collapse; }}
+td, th {{ border: 1px solid #ccc; padding: 4px 8px; vertical-align: middle; }}
+th {{ cursor: pointer; background: #eee; }}
+tr.defective td.score {{ color: #b00; font-weight: bold; }}
+tr.error {{ background: #fdd; }}
+.err {{ color: #b00; font-size: 90%; }}
+img {{ max-height: 160px; }}
+</style></head><body>
+<h1>dualclip report</h1>
+{head}
+<script type="application/json" id="meta">{html.escape(json.dumps(meta))}</script>
+<table id="preds"><thead><tr>
+<th onclick="sortBy(0, false)">file</th><th>image</th><th>heat map</th>
+<th onclick="sortBy(3, true)">score &#x25BE;</th><th onclick="sortBy(4, false)">verdict</th>
+</tr></thead><tbody data-dir="desc">
+{''.join(trs)}
+</tbody></table>
+<script>{_SCRIPT}</script>
+</body></html>
+"""
