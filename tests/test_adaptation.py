@@ -19,8 +19,12 @@ from dualclip.text import text_embeddings
 
 @settings(max_examples=60, deadline=None)
 @given(
-    h=st.integers(4, 70), w=st.integers(4, 70), channels=st.sampled_from([0, 1, 3, 4]),
-    kind=st.sampled_from(["cutpaste", "scar", "perlin"]), seed=st.integers(0, 2**32 - 1), with_source=st.booleans(),
+    h=st.integers(4, 70),
+    w=st.integers(4, 70),
+    channels=st.sampled_from([0, 1, 3, 4]),
+    kind=st.sampled_from(["cutpaste", "scar", "perlin"]),
+    seed=st.integers(0, 2**32 - 1),
+    with_source=st.booleans(),
 )
 def test_synthesis_properties(h, w, channels, kind, seed, with_source):
     rng = np.random.default_rng(seed)
@@ -77,7 +81,9 @@ def test_head_learns_on_synthetic_anomalies(tiny_backbone, texture_set):
 
 @pytest.mark.parametrize("scope", ["category", "image"])
 def test_detector_with_tta(tiny_backbone, texture_set, scope):
-    cfg = DetectorConfig(pretrained=None, progress=False, tta=True, adaptation=AdaptationConfig(num_images=4, steps=5, scope=scope))
+    cfg = DetectorConfig(
+        pretrained=None, progress=False, tta=True, adaptation=AdaptationConfig(num_images=4, steps=5, scope=scope)
+    )
     det = DualClipDetector(cfg, backbone=tiny_backbone)
     preds = det.predict(texture_set[0][:4])
     assert "adapted" in preds[0].branch_maps and "text" in preds[0].branch_maps

@@ -10,8 +10,8 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY
 
+from conftest import TINY
 from dualclip.backbone import (
     ClipBackbone,
     EffNetLite0Backbone,

@@ -82,7 +82,10 @@ def test_large_input_sort_path_matches_sklearn(monkeypatch):
     maps = (rng.random(masks.shape) + masks * 0.3).astype(np.float32)
     maps[0, :10] = -0.0  # negative zero and negatives must order correctly
     maps[1, :10] = -1.5
-    small = {k: v for k, v in M.all_metrics([0, 1, 1, 0], [0.1, 0.9, 0.8, 0.2], masks[:, :40, :40], maps[:, :40, :40]).items()}
+    small = {
+        k: v
+        for k, v in M.all_metrics([0, 1, 1, 0], [0.1, 0.9, 0.8, 0.2], masks[:, :40, :40], maps[:, :40, :40]).items()
+    }
     assert M.pixel_auroc(masks, maps) == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-9)
     assert M.pixel_ap(masks, maps) == pytest.approx(average_precision_score(masks.ravel(), maps.ravel()), abs=1e-9)
     assert small["pixel_auroc"] == pytest.approx(roc_auc_score(masks[:, :40, :40].ravel(), maps[:, :40, :40].ravel()))

@@ -93,7 +93,12 @@ def test_golden_reference_scores_match_brute_force():
 
 
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(2, 40), k=st.integers(1, 6), seed=st.integers(0, 2**31), strategy=st.sampled_from(["random", "similar"]))
+@given(
+    n=st.integers(2, 40),
+    k=st.integers(1, 6),
+    seed=st.integers(0, 2**31),
+    strategy=st.sampled_from(["random", "similar"]),
+)
 def test_pairing_properties(n, k, seed, strategy):
     emb = torch.randn(n, 8, generator=torch.Generator().manual_seed(seed % 1000))
     refs = pair_references(n, k, strategy, seed, emb)

@@ -53,7 +53,9 @@ class AdaptationConfig:
         _check(self.num_images >= 1, "adaptation.num_images must be >= 1")
         _check(self.steps >= 0, "adaptation.steps must be >= 0")
         _check(self.lr > 0, "adaptation.lr must be > 0")
-        _check(self.scope in ("category", "image"), f"adaptation.scope must be 'category' or 'image', got {self.scope!r}")
+        _check(
+            self.scope in ("category", "image"), f"adaptation.scope must be 'category' or 'image', got {self.scope!r}"
+        )
         _check(self.rank >= 0, "adaptation.rank must be >= 0")
 
 
@@ -149,14 +151,24 @@ class DetectorConfig:
         _check(self.image_size is None or self.image_size >= 32, "image_size must be >= 32 pixels")
         _check(self.vv_start >= 1, "vv_start is 1-based and must be >= 1")
         _check(self.neighbourhood >= 1 and self.neighbourhood % 2 == 1, "neighbourhood must be an odd number >= 1")
-        _check(self.k == "all" or (isinstance(self.k, int) and self.k >= 1), f"k must be an int >= 1 or 'all', got {self.k!r}")
+        _check(
+            self.k == "all" or (isinstance(self.k, int) and self.k >= 1),
+            f"k must be an int >= 1 or 'all', got {self.k!r}",
+        )
         _check(self.pairing in ("random", "similar"), f"pairing must be 'random' or 'similar', got {self.pairing!r}")
-        _check(self.k_aggregation in ("min", "mean_low30"), f"k_aggregation must be 'min' or 'mean_low30', got {self.k_aggregation!r}")
+        _check(
+            self.k_aggregation in ("min", "mean_low30"),
+            f"k_aggregation must be 'min' or 'mean_low30', got {self.k_aggregation!r}",
+        )
         _check(self.use_text or self.use_visual or self.tta, "at least one branch (text, visual or tta) must be on")
         _check(0.0 <= self.alpha <= 1.0, "alpha must lie in [0, 1]")
         _check(0.0 <= self.beta <= 1.0, "beta must lie in [0, 1]")
-        _check(self.fusion_norm in ("zscore", "rank"), f"fusion_norm must be 'zscore' or 'rank', got {self.fusion_norm!r}")
-        _check(self.image_score in ("max", "top1pct"), f"image_score must be 'max' or 'top1pct', got {self.image_score!r}")
+        _check(
+            self.fusion_norm in ("zscore", "rank"), f"fusion_norm must be 'zscore' or 'rank', got {self.fusion_norm!r}"
+        )
+        _check(
+            self.image_score in ("max", "top1pct"), f"image_score must be 'max' or 'top1pct', got {self.image_score!r}"
+        )
         _check(self.sigma >= 0, "sigma must be >= 0")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
 

@@ -184,7 +184,11 @@ class DualClipDetector:
         if use_visual:
             if golden is not None:
                 gfeats = extract_features(
-                    backbone, golden, cfg.batch_size, keep_patch_embeddings=False, progress=cfg.progress,
+                    backbone,
+                    golden,
+                    cfg.batch_size,
+                    keep_patch_embeddings=False,
+                    progress=cfg.progress,
                     desc="references",
                 )
                 branch_patch["visual"] = golden_reference_scores(feats.match_features, gfeats.match_features)
@@ -210,9 +214,11 @@ class DualClipDetector:
         maps = upsample(fused, feats.grid, backbone.image_size, cfg.sigma)
         image_scores = map_scores(maps, cfg.image_score)
         if "text_global" in branch_scores and cfg.beta > 0:
-            image_scores = fuse(
-                [(branch_scores["text_global"], cfg.beta), (image_scores, 1.0 - cfg.beta)], cfg.fusion_norm
-            ) if cfg.beta < 1 else branch_scores["text_global"]
+            image_scores = (
+                fuse([(branch_scores["text_global"], cfg.beta), (image_scores, 1.0 - cfg.beta)], cfg.fusion_norm)
+                if cfg.beta < 1
+                else branch_scores["text_global"]
+            )
         self.run_info_ = {
             "n_images": n,
             "seed": cfg.seed,

@@ -93,11 +93,22 @@ def _table(results: dict, fmt: str) -> str:
         w = csv.writer(buf)
         w.writerow(["category", *METRICS, "ms_per_image"])
         for name, r in rows:
-            w.writerow([name, *[f"{100 * r[k]:.2f}" if k in r else "" for k in METRICS], f"{r.get('ms_per_image', 0):.1f}"])
+            w.writerow(
+                [name, *[f"{100 * r[k]:.2f}" if k in r else "" for k in METRICS], f"{r.get('ms_per_image', 0):.1f}"]
+            )
         return buf.getvalue()
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in body]
-    return "\n".join(lines) + "\n\nMetrics in %, " + ("mean ± std over seeds " + str(results["config"]["seeds"]) if multi else f"seed {results['config']['seeds'][0]}") + ".\n"
+    return (
+        "\n".join(lines)
+        + "\n\nMetrics in %, "
+        + (
+            "mean ± std over seeds " + str(results["config"]["seeds"])
+            if multi
+            else f"seed {results['config']['seeds'][0]}"
+        )
+        + ".\n"
+    )
 
 
 def run_eval(
@@ -134,9 +145,7 @@ def run_eval(
         write_atomic(saved, json.dumps(res, indent=2))
         results["categories"][cat.name] = res
     keys = [k for k in next(iter(results["categories"].values())) if k not in ("per_seed", "seeds")]
-    results["mean"] = {
-        k: float(np.nanmean([r[k] for r in results["categories"].values() if k in r])) for k in keys
-    }
+    results["mean"] = {k: float(np.nanmean([r[k] for r in results["categories"].values() if k in r])) for k in keys}
     write_atomic(out / "results.json", json.dumps(results, indent=2))
     write_atomic(out / "results.md", _table(results, "md"))
     write_atomic(out / "results.csv", _table(results, "csv"))

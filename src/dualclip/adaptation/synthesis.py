@@ -34,7 +34,10 @@ def cutpaste(image: np.ndarray, rng: np.random.Generator, scar: bool = False, so
     if src.shape[2] != c:
         src = np.repeat(src.mean(axis=2, keepdims=True), c, axis=2).astype(img.dtype)
     if scar:
-        ph, pw = max(1, int(rng.integers(max(1, h // 5), max(2, h // 2)))), max(1, int(rng.integers(1, max(2, w // 24) + 1)))
+        ph, pw = (
+            max(1, int(rng.integers(max(1, h // 5), max(2, h // 2)))),
+            max(1, int(rng.integers(1, max(2, w // 24) + 1))),
+        )
         if rng.random() < 0.5:
             ph, pw = pw, max(1, min(w, ph))
     else:

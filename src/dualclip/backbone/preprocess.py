@@ -9,9 +9,7 @@ import torch
 from PIL import Image
 
 
-def to_tensor(
-    images: Sequence[Image.Image], size: int, mean: Sequence[float], std: Sequence[float]
-) -> torch.Tensor:
+def to_tensor(images: Sequence[Image.Image], size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Turn RGB PIL images into a normalised ``(B, 3, size, size)`` float tensor.
 
     The whole image is resized (no centre crop): a defect near the border must stay visible.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from ..config import DEFAULT, AdaptationConfig, DetectorConfig
+from ..config import DEFAULT, DetectorConfig
 
 app = typer.Typer(add_completion=False, help="Zero-shot visual anomaly detection and localization with CLIP.")
 
@@ -23,13 +23,22 @@ def _pretrained(value: str | None) -> str | None:
 def _config(backbone, pretrained, image_size, pairing, k, tta, seed, quiet, **extra) -> DetectorConfig:
     k_val = "all" if str(k) == "all" else int(k)
     return DetectorConfig(
-        backbone=backbone, pretrained=_pretrained(pretrained), image_size=image_size, pairing=pairing, k=k_val,
-        tta=tta, seed=seed, progress=not quiet, **extra,
+        backbone=backbone,
+        pretrained=_pretrained(pretrained),
+        image_size=image_size,
+        pairing=pairing,
+        k=k_val,
+        tta=tta,
+        seed=seed,
+        progress=not quiet,
+        **extra,
     )
 
 
 BACKBONE = typer.Option("ViT-B-16-plus-240", help="open_clip model name, or effnet-lite0 (vision-only).")
-PRETRAINED = typer.Option(None, help="open_clip tag, a local checkpoint file, or 'random'. Default: the preset's weights.")
+PRETRAINED = typer.Option(
+    None, help="open_clip tag, a local checkpoint file, or 'random'. Default: the preset's weights."
+)
 
 
 @app.command()
@@ -65,8 +74,16 @@ def predict(
                 raise UsageError("give both --validation-normal and --validation-anomalous")
             validation = (validation_normal, validation_anomalous)
         code, doc = run_predict(
-            paths, out, cfg, class_name=class_name, references=reference or None, threshold=threshold,
-            threshold_quantile=threshold_quantile, validation=validation, overwrite=overwrite, quiet=quiet,
+            paths,
+            out,
+            cfg,
+            class_name=class_name,
+            references=reference or None,
+            threshold=threshold,
+            threshold_quantile=threshold_quantile,
+            validation=validation,
+            overwrite=overwrite,
+            quiet=quiet,
         )
     except (UsageError, FileNotFoundError, ValueError, ImageLoadError) as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -124,7 +141,9 @@ def eval_(
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    results = run_eval(cfg, cats, seed_list, out, force=force, extra={"dataset": dataset, "root": str(root) if root else None})
+    run_eval(
+        cfg, cats, seed_list, out, force=force, extra={"dataset": dataset, "root": str(root) if root else None}
+    )
     typer.echo((out / "results.md").read_text())
 
 

@@ -80,7 +80,10 @@ def decide_threshold(
         if not reference_images or len(reference_images) < 2:
             raise UsageError("--threshold-quantile needs at least 2 --reference images")
         scores = det.score_images(reference_images, class_name=class_name)["image_scores"].numpy()
-        return Threshold(float(np.quantile(scores, reference_quantile)), f"quantile {reference_quantile} of {len(scores)} reference scores")
+        return Threshold(
+            float(np.quantile(scores, reference_quantile)),
+            f"quantile {reference_quantile} of {len(scores)} reference scores",
+        )
     if validation is not None:
         normal, anomalous = validation
         imgs_n, _ = _load_all(normal, warn)
@@ -88,7 +91,10 @@ def decide_threshold(
         imgs = [i for _, i in imgs_n + imgs_a]
         labels = np.array([0] * len(imgs_n) + [1] * len(imgs_a))
         scores = det.score_images(imgs, class_name=class_name)["image_scores"].numpy()
-        return Threshold(f1_optimal_threshold(labels, scores), f"F1-optimal on validation ({len(imgs_n)} normal, {len(imgs_a)} anomalous)")
+        return Threshold(
+            f1_optimal_threshold(labels, scores),
+            f"F1-optimal on validation ({len(imgs_n)} normal, {len(imgs_a)} anomalous)",
+        )
     return Threshold(None, "none (no verdicts: give --threshold, --threshold-quantile or --validation)")
 
 
@@ -143,7 +149,12 @@ def run_predict(
     result = det.score_images(images, class_name=class_name, golden=refs)
     maps = [resize_map(result["maps"][i], img.height, img.width) for i, img in enumerate(images)]
     vmin, vmax = run_scale(maps)
-    doc["heatmap_scale"] = {"vmin": vmin, "vmax": vmax, "colormap": "jet", "note": "one scale for the whole run (1st-99.9th percentile of all map pixels), in anomaly-score units"}
+    doc["heatmap_scale"] = {
+        "vmin": vmin,
+        "vmax": vmax,
+        "colormap": "jet",
+        "note": "one scale for the whole run (1st-99.9th percentile of all map pixels), in anomaly-score units",
+    }
     doc["run"] = {k: v for k, v in det.run_info_.items() if k != "references"}
     rows = []
     for i, ((path, img), m) in enumerate(zip(loaded, maps, strict=True)):
@@ -191,10 +202,23 @@ def _write_outputs(out: Path, doc: dict, rows: list, scale) -> None:
     buf = io.StringIO()
     w = csv.writer(buf)
     branch_keys = sorted({k for p in doc["predictions"] for k in (p.get("branch_scores") or {})})
-    w.writerow(["path", "score", "verdict", "threshold", *[f"score_{k}" for k in branch_keys], "heatmap", "mask", "error"])
+    w.writerow(
+        ["path", "score", "verdict", "threshold", *[f"score_{k}" for k in branch_keys], "heatmap", "mask", "error"]
+    )
     for p in doc["predictions"]:
         bs = p.get("branch_scores") or {}
-        w.writerow([p["path"], p.get("score"), p.get("verdict"), p.get("threshold"), *[bs.get(k) for k in branch_keys], p.get("heatmap"), p.get("mask"), p.get("error")])
+        w.writerow(
+            [
+                p["path"],
+                p.get("score"),
+                p.get("verdict"),
+                p.get("threshold"),
+                *[bs.get(k) for k in branch_keys],
+                p.get("heatmap"),
+                p.get("mask"),
+                p.get("error"),
+            ]
+        )
     write_atomic(out / "predictions.csv", buf.getvalue())
     meta = {k: doc.get(k) for k in ("class_name", "threshold", "heatmap_scale")}
     meta["backbone"] = doc["config"]["backbone"]

@@ -124,7 +124,9 @@ def visa(root: str | Path, categories: list[str] | None = None) -> list[Category
     root = Path(root)
     csv_path = root / "split_csv" / "1cls.csv"
     if not csv_path.is_file():
-        raise DatasetLayoutError(f"{root}: expected the VisA split file {csv_path} (columns object,split,label,image,mask)")
+        raise DatasetLayoutError(
+            f"{root}: expected the VisA split file {csv_path} (columns object,split,label,image,mask)"
+        )
     cats: dict[str, Category] = {}
     with open(csv_path, newline="") as fh:
         for row in csv.DictReader(fh):
@@ -143,7 +145,11 @@ def _glob_all(patterns: list[str]) -> list[list[Path]]:
     groups = []
     for pat in patterns:
         p = Path(pat)
-        files = _images_in(p) if p.is_dir() else sorted(Path(f) for f in glob.glob(pat, recursive=True) if Path(f).is_file())
+        files = (
+            _images_in(p)
+            if p.is_dir()
+            else sorted(Path(f) for f in glob.glob(pat, recursive=True) if Path(f).is_file())
+        )
         if not files:
             raise DatasetLayoutError(f"no image matches {pat}")
         groups.append(files)
@@ -160,7 +166,7 @@ def _round_robin(groups: list[list[Path]], limit: int | None) -> list[Path]:
 
 def _find_mask(img: Path, mask_dirs: list[Path], suffix: str | None) -> Path | None:
     for d in mask_dirs or [img.parent]:
-        for cand in ([d / f"{img.stem}{suffix}"] if suffix else [d / f"{img.stem}_mask.png", d / f"{img.stem}.png"]):
+        for cand in [d / f"{img.stem}{suffix}"] if suffix else [d / f"{img.stem}_mask.png", d / f"{img.stem}.png"]:
             if cand.is_file() and cand.resolve() != img.resolve():
                 return cand
     return None
@@ -196,13 +202,17 @@ def folder(
         cat.samples = normal_s + anomalous_s
     else:
         if not normal and not anomalous:
-            raise DatasetLayoutError("folder layout: give normal and/or anomalous image folders or patterns (or images)")
+            raise DatasetLayoutError(
+                "folder layout: give normal and/or anomalous image folders or patterns (or images)"
+            )
         for img in _round_robin(_glob_all(normal or []), max_normal):
             cat.samples.append(Sample(img, 0))
         for img in _round_robin(_glob_all(anomalous or []), max_anomalous):
             mask = _find_mask(img, dirs, mask_suffix)
             if mask is None:
-                raise DatasetLayoutError(f"no mask for anomalous image {img} (looked for <stem>{mask_suffix or '_mask.png'})")
+                raise DatasetLayoutError(
+                    f"no mask for anomalous image {img} (looked for <stem>{mask_suffix or '_mask.png'})"
+                )
             cat.samples.append(Sample(img, 1, mask, img.parent.name))
     return [cat]
 

@@ -217,7 +217,11 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
 def all_metrics(labels, scores, masks=None, maps=None, fpr_limit: float = 0.3) -> dict[str, float]:
     """All seven metrics; the pixel ones share one sort. Pixel metrics only when masks and maps are given."""
     c = _image_curve(labels, scores)
-    out = {"image_auroc": _auroc(c, "image_auroc"), "image_ap": _ap(c, "image_ap"), "image_f1max": _f1max(c, "image_f1max")}
+    out = {
+        "image_auroc": _auroc(c, "image_auroc"),
+        "image_ap": _ap(c, "image_ap"),
+        "image_f1max": _f1max(c, "image_f1max"),
+    }
     if masks is not None and maps is not None:
         m, s = _check_maps(masks, maps)
         regions, sizes = _region_labels(m)

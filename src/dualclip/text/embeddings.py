@@ -56,9 +56,7 @@ def cache_key(backbone: Backbone, class_name: str) -> str | None:
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
-def text_embeddings(
-    backbone: Backbone, class_name: str | None, cache_dir: str | Path | None = None
-) -> torch.Tensor:
+def text_embeddings(backbone: Backbone, class_name: str | None, cache_dir: str | Path | None = None) -> torch.Tensor:
     """``(2, D)`` tensor ``[t_n, t_a]`` for one class, from memory, disk, or computed."""
     name = readable_class_name(class_name)
     key = cache_key(backbone, name)

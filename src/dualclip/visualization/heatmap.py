@@ -25,7 +25,9 @@ def colorize(m: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
     return (colormaps[COLORMAP](x)[..., :3] * 255).astype(np.uint8)
 
 
-def overlay(image: Image.Image, m: np.ndarray, vmin: float, vmax: float, alpha: float = 0.45, bar: bool = True) -> Image.Image:
+def overlay(
+    image: Image.Image, m: np.ndarray, vmin: float, vmax: float, alpha: float = 0.45, bar: bool = True
+) -> Image.Image:
     """The image with its anomaly map blended on top (same size), and a colour bar with the scale's ends."""
     heat = Image.fromarray(colorize(m, vmin, vmax))
     out = Image.blend(image.convert("RGB"), heat, alpha)

@@ -75,7 +75,7 @@ img {{ max-height: 160px; }}
 <th onclick="sortBy(0, false)">file</th><th>image</th><th>heat map</th>
 <th onclick="sortBy(3, true)">score &#x25BE;</th><th onclick="sortBy(4, false)">verdict</th>
 </tr></thead><tbody data-dir="desc">
-{''.join(trs)}
+{"".join(trs)}
 </tbody></table>
 <script>{_SCRIPT}</script>
 </body></html>

@@ -1,0 +1,242 @@
+"""`dualclip predict` / `eval`: outputs, thresholds, bad input, exit codes, resumability."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from dualclip import DetectorConfig, DualClipDetector
+from dualclip.cli.main import app
+from dualclip.cli.predict import EXIT_NOTHING, EXIT_OK, EXIT_SOME_FAILED, UsageError, f1_optimal_threshold, run_predict
+from dualclip.data import datasets as D
+from dualclip.data.images import ImageLoadError, load_image
+from dualclip.evaluation import run_eval
+
+
+@pytest.fixture
+def det(tiny_backbone):
+    return DualClipDetector(DetectorConfig(pretrained=None, progress=False), backbone=tiny_backbone)
+
+
+@pytest.fixture
+def folder(tmp_path, texture_set):
+    d = tmp_path / "imgs é"
+    (d / "sub").mkdir(parents=True)
+    images, masks, labels = texture_set
+    for i, img in enumerate(images):
+        (d / ("sub" if i % 2 else "") / f"{i:02d}.png").parent.mkdir(exist_ok=True)
+        img.save(d / ("sub" if i % 2 else "") / f"{i:02d}.png")
+    return d
+
+
+def _bad_files(d):
+    (d / "zero.png").write_bytes(b"")
+    (d / "notes.png").write_text("not an image")
+    good = d / "00.png" if (d / "00.png").exists() else next(d.rglob("*.png"))
+    data = good.read_bytes()
+    (d / "truncated.png").write_bytes(data[: len(data) // 3])
+
+
+def test_predict_outputs_and_verdicts(tmp_path, folder, det):
+    out = tmp_path / "out"
+    code, doc = run_predict([str(folder)], out, det.config, class_name="tile", threshold=0.5, detector=det)
+    assert code == EXIT_OK
+    preds = doc["predictions"]
+    assert len(preds) == 10
+    for p in preds:
+        assert p["verdict"] in ("ok", "defective") and p["threshold"] == 0.5
+        assert (out / p["heatmap"]).is_file() and (out / p["mask"]).is_file()
+        src = Image.open(p["path"])
+        m = Image.open(out / p["mask"])
+        assert m.size == src.size and set(np.unique(np.asarray(m))) <= {0, 255}
+    saved = json.loads((out / "predictions.json").read_text())
+    assert saved["threshold"] == {"value": 0.5, "source": "manual"}
+    assert saved["config"]["seed"] == 0 and "vmin" in saved["heatmap_scale"]
+    csv_lines = (out / "predictions.csv").read_text().splitlines()
+    assert len(csv_lines) == 11 and csv_lines[0].startswith("path,score,verdict")
+    html = (out / "report.html").read_text()
+    assert html.count("<tr class=") == 10 and "data:image/jpeg;base64" in html
+
+
+def test_bad_files_get_entries_and_run_goes_on(tmp_path, folder, det, capsys):
+    _bad_files(folder)
+    code, doc = run_predict([str(folder)], tmp_path / "out", det.config, detector=det)
+    assert code == EXIT_SOME_FAILED
+    errors = {p["path"].rsplit("/", 1)[-1]: p["error"] for p in doc["predictions"] if p.get("error")}
+    assert set(errors) == {"zero.png", "notes.png", "truncated.png"}
+    assert "empty" in errors["zero.png"] and "not an image" in errors["notes.png"]
+    assert "truncated" in errors["truncated.png"] or "corrupt" in errors["truncated.png"]
+    assert sum(p["score"] is not None for p in doc["predictions"]) == 10
+    assert "zero.png" in capsys.readouterr().err
+
+
+def test_nothing_readable_exits_2(tmp_path, det):
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "a.png").write_bytes(b"")
+    code, _ = run_predict([str(d / "a.png")], tmp_path / "out", det.config, detector=det)
+    assert code == EXIT_NOTHING
+
+
+def test_existing_output_needs_overwrite(tmp_path, folder, det):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UsageError, match="--overwrite"):
+        run_predict([str(folder)], out, det.config, detector=det)
+    assert (out / "keep.txt").read_text() == "mine"
+    code, _ = run_predict([str(folder)], out, det.config, detector=det, overwrite=True)
+    assert code == EXIT_OK and not (out / "keep.txt").exists()
+
+
+def test_threshold_from_references_and_validation(tmp_path, folder, det, texture_set):
+    refs = [str(p) for p in sorted(folder.rglob("*.png"))[:4]]
+    _, doc = run_predict(
+        [str(folder)], tmp_path / "a", det.config, references=refs, threshold_quantile=0.9, detector=det
+    )
+    assert doc["threshold"]["source"].startswith("quantile 0.9")
+    assert all(p["references"] == "golden" for p in doc["predictions"])
+    normal = [str(folder / "00.png"), str(folder / "sub" / "01.png"), str(folder / "02.png")]
+    anomalous = [str(folder / "sub" / "07.png"), str(folder / "08.png")]
+    _, doc = run_predict([str(folder)], tmp_path / "b", det.config, validation=(normal, anomalous), detector=det)
+    assert doc["threshold"]["source"].startswith("F1-optimal")
+
+
+def test_f1_optimal_threshold():
+    assert f1_optimal_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9])) == 0.8
+    with pytest.raises(UsageError):
+        f1_optimal_threshold(np.array([0, 0]), np.array([0.1, 0.2]))
+
+
+def test_single_image_without_reference_warns_text_only(tmp_path, folder, det):
+    with pytest.warns(UserWarning, match="text-only"):
+        code, doc = run_predict([str(folder / "00.png")], tmp_path / "o", det.config, detector=det)
+    assert code == EXIT_OK and doc["run"]["branches"] == ["text"]
+
+
+def _png_16bit(path, h=20, w=24):
+    arr = (np.arange(h * w).reshape(h, w) * 100).astype(">u2")
+    raw = b"".join(b"\x00" + row.tobytes() for row in arr)
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 0, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    path.write_bytes(png)
+
+
+def test_image_modes_exif_and_bombs(tmp_path):
+    rgb = Image.new("RGB", (30, 20), (10, 200, 30))
+    rgb.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    rgb.convert("P").save(tmp_path / "pal.png")
+    rgb.convert("RGBA").save(tmp_path / "rgba.png")
+    rgb.convert("L").save(tmp_path / "gray.png")
+    _png_16bit(tmp_path / "g16.png")
+    for name in ("cmyk.jpg", "pal.png", "rgba.png", "gray.png"):
+        img = load_image(tmp_path / name)
+        assert img.mode == "RGB" and img.size == (30, 20)
+    g16 = np.asarray(load_image(tmp_path / "g16.png"))
+    assert g16.shape == (20, 24, 3) and g16.max() > 100  # scaled from 16 bit, not clipped to 255 everywhere
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees
+    rgb.save(tmp_path / "rot.jpg", exif=exif.tobytes())
+    assert load_image(tmp_path / "rot.jpg").size == (20, 30)
+    with pytest.raises(ImageLoadError, match="too many pixels|exceeds the limit"):
+        load_image(tmp_path / "gray.png", max_pixels=100)
+
+
+def test_cli_predict_json_and_exit_codes(tmp_path, folder, monkeypatch, tiny_backbone):
+    import dualclip.cli.predict as P
+
+    real = P.DualClipDetector
+    monkeypatch.setattr(P, "DualClipDetector", lambda cfg: real(cfg, backbone=tiny_backbone))
+    r = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            str(folder),
+            "--out",
+            str(tmp_path / "o"),
+            "--json",
+            "--quiet",
+            "--threshold",
+            "0.5",
+            "--pretrained",
+            "random",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert len(doc["predictions"]) == 10
+    r = CliRunner().invoke(app, ["predict", str(folder), "--out", str(tmp_path / "o"), "--quiet"])
+    assert r.exit_code == 2 and "--overwrite" in r.output
+    r = CliRunner().invoke(app, ["predict", str(tmp_path / "missing"), "--out", str(tmp_path / "p")])
+    assert r.exit_code == 2 and "no such file" in r.output
+
+
+def _mvtec_tree(root, texture_set):
+    images, masks, labels = texture_set
+    for i, (img, m, y) in enumerate(zip(images, masks, labels, strict=True)):
+        d = root / "bottle" / "test" / ("broken" if y else "good")
+        d.mkdir(parents=True, exist_ok=True)
+        img.save(d / f"{i:03d}.png")
+        if y:
+            g = root / "bottle" / "ground_truth" / "broken"
+            g.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(m.astype(np.uint8) * 255).save(g / f"{i:03d}_mask.png")
+
+
+def test_eval_mvtec_layout_resumable(tmp_path, texture_set, tiny_backbone, monkeypatch):
+    _mvtec_tree(tmp_path / "mv", texture_set)
+    cats = D.mvtec(tmp_path / "mv")
+    assert [c.name for c in cats] == ["bottle"] and cats[0].labels.sum() == 4
+    import dualclip.evaluation as E
+
+    real = E.DualClipDetector
+    monkeypatch.setattr(E, "DualClipDetector", lambda cfg, backbone=None: real(cfg, backbone=tiny_backbone))
+    cfg = DetectorConfig(pretrained=None, progress=False)
+    res = run_eval(cfg, cats, [0, 1], tmp_path / "out")
+    r = res["categories"]["bottle"]
+    for k in ("image_auroc", "pixel_auroc", "pixel_aupro", "image_auroc_std", "ms_per_image", "peak_rss_mb"):
+        assert k in r
+    assert 0 <= r["pixel_aupro"] <= 1
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| bottle |" in md and "| mean |" in md and "±" in md
+    # a rerun skips the finished category (no detector is even built)
+    monkeypatch.setattr(E, "DualClipDetector", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    again = run_eval(cfg, cats, [0, 1], tmp_path / "out")
+    assert again["categories"]["bottle"] == r
+
+
+def test_layout_errors_say_what_was_expected(tmp_path):
+    with pytest.raises(D.DatasetLayoutError, match="expected <root>/<category>/test"):
+        D.mvtec(tmp_path)
+    with pytest.raises(D.DatasetLayoutError, match="split_csv/1cls.csv"):
+        D.visa(tmp_path)
+    with pytest.raises(D.DatasetLayoutError, match="no image matches"):
+        D.folder("x", normal=[str(tmp_path / "*.png")])
+
+
+def test_visa_csv_layout(tmp_path, texture_set):
+    images, masks, labels = texture_set
+    (tmp_path / "split_csv").mkdir()
+    rows = ["object,split,label,image,mask"]
+    for i, (img, m, y) in enumerate(zip(images, masks, labels, strict=True)):
+        img.save(tmp_path / f"{i}.png")
+        mask = ""
+        if y:
+            Image.fromarray(m.astype(np.uint8) * 255).save(tmp_path / f"{i}_m.png")
+            mask = f"{i}_m.png"
+        rows.append(f"pcb1,test,{'anomaly' if y else 'normal'},{i}.png,{mask}")
+    rows.append("pcb1,train,normal,0.png,")
+    (tmp_path / "split_csv" / "1cls.csv").write_text("\n".join(rows))
+    (cat,) = D.visa(tmp_path)
+    assert cat.name == "pcb1" and len(cat.samples) == 10 and cat.labels.sum() == 4
+    assert cat.masks(32)[labels.index(1)].any()
