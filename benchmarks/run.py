@@ -47,7 +47,7 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_extraction(models, repeats):
+def bench_extraction(models, repeats, batches=(1, 8)):
     print(f"\n### Feature extraction and predict (CPU, random weights, median of {repeats} runs)\n")
     print(
         "| model | S | batch | encode_image ms/img | ours (global + V-V) ms/img | ratio | full score_images ms/img | ratio | peak RSS MB |"
@@ -56,7 +56,7 @@ def bench_extraction(models, repeats):
     for name, size in models:
         torch.manual_seed(0)
         bb = build_clip_backbone(name, pretrained=None, image_size=size)
-        for batch in (1, 8):
+        for batch in batches:
             imgs, _, _ = make_texture_set(batch, 0, size, seed=1) if batch > 1 else make_texture_set(1, 0, size)
             x = to_tensor(imgs, bb.image_size, bb.mean, bb.std)
             with torch.inference_mode():
@@ -115,7 +115,11 @@ def bench_metrics():
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only-large", action="store_true", help="only ViT-L-14-336 at 518 px, batch 1, one run")
     args = ap.parse_args()
+    if args.only_large:
+        bench_extraction([("ViT-L-14-336", 518)], 1, batches=(1,))
+        return
     print(
         f"# dualclip benchmarks\n\nCPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), {time.strftime('%Y-%m-%d')}, "
