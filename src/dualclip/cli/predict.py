@@ -20,7 +20,7 @@ from ..config import DetectorConfig
 from ..data.images import ImageLoadError, expand_paths, load_image
 from ..detector import DualClipDetector
 from ..evaluation import write_atomic
-from ..metrics import _curve
+from ..metrics import best_f1_threshold
 from ..scoring import resize_map
 from ..visualization import binary_mask, overlay, render_report, run_scale
 
@@ -44,12 +44,7 @@ def f1_optimal_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
     """The score threshold with the best F1 on labelled data (exact, over all distinct scores)."""
     if labels.min() == labels.max():
         raise UsageError("the validation set needs both normal and anomalous images to fit a threshold")
-    c = _curve(np.asarray(scores, dtype=np.float64), (labels > 0).astype(np.uint32))
-    tp, fp = c.tp[1:], c.fp[1:]
-    f1 = 2 * tp / (2 * tp + fp + (c.n_pos - tp))
-    best = int(np.argmax(f1))
-    distinct = np.unique(scores)[::-1]
-    return float(distinct[best])
+    return best_f1_threshold(labels, scores)
 
 
 def _load_all(paths: list[Path], warn) -> tuple[list, list[dict]]:

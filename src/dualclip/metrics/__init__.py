@@ -26,6 +26,7 @@ from scipy import ndimage
 __all__ = [
     "all_metrics",
     "aupro",
+    "best_f1_threshold",
     "image_ap",
     "image_auroc",
     "image_f1max",
@@ -113,13 +114,17 @@ def _ap(c: _Curve, name: str) -> float:
     return float(np.sum(np.diff(np.concatenate([[0.0], recall])) * precision))
 
 
+def _f1_per_threshold(c: _Curve) -> np.ndarray:
+    """F1 at each distinct threshold, in descending threshold order."""
+    tp, fp = c.tp[1:], c.fp[1:]
+    fn = c.n_pos - tp
+    return 2 * tp / np.maximum(2 * tp + fp + fn, 1)
+
+
 def _f1max(c: _Curve, name: str) -> float:
     if c.n_pos == 0:
         return _undefined(name, "no anomalous sample")
-    tp, fp = c.tp[1:], c.fp[1:]
-    fn = c.n_pos - tp
-    f1 = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
-    return float(f1.max())
+    return float(_f1_per_threshold(c).max())
 
 
 def _image_curve(labels, scores) -> _Curve:
@@ -162,6 +167,15 @@ def image_f1max(labels, scores) -> float:
     return _f1max(_image_curve(labels, scores), "image_f1max")
 
 
+def best_f1_threshold(labels, scores) -> float:
+    """The image-score threshold (predict anomalous at ``score >= threshold``) with the best F1."""
+    c = _image_curve(labels, scores)
+    if c.n_pos == 0:
+        raise ValueError("best_f1_threshold needs at least one anomalous sample")
+    distinct = np.unique(np.asarray(scores, dtype=np.float64))[::-1]  # the curve's thresholds, same order
+    return float(distinct[int(np.argmax(_f1_per_threshold(c)))])
+
+
 def pixel_auroc(masks, maps) -> float:
     """AUROC over all pixels of ``N x H x W`` masks (nonzero = anomalous) and maps."""
     return _auroc(_pixel_curve(masks, maps), "pixel_auroc")
@@ -202,16 +216,24 @@ def _integrate_pro(c: _Curve, fpr_limit: float) -> float:
     return float(_trapezoid(y, x) / fpr_limit)
 
 
-def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
-    """Exact area under the per-region-overlap curve up to ``fpr_limit``, normalised by it."""
-    if not 0 < fpr_limit <= 1:
-        raise ValueError("fpr_limit must lie in (0, 1]")
+def _region_curve(masks, maps) -> _Curve:
+    """The pixel curve with per-region overlap: one sort serves every pixel metric and AUPRO."""
     masks, maps = _check_maps(masks, maps)
     regions, sizes = _region_labels(masks)
-    c = _curve(maps, regions, sizes)
+    return _curve(maps, regions, sizes)
+
+
+def _aupro(c: _Curve, fpr_limit: float) -> float:
+    if not 0 < fpr_limit <= 1:
+        raise ValueError("fpr_limit must lie in (0, 1]")
     if c.n_pos == 0 or c.n_neg == 0:
         return _undefined("aupro", "needs both normal and anomalous pixels")
     return _integrate_pro(c, fpr_limit)
+
+
+def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
+    """Exact area under the per-region-overlap curve up to ``fpr_limit``, normalised by it."""
+    return _aupro(_region_curve(masks, maps), fpr_limit)
 
 
 def all_metrics(labels, scores, masks=None, maps=None, fpr_limit: float = 0.3) -> dict[str, float]:
@@ -223,13 +245,9 @@ def all_metrics(labels, scores, masks=None, maps=None, fpr_limit: float = 0.3) -
         "image_f1max": _f1max(c, "image_f1max"),
     }
     if masks is not None and maps is not None:
-        m, s = _check_maps(masks, maps)
-        regions, sizes = _region_labels(m)
-        pc = _curve(s, regions, sizes)
+        pc = _region_curve(masks, maps)
         out["pixel_auroc"] = _auroc(pc, "pixel_auroc")
         out["pixel_ap"] = _ap(pc, "pixel_ap")
         out["pixel_f1max"] = _f1max(pc, "pixel_f1max")
-        out["pixel_aupro"] = (
-            _integrate_pro(pc, fpr_limit) if pc.n_pos and pc.n_neg else _undefined("aupro", "needs both classes")
-        )
+        out["pixel_aupro"] = _aupro(pc, fpr_limit)
     return out
