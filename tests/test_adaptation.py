@@ -90,3 +90,42 @@ def test_detector_with_tta(tiny_backbone, texture_set, scope):
     assert all(np.isfinite(p.anomaly_map).all() for p in preds)
     again = DualClipDetector(cfg, backbone=tiny_backbone).predict(texture_set[0][:4])
     assert [p.score for p in preds] == [p.score for p in again]
+
+
+@pytest.mark.parametrize(
+    ("n_test", "scope", "num_images", "expected"),
+    [(2, "category", None, 8), (47, "category", None, 24), (200, "category", None, 32), (5, "image", None, 8)]
+    + [(47, "category", 5, 5), (200, "image", 3, 3)],
+)
+def test_synthetic_budget(n_test, scope, num_images, expected):
+    assert AdaptationConfig(num_images=num_images, scope=scope).synthetic_budget(n_test) == expected
+
+
+def test_training_on_features_normalised_once_matches_per_step_normalisation():
+    """train_head normalises the features once; a plain loop that lets the head normalise them at every
+    step must follow the same trajectory."""
+    from dualclip.adaptation.head import segmentation_loss
+
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 30, 16) * 5, (torch.rand(4, 30) > 0.8).float()
+    fast, plain = AdaptationHead(16, None, None, rank=0), AdaptationHead(16, None, None, rank=0)
+    losses = train_head(fast, x, y, steps=10, lr=1e-2, weight_decay=1e-4, dice_weight=1.0, seed=0)
+    opt = torch.optim.AdamW(plain.parameters(), lr=1e-2, weight_decay=1e-4)
+    reference = []
+    for _ in range(10):
+        opt.zero_grad()
+        loss = segmentation_loss(plain(x), y, 1.0)
+        loss.backward()
+        opt.step()
+        reference.append(float(loss.detach()))
+    np.testing.assert_allclose(losses, reference, rtol=1e-5)
+    assert losses[-1] < losses[0]
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain(x))
+
+
+def test_detector_records_the_synthetic_budget(tiny_backbone, texture_set):
+    cfg = DetectorConfig(pretrained=None, progress=False, tta=True, adaptation=AdaptationConfig(steps=2))
+    det = DualClipDetector(cfg, backbone=tiny_backbone)
+    det.predict(texture_set[0][:4])
+    assert det.run_info_["synthetic_images"] == 8

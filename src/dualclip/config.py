@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 DEFAULT = "default"
 """Sentinel for ``pretrained``: the preset's weights (an open_clip tag, or the bundled EfficientNet file)."""
+
+AUTO_MIN_SYNTHETIC = 8
+AUTO_MAX_SYNTHETIC = 32
+"""Bounds of the automatic synthetic budget (``AdaptationConfig.num_images=None``)."""
 
 Pairing = Literal["random", "similar"]
 Aggregation = Literal["min", "mean_low30"]
@@ -24,7 +29,9 @@ class AdaptationConfig:
     ----------
     num_images:
         Synthetic anomalous images made from the test images (per category, or per image with
-        ``scope="image"``).
+        ``scope="image"``). ``None`` (default): scaled with the category, ``clip(ceil(N / 2), 8, 32)`` for
+        ``N`` test images (``scope="image"``: 8 per image), so that adaptation costs at most about as much
+        as the rest of the run; see :meth:`synthetic_budget`.
     steps:
         AdamW steps of the head.
     lr:
@@ -41,7 +48,7 @@ class AdaptationConfig:
         Weight of the Dice term added to the focal loss.
     """
 
-    num_images: int = 32
+    num_images: int | None = None
     steps: int = 60
     lr: float = 1e-2
     weight_decay: float = 1e-4
@@ -50,13 +57,21 @@ class AdaptationConfig:
     dice_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        _check(self.num_images >= 1, "adaptation.num_images must be >= 1")
+        _check(self.num_images is None or self.num_images >= 1, "adaptation.num_images must be None or >= 1")
         _check(self.steps >= 0, "adaptation.steps must be >= 0")
         _check(self.lr > 0, "adaptation.lr must be > 0")
         _check(
             self.scope in ("category", "image"), f"adaptation.scope must be 'category' or 'image', got {self.scope!r}"
         )
         _check(self.rank >= 0, "adaptation.rank must be >= 0")
+
+    def synthetic_budget(self, n_test: int) -> int:
+        """Synthetic images to train on for ``n_test`` test images (per image with ``scope="image"``)."""
+        if self.num_images is not None:
+            return self.num_images
+        if self.scope == "image":
+            return AUTO_MIN_SYNTHETIC
+        return int(min(AUTO_MAX_SYNTHETIC, max(AUTO_MIN_SYNTHETIC, math.ceil(n_test / 2))))
 
 
 @dataclass

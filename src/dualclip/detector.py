@@ -230,6 +230,8 @@ class DualClipDetector:
             "weights": backbone.weights_id,
             "image_size": backbone.image_size,
         }
+        if cfg.tta:
+            self.run_info_["synthetic_images"] = cfg.adaptation.synthetic_budget(n)
         return {
             "image_scores": image_scores,
             "maps": maps,

@@ -54,22 +54,24 @@ def adapt_patch_scores(
 ) -> torch.Tensor:
     """Adapted patch scores ``(N, P)`` in [0, 1] for the test images (``feats`` are theirs).
 
-    ``scope="category"``: one head trained on ``num_images`` synthetic images made from the whole set.
-    ``scope="image"``: for each image a fresh head trained on ``num_images`` synthetic copies of it alone.
-    The losses are kept on ``adapt_patch_scores.last_losses`` for inspection.
+    ``scope="category"``: one head trained on ``budget`` synthetic images made from the whole set.
+    ``scope="image"``: for each image a fresh head trained on ``budget`` synthetic copies of it alone.
+    ``budget`` is ``cfg.adaptation.synthetic_budget(N)``. The losses are kept on
+    ``adapt_patch_scores.last_losses`` for inspection.
     """
     use_text = text is not None and backbone.has_text
     x_test = head_inputs(feats, use_text)
     a = cfg.adaptation
+    budget = a.synthetic_budget(len(images))
     if a.scope == "category":
-        head, losses = _fit(backbone, images, a.num_images, cfg.seed, text, temperature, cfg, use_text)
+        head, losses = _fit(backbone, images, budget, cfg.seed, text, temperature, cfg, use_text)
         adapt_patch_scores.last_losses = [losses]
         with torch.no_grad():
             return torch.sigmoid(head(x_test))
     out = torch.empty(x_test.shape[:2])
     all_losses = []
     for i in tqdm(range(len(images)), desc="adapting per image", disable=not cfg.progress, leave=False):
-        head, losses = _fit(backbone, [images[i]], a.num_images, cfg.seed + i, text, temperature, cfg, use_text)
+        head, losses = _fit(backbone, [images[i]], budget, cfg.seed + i, text, temperature, cfg, use_text)
         all_losses.append(losses)
         with torch.no_grad():
             out[i] = torch.sigmoid(head(x_test[i]))

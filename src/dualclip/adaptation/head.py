@@ -31,8 +31,10 @@ class AdaptationHead(nn.Module):
         self.b = nn.Parameter(torch.zeros(()))
         self.scale = float(scale if scale is not None else ZERO_INIT_SCALE)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        f = F.normalize(features.float(), dim=-1)
+    def forward(self, features: torch.Tensor, normalized: bool = False) -> torch.Tensor:
+        """Logits ``(...,)`` of ``(..., D)`` features; ``normalized=True`` skips their L2 normalisation
+        (the caller has done it, e.g. once before many training steps)."""
+        f = features.float() if normalized else F.normalize(features.float(), dim=-1)
         if self.rank > 0:
             f = F.normalize(f + self.up(F.gelu(self.down(f))), dim=-1)
         return self.scale * (f @ self.w) + self.b
@@ -56,14 +58,17 @@ def train_head(
     dice_weight: float,
     seed: int,
 ) -> list[float]:
-    """Full-batch AdamW on ``(M, P, D)`` features vs ``(M, P)`` targets. Returns the loss per step."""
+    """Full-batch AdamW on ``(M, P, D)`` features vs ``(M, P)`` targets. Returns the loss per step.
+
+    The features are normalised once, not at every step (the head only sees their directions)."""
     torch.manual_seed(seed)
+    features = F.normalize(features.float(), dim=-1)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     losses = []
     with torch.enable_grad():
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
-            loss = segmentation_loss(head(features), targets, dice_weight)
+            loss = segmentation_loss(head(features, normalized=True), targets, dice_weight)
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
