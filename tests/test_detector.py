@@ -109,3 +109,11 @@ def test_paths_and_pil_give_same_result(tiny_backbone, texture_set, tmp_path):
     b = _det(tiny_backbone).predict([Image.open(p) for p in paths])
     assert [p.score for p in a] == [p.score for p in b]
     assert a[0].source == str(paths[0])
+
+
+def test_run_info_records_seconds_per_stage(tiny_backbone, texture_set):
+    det = DualClipDetector(DetectorConfig(pretrained=None, progress=False), backbone=tiny_backbone)
+    det.predict(texture_set[0][:4], class_name="texture")
+    t = det.run_info_["timings_s"]
+    assert set(t) == {"backbone", "text", "reference", "fusion"}
+    assert all(v >= 0 for v in t.values()) and t["backbone"] > 0

@@ -11,7 +11,9 @@ Data flow of :meth:`DualClipDetector.predict`::
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -71,6 +73,21 @@ def _as_rgb(item: ImageInput) -> tuple[Image.Image, str | None]:
     if isinstance(item, Image.Image):
         return to_rgb8(item), None
     return load_image(item), str(item)
+
+
+class _StageClock:
+    """Wall-clock seconds per pipeline stage: ``with clock("backbone"): ...`` adds to ``clock.seconds``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
 class DualClipDetector:
@@ -168,57 +185,49 @@ class DualClipDetector:
                     f"one image and a vision-only backbone ({backbone.name!r}): give at least two images "
                     "or golden references"
                 )
-        feats = extract_features(
-            backbone, images, cfg.batch_size, keep_patch_embeddings=use_text, progress=cfg.progress, desc="features"
-        )
+        clock = _StageClock()
+        with clock("backbone"):
+            feats = extract_features(
+                backbone, images, cfg.batch_size, keep_patch_embeddings=use_text, progress=cfg.progress, desc="features"
+            )
         branch_patch: dict[str, torch.Tensor] = {}
         branch_scores: dict[str, torch.Tensor] = {}
         text = None
         temperature = cfg.temperature or backbone.logit_scale
-        if use_text or (cfg.tta and backbone.has_text):
-            text = text_embeddings(backbone, readable_class_name(class_name), cfg.cache_dir)
-        if use_text:
-            branch_patch["text"] = text_anomaly_scores(feats.patch_embeddings, text, temperature)
-            branch_scores["text_global"] = text_anomaly_scores(feats.global_embedding, text, temperature)
+        with clock("text"):
+            if use_text or (cfg.tta and backbone.has_text):
+                text = text_embeddings(backbone, readable_class_name(class_name), cfg.cache_dir)
+            if use_text:
+                branch_patch["text"] = text_anomaly_scores(feats.patch_embeddings, text, temperature)
+                branch_scores["text_global"] = text_anomaly_scores(feats.global_embedding, text, temperature)
         refs: list[list[int]] = [[] for _ in range(n)]
         if use_visual:
             if golden is not None:
-                gfeats = extract_features(
-                    backbone,
-                    golden,
-                    cfg.batch_size,
-                    keep_patch_embeddings=False,
-                    progress=cfg.progress,
-                    desc="references",
-                )
-                branch_patch["visual"] = golden_reference_scores(feats.match_features, gfeats.match_features)
+                with clock("backbone"):
+                    gfeats = extract_features(
+                        backbone,
+                        golden,
+                        cfg.batch_size,
+                        keep_patch_embeddings=False,
+                        progress=cfg.progress,
+                        desc="references",
+                    )
+                with clock("reference"):
+                    branch_patch["visual"] = golden_reference_scores(feats.match_features, gfeats.match_features)
                 refs = [list(range(len(golden))) for _ in range(n)]
             else:
-                refs = pair_references(n, cfg.k, cfg.pairing, cfg.seed, feats.global_embedding)
-                branch_patch["visual"] = reference_scores(feats.match_features, refs, cfg.k_aggregation)
+                with clock("reference"):
+                    refs = pair_references(n, cfg.k, cfg.pairing, cfg.seed, feats.global_embedding)
+                    branch_patch["visual"] = reference_scores(feats.match_features, refs, cfg.k_aggregation)
         if cfg.tta:
             from .adaptation import adapt_patch_scores
 
-            branch_patch["adapted"] = adapt_patch_scores(backbone, images, feats, text, temperature, cfg)
+            with clock("adaptation"):
+                branch_patch["adapted"] = adapt_patch_scores(backbone, images, feats, text, temperature, cfg)
         for name, patch in branch_patch.items():
             branch_scores[name] = patch.amax(dim=1)
-
-        slot = "adapted" if "adapted" in branch_patch else ("text" if "text" in branch_patch else None)
-        parts = []
-        if slot is not None:
-            parts.append((branch_patch[slot], cfg.alpha if "visual" in branch_patch else 1.0))
-        if "visual" in branch_patch:
-            parts.append((branch_patch["visual"], 1.0 - cfg.alpha if slot is not None else 1.0))
-        parts = [(s, w) for s, w in parts if w > 0] or parts[:1]
-        fused = fuse(parts, cfg.fusion_norm)
-        maps = upsample(fused, feats.grid, backbone.image_size, cfg.sigma)
-        image_scores = map_scores(maps, cfg.image_score)
-        if "text_global" in branch_scores and cfg.beta > 0:
-            image_scores = (
-                fuse([(branch_scores["text_global"], cfg.beta), (image_scores, 1.0 - cfg.beta)], cfg.fusion_norm)
-                if cfg.beta < 1
-                else branch_scores["text_global"]
-            )
+        with clock("fusion"):
+            maps, image_scores = self._joint_scores(branch_patch, branch_scores, feats.grid)
         self.run_info_ = {
             "n_images": n,
             "seed": cfg.seed,
@@ -229,6 +238,7 @@ class DualClipDetector:
             "backbone": backbone.name,
             "weights": backbone.weights_id,
             "image_size": backbone.image_size,
+            "timings_s": clock.seconds,
         }
         if cfg.tta:
             self.run_info_["synthetic_images"] = cfg.adaptation.synthetic_budget(n)
@@ -240,6 +250,29 @@ class DualClipDetector:
             "references": refs,
             "grid": feats.grid,
         }
+
+    def _joint_scores(
+        self, branch_patch: dict[str, torch.Tensor], branch_scores: dict[str, torch.Tensor], grid: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """METHOD §6: fuse the patch branches into maps ``(N, S, S)`` and image scores ``(N,)``."""
+        cfg = self.config
+        slot = "adapted" if "adapted" in branch_patch else ("text" if "text" in branch_patch else None)
+        parts = []
+        if slot is not None:
+            parts.append((branch_patch[slot], cfg.alpha if "visual" in branch_patch else 1.0))
+        if "visual" in branch_patch:
+            parts.append((branch_patch["visual"], 1.0 - cfg.alpha if slot is not None else 1.0))
+        parts = [(s, w) for s, w in parts if w > 0] or parts[:1]
+        fused = fuse(parts, cfg.fusion_norm)
+        maps = upsample(fused, grid, self.backbone.image_size, cfg.sigma)
+        image_scores = map_scores(maps, cfg.image_score)
+        if "text_global" in branch_scores and cfg.beta > 0:
+            image_scores = (
+                fuse([(branch_scores["text_global"], cfg.beta), (image_scores, 1.0 - cfg.beta)], cfg.fusion_norm)
+                if cfg.beta < 1
+                else branch_scores["text_global"]
+            )
+        return maps, image_scores
 
     def features(self, images: Sequence[ImageInput]) -> BackboneOutput:
         """Backbone features of ``images`` (for inspection and custom pipelines)."""

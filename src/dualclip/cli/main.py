@@ -141,9 +141,7 @@ def eval_(
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    run_eval(
-        cfg, cats, seed_list, out, force=force, extra={"dataset": dataset, "root": str(root) if root else None}
-    )
+    run_eval(cfg, cats, seed_list, out, force=force, extra={"dataset": dataset, "root": str(root) if root else None})
     typer.echo((out / "results.md").read_text())
 
 
