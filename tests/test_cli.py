@@ -16,7 +16,9 @@ from dualclip.cli.main import app
 from dualclip.cli.predict import EXIT_NOTHING, EXIT_OK, EXIT_SOME_FAILED, UsageError, f1_optimal_threshold, run_predict
 from dualclip.data import datasets as D
 from dualclip.data.images import ImageLoadError, load_image
+from dualclip.data.synthetic import make_texture_set
 from dualclip.evaluation import run_eval
+from dualclip.metrics import image_auroc
 
 
 @pytest.fixture
@@ -240,3 +242,23 @@ def test_visa_csv_layout(tmp_path, texture_set):
     (cat,) = D.visa(tmp_path)
     assert cat.name == "pcb1" and len(cat.samples) == 10 and cat.labels.sum() == 4
     assert cat.masks(32)[labels.index(1)].any()
+
+
+def test_evaluate_category_with_golden_references(tmp_path, texture_set, tiny_backbone):
+    """A category's golden references replace the test images as each other's partners."""
+    import dualclip.evaluation as E
+
+    _mvtec_tree(tmp_path / "mv", texture_set)
+    (cat,) = D.mvtec(tmp_path / "mv")
+    golden = tmp_path / "golden"
+    golden.mkdir()
+    for i, img in enumerate(make_texture_set(3, 0, 96, seed=5)[0]):
+        img.save(golden / f"{i}.png")
+    cat.references = sorted(golden.iterdir())
+    cfg = DetectorConfig(pretrained=None, progress=False, use_text=False)
+    out = E.evaluate_category(cfg, cat, [0], {"backbone": tiny_backbone})
+    assert out["n_references"] == 3 and 0 <= out["pixel_auroc"] <= 1
+    det = DualClipDetector(cfg, backbone=tiny_backbone)
+    direct = det.score_images(cat.images(), golden=[Image.open(p).convert("RGB") for p in cat.references])
+    assert det.run_info_["pairing"] == "golden"
+    assert out["image_auroc"] == pytest.approx(image_auroc(cat.labels, direct["image_scores"].numpy()))

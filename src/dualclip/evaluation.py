@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import DetectorConfig
 from .data.datasets import Category
+from .data.images import load_image
 from .detector import DualClipDetector
 from .metrics import all_metrics
 
@@ -51,14 +52,15 @@ def peak_rss_mb() -> float:
 
 
 def evaluate_category(config: DetectorConfig, category: Category, seeds: list[int], detector_cache: dict) -> dict:
-    """Metrics of one category for each seed, and their mean/std."""
+    """Metrics of one category for each seed, and their mean/std (against its golden references, if any)."""
     images = category.images()
+    golden = [load_image(p) for p in category.references] or None
     per_seed = []
     for seed in seeds:
         cfg = dataclasses.replace(config, seed=seed)
         det = DualClipDetector(cfg, backbone=detector_cache.get("backbone"))
         start = time.perf_counter()
-        result = det.score_images(images, class_name=category.name)
+        result = det.score_images(images, class_name=category.name, golden=golden)
         elapsed = time.perf_counter() - start
         detector_cache["backbone"] = det.backbone
         size = result["maps"].shape[-1]
@@ -67,6 +69,8 @@ def evaluate_category(config: DetectorConfig, category: Category, seeds: list[in
         m["peak_rss_mb"] = peak_rss_mb()
         per_seed.append(m)
     out: dict = {"n_images": len(images), "n_anomalous": int(category.labels.sum()), "seeds": seeds}
+    if golden:
+        out["n_references"] = len(golden)
     for key in per_seed[0]:
         vals = np.array([m[key] for m in per_seed], dtype=np.float64)
         out[key] = float(vals.mean())

@@ -30,8 +30,12 @@ class Sample:
 
 @dataclass
 class Category:
+    """The test samples of one category; ``references``: optional golden normal images (few-shot
+    evaluation compares every test image with them instead of with the other test images)."""
+
     name: str
     samples: list[Sample] = field(default_factory=list)
+    references: list[Path] = field(default_factory=list)
 
     @property
     def labels(self) -> np.ndarray:
