@@ -39,12 +39,17 @@ def test_synthesis_properties(h, w, channels, kind, seed, with_source):
     assert np.array_equal(out, out2) and np.array_equal(mask, mask2)
 
 
-def test_synthesize_batch_is_seeded_and_cycles_images():
-    imgs = [np.full((20, 20, 3), v, np.uint8) for v in (10, 200)]
-    a = synthesize_batch(imgs, 5, seed=3)
-    b = synthesize_batch(imgs, 5, seed=3)
-    assert [x[2] for x in a] == [0, 1, 0, 1, 0]
+def test_synthesize_batch_is_seeded_and_takes_bases_in_random_order():
+    imgs = [np.full((20, 20, 3), v, np.uint8) for v in (10, 60, 110, 160, 210)]
+    a = synthesize_batch(imgs, 7, seed=3)
+    b = synthesize_batch(imgs, 7, seed=3)
     assert all(np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) for x, y in zip(a, b, strict=True))
+    bases = [x[2] for x in a]
+    assert sorted(bases[:5]) == [0, 1, 2, 3, 4]  # every image once before any twice
+    assert bases[5:] == bases[:2]
+    # a budget smaller than the set does not just take the first images (eval lists normal ones first)
+    firsts = {tuple(x[2] for x in synthesize_batch(imgs, 2, seed=s)) for s in range(20)}
+    assert len(firsts) > 3 and any(max(f) >= 2 for f in firsts)
 
 
 def test_head_reproduces_text_score_before_training(tiny_backbone):
@@ -71,10 +76,10 @@ def test_head_learns_on_synthetic_anomalies(tiny_backbone, texture_set):
     text = text_embeddings(tiny_backbone, "texture")
     head = AdaptationHead(x.shape[-1], text[1] - text[0], tiny_backbone.logit_scale, rank=4)
     with torch.no_grad():
-        before = image_auroc((y_val > 0.5).ravel().numpy(), head(x_val).ravel().numpy())
+        before = image_auroc((y_val > 0).ravel().numpy(), head(x_val).ravel().numpy())
     losses = train_head(head, x, y, steps=80, lr=1e-2, weight_decay=1e-4, dice_weight=1.0, seed=0)
     with torch.no_grad():
-        after = image_auroc((y_val > 0.5).ravel().numpy(), head(x_val).ravel().numpy())
+        after = image_auroc((y_val > 0).ravel().numpy(), head(x_val).ravel().numpy())
     assert losses[-1] < 0.8 * losses[0]
     assert after > before + 0.05
 
@@ -129,3 +134,30 @@ def test_detector_records_the_synthetic_budget(tiny_backbone, texture_set):
     det = DualClipDetector(cfg, backbone=tiny_backbone)
     det.predict(texture_set[0][:4])
     assert det.run_info_["synthetic_images"] == 8
+
+
+def test_synthesis_bases_are_the_most_normal_looking_images():
+    from dualclip.adaptation.adapt import base_images
+
+    assert base_images(torch.tensor([0.9, 0.1, 0.5, 0.3]), 0.5) == [1, 3]
+    assert base_images(torch.tensor([0.9, 0.1, 0.5]), 0.5) == [1, 2]  # ceil
+    assert base_images(torch.tensor([0.9, 0.1]), 1.0) is None and base_images(None, 0.5) is None
+    imgs = [np.full((20, 20, 3), v, np.uint8) for v in (10, 60, 110, 160)]
+    assert {x[2] for x in synthesize_batch(imgs, 9, seed=0, bases=[1, 3])} == {1, 3}
+
+
+def test_detector_adapts_from_low_scored_bases(tiny_backbone, texture_set):
+    from dualclip.adaptation import adapt_patch_scores
+
+    images = texture_set[0]  # 6 normal, then 4 anomalous
+    cfg = DetectorConfig(pretrained=None, progress=False, tta=True, adaptation=AdaptationConfig(steps=2))
+    det = DualClipDetector(cfg, backbone=tiny_backbone)
+    det.score_images(images, class_name="texture")
+    bases = adapt_patch_scores.last_bases
+    assert len(bases) == 5  # half of 10
+    plain = DualClipDetector(DetectorConfig(pretrained=None, progress=False), backbone=tiny_backbone)
+    res = plain.score_images(images, class_name="texture")
+    from dualclip.scoring import fuse
+
+    prior = fuse([(p, 1.0) for p in res["branch_patch"].values()], "zscore").amax(dim=1)
+    assert bases == sorted(torch.argsort(prior)[:5].tolist())

@@ -45,7 +45,13 @@ class AdaptationConfig:
         Rank of the residual adapter in front of the linear head. 0 (default): a linear head, which
         generalised better than rank 16 on magnetic_tile (README, "Test-time adaptation").
     dice_weight:
-        Weight of the Dice term added to the focal loss.
+        Weight of the Dice term added to the BCE loss.
+    base_fraction:
+        Synthesis starts from this fraction of the test images: the most normal-looking ones by the
+        unadapted score (the text and visual branches before adaptation). Test images are unlabeled; a
+        real defect in a base image would be trained as "normal" outside the synthetic mask, so the
+        likely-defective images are left out. 1.0: all images. With ``scope="image"`` each image is its own
+        base.
     """
 
     num_images: int | None = None
@@ -55,6 +61,7 @@ class AdaptationConfig:
     scope: TTAScope = "category"
     rank: int = 0
     dice_weight: float = 1.0
+    base_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         _check(self.num_images is None or self.num_images >= 1, "adaptation.num_images must be None or >= 1")
@@ -64,6 +71,7 @@ class AdaptationConfig:
             self.scope in ("category", "image"), f"adaptation.scope must be 'category' or 'image', got {self.scope!r}"
         )
         _check(self.rank >= 0, "adaptation.rank must be >= 0")
+        _check(0.0 < self.base_fraction <= 1.0, "adaptation.base_fraction must lie in (0, 1]")
 
     def synthetic_budget(self, n_test: int) -> int:
         """Synthetic images to train on for ``n_test`` test images (per image with ``scope="image"``)."""

@@ -223,7 +223,13 @@ class DualClipDetector:
             from .adaptation import adapt_patch_scores
 
             with clock("adaptation"):
-                branch_patch["adapted"] = adapt_patch_scores(backbone, images, feats, text, temperature, cfg)
+                # the unadapted joint score picks the most normal-looking images as synthesis bases
+                prior = (
+                    fuse([(p, 1.0) for p in branch_patch.values()], cfg.fusion_norm).amax(dim=1)
+                    if branch_patch
+                    else None
+                )
+                branch_patch["adapted"] = adapt_patch_scores(backbone, images, feats, text, temperature, cfg, prior)
         for name, patch in branch_patch.items():
             branch_scores[name] = patch.amax(dim=1)
         with clock("fusion"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -30,9 +32,20 @@ def patch_targets(masks: list[np.ndarray], size: int, grid: tuple[int, int]) -> 
     return torch.stack(out)
 
 
-def _fit(backbone, sources, n, seed, text, temperature, cfg, use_text) -> tuple[AdaptationHead, list[float]]:
+def base_images(prior_scores: torch.Tensor | None, fraction: float) -> list[int] | None:
+    """Indices of the most normal-looking images (lowest unadapted image scores), ``ceil(fraction * N)``
+    of them; ``None`` (all images) without prior scores or with ``fraction`` 1."""
+    if prior_scores is None or fraction >= 1.0:
+        return None
+    keep = max(1, math.ceil(fraction * prior_scores.numel()))
+    return sorted(torch.argsort(prior_scores, stable=True)[:keep].tolist())
+
+
+def _fit(
+    backbone, sources, n, seed, text, temperature, cfg, use_text, bases=None
+) -> tuple[AdaptationHead, list[float]]:
     arrays = [np.asarray(img) for img in sources]
-    synth = synthesize_batch(arrays, n, seed)
+    synth = synthesize_batch(arrays, n, seed, bases)
     pils = [Image.fromarray(img) for img, _, _ in synth]
     feats = extract_features(backbone, pils, cfg.batch_size, keep_patch_embeddings=use_text, desc="adaptation")
     x = head_inputs(feats, use_text)
@@ -51,12 +64,15 @@ def adapt_patch_scores(
     text: torch.Tensor | None,
     temperature: float,
     cfg,
+    prior_scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Adapted patch scores ``(N, P)`` in [0, 1] for the test images (``feats`` are theirs).
 
     ``scope="category"``: one head trained on ``budget`` synthetic images made from the whole set.
     ``scope="image"``: for each image a fresh head trained on ``budget`` synthetic copies of it alone.
-    ``budget`` is ``cfg.adaptation.synthetic_budget(N)``. The losses are kept on
+    ``budget`` is ``cfg.adaptation.synthetic_budget(N)``. With ``prior_scores`` (``(N,)`` unadapted image
+    scores), category synthesis starts only from the ``base_fraction`` most normal-looking images
+    (:func:`base_images`). The losses are kept on
     ``adapt_patch_scores.last_losses`` for inspection.
     """
     use_text = text is not None and backbone.has_text
@@ -64,7 +80,9 @@ def adapt_patch_scores(
     a = cfg.adaptation
     budget = a.synthetic_budget(len(images))
     if a.scope == "category":
-        head, losses = _fit(backbone, images, budget, cfg.seed, text, temperature, cfg, use_text)
+        bases = base_images(prior_scores, a.base_fraction)
+        head, losses = _fit(backbone, images, budget, cfg.seed, text, temperature, cfg, use_text, bases)
+        adapt_patch_scores.last_bases = bases
         adapt_patch_scores.last_losses = [losses]
         with torch.no_grad():
             return torch.sigmoid(head(x_test))
@@ -80,3 +98,4 @@ def adapt_patch_scores(
 
 
 adapt_patch_scores.last_losses = []
+adapt_patch_scores.last_bases = None

@@ -137,13 +137,22 @@ def synthesize(image: np.ndarray, rng: np.random.Generator, source: np.ndarray |
     raise ValueError(f"unknown synthesis kind {kind!r}; choose from {KINDS}")
 
 
-def synthesize_batch(images: list[np.ndarray], n: int, seed: int) -> list[tuple[np.ndarray, np.ndarray, int]]:
-    """``n`` synthetic anomalies made from ``images`` in turn; each takes its foreign texture from another
-    image of the list. Returns ``(image, mask, index of the image it was made from)``."""
+def synthesize_batch(
+    images: list[np.ndarray], n: int, seed: int, bases: list[int] | None = None
+) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """``n`` synthetic anomalies made from ``images``; each takes its foreign texture from another image of
+    the list. The base images (``bases``: their indices, default all) are taken in a seeded random order,
+    each used once before any is used twice, so the result does not depend on how the images are ordered
+    (an evaluation that lists normal images first must not feed only normal bases).
+    Returns ``(image, mask, index of the image it was made from)``."""
     rng = np.random.default_rng(seed)
+    pool = np.arange(len(images)) if bases is None else np.asarray(bases, dtype=np.int64)
+    if pool.size == 0:
+        raise ValueError("synthesize_batch needs at least one base image")
+    order = rng.permutation(pool)
     out = []
     for i in range(n):
-        base = i % len(images)
+        base = int(order[i % len(order)])
         other = images[int(rng.integers(0, len(images)))] if len(images) > 1 else None
         img, mask = synthesize(images[base], rng, source=other)
         out.append((img, mask, base))
