@@ -76,6 +76,29 @@ def test_pixel_metrics_and_aupro_match_brute_force(seed, levels, limit):
     assert M.aupro(masks, maps, limit) == pytest.approx(_brute_aupro(masks > 0, maps, limit), abs=1e-9)
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    levels=st.sampled_from([2, 5, 50, 10**6]),
+    limit=st.sampled_from([0.01, 0.3, 0.7, 1.0]),
+    big=st.booleans(),
+)
+def test_aupro_from_the_top_of_the_curve_equals_the_full_curve(seed, levels, limit, big):
+    """aupro sorts only the pixels above the FPR limit; the full curve (all pixels sorted, as all_metrics
+    does) must give the same value, on both sort paths (small: float64 argsort; big: packed 64-bit keys)."""
+    rng = np.random.default_rng(seed)
+    shape = (9, 500, 500) if big else (4, 20, 30)  # 2.25 M pixels take the packed-key path
+    masks = np.zeros(shape, dtype=bool)
+    for i in range(shape[0]):
+        if rng.random() < 0.6:
+            y, x = rng.integers(0, shape[1] // 2, 2)
+            masks[i, y : y + shape[1] // 4, x : x + shape[2] // 5] = True
+    masks[0, 1, 1] = True  # at least one region
+    maps = (rng.integers(0, levels, shape) / levels + 0.2 * masks * rng.random()).astype(np.float32)
+    full = M._aupro(M._region_curve(masks, maps), limit)
+    assert M.aupro(masks, maps, limit) == pytest.approx(full, abs=1e-12)
+
+
 def test_large_input_sort_path_matches_sklearn(monkeypatch):
     rng = np.random.default_rng(0)
     masks = rng.random((4, 800, 700)) > 0.97
