@@ -1,134 +1,149 @@
-"""Speed and memory benchmarks; prints Markdown tables (ratios against a baseline run in the same process).
+"""Runs the benchmark sections and writes BENCHMARKS.md from their results (never typed by hand).
 
-    python benchmarks/run.py            # full
-    python benchmarks/run.py --quick    # fewer repeats, ViT-B only
+    python benchmarks/run.py            # full (make bench)
+    python benchmarks/run.py --quick    # reduced settings, under 10 minutes on a 2-core CPU (make bench-quick)
+    python benchmarks/run.py --sections scaling,accuracy   # rerun some; the others are read from --results
 
-Random weights (speed does not depend on their values). Tables:
-1. feature extraction: plain open_clip ``encode_image`` vs our one pass (global + V-V tokens), and the full
-   ``score_images`` without adaptation, batch 1 and 8, ms per image and the ratio to ``encode_image``;
-2. adaptation cost per category (on vs off) for the CLIP preset and effnet-lite0;
-3. all seven metrics on 200 maps at 518 x 518.
+Each section is a script of its own, run in a fresh process (so its peak memory is its own) that writes
+``<results>/<section>.json``; ``side_by_side`` runs in anomalib's environment (benchmarks/.venv-anomalib,
+made by ``make bench-env``) and is skipped, with the reason, where that is missing.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import resource
-import statistics
+import json
+import subprocess
 import sys
 import time
-import warnings
+from pathlib import Path
 
-import numpy as np
-import torch
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SECTIONS = ("throughput", "adaptation_cost", "side_by_side", "scaling", "metrics_speed", "accuracy")
+ANOMALIB_PY = HERE / ".venv-anomalib" / "bin" / "python"
+sys.path.insert(0, str(HERE))
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-
-from dualclip import AdaptationConfig, DetectorConfig, DualClipDetector  # noqa: E402
-from dualclip.backbone import build_clip_backbone  # noqa: E402
-from dualclip.backbone.preprocess import to_tensor  # noqa: E402
-from dualclip.data.synthetic import make_texture_set  # noqa: E402
-from dualclip.metrics import all_metrics  # noqa: E402
+from common import machine, markdown_table  # noqa: E402
 
 
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def run_section(name: str, quick: bool, results: Path) -> dict:
+    py = str(ANOMALIB_PY) if name == "side_by_side" else sys.executable
+    out = results / f"{name}.json"
+    if name == "side_by_side" and not ANOMALIB_PY.exists():
+        return {"section": name, "error": f"skipped: {ANOMALIB_PY} is missing (make bench-env creates it)"}
+    cmd = [py, str(HERE / f"{name}.py"), "--json", str(out)] + (["--quick"] if quick else [])
+    print(f"== {name}: {' '.join(cmd)}", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=HERE, stderr=subprocess.PIPE, text=True)
+    elapsed = time.perf_counter() - start
+    print(f"== {name}: {elapsed:.0f} s, exit {proc.returncode}", flush=True)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        return {"section": name, "error": f"failed (exit {proc.returncode}):\n```\n{tail}\n```"}
+    data = json.loads(out.read_text())
+    data["seconds"] = elapsed
+    data["quick"] = quick
+    out.write_text(json.dumps(data, indent=1))
+    return data
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def bench_extraction(models, repeats, batches=(1, 8)):
-    print(f"\n### Feature extraction and predict (CPU, random weights, median of {repeats} runs)\n")
-    print(
-        "| model | S | batch | encode_image ms/img | ours (global + V-V) ms/img | ratio | full score_images ms/img | ratio | peak RSS MB |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, size in models:
-        torch.manual_seed(0)
-        bb = build_clip_backbone(name, pretrained=None, image_size=size)
-        for batch in batches:
-            imgs, _, _ = make_texture_set(batch, 0, size, seed=1) if batch > 1 else make_texture_set(1, 0, size)
-            x = to_tensor(imgs, bb.image_size, bb.mean, bb.std)
-            with torch.inference_mode():
-                t_plain = timed(lambda bb=bb, x=x: bb.model.encode_image(x), repeats)
-                t_ours = timed(lambda bb=bb, x=x: bb(x), repeats)
-            det = DualClipDetector(
-                DetectorConfig(backbone=name, pretrained=None, progress=False, batch_size=batch), backbone=bb
+def headline(data: dict[str, dict]) -> list[str]:
+    """The ratios the README quotes, computed from the results."""
+    lines = []
+    tp = data.get("throughput", {}).get("raw", {}).get("rows", [])
+    for r in tp:
+        if r.get("encode_image_ms") and r["model"] == "ViT-B-16-plus-240":
+            lines.append(
+                f"- {r['model']} batch {r['batch']}: whole prediction (no adaptation) "
+                f"{r['total_ms'] / r['encode_image_ms']:.2f}x plain `encode_image`"
             )
-            n = max(batch, 2)
-            imgs2 = (imgs * 2)[:n]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                t_full = timed(lambda d=det, i=imgs2: d.score_images(i, class_name="bottle"), repeats) * batch / n
-            print(
-                f"| {name} | {bb.image_size} | {batch} | {1000 * t_plain / batch:.1f} | {1000 * t_ours / batch:.1f} | "
-                f"{t_ours / t_plain:.2f}x | {1000 * t_full / batch:.1f} | {t_full / t_plain:.2f}x | {rss_mb():.0f} |",
-                flush=True,
+    sbs = data.get("side_by_side", {}).get("raw", {})
+    for r in sbs.get("winclip", {}).get("rows", []):
+        lines.append(f"- dualclip {r['speedup']:.1f}x faster per image than anomalib WinCLIP (batch {r['batch']})")
+    if "aupro" in sbs:
+        a = sbs["aupro"]
+        lines.append(
+            f"- `aupro` {a['anomalib_s'] / a['ours_s']:.1f}x faster than anomalib's AUPRO, same value to {abs(a['ours'] - a['anomalib']):.1e}"
+        )
+    sc = data.get("scaling", {}).get("raw", {})
+    if sc:
+        t1 = sc["times_s"]["k=1"]
+        n = max(t1, key=int)
+        lines.append(
+            f"- reference matching at k = 1, N = {n}: {100 * t1[n] / (sc['backbone_s_per_image'] * int(n)):.2f}% of the "
+            f"backbone's time; growth exponents k=1 {sc['exponents']['k=1']:.2f}, k=3 {sc['exponents']['k=3']:.2f}, "
+            f"full mutual {sc['exponents']['all']:.2f}"
+        )
+    for r in data.get("adaptation_cost", {}).get("raw", {}).get("rows", []):
+        if "on_s" in r:
+            lines.append(
+                f"- adaptation, {r['model']}, {r['n']} images: {r['on_s'] / r['off_s']:.2f}x the category without it"
             )
+    ms = data.get("metrics_speed", {}).get("raw", {})
+    if ms:
+        lines.append(f"- all seven metrics, 200 maps of 518 x 518: {ms['all_metrics_s']:.2f} s")
+    return lines
 
 
-def bench_adaptation(n_images, repeats):
-    print(f"\n### Adaptation cost per category ({n_images} images, default budget)\n")
-    print("| backbone | S | off s/category | on s/category | ratio | on ms/image |")
-    print("|---|---|---|---|---|---|")
-    imgs, _, _ = make_texture_set(n_images - n_images // 4, n_images // 4, 256, seed=0)
-    for name in ("ViT-B-16-plus-240", "effnet-lite0"):
-        torch.manual_seed(0)
-        base = DetectorConfig(backbone=name, pretrained=None if name != "effnet-lite0" else "default", progress=False)
-        det_off = DualClipDetector(base)
-        bb = det_off.backbone
-        det_on = DualClipDetector(
-            DetectorConfig(**{**base.__dict__, "tta": True, "adaptation": AdaptationConfig()}), backbone=bb
-        )
-        t_off = timed(lambda d=det_off: d.score_images(imgs, class_name="bottle"), repeats)
-        t_on = timed(lambda d=det_on: d.score_images(imgs, class_name="bottle"), repeats)
-        print(
-            f"| {name} | {bb.image_size} | {t_off:.2f} | {t_on:.2f} | {t_on / t_off:.2f}x | {1000 * t_on / n_images:.0f} |",
-            flush=True,
-        )
-
-
-def bench_metrics():
-    print("\n### All seven metrics, 200 maps at 518 x 518\n")
-    rng = np.random.default_rng(0)
-    masks = np.zeros((200, 518, 518), bool)
-    for i in range(100, 200):
-        y, x = rng.integers(0, 450, 2)
-        masks[i, y : y + 60, x : x + 40] = True
-    maps = (rng.random(masks.shape, dtype=np.float32) + 0.5 * masks).astype(np.float32)
-    labels = np.r_[np.zeros(100), np.ones(100)]
-    t = time.perf_counter()
-    all_metrics(labels, rng.random(200), masks, maps)
-    print(f"| maps | seconds |\n|---|---|\n| 200 x 518 x 518 | {time.perf_counter() - t:.2f} |")
+def render(data: dict[str, dict], command: str) -> str:
+    m = next((d["machine"] for d in data.values() if "machine" in d), machine())
+    out = [
+        "# dualclip benchmarks",
+        "",
+        f"Generated by `{command}` from the section results in `runs/bench/`; do not edit by hand.",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"Python {m['python']}, {m['platform']}.",
+        "",
+        "| section | run at | mode | seconds |",
+        "|---|---|---|---|",
+    ]
+    for name in SECTIONS:
+        d = data.get(name)
+        if d is None:
+            continue
+        when = d.get("machine", {}).get("date", "—")
+        secs = f"{d['seconds']:.0f}" if "seconds" in d else "—"
+        out.append(f"| {name} | {when} | {'quick' if d.get('quick') else 'full'} | {secs} |")
+    out += ["", "## Headline", ""] + headline(data) + [""]
+    for name in SECTIONS:
+        d = data.get(name)
+        if d is None:
+            continue
+        out.append(f"## {name.replace('_', ' ')}\n")
+        if "error" in d:
+            out.append(d["error"] + "\n")
+            continue
+        out += [markdown_table(t) for t in d["tables"]] or ["(no table: " + json.dumps(d.get("raw", {})) + ")\n"]
+    return "\n".join(out)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only-large", action="store_true", help="only ViT-L-14-336 at 518 px, batch 1, one run")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated; the rest are read from --results")
+    ap.add_argument("--results", type=Path, default=ROOT / "runs" / "bench")
+    ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = ap.parse_args()
-    if args.only_large:
-        bench_extraction([("ViT-L-14-336", 518)], 1, batches=(1,))
-        return
-    print(
-        f"# dualclip benchmarks\n\nCPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), {time.strftime('%Y-%m-%d')}, "
-        f"command: python benchmarks/run.py{' --quick' if args.quick else ''}"
-    )
-    models = [("ViT-B-16-plus-240", 240)] + ([] if args.quick else [("ViT-L-14-336", 518)])
-    bench_extraction(models, 3 if args.quick else 5)
-    bench_adaptation(40 if args.quick else 100, 1 if args.quick else 2)
-    bench_metrics()
+    wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = set(wanted) - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    args.results.mkdir(parents=True, exist_ok=True)
+    data: dict[str, dict] = {}
+    for name in SECTIONS:
+        if name in wanted:
+            data[name] = run_section(name, args.quick, args.results)
+        elif (args.results / f"{name}.json").is_file():
+            data[name] = json.loads((args.results / f"{name}.json").read_text())
+    command = "python benchmarks/run.py" + (" --quick" if args.quick else "")
+    if set(wanted) != set(SECTIONS):
+        command += f" --sections {','.join(wanted)}"
+    text = render(data, command)
+    args.out.write_text(text)
+    print(text)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
