@@ -49,6 +49,17 @@ def texture_set():
     return make_texture_set(n_normal=6, n_anomalous=4, size=96, seed=0)
 
 
+@pytest.fixture
+def folder(tmp_path, texture_set):
+    """The texture set saved as PNG files in a folder with a non-ASCII name and a sub-folder."""
+    d = tmp_path / "imgs é"
+    (d / "sub").mkdir(parents=True)
+    images, masks, labels = texture_set
+    for i, img in enumerate(images):
+        img.save(d / ("sub" if i % 2 else "") / f"{i:02d}.png")
+    return d
+
+
 def shared_dataset(name: str) -> Path:
     root = SHARED / name
     if not root.is_dir():

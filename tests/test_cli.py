@@ -26,17 +26,6 @@ def det(tiny_backbone):
     return DualClipDetector(DetectorConfig(pretrained=None, progress=False), backbone=tiny_backbone)
 
 
-@pytest.fixture
-def folder(tmp_path, texture_set):
-    d = tmp_path / "imgs é"
-    (d / "sub").mkdir(parents=True)
-    images, masks, labels = texture_set
-    for i, img in enumerate(images):
-        (d / ("sub" if i % 2 else "") / f"{i:02d}.png").parent.mkdir(exist_ok=True)
-        img.save(d / ("sub" if i % 2 else "") / f"{i:02d}.png")
-    return d
-
-
 def _bad_files(d):
     (d / "zero.png").write_bytes(b"")
     (d / "notes.png").write_text("not an image")

@@ -34,17 +34,33 @@ function sortBy(col, numeric) {
 """
 
 
+def _script_json(value) -> str:
+    """JSON to embed in a <script> element: its text is not entity-decoded, so only the characters that
+    could close the element or open a comment are escaped, JSON-style."""
+    return json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def render_report(rows: list[dict], meta: dict) -> str:
-    """``rows``: dicts with path, score, verdict, error, image (PIL or None), overlay (PIL or None)."""
+    """``rows``: dicts with path, score, verdict, error, image (PIL or None), overlay (PIL or None).
+
+    The page lists them by score, highest first, then the files that failed; a click on a header re-sorts."""
     th = meta.get("threshold") or {}
+    value = th.get("value")
+    scale = meta.get("heatmap_scale") or {}
+    scale_text = (
+        f"{scale['vmin']:.4g} to {scale['vmax']:.4g} ({scale.get('colormap', '')}; {scale.get('note', '')})"
+        if "vmin" in scale
+        else str(scale or "-")
+    )
     head = (
         f"<p><b>{len(rows)}</b> files &middot; class <b>{html.escape(str(meta.get('class_name')))}</b> &middot; "
         f"backbone <b>{html.escape(str(meta.get('backbone')))}</b> &middot; seed {meta.get('seed')} &middot; "
-        f"threshold: <b>{html.escape(str(th.get('value')))}</b> ({html.escape(str(th.get('source')))}) &middot; "
-        f"heat-map scale {meta.get('heatmap_scale')}</p>"
+        f"threshold: <b>{'none' if value is None else f'{value:.4g}'}</b> ({html.escape(str(th.get('source')))})"
+        f"</p><p>heat-map scale: {html.escape(scale_text)}</p>"
     )
     trs = []
-    for r in rows:
+    # most anomalous first (the header's sort arrow says so); files that failed last
+    for r in sorted(rows, key=lambda r: (r.get("score") is None, -(r.get("score") or 0.0))):
         score = r.get("score")
         v = "" if score is None else f"{score:.4f}"
         verdict = r.get("verdict") or ("error" if r.get("error") else "-")
@@ -70,7 +86,7 @@ img {{ max-height: 160px; }}
 </style></head><body>
 <h1>dualclip report</h1>
 {head}
-<script type="application/json" id="meta">{html.escape(json.dumps(meta))}</script>
+<script type="application/json" id="meta">{_script_json(meta)}</script>
 <table id="preds"><thead><tr>
 <th onclick="sortBy(0, false)">file</th><th>image</th><th>heat map</th>
 <th onclick="sortBy(3, true)">score &#x25BE;</th><th onclick="sortBy(4, false)">verdict</th>

@@ -1,0 +1,49 @@
+"""Makes docs/report.png, the README's screenshot of report.html, rendered in headless Chromium.
+
+Runs `dualclip predict` with effnet-lite0 on generated textures with synthetic defects (no dataset image
+is copied into the repository), golden references and a threshold at their highest score, then renders
+the report. Needs Debian's chromium and the dev extra (playwright).
+
+    .venv/bin/python docs/make_report_screenshot.py
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from dualclip import DetectorConfig
+from dualclip.cli.predict import run_predict
+from dualclip.data.synthetic import make_texture_set
+from dualclip.visualization.browser import screenshot
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        images, _, labels = make_texture_set(6, 4, 256, seed=3)
+        refs, _, _ = make_texture_set(4, 0, 256, seed=4)
+        for i, (img, y) in enumerate(zip(images, labels, strict=True)):
+            (tmp / "parts").mkdir(exist_ok=True)
+            img.save(tmp / "parts" / f"part_{i:02d}{'_defect' if y else ''}.png")
+        for i, img in enumerate(refs):
+            (tmp / "golden").mkdir(exist_ok=True)
+            img.save(tmp / "golden" / f"golden_{i}.png")
+        cfg = DetectorConfig(backbone="effnet-lite0", progress=False, seed=0)
+        code, doc = run_predict(
+            [str(tmp / "parts")],
+            tmp / "out",
+            cfg,
+            class_name="texture",
+            references=[str(tmp / "golden")],
+            threshold_quantile=1.0,
+            quiet=True,
+        )
+        png = screenshot(tmp / "out" / "report.html", HERE / "report.png", width=1000, height=720)
+        print(f"exit {code}; threshold {doc['threshold']}; wrote {png}")
+
+
+if __name__ == "__main__":
+    main()
