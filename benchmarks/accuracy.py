@@ -88,7 +88,8 @@ def main() -> None:
         "rows": rows,
         "notes": [
             f"Mean ± std over seeds {seeds} (population std); '—': no random choice, run once. Maps and masks at "
-            "S = 320, AUPRO to FPR 0.3. magnetic_tile: 100 + 100 images, golden references the next "
+            "S = 320, AUPRO to FPR 0.3. Several references combine by the default `mean_low30` (the minimum for "
+            "k <= 3; with k = all, the mean of the 30% closest). magnetic_tile: 100 + 100 images, golden references the next "
             f"{N_GOLDEN} defect-free ones; metal_plate: test split, golden references the first {N_GOLDEN} "
             "defect-free train images." + (" Quick mode: one seed, k = all only on metal_plate." if args.quick else "")
         ],

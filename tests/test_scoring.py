@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.ndimage import gaussian_filter
 
+from dualclip import DetectorConfig
 from dualclip.scoring import (
     aggregate,
     fuse,
@@ -134,6 +135,23 @@ def test_aggregation():
     torch.testing.assert_close(aggregate(d, "min"), torch.tensor([0.1, 0.2]))
     # lowest 30% of 4 -> ceil(1.2) = 2 values
     torch.testing.assert_close(aggregate(d, "mean_low30"), torch.tensor([0.15, 0.3]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(k=st.integers(1, 3), seed=st.integers(0, 1000))
+def test_default_aggregation_is_the_minimum_for_up_to_three_references(k, seed):
+    """mean_low30 (the default) keeps the paper's minimum for k <= 3 and differs only for larger k."""
+    d = torch.rand(k, 50, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(aggregate(d, "mean_low30"), aggregate(d, "min"))
+    assert DetectorConfig().k_aggregation == "mean_low30"
+
+
+def test_mean_low30_resists_references_that_share_the_defect():
+    """A defect that recurs in some references: the minimum erases it, the low-30% mean keeps it."""
+    clean = torch.full((10, 1), 0.05)  # a normal patch: close to every reference
+    defect = torch.cat([torch.full((2, 1), 0.05), torch.full((8, 1), 0.6)])  # matched by 2 defective refs
+    assert aggregate(defect, "min") == aggregate(clean, "min")
+    assert aggregate(defect, "mean_low30") > aggregate(clean, "mean_low30") + 0.1
 
 
 def test_fusion_normalisation_and_weights():

@@ -110,7 +110,10 @@ class DetectorConfig:
         ``"random"`` (seeded derangement: random pairs, each image the other's reference) or ``"similar"``
         (the k most similar other images by global embedding).
     k_aggregation:
-        How k per-reference distances are combined: ``"min"`` or ``"mean_low30"`` (mean of the lowest 30%).
+        How k per-reference distances are combined: ``"mean_low30"`` (default: the mean of the lowest
+        ``ceil(0.3 k)``, which is the minimum for k <= 3) or ``"min"``. With many references (``k="all"``)
+        some are themselves defective, often with a similar defect; the minimum then erases recurring
+        defects (magnetic_tile, k = all: pixel AUROC 27.0 with ``min``, 97.8 with ``mean_low30``).
     use_text, use_visual:
         Switch the text branch (§4) and the visual-reference branch (§5) on or off (ablations).
     alpha:
@@ -148,7 +151,7 @@ class DetectorConfig:
     neighbourhood: int = 3
     k: int | Literal["all"] = 1
     pairing: Pairing = "random"
-    k_aggregation: Aggregation = "min"
+    k_aggregation: Aggregation = "mean_low30"
     use_text: bool = True
     use_visual: bool = True
     alpha: float = 0.5
