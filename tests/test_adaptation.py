@@ -154,7 +154,7 @@ def test_detector_adapts_from_low_scored_bases(tiny_backbone, texture_set):
     det = DualClipDetector(cfg, backbone=tiny_backbone)
     det.score_images(images, class_name="texture")
     bases = adapt_patch_scores.last_bases
-    assert len(bases) == 5  # half of 10
+    assert len(bases) == 5 and det.run_info_["synthesis_bases"] == bases  # half of 10, recorded
     plain = DualClipDetector(DetectorConfig(pretrained=None, progress=False), backbone=tiny_backbone)
     res = plain.score_images(images, class_name="texture")
     from dualclip.scoring import fuse

@@ -248,6 +248,8 @@ class DualClipDetector:
         }
         if cfg.tta:
             self.run_info_["synthetic_images"] = cfg.adaptation.synthetic_budget(n)
+            if cfg.adaptation.scope == "category":  # the images the synthetic anomalies were made from
+                self.run_info_["synthesis_bases"] = adapt_patch_scores.last_bases
         return {
             "image_scores": image_scores,
             "maps": maps,
