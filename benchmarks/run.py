@@ -134,6 +134,7 @@ def main() -> None:
     unknown = set(wanted) - set(SECTIONS)
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    args.results = args.results.resolve()  # the sections run with benchmarks/ as their working directory
     args.results.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/run.py" + (" --quick" if args.quick else "")
     if set(wanted) != set(SECTIONS):

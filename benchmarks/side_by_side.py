@@ -57,9 +57,9 @@ def winclip_vs_dualclip(quick: bool) -> tuple[dict, dict]:
     )
     repeats = 1 if quick else 3
     rows = []
-    for batch in (8,) if quick else (1, 8):
-        n = 8  # images per run
-        images = make_texture_set(6, 2, 240, seed=batch)[0]
+    for batch in (4,) if quick else (1, 8):
+        n = 4 if quick else 8  # images per run
+        images = make_texture_set(n - n // 4, n // 4, 240, seed=batch)[0]
         det = DualClipDetector(
             DetectorConfig(backbone=BACKBONE, pretrained=None, progress=False, batch_size=batch), backbone=bb
         )
@@ -86,7 +86,7 @@ def winclip_vs_dualclip(quick: bool) -> tuple[dict, dict]:
         "notes": [
             f"anomalib {anomalib.__version__} `WinClipModel` (scales 2 and 3 plus the full image) vs dualclip "
             f"(text + dual-image visual reference, k = 1, no adaptation); {BACKBONE} at 240 px, random weights "
-            f"seeded identically in both (visual weights equal: {same}); 8 generated images, median of {repeats} "
+            f"seeded identically in both (visual weights equal: {same}); {n} generated images, median of {repeats} "
             "after a warm-up, preprocessing of the PIL images included in both."
         ],
     }
