@@ -34,6 +34,7 @@ def datasets():
         mask_suffix=".png",
         max_normal=100,
         max_anomalous=100,
+        mask_threshold=127,  # anti-aliased 0/255 masks (SOURCE.txt)
     )
     (free,) = D.folder("free", normal=[str(mt / "MT_Free" / "Imgs" / "*.jpg")], max_normal=100 + N_GOLDEN)
     magnetic_golden = [s.path for s in free.samples[100:]]

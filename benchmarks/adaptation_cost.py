@@ -40,9 +40,9 @@ def main() -> None:
                 # quick mode: no warm-up run (the model is already warm from building; one run each)
                 t_off = timed(lambda d=off, i=images: d.score_images(i, class_name="bottle"), repeats, not args.quick)
                 t_on = timed(lambda d=on, i=images: d.score_images(i, class_name="bottle"), repeats, not args.quick)
-            adapt_s = on.run_info_["timings_s"]["adaptation"]
+            adapt_s = on.run_info_.timings_s["adaptation"]
             r = {"model": name, "S": bb.image_size, "n": n, "off_s": t_off, "on_s": t_on, "adaptation_s": adapt_s}
-            r["synthetic_images"] = on.run_info_["synthetic_images"]
+            r["synthetic_images"] = on.run_info_.synthetic_images
             raw.append(r)
             rows.append(
                 [name, bb.image_size, n, r["synthetic_images"], fmt(t_off, 2), fmt(t_on, 2), f"{t_on / t_off:.2f}x",
@@ -56,14 +56,14 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             per_image.score_images(images, class_name="bottle")
-        s = per_image.run_info_["timings_s"]["adaptation"] / len(images)
+        s = per_image.run_info_.timings_s["adaptation"] / len(images)
         raw.append({"model": name, "scope": "image", "adaptation_s_per_image": s})
         rows.append(
             [
                 name,
                 bb.image_size,
                 "scope=image",
-                per_image.run_info_["synthetic_images"],
+                per_image.run_info_.synthetic_images,
                 "",
                 "",
                 "",

@@ -11,7 +11,6 @@ and ``run.py`` turns those files into ``BENCHMARKS.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -24,6 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
 sys.path.insert(0, str(ROOT / "src"))
+
+from dualclip.atomic import write_json  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -77,10 +78,7 @@ def section_args(description: str) -> argparse.Namespace:
 
 def write_section(path: Path, section: str, tables: list[dict], raw: dict | None = None) -> None:
     payload = {"section": section, "tables": tables, "raw": raw or {}, "machine": machine()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
+    write_json(path, payload)
     for t in tables:  # also readable when a script is run by hand
         print(markdown_table(t), flush=True)
 

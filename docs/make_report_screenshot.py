@@ -9,15 +9,18 @@ the report. Needs Debian's chromium and the dev extra (playwright).
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
 from dualclip import DetectorConfig
 from dualclip.cli.predict import run_predict
 from dualclip.data.synthetic import make_texture_set
-from dualclip.visualization.browser import screenshot
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))  # the headless-Chromium helper lives with the browser test
+
+from browser import screenshot  # noqa: E402
 
 
 def main() -> None:

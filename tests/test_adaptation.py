@@ -133,7 +133,7 @@ def test_detector_records_the_synthetic_budget(tiny_backbone, texture_set):
     cfg = DetectorConfig(pretrained=None, progress=False, tta=True, adaptation=AdaptationConfig(steps=2))
     det = DualClipDetector(cfg, backbone=tiny_backbone)
     det.predict(texture_set[0][:4])
-    assert det.run_info_["synthetic_images"] == 8
+    assert det.run_info_.synthetic_images == 8
 
 
 def test_synthesis_bases_are_the_most_normal_looking_images():
@@ -147,17 +147,14 @@ def test_synthesis_bases_are_the_most_normal_looking_images():
 
 
 def test_detector_adapts_from_low_scored_bases(tiny_backbone, texture_set):
-    from dualclip.adaptation import adapt_patch_scores
-
     images = texture_set[0]  # 6 normal, then 4 anomalous
     cfg = DetectorConfig(pretrained=None, progress=False, tta=True, adaptation=AdaptationConfig(steps=2))
     det = DualClipDetector(cfg, backbone=tiny_backbone)
-    det.score_images(images, class_name="texture")
-    bases = adapt_patch_scores.last_bases
-    assert len(bases) == 5 and det.run_info_["synthesis_bases"] == bases  # half of 10, recorded
+    bases = det.score_images(images, class_name="texture").run.synthesis_bases
+    assert len(bases) == 5 and det.run_info_.synthesis_bases == bases  # half of 10, recorded
     plain = DualClipDetector(DetectorConfig(pretrained=None, progress=False), backbone=tiny_backbone)
     res = plain.score_images(images, class_name="texture")
     from dualclip.scoring import fuse
 
-    prior = fuse([(p, 1.0) for p in res["branch_patch"].values()], "zscore").amax(dim=1)
+    prior = fuse([(p, 1.0) for p in res.branches.patch().values()], "zscore").amax(dim=1)
     assert bases == sorted(torch.argsort(prior)[:5].tolist())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 
@@ -13,12 +14,13 @@ from typer.testing import CliRunner
 
 from dualclip import DetectorConfig, DualClipDetector
 from dualclip.cli.main import app
-from dualclip.cli.predict import EXIT_NOTHING, EXIT_OK, EXIT_SOME_FAILED, UsageError, f1_optimal_threshold, run_predict
+from dualclip.cli.predict import EXIT_NOTHING, EXIT_OK, EXIT_SOME_FAILED, UsageError, run_predict
 from dualclip.data import datasets as D
 from dualclip.data.images import ImageLoadError, load_image
 from dualclip.data.synthetic import make_texture_set
 from dualclip.evaluation import run_eval
 from dualclip.metrics import image_auroc
+from dualclip.thresholds import f1_threshold
 
 
 @pytest.fixture
@@ -77,13 +79,20 @@ def test_nothing_readable_exits_2(tmp_path, det):
 
 def test_existing_output_needs_overwrite(tmp_path, folder, det):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    assert run_predict([str(folder)], out, det.config, detector=det)[0] == EXIT_OK
+    first = (out / "predictions.json").read_text()
     with pytest.raises(UsageError, match="--overwrite"):
-        run_predict([str(folder)], out, det.config, detector=det)
-    assert (out / "keep.txt").read_text() == "mine"
-    code, _ = run_predict([str(folder)], out, det.config, detector=det, overwrite=True)
-    assert code == EXIT_OK and not (out / "keep.txt").exists()
+        run_predict([str(folder)], out, det.config, detector=det, threshold=0.5)
+    assert (out / "predictions.json").read_text() == first
+    code, doc = run_predict([str(folder)], out, det.config, detector=det, overwrite=True, threshold=0.5)
+    assert code == EXIT_OK and json.loads((out / "predictions.json").read_text())["threshold"]["value"] == 0.5
+    # a folder dualclip did not write is never replaced, not even with --overwrite
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    with pytest.raises(UsageError, match="not written by dualclip"):
+        run_predict([str(folder)], mine, det.config, detector=det, overwrite=True)
+    assert (mine / "keep.txt").read_text() == "mine" and sorted(os.listdir(mine)) == ["keep.txt"]
 
 
 def test_threshold_from_references_and_validation(tmp_path, folder, det, texture_set):
@@ -100,9 +109,9 @@ def test_threshold_from_references_and_validation(tmp_path, folder, det, texture
 
 
 def test_f1_optimal_threshold():
-    assert f1_optimal_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9])) == 0.8
-    with pytest.raises(UsageError):
-        f1_optimal_threshold(np.array([0, 0]), np.array([0.1, 0.2]))
+    assert f1_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9])).value == 0.8
+    with pytest.raises(ValueError, match="both normal and anomalous"):
+        f1_threshold(np.array([0, 0]), np.array([0.1, 0.2]))
 
 
 def test_single_image_without_reference_warns_text_only(tmp_path, folder, det):
@@ -249,5 +258,5 @@ def test_evaluate_category_with_golden_references(tmp_path, texture_set, tiny_ba
     assert out["n_references"] == 3 and 0 <= out["pixel_auroc"] <= 1
     det = DualClipDetector(cfg, backbone=tiny_backbone)
     direct = det.score_images(cat.images(), golden=[Image.open(p).convert("RGB") for p in cat.references])
-    assert det.run_info_["pairing"] == "golden"
-    assert out["image_auroc"] == pytest.approx(image_auroc(cat.labels, direct["image_scores"].numpy()))
+    assert det.run_info_.pairing == "golden" and direct.run.pairing == "golden"
+    assert out["image_auroc"] == pytest.approx(image_auroc(cat.labels, direct.image_scores.numpy()))

@@ -114,6 +114,6 @@ def test_paths_and_pil_give_same_result(tiny_backbone, texture_set, tmp_path):
 def test_run_info_records_seconds_per_stage(tiny_backbone, texture_set):
     det = DualClipDetector(DetectorConfig(pretrained=None, progress=False), backbone=tiny_backbone)
     det.predict(texture_set[0][:4], class_name="texture")
-    t = det.run_info_["timings_s"]
+    t = det.run_info_.timings_s
     assert set(t) == {"backbone", "text", "reference", "fusion"}
     assert all(v >= 0 for v in t.values()) and t["backbone"] > 0

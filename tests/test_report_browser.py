@@ -10,9 +10,9 @@ import os
 
 import pytest
 
+from browser import find_chromium, launch
 from dualclip import DetectorConfig, DualClipDetector
 from dualclip.cli.predict import EXIT_SOME_FAILED, run_predict
-from dualclip.visualization.browser import find_chromium, launch
 
 CHROMIUM = find_chromium()
 if CHROMIUM is None and os.environ.get("CI") == "true":

@@ -4,8 +4,9 @@ Implements "Dual-Image Enhanced CLIP for Zero-Shot Anomaly Detection" (arXiv 240
 with V-V attention, dual-image visual reference, joint scoring and test-time adaptation.
 """
 
-from .config import AdaptationConfig, DetectorConfig
-from .detector import DualClipDetector, Prediction
+__version__ = "0.1.0"  # first: submodules read it
 
-__version__ = "0.1.0"
-__all__ = ["AdaptationConfig", "DetectorConfig", "DualClipDetector", "Prediction", "__version__"]
+from .config import AdaptationConfig, DetectorConfig  # noqa: E402
+from .detector import DualClipDetector, Prediction, ScoreResult  # noqa: E402
+
+__all__ = ["AdaptationConfig", "DetectorConfig", "DualClipDetector", "Prediction", "ScoreResult", "__version__"]

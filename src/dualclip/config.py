@@ -135,6 +135,10 @@ class DetectorConfig:
         Images per backbone forward pass.
     seed:
         Seeds pairing, synthesis and adaptation; recorded in every output.
+    quick_gelu:
+        Build the CLIP model with QuickGELU (the activation OpenAI's weights were trained with). ``None``
+        (default): from the weights' open_clip pretrained config (``openai`` tags: True); a local checkpoint
+        file of a preset is taken to hold the preset's weights.
     device:
         Torch device (``"cpu"``, ``"cuda"``).
     cache_dir:
@@ -164,6 +168,7 @@ class DetectorConfig:
     adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
     batch_size: int = 8
     seed: int = 0
+    quick_gelu: bool | None = None
     device: str = "cpu"
     cache_dir: str | None = None
     progress: bool = True

@@ -2,16 +2,19 @@
 
 Data flow of :meth:`DualClipDetector.predict`::
 
-    images --load_image--> RGB --extract_features--> global embedding, patch embeddings, match features
-       text branch     : patch embeddings, [t_n, t_a]  -> s_txt (N, P);  global -> g_txt (N,)
-       visual branch   : pair_references -> reference_scores -> s_vis (N, P)   (or golden references)
-       adaptation (opt): synthesize anomalies, train head -> s_adapt (N, P), replaces s_txt
-       fusion          : fuse -> upsample + smooth (N, S, S) -> image score; maps resized to each image
+    images --load_image--> RGB --_extract--> global embedding, patch embeddings, match features
+       _text   : patch embeddings, [t_n, t_a]  -> s_txt (N, P);  global -> g_txt (N,)
+       _visual : pair_references -> reference_scores -> s_vis (N, P)   (or golden references)
+       _adapt  : synthesize anomalies, train head -> s_adapt (N, P), takes the text slot of the fusion
+       _fuse   : fuse -> upsample + smooth (N, S, S) -> image score
+    score_images returns one ScoreResult; predict() alone turns it into per-image Predictions (maps resized
+    to each image's own size).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 import warnings
@@ -22,9 +25,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .adaptation.adapt import AdaptationResult
 from .backbone import Backbone, BackboneOutput, build_backbone, extract_features
 from .config import DetectorConfig
-from .data.images import load_image, to_rgb8
+from .data.images import array_to_rgb, load_image, to_rgb8
 from .scoring import (
     fuse,
     golden_reference_scores,
@@ -37,7 +41,7 @@ from .scoring import (
 )
 from .text import readable_class_name, text_embeddings
 
-ImageInput = str | os.PathLike | Image.Image
+ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 
 
 @dataclass
@@ -68,10 +72,99 @@ class Prediction:
     references: list[int] = field(default_factory=list)
     source: str | None = None
 
+    def __repr__(self) -> str:
+        h, w = self.anomaly_map.shape
+        return f"Prediction(score={self.score:.4f}, map={h}x{w}, source={self.source!r})"
+
+
+@dataclass
+class BranchScores:
+    """The scores of each branch that ran (``None`` where it did not).
+
+    Attributes
+    ----------
+    text:
+        ``(N, P)`` text-guided patch scores (METHOD §4), probabilities in (0, 1).
+    text_global:
+        ``(N,)`` text score of each global embedding (g_txt).
+    visual:
+        ``(N, P)`` visual-reference patch scores (METHOD §5), distances in [0, 1].
+    adapted:
+        ``(N, P)`` adapted-head patch scores (METHOD §7), probabilities in (0, 1).
+    """
+
+    text: torch.Tensor | None = None
+    text_global: torch.Tensor | None = None
+    visual: torch.Tensor | None = None
+    adapted: torch.Tensor | None = None
+
+    def patch(self) -> dict[str, torch.Tensor]:
+        """The patch branches that ran, by name: ``(N, P)`` each."""
+        named = {"text": self.text, "visual": self.visual, "adapted": self.adapted}
+        return {k: v for k, v in named.items() if v is not None}
+
+    def image(self) -> dict[str, torch.Tensor]:
+        """Image-level score of each branch that ran: ``text_global``, and the max of each patch branch."""
+        out = {} if self.text_global is None else {"text_global": self.text_global}
+        out.update({k: v.amax(dim=1) for k, v in self.patch().items()})
+        return out
+
+
+@dataclass
+class RunInfo:
+    """What a run used, recorded in every output: seed, pairing, references, branches, weights, timings."""
+
+    n_images: int
+    seed: int
+    pairing: str
+    references: list[list[int]]
+    branches: list[str]
+    temperature: float
+    backbone: str
+    weights: str | None
+    image_size: int
+    timings_s: dict[str, float]
+    k_effective: int | None = None
+    synthetic_images: int | None = None
+    synthesis_bases: list[int] | None = None
+
+    def to_dict(self, with_references: bool = True) -> dict:
+        d = dataclasses.asdict(self)
+        if not with_references:
+            d.pop("references")
+        return {k: v for k, v in d.items() if v is not None}
+
+
+@dataclass
+class ScoreResult:
+    """One run of the pipeline over N images at processing size S.
+
+    Attributes
+    ----------
+    image_scores:
+        ``(N,)`` float32 image anomaly scores.
+    maps:
+        ``(N, S, S)`` float32 anomaly maps at the processing size, same units as ``image_scores``.
+    branches:
+        Every branch's raw scores (:class:`BranchScores`).
+    grid:
+        ``(h, w)`` patch grid, ``h * w == P``.
+    run:
+        :class:`RunInfo` of this run (``references[i]``: the indices image i was compared with).
+    """
+
+    image_scores: torch.Tensor
+    maps: torch.Tensor
+    branches: BranchScores
+    grid: tuple[int, int]
+    run: RunInfo
+
 
 def _as_rgb(item: ImageInput) -> tuple[Image.Image, str | None]:
     if isinstance(item, Image.Image):
         return to_rgb8(item), None
+    if isinstance(item, np.ndarray | torch.Tensor):
+        return array_to_rgb(item), None
     return load_image(item), str(item)
 
 
@@ -111,7 +204,7 @@ class DualClipDetector:
     def __init__(self, config: DetectorConfig | None = None, backbone: Backbone | None = None) -> None:
         self.config = config or DetectorConfig()
         self._backbone = backbone
-        self.run_info_: dict = {}
+        self.run_info_: RunInfo | None = None
 
     @property
     def backbone(self) -> Backbone:
@@ -127,7 +220,8 @@ class DualClipDetector:
         class_name: str | None = None,
         references: Sequence[ImageInput] | None = None,
     ) -> list[Prediction]:
-        """Score ``images`` (paths or PIL images) of one category.
+        """Score ``images`` (paths, PIL images, ``H x W x 3`` uint8 / ``H x W`` arrays or tensors) of one
+        category.
 
         Without ``references`` the images are each other's visual references (the dual-image setting);
         with ``references`` (golden normal images) every image is compared with all of them instead.
@@ -136,22 +230,21 @@ class DualClipDetector:
         if len(images) == 0:
             raise ValueError("no images to score")
         loaded = [_as_rgb(item) for item in images]
-        pils = [img for img, _ in loaded]
         golden = [_as_rgb(item)[0] for item in references] if references else None
-        result = self.score_images(pils, class_name=class_name, golden=golden)
-        preds = []
-        for i, (img, source) in enumerate(loaded):
-            preds.append(
-                Prediction(
-                    score=float(result["image_scores"][i]),
-                    anomaly_map=resize_map(result["maps"][i], img.height, img.width),
-                    branch_scores={k: float(v[i]) for k, v in result["branch_scores"].items()},
-                    branch_maps={k: v[i].reshape(result["grid"]).numpy() for k, v in result["branch_patch"].items()},
-                    references=list(result["references"][i]),
-                    source=source,
-                )
+        result = self.score_images([img for img, _ in loaded], class_name=class_name, golden=golden)
+        branch_image = result.branches.image()
+        branch_patch = result.branches.patch()
+        return [
+            Prediction(
+                score=float(result.image_scores[i]),
+                anomaly_map=resize_map(result.maps[i], img.height, img.width),
+                branch_scores={k: float(v[i]) for k, v in branch_image.items()},
+                branch_maps={k: v[i].reshape(result.grid).numpy() for k, v in branch_patch.items()},
+                references=list(result.run.references[i]),
+                source=source,
             )
-        return preds
+            for i, (img, source) in enumerate(loaded)
+        ]
 
     # -- the pipeline -----------------------------------------------------------------------------------
     def score_images(
@@ -159,130 +252,148 @@ class DualClipDetector:
         images: list[Image.Image],
         class_name: str | None = None,
         golden: list[Image.Image] | None = None,
-    ) -> dict:
-        """Run the pipeline on RGB images; returns maps at S x S and all intermediate scores.
-
-        Keys: ``image_scores (N,)``, ``maps (N, S, S)``, ``branch_patch {name: (N, P)}``,
-        ``branch_scores {name: (N,)}``, ``references`` (list of index lists), ``grid``.
-        """
+    ) -> ScoreResult:
+        """Run the pipeline on RGB images: maps at S x S, image scores and every branch's scores."""
         cfg = self.config
-        backbone = self.backbone
-        n = len(images)
+        use_text, use_visual = self._branches_to_run(len(images), golden)
+        clock = _StageClock()
+        with clock("backbone"):
+            feats = self._extract(images, keep_patch_embeddings=use_text, desc="features")
+        branches = BranchScores()
+        temperature = cfg.temperature or self.backbone.logit_scale
+        with clock("text"):
+            text = self._text(feats, class_name, use_text, temperature, branches)
+        refs: list[list[int]] = [[] for _ in images]
+        if use_visual:
+            refs = self._visual(feats, golden, clock, branches)
+        adaptation = None
+        if cfg.tta:
+            with clock("adaptation"):
+                adaptation = self._adapt(images, feats, text, temperature, branches)
+                branches.adapted = adaptation.patch_scores
+        with clock("fusion"):
+            maps, image_scores = self._fuse(branches, feats.grid)
+        run = RunInfo(
+            n_images=len(images),
+            seed=cfg.seed,
+            pairing=cfg.pairing if golden is None else "golden",
+            references=refs,
+            branches=sorted(branches.patch()),
+            temperature=temperature,
+            backbone=self.backbone.name,
+            weights=self.backbone.weights_id,
+            image_size=self.backbone.image_size,
+            timings_s=clock.seconds,
+            k_effective=max((len(r) for r in refs), default=0) if use_visual else None,
+        )
+        if adaptation is not None:
+            run.synthetic_images = cfg.adaptation.synthetic_budget(len(images))
+            run.synthesis_bases = adaptation.bases
+        self.run_info_ = run
+        return ScoreResult(image_scores=image_scores, maps=maps, branches=branches, grid=feats.grid, run=run)
+
+    def _branches_to_run(self, n: int, golden: list | None) -> tuple[bool, bool]:
+        """(use_text, use_visual) for this run: the settings, limited by the backbone and the image count."""
+        cfg, backbone = self.config, self.backbone
         use_text = cfg.use_text and backbone.has_text
         if cfg.use_text and not backbone.has_text and not cfg.use_visual and not cfg.tta:
             raise ValueError(f"backbone {backbone.name!r} has no text tower: turn the visual branch or tta on")
         use_visual = cfg.use_visual
         if use_visual and golden is None and n < 2:
-            if use_text:
-                warnings.warn(
-                    "a single image has no partner for the visual reference: running text-only "
-                    "(give golden references to use the visual branch)",
-                    stacklevel=3,
-                )
-                use_visual = False
-            else:
+            if not use_text:
                 raise ValueError(
                     f"one image and a vision-only backbone ({backbone.name!r}): give at least two images "
                     "or golden references"
                 )
-        clock = _StageClock()
-        with clock("backbone"):
-            feats = extract_features(
-                backbone, images, cfg.batch_size, keep_patch_embeddings=use_text, progress=cfg.progress, desc="features"
+            warnings.warn(
+                "a single image has no partner for the visual reference: running text-only "
+                "(give golden references to use the visual branch)",
+                stacklevel=4,
             )
-        branch_patch: dict[str, torch.Tensor] = {}
-        branch_scores: dict[str, torch.Tensor] = {}
-        text = None
-        temperature = cfg.temperature or backbone.logit_scale
-        with clock("text"):
-            if use_text or (cfg.tta and backbone.has_text):
-                text = text_embeddings(backbone, readable_class_name(class_name), cfg.cache_dir)
-            if use_text:
-                branch_patch["text"] = text_anomaly_scores(feats.patch_embeddings, text, temperature)
-                branch_scores["text_global"] = text_anomaly_scores(feats.global_embedding, text, temperature)
-        refs: list[list[int]] = [[] for _ in range(n)]
-        if use_visual:
-            if golden is not None:
-                with clock("backbone"):
-                    gfeats = extract_features(
-                        backbone,
-                        golden,
-                        cfg.batch_size,
-                        keep_patch_embeddings=False,
-                        progress=cfg.progress,
-                        desc="references",
-                    )
-                with clock("reference"):
-                    branch_patch["visual"] = golden_reference_scores(feats.match_features, gfeats.match_features)
-                refs = [list(range(len(golden))) for _ in range(n)]
-            else:
-                with clock("reference"):
-                    refs = pair_references(n, cfg.k, cfg.pairing, cfg.seed, feats.global_embedding)
-                    branch_patch["visual"] = reference_scores(feats.match_features, refs, cfg.k_aggregation)
-        if cfg.tta:
-            from .adaptation import adapt_patch_scores
+            use_visual = False
+        return use_text, use_visual
 
-            with clock("adaptation"):
-                # the unadapted joint score picks the most normal-looking images as synthesis bases
-                prior = (
-                    fuse([(p, 1.0) for p in branch_patch.values()], cfg.fusion_norm).amax(dim=1)
-                    if branch_patch
-                    else None
-                )
-                branch_patch["adapted"] = adapt_patch_scores(backbone, images, feats, text, temperature, cfg, prior)
-        for name, patch in branch_patch.items():
-            branch_scores[name] = patch.amax(dim=1)
-        with clock("fusion"):
-            maps, image_scores = self._joint_scores(branch_patch, branch_scores, feats.grid)
-        self.run_info_ = {
-            "n_images": n,
-            "seed": cfg.seed,
-            "pairing": cfg.pairing if golden is None else "golden",
-            "references": refs,
-            "branches": sorted(branch_patch),
-            "temperature": temperature,
-            "backbone": backbone.name,
-            "weights": backbone.weights_id,
-            "image_size": backbone.image_size,
-            "timings_s": clock.seconds,
-        }
-        if cfg.tta:
-            self.run_info_["synthetic_images"] = cfg.adaptation.synthetic_budget(n)
-            if cfg.adaptation.scope == "category":  # the images the synthetic anomalies were made from
-                self.run_info_["synthesis_bases"] = adapt_patch_scores.last_bases
-        return {
-            "image_scores": image_scores,
-            "maps": maps,
-            "branch_patch": branch_patch,
-            "branch_scores": branch_scores,
-            "references": refs,
-            "grid": feats.grid,
-        }
-
-    def _joint_scores(
-        self, branch_patch: dict[str, torch.Tensor], branch_scores: dict[str, torch.Tensor], grid: tuple[int, int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """METHOD §6: fuse the patch branches into maps ``(N, S, S)`` and image scores ``(N,)``."""
+    def _extract(self, images: list[Image.Image], keep_patch_embeddings: bool, desc: str) -> BackboneOutput:
         cfg = self.config
-        slot = "adapted" if "adapted" in branch_patch else ("text" if "text" in branch_patch else None)
+        return extract_features(
+            self.backbone,
+            images,
+            cfg.batch_size,
+            keep_patch_embeddings=keep_patch_embeddings,
+            progress=cfg.progress,
+            desc=desc,
+        )
+
+    def _text(
+        self, feats: BackboneOutput, class_name: str | None, use_text: bool, temperature: float, out: BranchScores
+    ) -> torch.Tensor | None:
+        """METHOD §4: fills ``out.text`` and ``out.text_global``; returns ``[t_n, t_a]`` (also for adaptation)."""
+        cfg, backbone = self.config, self.backbone
+        if not (use_text or (cfg.tta and backbone.has_text)):
+            return None
+        text = text_embeddings(backbone, readable_class_name(class_name), cfg.cache_dir)
+        if use_text:
+            out.text = text_anomaly_scores(feats.patch_embeddings, text, temperature)
+            out.text_global = text_anomaly_scores(feats.global_embedding, text, temperature)
+        return text
+
+    def _visual(
+        self, feats: BackboneOutput, golden: list[Image.Image] | None, clock: _StageClock, out: BranchScores
+    ) -> list[list[int]]:
+        """METHOD §5: fills ``out.visual``; returns each image's reference indices."""
+        cfg = self.config
+        n = feats.global_embedding.shape[0]
+        if golden is not None:
+            with clock("backbone"):
+                gfeats = self._extract(golden, keep_patch_embeddings=False, desc="references")
+            with clock("reference"):
+                out.visual = golden_reference_scores(feats.match_features, gfeats.match_features)
+            return [list(range(len(golden))) for _ in range(n)]
+        with clock("reference"):
+            refs = pair_references(n, cfg.k, cfg.pairing, cfg.seed, feats.global_embedding)
+            out.visual = reference_scores(feats.match_features, refs, cfg.k_aggregation)
+        return refs
+
+    def _adapt(
+        self,
+        images: list[Image.Image],
+        feats: BackboneOutput,
+        text: torch.Tensor | None,
+        temperature: float,
+        branches: BranchScores,
+    ) -> AdaptationResult:
+        """METHOD §7: the unadapted joint score picks the most normal-looking images as synthesis bases."""
+        from .adaptation import adapt_patch_scores
+
+        cfg = self.config
+        patch = branches.patch()
+        prior = fuse([(p, 1.0) for p in patch.values()], cfg.fusion_norm).amax(dim=1) if patch else None
+        return adapt_patch_scores(self.backbone, images, feats, text, temperature, cfg, prior)
+
+    def _fuse(self, branches: BranchScores, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """METHOD §6: fuse the patch branches into maps ``(N, S, S)`` and image scores ``(N,)``.
+
+        The adapted map, where present, takes the text slot (weight alpha); the visual map gets 1 - alpha.
+        """
+        cfg = self.config
+        slot = branches.adapted if branches.adapted is not None else branches.text
         parts = []
         if slot is not None:
-            parts.append((branch_patch[slot], cfg.alpha if "visual" in branch_patch else 1.0))
-        if "visual" in branch_patch:
-            parts.append((branch_patch["visual"], 1.0 - cfg.alpha if slot is not None else 1.0))
+            parts.append((slot, cfg.alpha if branches.visual is not None else 1.0))
+        if branches.visual is not None:
+            parts.append((branches.visual, 1.0 - cfg.alpha if slot is not None else 1.0))
         parts = [(s, w) for s, w in parts if w > 0] or parts[:1]
         fused = fuse(parts, cfg.fusion_norm)
         maps = upsample(fused, grid, self.backbone.image_size, cfg.sigma)
         image_scores = map_scores(maps, cfg.image_score)
-        if "text_global" in branch_scores and cfg.beta > 0:
+        if branches.text_global is not None and cfg.beta > 0:
             image_scores = (
-                fuse([(branch_scores["text_global"], cfg.beta), (image_scores, 1.0 - cfg.beta)], cfg.fusion_norm)
+                fuse([(branches.text_global, cfg.beta), (image_scores, 1.0 - cfg.beta)], cfg.fusion_norm)
                 if cfg.beta < 1
-                else branch_scores["text_global"]
+                else branches.text_global
             )
         return maps, image_scores
 
     def features(self, images: Sequence[ImageInput]) -> BackboneOutput:
         """Backbone features of ``images`` (for inspection and custom pipelines)."""
-        pils = [_as_rgb(item)[0] for item in images]
-        return extract_features(self.backbone, pils, self.config.batch_size, progress=self.config.progress)
+        return self._extract([_as_rgb(item)[0] for item in images], keep_patch_embeddings=True, desc="features")

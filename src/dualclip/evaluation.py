@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
-import os
 import platform
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from .atomic import write_json, write_text
 from .config import DetectorConfig
 from .data.datasets import Category
 from .data.images import load_image
@@ -32,19 +32,6 @@ from .metrics import all_metrics
 METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file so that readers see the old or the new content, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB."""
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -52,9 +39,14 @@ def peak_rss_mb() -> float:
 
 
 def evaluate_category(config: DetectorConfig, category: Category, seeds: list[int], detector_cache: dict) -> dict:
-    """Metrics of one category for each seed, and their mean/std (against its golden references, if any)."""
+    """Metrics of one category for each seed, and their mean/std (against its golden references, if any).
+
+    Anomalous images without a mask count in the image metrics and are left out of the pixel metrics
+    (``n_without_mask``); pixel metrics that are still undefined are reported under ``warnings``.
+    """
     images = category.images()
     golden = [load_image(p) for p in category.references] or None
+    with_mask = category.has_mask
     per_seed = []
     for seed in seeds:
         cfg = dataclasses.replace(config, seed=seed)
@@ -63,21 +55,75 @@ def evaluate_category(config: DetectorConfig, category: Category, seeds: list[in
         result = det.score_images(images, class_name=category.name, golden=golden)
         elapsed = time.perf_counter() - start
         detector_cache["backbone"] = det.backbone
-        size = result["maps"].shape[-1]
-        m = all_metrics(category.labels, result["image_scores"].numpy(), category.masks(size), result["maps"].numpy())
+        size = result.maps.shape[-1]
+        m = all_metrics(category.labels, result.image_scores.numpy())
+        m.update(pixel_metrics(category.masks(size)[with_mask], result.maps.numpy()[with_mask]))
         m["ms_per_image"] = 1000 * elapsed / len(images)
         m["peak_rss_mb"] = peak_rss_mb()
         per_seed.append(m)
-    out: dict = {"n_images": len(images), "n_anomalous": int(category.labels.sum()), "seeds": seeds}
+    out: dict = {
+        "n_images": len(images),
+        "n_anomalous": int(category.labels.sum()),
+        "n_without_mask": int((~with_mask).sum()),
+        "seeds": seeds,
+    }
     if golden:
         out["n_references"] = len(golden)
+    out.update(mean_over_seeds(per_seed))
+    out["per_seed"] = per_seed
+    undefined = [k for k in METRICS if k.startswith("pixel") and not np.isfinite(out.get(k, np.nan))]
+    out["warnings"] = list(category.notes) + (
+        [f"pixel metrics undefined ({', '.join(undefined)}): no mask with a defect pixel among the scored images"]
+        if undefined
+        else []
+    )
+    return out
+
+
+def pixel_metrics(masks: np.ndarray, maps: np.ndarray) -> dict[str, float]:
+    """The four pixel metrics (``nan`` without both normal and anomalous pixels, without a warning: the
+    caller reports undefined metrics itself)."""
+    if masks.size == 0 or not masks.any() or masks.all():
+        return {k: float("nan") for k in METRICS if k.startswith("pixel")}
+    m = all_metrics(np.array([0, 1]), np.array([0.0, 1.0]), masks, maps)
+    return {k: v for k, v in m.items() if k.startswith("pixel")}
+
+
+def mean_over_seeds(per_seed: list[dict[str, float]]) -> dict[str, float]:
+    """Every metric's mean over the seeds, and with several seeds its standard deviation (``<key>_std``,
+    population std, ddof 0)."""
+    out: dict[str, float] = {}
     for key in per_seed[0]:
         vals = np.array([m[key] for m in per_seed], dtype=np.float64)
         out[key] = float(vals.mean())
-        if len(seeds) > 1:
+        if len(per_seed) > 1:
             out[f"{key}_std"] = float(vals.std(ddof=0))
-    out["per_seed"] = per_seed
     return out
+
+
+def fingerprint(config: DetectorConfig, category: Category, seeds: list[int]) -> str:
+    """What a saved category result depends on: every setting that changes numbers, the weights (a local
+    file by path, size and modification time), the samples (paths, labels, masks, golden references), the
+    seeds and the dualclip version. A saved result is reused only under the same fingerprint."""
+    cfg = config.to_dict()
+    for key in ("progress", "cache_dir", "seed"):
+        cfg.pop(key, None)
+    weights = cfg.get("pretrained")
+    if isinstance(weights, str) and Path(weights).is_file():
+        st = Path(weights).stat()
+        weights = [str(Path(weights).resolve()), st.st_size, st.st_mtime_ns]
+    payload = {
+        "config": cfg,
+        "weights": weights,
+        "seeds": seeds,
+        "version": __version__,
+        "mask_threshold": category.mask_threshold,
+        "samples": [
+            [str(s.path.resolve()), s.label, str(s.mask.resolve()) if s.mask else None] for s in category.samples
+        ],
+        "references": [str(Path(p).resolve()) for p in category.references],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _table(results: dict, fmt: str) -> str:
@@ -85,7 +131,7 @@ def _table(results: dict, fmt: str) -> str:
     multi = len(results["config"]["seeds"]) > 1
 
     def cell(r, k):
-        if k not in r or r[k] is None or np.isnan(r[k]):
+        if r.get(k) is None or np.isnan(r[k]):
             return "n/a"
         s = f"{100 * r[k]:.1f}"
         return f"{s} ± {100 * r[k + '_std']:.1f}" if multi and f"{k}_std" in r else s
@@ -98,21 +144,21 @@ def _table(results: dict, fmt: str) -> str:
         w.writerow(["category", *METRICS, "ms_per_image"])
         for name, r in rows:
             w.writerow(
-                [name, *[f"{100 * r[k]:.2f}" if k in r else "" for k in METRICS], f"{r.get('ms_per_image', 0):.1f}"]
+                [
+                    name,
+                    *[f"{100 * r[k]:.2f}" if r.get(k) is not None and np.isfinite(r[k]) else "" for k in METRICS],
+                    f"{r.get('ms_per_image', 0):.1f}",
+                ]
             )
         return buf.getvalue()
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in body]
-    return (
-        "\n".join(lines)
-        + "\n\nMetrics in %, "
-        + (
-            "mean ± std over seeds " + str(results["config"]["seeds"])
-            if multi
-            else f"seed {results['config']['seeds'][0]}"
-        )
-        + ".\n"
-    )
+    seeds = results["config"]["seeds"]
+    lines += ["", f"Metrics in %, {f'mean ± std over seeds {seeds}' if multi else f'seed {seeds[0]}'}."]
+    notes = [f"- {name}: {w}" for name, ws in results.get("warnings", {}).items() for w in ws]
+    if notes:
+        lines += ["", f"**Warnings ({len(notes)})**", "", *notes]
+    return "\n".join(lines) + "\n"
 
 
 def run_eval(
@@ -122,16 +168,26 @@ def run_eval(
     out: str | Path,
     force: bool = False,
     extra: dict | None = None,
+    require_masks: bool = False,
+    warn=None,
 ) -> dict:
-    """Evaluate every category (skipping those already saved under ``out`` unless ``force``) and write
-    ``results.json``, ``results.md`` and ``results.csv``."""
+    """Evaluate every category and write ``results.json``, ``results.md`` and ``results.csv``.
+
+    Every category is checked (:meth:`Category.check`) before any is scored. A category saved under ``out``
+    is reused only when its settings fingerprint (:func:`fingerprint`) matches; otherwise, or with
+    ``force``, it is recomputed. ``warn`` (default: stderr) receives one line per recomputed category and
+    per warning.
+    """
+    warn = warn or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out)
     cat_dir = out / "categories"
-    cat_dir.mkdir(parents=True, exist_ok=True)
+    checked = {cat.name: cat.check(require_masks) for cat in categories}
     run_config = {
         **config.to_dict(),
         "seeds": seeds,
-        "protocol": "maps and masks at the processing resolution S (masks nearest-resized); AUPRO to FPR 0.3",
+        "require_masks": require_masks,
+        "protocol": "maps and masks at the processing resolution S (masks nearest-resized); AUPRO to FPR 0.3; "
+        "anomalous images without a mask count in the image metrics only",
         "versions": {"dualclip": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
         **(extra or {}),
@@ -142,15 +198,46 @@ def run_eval(
     for cat in bar:
         bar.set_postfix_str(cat.name)
         saved = cat_dir / f"{cat.name}.json"
-        if saved.is_file() and not force:
-            results["categories"][cat.name] = json.loads(saved.read_text())
-            continue
-        res = evaluate_category(config, cat, seeds, cache)
-        write_atomic(saved, json.dumps(res, indent=2))
+        key = fingerprint(config, cat, seeds)
+        previous = _load_saved(saved)
+        if previous is not None and not force:
+            if previous.get("fingerprint") == key:
+                results["categories"][cat.name] = previous
+                continue
+            warn(f"{cat.name}: saved with other settings, data or version (fingerprint differs): recomputing")
+        res = {"fingerprint": key, **evaluate_category(config, cat, seeds, cache)}
+        res["warnings"] = list(dict.fromkeys(checked[cat.name] + res["warnings"]))
+        write_json(saved, res)
         results["categories"][cat.name] = res
-    keys = [k for k in next(iter(results["categories"].values())) if k not in ("per_seed", "seeds")]
-    results["mean"] = {k: float(np.nanmean([r[k] for r in results["categories"].values() if k in r])) for k in keys}
-    write_atomic(out / "results.json", json.dumps(results, indent=2))
-    write_atomic(out / "results.md", _table(results, "md"))
-    write_atomic(out / "results.csv", _table(results, "csv"))
+    results["mean"] = macro_mean(list(results["categories"].values()))
+    results["warnings"] = {n: r["warnings"] for n, r in results["categories"].items() if r.get("warnings")}
+    results["n_warnings"] = sum(len(w) for w in results["warnings"].values())
+    for name, ws in results["warnings"].items():
+        for w in ws:
+            warn(f"warning: {name}: {w}")
+    write_json(out / "results.json", results)
+    write_text(out / "results.md", _table(results, "md"))
+    write_text(out / "results.csv", _table(results, "csv"))
     return results
+
+
+def macro_mean(rows: list[dict]) -> dict[str, float]:
+    """The mean over categories of every metric (and its ``_std``), ignoring categories where it is undefined;
+    ``nan`` where it is undefined everywhere."""
+    out = {}
+    for key in (*METRICS, "ms_per_image", "peak_rss_mb"):
+        for k in (key, f"{key}_std"):
+            vals = np.array([r[k] for r in rows if r.get(k) is not None], dtype=np.float64)
+            if k in rows[0]:
+                out[k] = float(vals[np.isfinite(vals)].mean()) if np.isfinite(vals).any() else float("nan")
+    return out
+
+
+def _load_saved(path: Path) -> dict | None:
+    """A saved category result, or None (absent, or unreadable: e.g. written by an older version)."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None

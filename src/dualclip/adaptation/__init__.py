@@ -1,11 +1,12 @@
 """Test-time adaptation on synthesized anomalies (METHOD.md §7)."""
 
-from .adapt import adapt_patch_scores, head_inputs, patch_targets
+from .adapt import AdaptationResult, adapt_patch_scores, head_inputs, patch_targets
 from .head import AdaptationHead, segmentation_loss, train_head
 from .synthesis import cutpaste, perlin_anomaly, perlin_mask, synthesize, synthesize_batch
 
 __all__ = [
     "AdaptationHead",
+    "AdaptationResult",
     "adapt_patch_scores",
     "cutpaste",
     "head_inputs",

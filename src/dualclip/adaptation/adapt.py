@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -57,6 +58,26 @@ def _fit(
     return head, losses
 
 
+@dataclass
+class AdaptationResult:
+    """What test-time adaptation produced and used.
+
+    Attributes
+    ----------
+    patch_scores:
+        ``(N, P)`` adapted patch scores in [0, 1] of the test images.
+    bases:
+        Indices of the test images the synthetic anomalies were made from (``scope="category"``; ``None``:
+        all images, or every image its own base with ``scope="image"``).
+    losses:
+        The training losses of each head (one list per head: one head per category, or one per image).
+    """
+
+    patch_scores: torch.Tensor
+    bases: list[int] | None
+    losses: list[list[float]]
+
+
 def adapt_patch_scores(
     backbone: Backbone,
     images: list[Image.Image],
@@ -65,15 +86,14 @@ def adapt_patch_scores(
     temperature: float,
     cfg,
     prior_scores: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Adapted patch scores ``(N, P)`` in [0, 1] for the test images (``feats`` are theirs).
+) -> AdaptationResult:
+    """Adapt on synthetic anomalies and score the test images (``feats`` are theirs).
 
     ``scope="category"``: one head trained on ``budget`` synthetic images made from the whole set.
     ``scope="image"``: for each image a fresh head trained on ``budget`` synthetic copies of it alone.
     ``budget`` is ``cfg.adaptation.synthetic_budget(N)``. With ``prior_scores`` (``(N,)`` unadapted image
     scores), category synthesis starts only from the ``base_fraction`` most normal-looking images
-    (:func:`base_images`). The losses are kept on
-    ``adapt_patch_scores.last_losses`` for inspection.
+    (:func:`base_images`).
     """
     use_text = text is not None and backbone.has_text
     x_test = head_inputs(feats, use_text)
@@ -82,10 +102,8 @@ def adapt_patch_scores(
     if a.scope == "category":
         bases = base_images(prior_scores, a.base_fraction)
         head, losses = _fit(backbone, images, budget, cfg.seed, text, temperature, cfg, use_text, bases)
-        adapt_patch_scores.last_bases = bases
-        adapt_patch_scores.last_losses = [losses]
         with torch.no_grad():
-            return torch.sigmoid(head(x_test))
+            return AdaptationResult(torch.sigmoid(head(x_test)), bases, [losses])
     out = torch.empty(x_test.shape[:2])
     all_losses = []
     for i in tqdm(range(len(images)), desc="adapting per image", disable=not cfg.progress, leave=False):
@@ -93,9 +111,4 @@ def adapt_patch_scores(
         all_losses.append(losses)
         with torch.no_grad():
             out[i] = torch.sigmoid(head(x_test[i]))
-    adapt_patch_scores.last_losses = all_losses
-    return out
-
-
-adapt_patch_scores.last_losses = []
-adapt_patch_scores.last_bases = None
+    return AdaptationResult(out, None, all_losses)

@@ -39,5 +39,6 @@ def build_backbone(config) -> Backbone:
             neighbourhood=config.neighbourhood,
             cache_dir=config.cache_dir,
             device=config.device,
+            quick_gelu=config.quick_gelu,
         )
     return backbone.to(config.device).eval()

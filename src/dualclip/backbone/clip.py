@@ -12,6 +12,7 @@ blocks' (L2-normalised per layer) for visual matching.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import open_clip
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
+from ..config import DEFAULT
 from .base import Backbone, BackboneOutput, finish_match_features
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -51,8 +53,43 @@ def _download_hint(model_name: str, tag: str) -> str:
     return (
         f"could not load pretrained weights {model_name!r} / {tag!r}: not in the cache and the download failed. "
         f"On a connected machine fetch {where}, copy the file here and pass it with "
-        f"--pretrained /path/to/file (Python: DetectorConfig(pretrained='/path/to/file'))."
+        f"--pretrained /path/to/file (Python: DetectorConfig(pretrained='/path/to/file')); "
+        "or run the vision-only backbone with bundled weights: --backbone effnet-lite0."
     )
+
+
+def weights_cached(model_name: str, tag: str, cache_dir: str | None = None) -> bool:
+    """Whether the weights of an open_clip tag are already in the local Hugging Face cache."""
+    hub = ((open_clip.get_pretrained_cfg(model_name, tag) or {}).get("hf_hub") or "").rstrip("/")
+    if not hub:
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(
+        isinstance(try_to_load_from_cache(hub, f, cache_dir=cache_dir), str)
+        for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+    )
+
+
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Whether a download could start: not offline by setting, and the hub answers within ``timeout``."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def uses_quick_gelu(model_name: str, tag: str | None) -> bool:
+    """Whether weights were trained with QuickGELU: the tag's open_clip pretrained config says so (all
+    ``openai`` tags do), or the model name ends in ``-quickgelu``."""
+    if model_name.endswith("-quickgelu"):
+        return True
+    if tag is None:
+        return False
+    return bool((open_clip.get_pretrained_cfg(model_name, tag) or {}).get("quick_gelu", False))
 
 
 def load_open_clip(
@@ -61,22 +98,32 @@ def load_open_clip(
     image_size: int,
     cache_dir: str | None = None,
     device: str = "cpu",
+    quick_gelu: bool | None = None,
+    weights_tag: str | None = None,
 ) -> tuple[nn.Module, str | None]:
     """Build an ``open_clip`` model at ``image_size`` and load its weights.
 
     Returns the model (eval mode, frozen) and an id of its weights (tag, resolved file path, or ``None``).
     Positional embeddings are interpolated when ``image_size`` differs from the model's native size.
+    ``quick_gelu``: the activation the weights were trained with; ``None`` = from the tag's open_clip config
+    (for a checkpoint file: from ``weights_tag``, the tag the file holds, e.g. the preset's). Where a tag was
+    downloaded, nothing is fetched without a network: without the weights in the cache and with no network
+    this fails at once with what to do offline.
     """
     if model_name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {model_name!r}; see open_clip.list_models() or use 'effnet-lite0'")
+    tag = pretrained if pretrained is not None and not is_checkpoint_path(pretrained) else weights_tag
+    if quick_gelu is None:
+        quick_gelu = uses_quick_gelu(model_name, tag)
+    common = {"force_image_size": image_size, "device": device, "force_quick_gelu": quick_gelu}
     if pretrained is None:
-        model = open_clip.create_model(model_name, pretrained=None, force_image_size=image_size, device=device)
+        model = open_clip.create_model(model_name, pretrained=None, **common)
         weights_id = None
     elif is_checkpoint_path(pretrained):
         path = Path(pretrained).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint file not found: {path}")
-        model = open_clip.create_model(model_name, pretrained=None, force_image_size=image_size, device=device)
+        model = open_clip.create_model(model_name, pretrained=None, **common)
         # weights_only=True: tensors only, no pickled code is executed; .safetensors via safetensors.
         open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
         weights_id = str(path.resolve())
@@ -84,10 +131,12 @@ def load_open_clip(
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         if pretrained not in tags:
             raise ValueError(f"unknown pretrained tag {pretrained!r} for {model_name!r}; known tags: {tags}")
-        try:
-            model = open_clip.create_model(
-                model_name, pretrained=pretrained, force_image_size=image_size, cache_dir=cache_dir, device=device
+        if not weights_cached(model_name, pretrained, cache_dir) and not hub_reachable():
+            raise WeightsUnavailableError(
+                _download_hint(model_name, pretrained).replace("the download failed", "there is no network")
             )
+        try:
+            model = open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir, **common)
         except Exception as exc:  # network errors come in many types (OSError, HTTP, hub errors)
             raise WeightsUnavailableError(_download_hint(model_name, pretrained)) from exc
         weights_id = pretrained
@@ -219,16 +268,22 @@ def build_clip_backbone(
     neighbourhood: int = 3,
     cache_dir: str | None = None,
     device: str = "cpu",
+    quick_gelu: bool | None = None,
 ) -> ClipBackbone:
-    """Load an ``open_clip`` model by name (preset defaults for tag and size) and wrap it."""
+    """Load an ``open_clip`` model by name (preset defaults for tag and size) and wrap it.
+
+    ``quick_gelu=None``: the activation the weights were trained with (see :func:`load_open_clip`); a local
+    checkpoint file of a preset is taken to hold the preset's weights."""
     preset_tag, preset_size = CLIP_PRESETS.get(name, (None, None))
-    if pretrained == "default":
+    if pretrained == DEFAULT:
         if preset_tag is None:
             raise ValueError(f"{name!r} has no preset weights: pass pretrained=<tag or file> (or None for random)")
         pretrained = preset_tag
     if image_size is None:
         image_size = preset_size or _native_size(name)
-    model, weights_id = load_open_clip(name, pretrained, image_size, cache_dir=cache_dir, device=device)
+    model, weights_id = load_open_clip(
+        name, pretrained, image_size, cache_dir=cache_dir, device=device, quick_gelu=quick_gelu, weights_tag=preset_tag
+    )
     tokenizer = open_clip.get_tokenizer(name)
     return ClipBackbone(model, tokenizer, name, weights_id, feature_layers, vv_start, neighbourhood)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..config import DEFAULT
 from .base import Backbone, BackboneOutput, finish_match_features
 
 EFFNET_NAME = "effnet-lite0"
@@ -58,7 +59,7 @@ class EffNetLite0Backbone(Backbone):
 
     def __init__(
         self,
-        pretrained: str | None = "default",
+        pretrained: str | None = DEFAULT,
         image_size: int | None = None,
         feature_layers: tuple[int, ...] | None = None,
         neighbourhood: int = 3,
@@ -66,7 +67,7 @@ class EffNetLite0Backbone(Backbone):
         super().__init__()
         EfficientNet = _import_effnet()
         net = EfficientNet.from_name("efficientnet-lite0")
-        if pretrained == "default":
+        if pretrained == DEFAULT:
             path = bundled_weights_path()
         elif pretrained is None:
             path = None
@@ -87,7 +88,7 @@ class EffNetLite0Backbone(Backbone):
         self.feature_layers = layers
         self.neighbourhood = neighbourhood
         self.name = EFFNET_NAME
-        self.weights_id = None if path is None else ("bundled" if pretrained == "default" else str(path.resolve()))
+        self.weights_id = None if path is None else ("bundled" if pretrained == DEFAULT else str(path.resolve()))
         self.image_size = int(image_size or EFFNET_DEFAULT_SIZE)
         self.mean, self.std = _MEAN, _STD
 

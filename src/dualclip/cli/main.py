@@ -1,17 +1,83 @@
-"""The `dualclip` command: predict, eval, demo."""
+"""The `dualclip` command: predict, eval, demo.
+
+Every command turns a bad input or setting into one line on stderr (no traceback unless ``--debug``) and a
+documented exit code: 2 for usage/configuration errors, 130/143 when interrupted (see ``predict``).
+"""
 
 from __future__ import annotations
 
-import json
-import socket
-import sys
+import contextlib
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
+from typer.core import TyperCommand
 
+from .. import __version__
+from ..atomic import dumps
 from ..config import DEFAULT, DetectorConfig
 
-app = typer.Typer(add_completion=False, help="Zero-shot visual anomaly detection and localization with CLIP.")
+app = typer.Typer(
+    help="Zero-shot visual anomaly detection and localization with CLIP.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 2, 130, 143
+DEMO_DATA_ENV = "DUALCLIP_DEMO_DATA"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dualclip {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Zero-shot visual anomaly detection and localization with CLIP."""
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every clean-up path runs."""
+
+
+def _on_sigterm(signum, frame):  # pragma: no cover - exercised by the kill test in a subprocess
+    raise _Terminated()
+
+
+@contextlib.contextmanager
+def cli_errors(debug: bool) -> Iterator[None]:
+    """One clear line and exit code 2 for usage/configuration errors, 130/143 for an interrupt."""
+    from ..backbone import WeightsUnavailableError
+    from ..data.images import ImageLoadError
+
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        term = isinstance(exc, _Terminated)
+        typer.echo(
+            f"interrupted ({'SIGTERM' if term else 'SIGINT'}): nothing written; earlier outputs are untouched",
+            err=True,
+        )
+        raise typer.Exit(EXIT_SIGTERM if term else EXIT_SIGINT) from None
+    except (ValueError, OSError, WeightsUnavailableError, ImageLoadError, RuntimeError) as exc:
+        if debug:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def _pretrained(value: str | None) -> str | None:
@@ -35,18 +101,54 @@ def _config(backbone, pretrained, image_size, pairing, k, tta, seed, quiet, **ex
     )
 
 
+class _RecordArgs(TyperCommand):
+    """Keeps the raw argument list (to spot paths that were meant for the option before them)."""
+
+    def parse_args(self, ctx, args):
+        ctx.meta["raw_args"] = list(args)
+        return super().parse_args(ctx, args)
+
+
+PATH_LIST_FLAGS = ("--reference", "--validation-normal", "--validation-anomalous")
+
+
+def misplaced_paths(raw_args: list[str], flags: tuple[str, ...] = PATH_LIST_FLAGS) -> list[tuple[str, str]]:
+    """``(path, flag)`` for every positional argument right after a path-list flag's value: in
+    ``--reference a b c``, b and c become input images, which the user rarely means."""
+    found, i, after = [], 0, None
+    while i < len(raw_args):
+        tok = raw_args[i]
+        if tok in flags:
+            after, i = tok, i + 2
+            continue
+        if any(tok.startswith(f + "=") for f in flags):
+            after, i = tok.split("=", 1)[0], i + 1
+            continue
+        if tok.startswith("-"):
+            after = None
+        elif after is not None:
+            found.append((tok, after))
+        i += 1
+    return found
+
+
 BACKBONE = typer.Option("ViT-B-16-plus-240", help="open_clip model name, or effnet-lite0 (vision-only).")
 PRETRAINED = typer.Option(
     None, help="open_clip tag, a local checkpoint file, or 'random'. Default: the preset's weights."
 )
+DEBUG = typer.Option(False, "--debug", help="Show the full traceback of an error.")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 
 
-@app.command()
+@app.command(cls=_RecordArgs)
 def predict(
+    ctx: typer.Context,
     paths: list[str] = typer.Argument(..., help="Image files, folders (recursive) or glob patterns."),
-    out: Path = typer.Option(..., "--out", help="Output folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (written by dualclip only)."),
     class_name: str = typer.Option(None, help="What the images show, e.g. 'metal nut' (text prompts)."),
-    reference: list[str] = typer.Option(None, help="Golden normal images (files, folders, globs) used as references."),
+    reference: list[str] = typer.Option(
+        None, help="Golden normal images (file, folder or glob); repeat the flag for several."
+    ),
     backbone: str = BACKBONE,
     pretrained: str = PRETRAINED,
     image_size: int = typer.Option(None, help="Processing size S."),
@@ -54,19 +156,25 @@ def predict(
     k: str = typer.Option("1", help="References per image (int, or 'all')."),
     tta: bool = typer.Option(False, "--tta/--no-tta", help="Test-time adaptation on synthesized anomalies."),
     seed: int = typer.Option(0),
-    threshold: float = typer.Option(None, help="Manual score threshold for verdicts."),
+    threshold: float = typer.Option(None, help="Manual score threshold for verdicts (a finite number)."),
     threshold_quantile: float = typer.Option(None, help="Threshold = this quantile of the --reference images' scores."),
     validation_normal: list[str] = typer.Option(None, help="Labelled normal images to fit an F1-optimal threshold."),
     validation_anomalous: list[str] = typer.Option(None, help="Labelled anomalous images for the threshold fit."),
-    overwrite: bool = typer.Option(False, help="Replace an existing, non-empty output folder."),
-    quiet: bool = typer.Option(False, help="No progress bars."),
+    overwrite: bool = typer.Option(False, help="Replace the outputs of an earlier dualclip run in --out."),
+    quiet: bool = QUIET,
     json_out: bool = typer.Option(False, "--json", help="Print the predictions document as JSON on stdout."),
+    debug: bool = DEBUG,
 ) -> None:
     """Score images; write predictions.json/.csv, heatmaps/, masks/ and report.html under --out."""
-    from ..data.images import ImageLoadError
     from .predict import UsageError, run_predict
 
-    try:
+    for path, flag in misplaced_paths(ctx.meta.get("raw_args", [])):
+        typer.echo(
+            f"warning: {path} follows the value of {flag}: it is scored as an input image; "
+            f"to give several, repeat the flag ({flag} a {flag} b)",
+            err=True,
+        )
+    with cli_errors(debug):
         cfg = _config(backbone, pretrained, image_size, pairing, k, tta, seed, quiet)
         validation = None
         if validation_normal or validation_anomalous:
@@ -85,11 +193,8 @@ def predict(
             overwrite=overwrite,
             quiet=quiet,
         )
-    except (UsageError, FileNotFoundError, ValueError, ImageLoadError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
     if json_out:
-        typer.echo(json.dumps(doc, indent=2))
+        typer.echo(dumps(doc))
     elif not quiet:
         for p in doc["predictions"]:
             s = "error: " + p["error"] if p.get("error") else f"{p['score']:.4f} {p.get('verdict') or ''}"
@@ -102,7 +207,7 @@ def predict(
 def eval_(
     dataset: str = typer.Option(..., help="mvtec | visa | mpdd | btad | folder"),
     root: Path = typer.Option(None, help="Dataset root (not for folder)."),
-    out: Path = typer.Option(..., "--out"),
+    out: Path = typer.Option(..., "--out", "-o"),
     categories: str = typer.Option(None, help="Comma-separated categories (default: all found)."),
     backbone: str = BACKBONE,
     pretrained: str = PRETRAINED,
@@ -112,52 +217,52 @@ def eval_(
     tta: bool = typer.Option(False, "--tta/--no-tta"),
     seeds: str = typer.Option("0", help="Comma-separated seeds; metrics are reported as mean ± std."),
     force: bool = typer.Option(False, help="Recompute categories already saved under --out."),
-    quiet: bool = typer.Option(False),
+    require_masks: bool = typer.Option(
+        False, help="Every anomalous image must have a mask (default: those without count in image metrics only)."
+    ),
+    quiet: bool = QUIET,
     name: str = typer.Option("folder", help="folder layout: the category name."),
     normal: list[str] = typer.Option(None, help="folder layout: normal image folders/globs."),
     anomalous: list[str] = typer.Option(None, help="folder layout: anomalous image folders/globs."),
     images: list[str] = typer.Option(None, help="folder layout: images labelled by their masks."),
     masks: list[str] = typer.Option(None, help="folder layout: mask folders (default: beside each image)."),
     mask_suffix: str = typer.Option(None, help="folder layout: mask file = <stem><suffix>."),
+    mask_threshold: int = typer.Option(
+        0, help="folder layout: a mask pixel is a defect above this value (0: nonzero; 127 for anti-aliased 0/255)."
+    ),
     max_normal: int = typer.Option(None, help="folder layout: keep the first N normal images."),
     max_anomalous: int = typer.Option(None, help="folder layout: keep the first N anomalous images."),
+    debug: bool = DEBUG,
 ) -> None:
     """Evaluate on a dataset with the field's protocol; writes results.json/.md/.csv under --out."""
     from ..data import datasets as D
     from ..evaluation import run_eval
 
-    try:
+    with cli_errors(debug):
         wanted = [c.strip() for c in categories.split(",")] if categories else None
         if dataset == "folder":
-            cats = D.folder(name, normal, anomalous, images, masks, mask_suffix, max_normal, max_anomalous)
+            cats = D.folder(
+                name, normal, anomalous, images, masks, mask_suffix, max_normal, max_anomalous, mask_threshold
+            )
         elif dataset in D.LAYOUTS:
             if root is None:
                 raise ValueError(f"--root is required for --dataset {dataset}")
             cats = D.LAYOUTS[dataset](root, wanted)
         else:
             raise ValueError(f"unknown dataset {dataset!r}; choose mvtec, visa, mpdd, btad or folder")
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} exists and is a file, not a folder")
         cfg = _config(backbone, pretrained, image_size, pairing, k, tta, 0, quiet)
         seed_list = [int(s) for s in seeds.split(",")]
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    run_eval(cfg, cats, seed_list, out, force=force, extra={"dataset": dataset, "root": str(root) if root else None})
+        extra = {"dataset": dataset, "root": str(root) if root else None}
+        run_eval(cfg, cats, seed_list, out, force=force, extra=extra, require_masks=require_masks)
     typer.echo((out / "results.md").read_text())
 
 
-def _network_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _demo_inputs(tmp: Path) -> tuple[list[str], str]:
-    shared = Path(__file__).resolve().parents[4] / "shared" / "datasets" / "magnetic_tile"
-    if shared.is_dir():
-        free = sorted((shared / "MT_Free" / "Imgs").glob("*.jpg"))[:6]
-        bad = [sorted((shared / c / "Imgs").glob("*.jpg"))[0] for c in ("MT_Blowhole", "MT_Crack", "MT_Fray")]
+def _demo_inputs(data: Path | None, tmp: Path) -> tuple[list[str], str]:
+    if data is not None and (data / "MT_Free" / "Imgs").is_dir():
+        free = sorted((data / "MT_Free" / "Imgs").glob("*.jpg"))[:6]
+        bad = [sorted((data / c / "Imgs").glob("*.jpg"))[0] for c in ("MT_Blowhole", "MT_Crack", "MT_Fray")]
         return [str(p) for p in free + bad], "magnetic tile"
     from ..data.synthetic import make_texture_set
 
@@ -172,43 +277,36 @@ def _demo_inputs(tmp: Path) -> tuple[list[str], str]:
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("runs/demo"), "--out"), quiet: bool = typer.Option(False)) -> None:
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o"),
+    data: Path = typer.Option(
+        None,
+        envvar=DEMO_DATA_ENV,
+        help="The magnetic_tile dataset folder (MT_Free/Imgs, ...); default: generated textures with defects.",
+    ),
+    quiet: bool = QUIET,
+    debug: bool = DEBUG,
+) -> None:
     """Run the detector on an embedded default; falls back to effnet-lite0 where CLIP weights are unavailable."""
     from ..backbone import WeightsUnavailableError
+    from ..detector import DualClipDetector
     from .predict import run_predict
 
-    cfg = DetectorConfig(progress=not quiet)
-    det = None
-    from ..detector import DualClipDetector
-
-    typer.echo(f"trying CLIP weights {cfg.backbone} / laion400m_e32 (cache, then download) ...", err=True)
-    try:
-        import open_clip
-
-        hub = (open_clip.get_pretrained_cfg(cfg.backbone, "laion400m_e32") or {}).get("hf_hub", "").rstrip("/")
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = any(
-            isinstance(try_to_load_from_cache(hub, f), str)
-            for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-        )
-        if not cached and not _network_reachable():
-            raise WeightsUnavailableError("not in the cache and no network connection to the Hugging Face hub")
-        det = DualClipDetector(cfg)
-        _ = det.backbone
-    except (WeightsUnavailableError, OSError) as exc:
-        typer.echo(f"CLIP weights unavailable ({str(exc).splitlines()[0]}).", err=True)
-        typer.echo("Running the dual-image visual branch with effnet-lite0 instead.", err=True)
-        cfg = DetectorConfig(backbone="effnet-lite0", progress=not quiet)
-        det = DualClipDetector(cfg)
-    inputs, class_name = _demo_inputs(out.parent / f".{out.name}-inputs")
-    typer.echo(f"scoring {len(inputs)} images ({class_name}) with {cfg.backbone} ...", err=True)
-    code, doc = run_predict(inputs, out, cfg, class_name=class_name, overwrite=True, detector=det, quiet=quiet)
+    with cli_errors(debug):
+        cfg = DetectorConfig(progress=not quiet)
+        typer.echo(f"trying the default CLIP weights of {cfg.backbone} (cache, then download) ...", err=True)
+        try:
+            det = DualClipDetector(cfg)
+            _ = det.backbone
+        except WeightsUnavailableError as exc:
+            typer.echo(f"CLIP weights unavailable ({str(exc).splitlines()[0][:160]}...).", err=True)
+            typer.echo("Running the dual-image visual branch with effnet-lite0 instead.", err=True)
+            cfg = DetectorConfig(backbone="effnet-lite0", progress=not quiet)
+            det = DualClipDetector(cfg)
+        inputs, class_name = _demo_inputs(data, out.parent / f".{out.name}-inputs")
+        typer.echo(f"scoring {len(inputs)} images ({class_name}) with {cfg.backbone} ...", err=True)
+        code, doc = run_predict(inputs, out, cfg, class_name=class_name, overwrite=True, detector=det, quiet=quiet)
     for p in doc["predictions"]:
         typer.echo(f"{p['score']:.4f}\t{p['path']}")
     typer.echo(f"heat maps in {out}/heatmaps, report {out}/report.html", err=True)
     raise typer.Exit(code)
-
-
-def main() -> None:  # pragma: no cover
-    sys.exit(app())

@@ -1,60 +1,75 @@
 """`dualclip predict`: files/folders/globs in; scores, verdicts, heat maps, masks and a report out.
 
-Exit codes: 0 every file scored; 1 some files failed (each has an error entry); 2 nothing could be scored
-or the command was used wrongly (bad option, existing output folder without --overwrite).
+Exit codes (:data:`EXIT_CODES`): 0 every file scored; 1 some files failed (each has an error entry);
+2 usage or configuration error (nothing was run); 3 no input image could be read; 130 / 143 interrupted
+(SIGINT / SIGTERM).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
-import shutil
+import os
+import re
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from ..atomic import dumps, save_image, write_text
 from ..config import DetectorConfig
-from ..data.images import ImageLoadError, expand_paths, load_image
-from ..detector import DualClipDetector
-from ..evaluation import write_atomic
-from ..metrics import best_f1_threshold
-from ..scoring import resize_map
+from ..data.images import DEFAULT_MAX_SIDE, ImageLoadError, expand_paths, load_image
+from ..detector import DualClipDetector, Prediction
+from ..thresholds import NO_THRESHOLD, Threshold, f1_threshold, manual_threshold, quantile_threshold
 from ..visualization import binary_mask, overlay, render_report, run_scale
+from .output_folder import OutputFolderError, check_output_folder, staged_output
 
-EXIT_OK, EXIT_SOME_FAILED, EXIT_NOTHING = 0, 1, 2
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_NOTHING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES = {
+    "0": "every file scored",
+    "1": "some files failed (see their error entries)",
+    "2": "usage or configuration error (nothing was run)",
+    "3": "no input image could be read",
+    "130": "interrupted (SIGINT; 143 for SIGTERM): --out left as it was",
+}
 
 
 class UsageError(ValueError):
     """Wrong use of the command (exit code 2)."""
 
 
-@dataclass
-class Threshold:
-    value: float | None
-    source: str
-
-    def to_dict(self) -> dict:
-        return {"value": self.value, "source": self.source}
+def display_path(p: str | os.PathLike) -> str:
+    """A path as text for JSON, CSV and HTML: bytes that are not UTF-8 are shown as ``\\xNN``."""
+    return os.fsencode(p).decode("utf-8", "backslashreplace")
 
 
-def f1_optimal_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
-    """The score threshold with the best F1 on labelled data (exact, over all distinct scores)."""
-    if labels.min() == labels.max():
-        raise UsageError("the validation set needs both normal and anomalous images to fit a threshold")
-    return best_f1_threshold(labels, scores)
+def output_stem(index: int, path: Path, max_len: int = 48) -> str:
+    """A safe, unique output file stem: the input's index, then its stem reduced to ``[A-Za-z0-9._-]`` and
+    shortened (any name the file system allows gives a valid, short output name)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", display_path(path.stem)).strip("._")[:max_len]
+    return f"{index:05d}_{stem}" if stem else f"{index:05d}"
 
 
-def _load_all(paths: list[Path], warn) -> tuple[list, list[dict]]:
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value) -> object:
+    """Text cells that a spreadsheet would run as a formula get a leading apostrophe; numbers stay numbers."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+def _load_all(paths: list[Path], warn: Callable[[str], None]) -> tuple[list[tuple[Path, Image.Image]], list[dict]]:
     ok, errors = [], []
     for p in paths:
         try:
-            ok.append((p, load_image(p)))
+            ok.append((p, load_image(p, max_side=DEFAULT_MAX_SIDE)))
         except ImageLoadError as exc:
-            errors.append({"path": str(p), "error": exc.reason})
-            warn(f"error: {p}: {exc.reason}")
+            errors.append({"path": display_path(p), "error": exc.reason})
+            warn(f"error: {display_path(p)}: {exc.reason}")
     return ok, errors
 
 
@@ -65,32 +80,35 @@ def decide_threshold(
     reference_quantile: float | None,
     validation: tuple[list[Path], list[Path]] | None,
     class_name: str | None,
-    warn,
+    warn: Callable[[str], None],
 ) -> Threshold:
     """Manual value, a quantile of the golden references' scores (scored among themselves), or the
     F1-optimal threshold on a labelled validation set; never fitted on the images being judged."""
     if threshold is not None:
-        return Threshold(float(threshold), "manual")
+        return manual_threshold(threshold)
     if reference_quantile is not None:
         if not reference_images or len(reference_images) < 2:
             raise UsageError("--threshold-quantile needs at least 2 --reference images")
-        scores = det.score_images(reference_images, class_name=class_name)["image_scores"].numpy()
-        return Threshold(
-            float(np.quantile(scores, reference_quantile)),
-            f"quantile {reference_quantile} of {len(scores)} reference scores",
-        )
+        scores = det.score_images(reference_images, class_name=class_name).image_scores.numpy()
+        return quantile_threshold(scores, reference_quantile)
     if validation is not None:
         normal, anomalous = validation
         imgs_n, _ = _load_all(normal, warn)
         imgs_a, _ = _load_all(anomalous, warn)
-        imgs = [i for _, i in imgs_n + imgs_a]
         labels = np.array([0] * len(imgs_n) + [1] * len(imgs_a))
-        scores = det.score_images(imgs, class_name=class_name)["image_scores"].numpy()
-        return Threshold(
-            f1_optimal_threshold(labels, scores),
-            f"F1-optimal on validation ({len(imgs_n)} normal, {len(imgs_a)} anomalous)",
-        )
-    return Threshold(None, "none (no verdicts: give --threshold, --threshold-quantile or --validation)")
+        result = det.score_images([i for _, i in imgs_n + imgs_a], class_name=class_name)
+        try:
+            return f1_threshold(labels, result.image_scores.numpy())
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+    return NO_THRESHOLD
+
+
+def _check_threshold_options(threshold: float | None, quantile: float | None) -> None:
+    if threshold is not None and not np.isfinite(threshold):
+        raise UsageError(f"--threshold must be a finite number, got {threshold}")
+    if quantile is not None and not (np.isfinite(quantile) and 0.0 <= quantile <= 1.0):
+        raise UsageError(f"--threshold-quantile must lie in [0, 1], got {quantile}")
 
 
 def run_predict(
@@ -105,95 +123,100 @@ def run_predict(
     overwrite: bool = False,
     quiet: bool = False,
     detector: DualClipDetector | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> tuple[int, dict]:
-    """Run the whole command; returns (exit code, the predictions document)."""
+    """Run the whole command; returns (exit code, the predictions document).
 
-    def warn(msg: str) -> None:
-        print(msg, file=sys.stderr)
-
+    Everything that can be checked is checked before scoring (output folder, thresholds, inputs); outputs are
+    written in a staging folder and replace ``out`` only when complete.
+    """
+    warn = warn or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UsageError(f"output folder {out} exists and is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    paths = expand_paths(inputs)
-    loaded, errors = _load_all(paths, warn)
+    _check_threshold_options(threshold, threshold_quantile)
+    try:
+        expanded = expand_paths(inputs, exclude=[out])
+        ref_exp = expand_paths(references, exclude=[out]) if references else None
+        val_exp = (
+            (expand_paths(validation[0], exclude=[out]), expand_paths(validation[1], exclude=[out]))
+            if validation is not None
+            else None
+        )
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from exc
+    read = [Path(p) for group in (inputs, references or [], *(validation or ())) for p in group]
+    read += expanded.files + (ref_exp.files if ref_exp else [])
+    try:
+        check_output_folder(out, read, overwrite)
+    except OutputFolderError as exc:
+        raise UsageError(str(exc)) from exc
+    skipped = [{"path": display_path(p), "reason": r} for e in (expanded, ref_exp) if e for p, r in e.skipped]
+    loaded, errors = _load_all(expanded.files, warn)
     det = detector or DualClipDetector(config)
     refs = None
-    if references:
-        ref_loaded, ref_errors = _load_all(expand_paths(references), warn)
+    if ref_exp is not None:
+        ref_loaded, _ = _load_all(ref_exp.files, warn)
         if not ref_loaded:
             raise UsageError("none of the --reference images could be read")
         refs = [img for _, img in ref_loaded]
-    val = None
-    if validation is not None:
-        val = (expand_paths(validation[0]), expand_paths(validation[1]))
+    val = (val_exp[0].files, val_exp[1].files) if val_exp else None
     th = decide_threshold(det, threshold, refs, threshold_quantile, val, class_name, warn)
     doc: dict = {
         "config": config.to_dict(),
         "class_name": class_name,
         "threshold": th.to_dict(),
-        "exit_codes": {"0": "all files scored", "1": "some files failed", "2": "nothing scored / usage error"},
+        "exit_codes": EXIT_CODES,
+        "skipped": skipped,
     }
     if not loaded:
         warn("error: no image could be read")
         doc["predictions"] = [dict(e, score=None, verdict=None) for e in errors]
-        _write_outputs(out, doc, [], None)
+        with staged_output(out) as stage:
+            _write_outputs(stage, doc, [], None)
         return EXIT_NOTHING, doc
     images = [img for _, img in loaded]
-    result = det.score_images(images, class_name=class_name, golden=refs)
-    maps = [resize_map(result["maps"][i], img.height, img.width) for i, img in enumerate(images)]
-    vmin, vmax = run_scale(maps)
-    doc["heatmap_scale"] = {
-        "vmin": vmin,
-        "vmax": vmax,
-        "colormap": "jet",
-        "note": "one scale for the whole run (1st-99.9th percentile of all map pixels), in anomaly-score units",
-    }
-    doc["run"] = {k: v for k, v in det.run_info_.items() if k != "references"}
+    preds = det.predict(images, class_name=class_name, references=refs)
+    run = det.run_info_
+    if config.k != "all" and run.k_effective is not None and refs is None and run.k_effective < int(config.k):
+        warn(f"warning: k={config.k} asked for, but {len(images)} images allow at most k={run.k_effective}")
+    scale = run_scale([p.anomaly_map for p in preds])
+    doc["heatmap_scale"] = scale.to_dict()
+    doc["run"] = run.to_dict(with_references=False)
     rows = []
-    for i, ((path, img), m) in enumerate(zip(loaded, maps, strict=True)):
-        score = float(result["image_scores"][i])
-        stem = f"{i:05d}_{path.stem}"
+    for i, ((path, img), pred) in enumerate(zip(loaded, preds, strict=True)):
+        stem = output_stem(i, path)
         row = {
-            "path": str(path),
-            "score": score,
-            "verdict": None if th.value is None else ("defective" if score >= th.value else "ok"),
+            "path": display_path(path),
+            "score": pred.score,
+            "verdict": th.verdict(pred.score),
             "threshold": th.value,
-            "branch_scores": {k: float(v[i]) for k, v in result["branch_scores"].items()},
-            "references": [str(loaded[j][0]) for j in result["references"][i]] if refs is None else "golden",
+            "branch_scores": pred.branch_scores,
+            "references": [display_path(loaded[j][0]) for j in pred.references] if refs is None else "golden",
             "heatmap": f"heatmaps/{stem}.png",
             "mask": f"masks/{stem}.png" if th.value is not None else None,
+            "size": list(img.size),
             "error": None,
         }
-        rows.append((row, img, m))
+        if "original_size" in img.info:
+            row["original_size"] = list(img.info["original_size"])
+        rows.append((row, img, pred))
     doc["predictions"] = [r for r, _, _ in rows] + [dict(e, score=None, verdict=None) for e in errors]
-    _write_outputs(out, doc, rows, (vmin, vmax))
+    with staged_output(out) as stage:
+        _write_outputs(stage, doc, rows, scale)
     return (EXIT_SOME_FAILED if errors else EXIT_OK), doc
 
 
-def _save_png_atomic(img, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    tmp.replace(path)
-
-
-def _write_outputs(out: Path, doc: dict, rows: list, scale) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def _write_outputs(out: Path, doc: dict, rows: list[tuple[dict, Image.Image, Prediction]], scale) -> None:
     report_rows = []
-    overlays = {}
-    for row, img, m in rows:
-        ov = overlay(img, m, *scale)
-        _save_png_atomic(ov, out / row["heatmap"])
-        overlays[row["path"]] = ov
+    for row, img, pred in rows:
+        ov = overlay(img, pred.anomaly_map, scale)
+        save_image(ov, out / row["heatmap"])
         if row["mask"]:
-            _save_png_atomic(binary_mask(m, row["threshold"]), out / row["mask"])
+            save_image(binary_mask(pred.anomaly_map, row["threshold"]), out / row["mask"])
         report_rows.append({**row, "image": img, "overlay": ov})
     for p in doc["predictions"]:
         if p.get("error"):
             report_rows.append({**p, "image": None, "overlay": None})
-    write_atomic(out / "predictions.json", json.dumps(doc, indent=2))
+    write_text(out / "predictions.json", dumps(doc) + "\n")
     buf = io.StringIO()
     w = csv.writer(buf)
     branch_keys = sorted({k for p in doc["predictions"] for k in (p.get("branch_scores") or {})})
@@ -202,20 +225,11 @@ def _write_outputs(out: Path, doc: dict, rows: list, scale) -> None:
     )
     for p in doc["predictions"]:
         bs = p.get("branch_scores") or {}
-        w.writerow(
-            [
-                p["path"],
-                p.get("score"),
-                p.get("verdict"),
-                p.get("threshold"),
-                *[bs.get(k) for k in branch_keys],
-                p.get("heatmap"),
-                p.get("mask"),
-                p.get("error"),
-            ]
-        )
-    write_atomic(out / "predictions.csv", buf.getvalue())
+        cells = [p["path"], p.get("score"), p.get("verdict"), p.get("threshold")]
+        cells += [bs.get(k) for k in branch_keys] + [p.get("heatmap"), p.get("mask"), p.get("error")]
+        w.writerow([csv_cell(c) for c in cells])
+    write_text(out / "predictions.csv", buf.getvalue())
     meta = {k: doc.get(k) for k in ("class_name", "threshold", "heatmap_scale")}
     meta["backbone"] = doc["config"]["backbone"]
     meta["seed"] = doc["config"]["seed"]
-    write_atomic(out / "report.html", render_report(report_rows, meta))
+    write_text(out / "report.html", render_report(report_rows, meta))

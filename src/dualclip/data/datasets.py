@@ -1,6 +1,10 @@
 """The field's dataset layouts (METHOD.md §8): MVTec AD, VisA, MPDD, BTAD and a generic folder layout.
 
-Images are loaded lazily; masks are resized with nearest neighbour and binarised (> 127).
+Images are loaded lazily. Masks are binarised as the datasets' own tools do (``!= 0`` on one channel; palette
+masks by index, not by grey level; see :func:`read_mask`), then resized with nearest neighbour. Anomalous images
+without a mask are kept: they count in the image-level metrics and are left out of the pixel metrics
+(``require_masks=True`` makes a missing mask an error instead). Every problem a loader can see is reported
+before any scoring starts, all at once, with file and line.
 """
 
 from __future__ import annotations
@@ -20,11 +24,36 @@ class DatasetLayoutError(ValueError):
     """A dataset root does not match the expected layout."""
 
 
+def read_mask(path: str | Path, threshold: int = 0) -> np.ndarray:
+    """A ground-truth mask file as a boolean ``(H, W)`` array: ``True`` where the defect is.
+
+    A pixel is a defect where its value on one channel exceeds ``threshold`` (default 0: ``!= 0``, as the
+    official VisA ``prepare_data.py`` and anomalib's datamodules do; raw VisA masks store defects as small
+    integers 1, 2, ...). Palette images are read by palette index (index 0 = background), never through
+    their colours' grey level; colour masks by their brightest channel; 1-bit and 16-bit masks as they are.
+    """
+    with Image.open(path) as m:
+        if m.mode in ("P", "PA"):
+            arr = np.asarray(m if m.mode == "P" else m.convert("P"))
+        elif m.mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"):
+            arr = np.asarray(m.convert("RGB")).max(axis=-1)
+        elif m.mode == "LA":
+            arr = np.asarray(m.getchannel(0))
+        else:  # "1", "L", "I;16*", "I", "F"
+            arr = np.asarray(m)
+    return np.asarray(arr > threshold)
+
+
+def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    img = Image.fromarray(mask.astype(np.uint8) * 255)
+    return np.asarray(img.resize((size, size), Image.NEAREST)) > 0
+
+
 @dataclass
 class Sample:
     path: Path
     label: int  # 0 normal, 1 anomalous
-    mask: Path | None = None
+    mask: Path | None = None  # None for a normal image (all False) or an anomalous image without a mask
     defect: str = "good"
 
 
@@ -36,24 +65,71 @@ class Category:
     name: str
     samples: list[Sample] = field(default_factory=list)
     references: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """What the loader noticed that is no error (e.g. ``1cls.csv line 12: anomaly without a mask``)."""
+    mask_threshold: int = 0
+    """A mask pixel is a defect where its value exceeds this (:func:`read_mask`); 0 = any nonzero value."""
 
     @property
     def labels(self) -> np.ndarray:
         return np.array([s.label for s in self.samples], dtype=np.int64)
 
+    @property
+    def has_mask(self) -> np.ndarray:
+        """``(N,)`` bool: the sample takes part in the pixel metrics (normal, or anomalous with a mask)."""
+        return np.array([s.label == 0 or s.mask is not None for s in self.samples], dtype=bool)
+
     def images(self):
         return [load_image(s.path) for s in self.samples]
 
     def masks(self, size: int) -> np.ndarray:
-        """``(N, size, size)`` boolean masks; normal samples without a mask are all False."""
+        """``(N, size, size)`` boolean masks; normal samples without a mask, and anomalous samples without
+        one (see :attr:`has_mask`), are all False."""
         out = np.zeros((len(self.samples), size, size), dtype=bool)
         for i, s in enumerate(self.samples):
             if s.mask is not None:
-                with Image.open(s.mask) as m:
-                    out[i] = np.asarray(m.convert("L").resize((size, size), Image.NEAREST)) > 127
-            elif s.label == 1:
-                raise DatasetLayoutError(f"anomalous image without a mask: {s.path}")
+                out[i] = _resize_mask(read_mask(s.mask, self.mask_threshold), size)
         return out
+
+    def check(self, require_masks: bool = False) -> list[str]:
+        """Validate before scoring: every image and mask file exists, every mask reads, and (where masks are
+        given) at least one of them marks a defect. Raises :class:`DatasetLayoutError` listing every
+        problem at once; returns the warnings (anomalous images without a mask, counted).
+        """
+        problems, missing_mask = [], []
+        any_defect_pixel = False
+        for s in self.samples:
+            if not s.path.is_file():
+                problems.append(f"image file not found: {s.path}")
+            if s.mask is not None:
+                if not s.mask.is_file():
+                    problems.append(f"mask file not found: {s.mask} (for {s.path})")
+                    continue
+                try:
+                    positive = bool(read_mask(s.mask, self.mask_threshold).any())
+                except OSError as exc:
+                    problems.append(f"mask file cannot be read: {s.mask}: {exc}")
+                    continue
+                any_defect_pixel |= positive
+            elif s.label == 1:
+                missing_mask.append(s.path)
+        if require_masks:
+            problems += [f"anomalous image without a mask: {p}" for p in missing_mask]
+        with_masks = [s for s in self.samples if s.mask is not None]
+        if with_masks and not any_defect_pixel and not problems:
+            problems.append(
+                f"all {len(with_masks)} masks of category {self.name!r} are empty (no pixel above "
+                f"{self.mask_threshold}): pixel metrics would be undefined; check the mask files and the mask threshold"
+            )
+        if problems:
+            raise DatasetLayoutError(f"category {self.name!r}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+        warnings_ = list(self.notes)
+        if missing_mask:
+            warnings_.append(
+                f"{len(missing_mask)} anomalous image(s) without a mask: scored and counted in the image metrics, "
+                "left out of the pixel metrics"
+            )
+        return warnings_
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -91,9 +167,7 @@ def mvtec(root: str | Path, categories: list[str] | None = None) -> list[Categor
                     continue
                 gt_dir = root / name / "ground_truth" / defect_dir.name
                 cands = [gt_dir / f"{img.stem}_mask.png", gt_dir / f"{img.stem}.png", gt_dir / f"{img.stem}.bmp"]
-                mask = next((c for c in cands if c.is_file()), None)
-                if mask is None:
-                    raise DatasetLayoutError(f"no mask for {img}; expected {cands[0]}")
+                mask = next((c for c in cands if c.is_file()), None)  # None: image-level only (Category.check)
                 cat.samples.append(Sample(img, 1, mask, defect_dir.name))
         out.append(cat)
     return out
@@ -114,17 +188,26 @@ def btad(root: str | Path, categories: list[str] | None = None) -> list[Category
         ko = root / name / "test" / "ko"
         for img in _images_in(ko) if ko.is_dir() else []:
             gt = root / name / "ground_truth" / "ko"
-            mask = next((c for c in sorted(gt.glob(f"{img.stem}.*")) if c.suffix.lower() in IMAGE_SUFFIXES), None)
-            if mask is None:
-                raise DatasetLayoutError(f"no mask for {img} under {gt}")
+            found = sorted(gt.glob(f"{img.stem}.*")) if gt.is_dir() else []
+            mask = next((c for c in found if c.suffix.lower() in IMAGE_SUFFIXES), None)
             cat.samples.append(Sample(img, 1, mask, "ko"))
         out.append(cat)
     return out
 
 
+VISA_COLUMNS = ("object", "split", "label", "image", "mask")
+_VISA_LABELS = {"normal": 0, "good": 0, "0": 0, "anomaly": 1, "bad": 1, "1": 1}
+
+
 def visa(root: str | Path, categories: list[str] | None = None) -> list[Category]:
     """VisA with the official ``<root>/split_csv/1cls.csv`` (columns object, split, label, image, mask);
-    the test split is used."""
+    the test split is used.
+
+    Fields and header names are stripped of whitespace and a UTF-8 byte-order mark. Every test row is checked
+    before anything is scored (unknown label, missing image file, missing mask file); all problems are raised
+    at once with their line numbers. An anomalous row with an empty mask field is kept for the image metrics
+    and noted (``Category.notes``).
+    """
     root = Path(root)
     csv_path = root / "split_csv" / "1cls.csv"
     if not csv_path.is_file():
@@ -132,15 +215,40 @@ def visa(root: str | Path, categories: list[str] | None = None) -> list[Category
             f"{root}: expected the VisA split file {csv_path} (columns object,split,label,image,mask)"
         )
     cats: dict[str, Category] = {}
-    with open(csv_path, newline="") as fh:
-        for row in csv.DictReader(fh):
-            if row.get("split") != "test":
+    problems: list[str] = []
+    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        header = [h.strip().lower() for h in next(reader, [])]
+        missing = [c for c in VISA_COLUMNS if c not in header]
+        if missing:
+            raise DatasetLayoutError(f"{csv_path}: header {header} lacks the column(s) {missing}")
+        col = {c: header.index(c) for c in VISA_COLUMNS}
+        for line, raw in enumerate(reader, start=2):
+            if not any(f.strip() for f in raw):
                 continue
-            label = 1 if row["label"].strip().lower() in ("anomaly", "1", "bad") else 0
-            mask = root / row["mask"] if label and row.get("mask") else None
-            cats.setdefault(row["object"], Category(row["object"])).samples.append(
-                Sample(root / row["image"], label, mask, "anomaly" if label else "good")
-            )
+            fields = [f.strip() for f in raw] + [""] * (len(header) - len(raw))
+            row = {c: fields[i] for c, i in col.items()}
+            if row["split"].lower() != "test":
+                continue
+            where = f"{csv_path.name} line {line}"
+            label = _VISA_LABELS.get(row["label"].lower())
+            if label is None:
+                problems.append(f"{where}: unknown label {row['label']!r} (expected normal or anomaly)")
+                continue
+            image = root / row["image"]
+            if not row["image"] or not image.is_file():
+                problems.append(f"{where}: image file not found: {image}")
+            mask = None
+            if label and row["mask"]:
+                mask = root / row["mask"]
+                if not mask.is_file():
+                    problems.append(f"{where}: mask file not found: {mask}")
+            cat = cats.setdefault(row["object"], Category(row["object"]))
+            if label and not row["mask"]:
+                cat.notes.append(f"{where}: anomalous image without a mask field: {image}")
+            cat.samples.append(Sample(image, label, mask, "anomaly" if label else "good"))
+    if problems:
+        raise DatasetLayoutError(f"{csv_path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     names = _pick(sorted(cats), categories, root, "rows of split_csv/1cls.csv")
     return [cats[n] for n in names]
 
@@ -185,21 +293,23 @@ def folder(
     mask_suffix: str | None = None,
     max_normal: int | None = None,
     max_anomalous: int | None = None,
+    mask_threshold: int = 0,
 ) -> list[Category]:
     """A generic layout: folders or glob patterns of normal and of anomalous images, masks matched by file
     stem (``<stem><mask_suffix>``, default ``<stem>_mask.png`` or ``<stem>.png``) in ``mask_dirs`` (default:
     beside each image). With ``images`` instead, labels come from the masks (all-zero or no mask = normal).
     ``max_*`` keep the first N in name order, taken in turn from each pattern (so classes stay balanced).
+    ``mask_threshold``: a mask pixel is a defect above this value (0: nonzero; e.g. 127 for anti-aliased
+    0/255 masks such as magnetic_tile's, as its SOURCE.txt advises).
     """
     dirs = [Path(d) for d in mask_dirs or []]
-    cat = Category(name)
+    cat = Category(name, mask_threshold=mask_threshold)
     if images:
         for img in _round_robin(_glob_all(images), None):
             mask = _find_mask(img, dirs, mask_suffix)
             label = 0
             if mask is not None:
-                with Image.open(mask) as m:
-                    label = int((np.asarray(m.convert("L")) > 127).any())
+                label = int(read_mask(mask, mask_threshold).any())
             cat.samples.append(Sample(img, label, mask if label else None, "anomaly" if label else "good"))
         normal_s = [s for s in cat.samples if s.label == 0][:max_normal]
         anomalous_s = [s for s in cat.samples if s.label == 1][:max_anomalous]
@@ -212,11 +322,7 @@ def folder(
         for img in _round_robin(_glob_all(normal or []), max_normal):
             cat.samples.append(Sample(img, 0))
         for img in _round_robin(_glob_all(anomalous or []), max_anomalous):
-            mask = _find_mask(img, dirs, mask_suffix)
-            if mask is None:
-                raise DatasetLayoutError(
-                    f"no mask for anomalous image {img} (looked for <stem>{mask_suffix or '_mask.png'})"
-                )
+            mask = _find_mask(img, dirs, mask_suffix)  # None: image-level only (Category.check)
             cat.samples.append(Sample(img, 1, mask, img.parent.name))
     return [cat]
 

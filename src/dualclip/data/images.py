@@ -6,13 +6,20 @@ import glob
 import os
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-DEFAULT_MAX_PIXELS = 100_000_000  # decompression-bomb limit
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+DEFAULT_MAX_PIXELS = 100_000_000
+"""Decompression-bomb limit: a file declaring more pixels than this is refused before decoding."""
+DEFAULT_MAX_SIDE = 4096
+"""Images whose longer side exceeds this are decoded reduced (JPEG: at decode time; others: right after)
+so that no image is held larger than needed; outputs are written at the reduced size."""
+OUTPUT_MARKER = ".dualclip-output.json"
+"""The file that marks a folder written by dualclip (never read as input; see :func:`expand_paths`)."""
 
 
 class ImageLoadError(ValueError):
@@ -43,10 +50,41 @@ def to_rgb8(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Read an image as 8-bit RGB, EXIF orientation applied.
+def array_to_rgb(array) -> Image.Image:
+    """An image given as an array, as 8-bit RGB.
 
-    Raises :class:`ImageLoadError` for a missing, empty, truncated, non-image or over-large file.
+    numpy: ``H x W`` (grey) or ``H x W x C`` (C = 1, 3 or 4), uint8 (0-255) or float (0-1). torch tensors: the
+    same, or ``C x H x W`` (torchvision's layout, recognised by C in 1, 3, 4 first and not last).
+    """
+    if type(array).__module__.startswith("torch"):
+        t = array.detach().cpu()
+        if t.ndim == 3 and t.shape[0] in (1, 3, 4) and t.shape[-1] not in (1, 3, 4):
+            t = t.permute(1, 2, 0)
+        array = t.numpy()
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (3, 4))):
+        raise ValueError(f"an image array must be H x W or H x W x 3 (or 4), got shape {a.shape}")
+    if a.dtype != np.uint8:
+        if a.dtype.kind == "f":
+            if a.size and (np.nanmin(a) < 0 or np.nanmax(a) > 1):
+                raise ValueError("a float image array must hold values in [0, 1]")
+            a = np.rint(np.nan_to_num(a) * 255)
+        elif a.dtype.kind in "iub" and a.size and (a.min() < 0 or a.max() > 255):
+            raise ValueError(f"an integer image array must hold values in [0, 255], got dtype {a.dtype}")
+        a = a.astype(np.uint8)
+    return to_rgb8(Image.fromarray(a))
+
+
+def load_image(
+    path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS, max_side: int | None = None
+) -> Image.Image:
+    """Read an image as 8-bit RGB, EXIF orientation applied (animated files: the first frame).
+
+    ``max_side``: decode at most this many pixels along the longer side (JPEG reduces while decoding, other
+    formats right after it), keeping the aspect ratio. Raises :class:`ImageLoadError` for a missing, empty,
+    truncated, non-image or over-large file.
     """
     p = Path(path)
     if not p.is_file():
@@ -61,9 +99,14 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
             with Image.open(p) as img:
                 if max_pixels is not None and img.width * img.height > max_pixels:
                     raise ImageLoadError(p, f"{img.width}x{img.height} pixels exceeds the limit of {max_pixels}")
+                original = img.size
+                if max_side is not None and max(img.size) > max_side:
+                    img = _reduced(img, max_side)
                 img.load()
-                img = ImageOps.exif_transpose(img)
-                return to_rgb8(img)
+                img = to_rgb8(ImageOps.exif_transpose(img))
+                if img.size != original and img.size != original[::-1]:
+                    img.info["original_size"] = original
+                return img
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -76,28 +119,102 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
         Image.MAX_IMAGE_PIXELS = old
 
 
-def expand_paths(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files, folders (recursively, image suffixes only) and glob patterns -> sorted unique files.
+def _reduced(img: Image.Image, max_side: int) -> Image.Image:
+    """``img`` with its longer side at most ``max_side``: JPEG by DCT scaling while decoding, other formats by
+    an integer ``reduce`` (box filter) right after decoding, then a resize to the exact bound."""
+    scale = max_side / max(img.size)
+    target = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    if img.format == "JPEG":
+        img.draft(img.mode if img.mode in ("RGB", "L") else None, target)
+    img.load()
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        img = to_rgb8(img)
+    factor = max(1, min(img.width // target[0], img.height // target[1]))
+    if factor > 1:
+        img = img.reduce(factor)
+    if max(img.size) > max_side:
+        img = img.resize(target, Image.BILINEAR)
+    return img
 
-    A named file is kept whatever its suffix (so a bad file gets its own error later); a pattern or
-    folder that matches nothing raises ``FileNotFoundError``.
+
+@dataclass
+class Expanded:
+    """The files an input list names, and every path that was passed over with the reason why."""
+
+    files: list[Path]
+    skipped: list[tuple[str, str]]
+
+
+def is_dualclip_output(folder: Path) -> bool:
+    """A folder dualclip wrote (it holds the output marker) or is writing (a hidden staging sibling)."""
+    return (folder / OUTPUT_MARKER).is_file() or (folder.name.startswith(".") and ".dualclip-" in folder.name)
+
+
+def expand_paths(inputs: Iterable[str | os.PathLike], exclude: Iterable[str | os.PathLike] = ()) -> Expanded:
+    """Files, folders (recursively, image suffixes only) and glob patterns -> unique files in order.
+
+    A named file is kept whatever its suffix (so a bad file gets its own error later); an explicitly named
+    folder is expanded like any folder (also one named ``x.png``). Passed over, each with its reason in
+    ``skipped``: files without an image suffix inside folders, unreadable sub-folders, the folders under
+    ``exclude`` (e.g. the output folder), and folders dualclip wrote (:func:`is_dualclip_output`), so that no
+    output is ever read back as an input. A path that does not exist, or inputs that yield no file at all,
+    raise ``FileNotFoundError``.
     """
+    excluded = [Path(e).resolve() for e in exclude]
+
+    def is_excluded(p: Path) -> bool:
+        r = p.resolve()
+        return any(r == e or e in r.parents for e in excluded)
+
     out: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+
+    def walk(folder: Path) -> None:
+        def onerror(exc: OSError) -> None:
+            skipped.append((str(exc.filename or folder), f"folder cannot be read: {exc.strerror or exc}"))
+
+        for dirpath, dirnames, filenames in os.walk(folder, onerror=onerror):
+            here = Path(dirpath)
+            keep = []
+            for d in sorted(dirnames):
+                sub = here / d
+                if is_excluded(sub):
+                    skipped.append((str(sub), "the output folder (never read as input)"))
+                elif is_dualclip_output(sub):
+                    skipped.append((str(sub), "a folder written by dualclip (never read as input)"))
+                else:
+                    keep.append(d)
+            dirnames[:] = keep
+            for name in sorted(filenames):
+                f = here / name
+                if name == OUTPUT_MARKER:
+                    continue
+                if f.suffix.lower() in IMAGE_SUFFIXES:
+                    out.append(f)
+                else:
+                    skipped.append((str(f), f"not an image file name (suffixes: {' '.join(IMAGE_SUFFIXES)})"))
+
     for item in inputs:
-        s = str(item)
+        s = os.fsdecode(item)
         p = Path(s)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under folder {p}")
-            out.extend(found)
+            if is_excluded(p) or is_dualclip_output(p):
+                skipped.append((str(p), "the output folder or a folder written by dualclip (never read as input)"))
+            else:
+                walk(p)
         elif p.is_file():
             out.append(p)
         elif any(ch in s for ch in "*?["):
-            found = sorted(Path(f) for f in glob.glob(s, recursive=True) if Path(f).is_file())
+            found = sorted(Path(f) for f in glob.glob(s, recursive=True))
             if not found:
                 raise FileNotFoundError(f"no file matches pattern {s}")
-            out.extend(found)
+            for f in found:
+                if f.is_dir():
+                    continue
+                if is_excluded(f) or any(is_dualclip_output(d) for d in f.parents):
+                    skipped.append((str(f), "inside the output folder or a folder written by dualclip"))
+                else:
+                    out.append(f)
         else:
             raise FileNotFoundError(f"no such file or folder: {s}")
     seen: set[Path] = set()
@@ -107,4 +224,7 @@ def expand_paths(inputs: Iterable[str | os.PathLike]) -> list[Path]:
         if key not in seen:
             seen.add(key)
             unique.append(f)
-    return unique
+    if not unique:
+        why = "; ".join(f"{p}: {r}" for p, r in skipped[:5])
+        raise FileNotFoundError(f"no image files in the inputs{' (' + why + ')' if why else ''}")
+    return Expanded(unique, skipped)

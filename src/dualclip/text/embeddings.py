@@ -8,15 +8,16 @@ different model or prompt set never reuses another's embeddings. Random weights 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import platformdirs
 import torch
 import torch.nn.functional as F
 
+from ..atomic import write_bytes
 from ..backbone import Backbone
 from .prompts import ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES, build_prompts, readable_class_name
 
@@ -84,9 +85,7 @@ def text_embeddings(backbone: Backbone, class_name: str | None, cache_dir: str |
         ).cpu()
     memory[mem_key] = emb
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        torch.save(emb, tmp)
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        torch.save(emb, buf)
+        write_bytes(path, buf.getvalue())
     return emb

@@ -1,0 +1,75 @@
+"""Atomic file writes, used for every file dualclip writes: a reader sees the old or the new content, never a
+partial one, and an interrupted write leaves no file behind under the final name.
+
+Files are created with mode ``0o666`` minus the user's umask (as ``open()`` would), written to a hidden
+temporary sibling and moved into place with :func:`os.replace`. JSON is written strictly: non-finite floats
+become ``null`` and ``allow_nan=False`` guarantees valid JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+
+def _temp_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name[:200]}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (parent folders are created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 ``text`` atomically."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every NaN / infinite float (also numpy scalars) replaced by ``None``, recursively."""
+    if isinstance(value, dict):
+        return {str(k): finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    if isinstance(value, float) or type(value).__name__ in ("float32", "float64", "float16"):
+        v = float(value)
+        return v if math.isfinite(v) else None
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        return finite(value.item())
+    return value
+
+
+def dumps(value: Any, indent: int | None = 2) -> str:
+    """Strict JSON text (no NaN or Infinity: they become ``null``)."""
+    return json.dumps(finite(value), indent=indent, allow_nan=False, ensure_ascii=False)
+
+
+def write_json(path: str | os.PathLike, value: Any) -> None:
+    """Write ``value`` as strict JSON, atomically."""
+    write_text(path, dumps(value) + "\n")
+
+
+def save_image(image: Image.Image, path: str | os.PathLike, format: str = "PNG") -> None:
+    """Save a PIL image atomically."""
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format=format)
+    write_bytes(path, buf.getvalue())

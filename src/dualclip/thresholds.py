@@ -1,0 +1,84 @@
+"""Verdict thresholds: manual, a quantile of normal images' scores, or F1-optimal on a labelled set.
+
+A threshold is never fitted on the images being judged. ``verdict`` is the one place a score becomes a
+verdict: ``"defective"`` where ``score >= threshold``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from .metrics import best_f1_threshold
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A verdict threshold and where it came from (``value=None``: scores only, no verdicts)."""
+
+    value: float | None
+    source: str
+
+    def __post_init__(self) -> None:
+        if self.value is not None and not math.isfinite(self.value):
+            raise ValueError(f"a threshold must be a finite number, got {self.value}")
+
+    def verdict(self, score: float) -> str | None:
+        """``"defective"`` if ``score >= value``, else ``"ok"``; ``None`` without a threshold."""
+        if self.value is None:
+            return None
+        return "defective" if score >= self.value else "ok"
+
+    def to_dict(self) -> dict:
+        return {"value": self.value, "source": self.source}
+
+
+NO_THRESHOLD = Threshold(None, "none (no verdicts: give --threshold, --threshold-quantile or --validation)")
+
+
+def manual_threshold(value: float) -> Threshold:
+    """A threshold given by hand (must be finite)."""
+    return Threshold(float(value), "manual")
+
+
+def quantile_threshold(normal_scores: ArrayLike, q: float) -> Threshold:
+    """The ``q``-quantile (``numpy.quantile``, linear) of the scores of normal images."""
+    if not 0.0 <= q <= 1.0 or not math.isfinite(q):
+        raise ValueError(f"the threshold quantile must lie in [0, 1], got {q}")
+    scores = np.asarray(normal_scores, dtype=np.float64).ravel()
+    if scores.size < 2:
+        raise ValueError("a quantile threshold needs the scores of at least 2 normal images")
+    return Threshold(float(np.quantile(scores, q)), f"quantile {q} of {scores.size} reference scores")
+
+
+def f1_threshold(labels: ArrayLike, scores: ArrayLike) -> Threshold:
+    """The score threshold with the best F1 on labelled images (exact, over all distinct scores)."""
+    labels = np.asarray(labels).ravel()
+    if labels.size == 0 or labels.min() == labels.max():
+        raise ValueError("the validation set needs both normal and anomalous images to fit a threshold")
+    n_anomalous = int((labels > 0).sum())
+    return Threshold(
+        best_f1_threshold(labels, scores),
+        f"F1-optimal on validation ({labels.size - n_anomalous} normal, {n_anomalous} anomalous)",
+    )
+
+
+def fit_threshold(
+    detector,
+    normal: Sequence,
+    anomalous: Sequence | None = None,
+    quantile: float | None = None,
+    class_name: str | None = None,
+) -> Threshold:
+    """Fit a threshold with ``detector``: with ``anomalous``, F1-optimal on ``normal + anomalous`` scored as one
+    run; else the ``quantile`` of the ``normal`` images scored among themselves (default 0.99)."""
+    if anomalous:
+        result = detector.score_images(list(normal) + list(anomalous), class_name=class_name)
+        labels = np.array([0] * len(normal) + [1] * len(anomalous))
+        return f1_threshold(labels, result.image_scores.numpy())
+    result = detector.score_images(list(normal), class_name=class_name)
+    return quantile_threshold(result.image_scores.numpy(), 0.99 if quantile is None else quantile)
