@@ -63,25 +63,33 @@ def test_head_reproduces_text_score_before_training(tiny_backbone):
         assert torch.equal(torch.sigmoid(zero(f)), torch.full((3, 16), 0.5))
 
 
-def _synthetic_features(backbone, images, n, seed):
+def _synthetic_features(backbone, images, n, seed, use_text=True):
     synth = synthesize_batch([np.asarray(i) for i in images], n, seed)
     feats = extract_features(backbone, [Image.fromarray(s[0]) for s in synth])
-    return head_inputs(feats, True), patch_targets([s[1] for s in synth], backbone.image_size, feats.grid)
+    return head_inputs(feats, use_text), patch_targets([s[1] for s in synth], backbone.image_size, feats.grid)
 
 
-def test_head_learns_on_synthetic_anomalies(tiny_backbone, texture_set):
+@pytest.mark.parametrize("rank", [0, 4])
+def test_head_learns_on_synthetic_anomalies(texture_set, rank):
+    """On real (ImageNet effnet-lite0) features the head, trained on synthetic anomalies, finds held-out
+    synthetic anomalies (patch AUROC 0.5 -> above 0.8; measured 0.83-0.88 over seeds). Random CLIP features
+    carry too little for this to be a fair check."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from dualclip.backbone import EffNetLite0Backbone
+
+    backbone = EffNetLite0Backbone(image_size=128)
     images = texture_set[0][:6]
-    x, y = _synthetic_features(tiny_backbone, images, 24, seed=0)
-    x_val, y_val = _synthetic_features(tiny_backbone, images, 12, seed=99)
-    text = text_embeddings(tiny_backbone, "texture")
-    head = AdaptationHead(x.shape[-1], text[1] - text[0], tiny_backbone.logit_scale, rank=4)
+    x, y = _synthetic_features(backbone, images, 24, seed=0, use_text=False)
+    x_val, y_val = _synthetic_features(backbone, images, 12, seed=99, use_text=False)
+    torch.manual_seed(rank)
+    head = AdaptationHead(x.shape[-1], None, None, rank=rank)
     with torch.no_grad():
-        before = image_auroc((y_val > 0).ravel().numpy(), head(x_val).ravel().numpy())
+        assert torch.equal(torch.sigmoid(head(x_val)), torch.full(x_val.shape[:2], 0.5))  # starts uninformed
     losses = train_head(head, x, y, steps=80, lr=1e-2, weight_decay=1e-4, dice_weight=1.0, seed=0)
     with torch.no_grad():
         after = image_auroc((y_val > 0).ravel().numpy(), head(x_val).ravel().numpy())
     assert losses[-1] < 0.8 * losses[0]
-    assert after > before + 0.05
+    assert after > 0.8
 
 
 @pytest.mark.parametrize("scope", ["category", "image"])

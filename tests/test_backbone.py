@@ -123,16 +123,22 @@ def test_checkpoint_file_loads_identically(tiny_backbone, tmp_path, suffix):
 
 
 class _Evil:
+    marker = ""
+
     def __reduce__(self):
-        return (os.system, ("echo pwned > /dev/null",))
+        return (os.system, (f"touch {self.marker}",))
 
 
 def test_checkpoint_with_pickled_code_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
+    evil = _Evil()
+    evil.marker = str(tmp_path / "pwned")
     with open(path, "wb") as fh:
-        pickle.dump({"state_dict": _Evil()}, fh)
-    with pytest.raises(pickle.UnpicklingError):
+        pickle.dump({"state_dict": evil}, fh)
+    with pytest.raises(ValueError, match="cannot be loaded into") as err:
         build_clip_backbone(TINY, pretrained=str(path), image_size=None)
+    assert isinstance(err.value.__cause__, pickle.UnpicklingError)
+    assert not (tmp_path / "pwned").exists()  # the pickled code never ran
 
 
 def test_positional_embedding_interpolated_for_other_size(tiny_backbone, tmp_path):

@@ -52,7 +52,9 @@ def _fit(
     x = head_inputs(feats, use_text)
     y = patch_targets([m for _, m, _ in synth], backbone.image_size, feats.grid)
     direction = (text[1] - text[0]) if use_text else None
-    head = AdaptationHead(x.shape[-1], direction, temperature if use_text else None, cfg.adaptation.rank)
+    with torch.random.fork_rng(devices=[]):  # the adapter's initialisation is seeded, the caller's RNG untouched
+        torch.manual_seed(seed)
+        head = AdaptationHead(x.shape[-1], direction, temperature if use_text else None, cfg.adaptation.rank)
     a = cfg.adaptation
     losses = train_head(head, x, y, a.steps, a.lr, a.weight_decay, a.dice_weight, seed)
     return head, losses

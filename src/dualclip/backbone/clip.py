@@ -33,6 +33,10 @@ CLIP_PRESETS: dict[str, tuple[str, int]] = {
 }
 
 
+RANDOM_WEIGHTS_SEED = 0
+"""``pretrained=None`` initialises the weights randomly from this seed: identical in every run and process."""
+
+
 class WeightsUnavailableError(RuntimeError):
     """Pretrained weights could neither be found in the cache nor downloaded."""
 
@@ -117,7 +121,9 @@ def load_open_clip(
         quick_gelu = uses_quick_gelu(model_name, tag)
     common = {"force_image_size": image_size, "device": device, "force_quick_gelu": quick_gelu}
     if pretrained is None:
-        model = open_clip.create_model(model_name, pretrained=None, **common)
+        with torch.random.fork_rng(devices=[]):  # random weights, but the same in every process
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            model = open_clip.create_model(model_name, pretrained=None, **common)
         weights_id = None
     elif is_checkpoint_path(pretrained):
         path = Path(pretrained).expanduser()
@@ -125,7 +131,11 @@ def load_open_clip(
             raise FileNotFoundError(f"checkpoint file not found: {path}")
         model = open_clip.create_model(model_name, pretrained=None, **common)
         # weights_only=True: tensors only, no pickled code is executed; .safetensors via safetensors.
-        open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+        try:
+            open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+        except Exception as exc:  # safetensors, pickle and key-mismatch errors come in many types
+            first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            raise ValueError(f"checkpoint file {path} cannot be loaded into {model_name!r}: {first}") from exc
         weights_id = str(path.resolve())
     else:
         tags = open_clip.list_pretrained_tags_by_model(model_name)

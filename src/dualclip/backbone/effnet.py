@@ -66,7 +66,9 @@ class EffNetLite0Backbone(Backbone):
     ) -> None:
         super().__init__()
         EfficientNet = _import_effnet()
-        net = EfficientNet.from_name("efficientnet-lite0")
+        with torch.random.fork_rng(devices=[]):  # random weights (pretrained=None) are the same in every process
+            torch.manual_seed(0)
+            net = EfficientNet.from_name("efficientnet-lite0")
         if pretrained == DEFAULT:
             path = bundled_weights_path()
         elif pretrained is None:
@@ -76,8 +78,11 @@ class EffNetLite0Backbone(Backbone):
             if not path.is_file():
                 raise FileNotFoundError(f"checkpoint file not found: {path}")
         if path is not None:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            net.load_state_dict(state, strict=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                net.load_state_dict(state, strict=True)
+            except Exception as exc:  # unpickling, format and key-mismatch errors come in many types
+                raise ValueError(f"checkpoint file {path} cannot be loaded into {EFFNET_NAME!r}: {exc}") from exc
         net.eval().requires_grad_(False)
         layers = tuple(sorted(set(feature_layers or EFFNET_DEFAULT_LAYERS)))
         n_blocks = len(net._blocks)

@@ -133,6 +133,11 @@ def run_predict(
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out)
     _check_threshold_options(threshold, threshold_quantile)
+    given = [Path(os.fsdecode(p)) for group in (inputs, references or [], *(validation or ())) for p in group]
+    try:
+        check_output_folder(out, given, overwrite)
+    except OutputFolderError as exc:
+        raise UsageError(str(exc)) from exc
     try:
         expanded = expand_paths(inputs, exclude=[out])
         ref_exp = expand_paths(references, exclude=[out]) if references else None
@@ -143,15 +148,10 @@ def run_predict(
         )
     except FileNotFoundError as exc:
         raise UsageError(str(exc)) from exc
-    read = [Path(p) for group in (inputs, references or [], *(validation or ())) for p in group]
-    read += expanded.files + (ref_exp.files if ref_exp else [])
-    try:
-        check_output_folder(out, read, overwrite)
-    except OutputFolderError as exc:
-        raise UsageError(str(exc)) from exc
     skipped = [{"path": display_path(p), "reason": r} for e in (expanded, ref_exp) if e for p, r in e.skipped]
-    loaded, errors = _load_all(expanded.files, warn)
     det = detector or DualClipDetector(config)
+    _ = det.backbone  # weights first: a bad backbone or checkpoint fails before any image is read
+    loaded, errors = _load_all(expanded.files, warn)
     refs = None
     if ref_exp is not None:
         ref_loaded, _ = _load_all(ref_exp.files, warn)

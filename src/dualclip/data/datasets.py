@@ -98,9 +98,12 @@ class Category:
         """
         problems, missing_mask = [], []
         any_defect_pixel = False
+        if not self.samples:
+            problems.append("no test image in this category")
         for s in self.samples:
-            if not s.path.is_file():
-                problems.append(f"image file not found: {s.path}")
+            problem = _image_problem(s.path)
+            if problem:
+                problems.append(f"{problem}: {s.path}")
             if s.mask is not None:
                 if not s.mask.is_file():
                     problems.append(f"mask file not found: {s.mask} (for {s.path})")
@@ -122,7 +125,7 @@ class Category:
                 f"{self.mask_threshold}): pixel metrics would be undefined; check the mask files and the mask threshold"
             )
         if problems:
-            raise DatasetLayoutError(f"category {self.name!r}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+            raise DatasetLayoutError(_problems(f"category {self.name!r}", problems))
         warnings_ = list(self.notes)
         if missing_mask:
             warnings_.append(
@@ -130,6 +133,26 @@ class Category:
                 "left out of the pixel metrics"
             )
         return warnings_
+
+
+def _problems(where: str, problems: list[str]) -> str:
+    """One line for one problem; a count and one indented line each for several (all reported at once)."""
+    if len(problems) == 1:
+        return f"{where}: {problems[0]}"
+    return f"{where}: {len(problems)} problems:\n  " + "\n  ".join(problems)
+
+
+def _image_problem(path: Path) -> str | None:
+    """Why an image file cannot be used, from its header alone (cheap: nothing is decoded), or None."""
+    if not path.is_file():
+        return "image file not found"
+    if path.stat().st_size == 0:
+        return "empty image file (0 bytes)"
+    try:
+        with Image.open(path):
+            return None
+    except Exception as exc:  # any decoder error on the header
+        return f"not a readable image ({type(exc).__name__})"
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -248,7 +271,7 @@ def visa(root: str | Path, categories: list[str] | None = None) -> list[Category
                 cat.notes.append(f"{where}: anomalous image without a mask field: {image}")
             cat.samples.append(Sample(image, label, mask, "anomaly" if label else "good"))
     if problems:
-        raise DatasetLayoutError(f"{csv_path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+        raise DatasetLayoutError(_problems(str(csv_path), problems))
     names = _pick(sorted(cats), categories, root, "rows of split_csv/1cls.csv")
     return [cats[n] for n in names]
 

@@ -114,7 +114,13 @@ def load_image(
     except UnidentifiedImageError as exc:
         raise ImageLoadError(p, "not an image file (format not recognised)") from exc
     except OSError as exc:
+        if not p.is_file() or not os.access(p, os.R_OK):
+            raise ImageLoadError(p, f"cannot read the file: {exc}") from exc
         raise ImageLoadError(p, f"corrupt or truncated image: {exc}") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # decoders raise many types on malformed data (ValueError, SyntaxError, ...)
+        raise ImageLoadError(p, f"corrupt image ({type(exc).__name__}: {exc})") from exc
     finally:
         Image.MAX_IMAGE_PIXELS = old
 
