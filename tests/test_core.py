@@ -1,0 +1,184 @@
+"""Tests that bite: each checks a value against an independent recomputation, so that a small deliberate bug
+in fusion, the image score, adaptation, verdicts, thresholds or the seed aggregation fails a named test.
+
+The bugs they were written against (the core-shape issue): ignoring beta in the image score; preferring the
+text map over the adapted one; inverting verdicts; fixing the threshold quantile at 0.5; taking the max
+instead of the mean over seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from dualclip import DetectorConfig, DualClipDetector, ScoreResult
+from dualclip.cli.predict import run_predict
+from dualclip.config import AdaptationConfig
+from dualclip.evaluation import macro_mean, mean_over_seeds
+from dualclip.scoring import map_scores, normalize_branch, upsample
+from dualclip.thresholds import Threshold, f1_threshold, fit_threshold, quantile_threshold
+
+
+def _run(tiny_backbone, images, **settings) -> ScoreResult:
+    cfg = DetectorConfig(pretrained=None, progress=False, **settings)
+    return DualClipDetector(cfg, backbone=tiny_backbone).score_images(images, class_name="texture")
+
+
+def _z(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    return (x - x.mean()) / x.std(unbiased=False)
+
+
+@pytest.fixture
+def images(texture_set):
+    return texture_set[0]
+
+
+def test_score_result_is_typed_and_consistent(tiny_backbone, images):
+    r = _run(tiny_backbone, images)
+    n, s = len(images), tiny_backbone.image_size
+    assert r.image_scores.shape == (n,) and r.maps.shape == (n, s, s)
+    assert r.branches.text.shape == r.branches.visual.shape == (n, r.grid[0] * r.grid[1])
+    assert r.branches.adapted is None and r.run.branches == ["text", "visual"]
+    assert sorted(r.branches.image()) == ["text", "text_global", "visual"]
+    assert torch.equal(r.branches.image()["visual"], r.branches.visual.amax(dim=1))
+
+
+def test_alpha_one_and_zero_reproduce_the_single_branches(tiny_backbone, images):
+    """alpha = 1: the map is the text branch alone, in its own units; alpha = 0: the visual branch alone."""
+    size, sigma = tiny_backbone.image_size, 4.0
+    text_only = _run(tiny_backbone, images, alpha=1.0, beta=0.0)
+    torch.testing.assert_close(text_only.maps, upsample(text_only.branches.text, text_only.grid, size, sigma))
+    visual_only = _run(tiny_backbone, images, alpha=0.0, beta=0.0)
+    torch.testing.assert_close(visual_only.maps, upsample(visual_only.branches.visual, visual_only.grid, size, sigma))
+
+
+def test_alpha_weights_the_zscored_branches(tiny_backbone, images):
+    r = _run(tiny_backbone, images, alpha=0.3, beta=0.0)
+    fused = 0.3 * _z(r.branches.text) + 0.7 * _z(r.branches.visual)
+    torch.testing.assert_close(r.maps, upsample(fused.float(), r.grid, tiny_backbone.image_size, 4.0))
+
+
+def test_beta_weights_the_global_text_score(tiny_backbone, images):
+    """beta = 1: the image score is g_txt; beta = 0: the map's max; in between the z-scored mix."""
+    r1 = _run(tiny_backbone, images, beta=1.0)
+    assert torch.equal(r1.image_scores, r1.branches.text_global)
+    r0 = _run(tiny_backbone, images, beta=0.0)
+    assert torch.equal(r0.image_scores, r0.maps.flatten(1).amax(dim=1))
+    r = _run(tiny_backbone, images, beta=0.25)
+    want = 0.25 * _z(r.branches.text_global) + 0.75 * _z(r.maps.flatten(1).amax(dim=1))
+    torch.testing.assert_close(r.image_scores.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_image_score_mode_and_rank_fusion(tiny_backbone, images):
+    r = _run(tiny_backbone, images, beta=0.0, image_score="top1pct")
+    flat = r.maps.flatten(1)
+    m = max(1, round(0.01 * flat.shape[1]))
+    torch.testing.assert_close(r.image_scores, flat.sort(dim=1, descending=True).values[:, :m].mean(dim=1))
+    rk = _run(tiny_backbone, images, beta=0.0, fusion_norm="rank")
+    from scipy.stats import rankdata
+
+    def ranks(x):
+        v = rankdata(x.double().numpy().ravel(), method="average")
+        return torch.from_numpy((v - 1) / (v.size - 1)).reshape(x.shape)
+
+    fused = 0.5 * ranks(rk.branches.text) + 0.5 * ranks(rk.branches.visual)
+    torch.testing.assert_close(rk.maps, upsample(fused.float(), rk.grid, tiny_backbone.image_size, 4.0))
+    assert torch.equal(normalize_branch(torch.tensor([3.0, 1.0, 2.0]), "rank"), torch.tensor([1.0, 0.0, 0.5]))
+    assert torch.equal(map_scores(torch.arange(200.0).reshape(1, 10, 20), "top1pct"), torch.tensor([198.5]))
+
+
+def test_adapted_map_takes_the_text_slot(tiny_backbone, images):
+    """With adaptation the fused map is built from the adapted branch, not the text branch."""
+    adapt = AdaptationConfig(num_images=4, steps=10)
+    r = _run(tiny_backbone, images, alpha=1.0, beta=0.0, tta=True, adaptation=adapt)
+    size = tiny_backbone.image_size
+    torch.testing.assert_close(r.maps, upsample(r.branches.adapted, r.grid, size, 4.0))
+    assert not torch.allclose(r.maps, upsample(r.branches.text, r.grid, size, 4.0))
+    mixed = _run(tiny_backbone, images, alpha=0.5, beta=0.0, tta=True, adaptation=adapt)
+    plain = _run(tiny_backbone, images, alpha=0.5, beta=0.0)
+    assert not torch.allclose(mixed.maps, plain.maps)  # turning adaptation on changes the fused maps
+
+
+def test_verdict_is_score_at_or_above_threshold(tmp_path, folder, tiny_backbone):
+    det = DualClipDetector(DetectorConfig(pretrained=None, progress=False), backbone=tiny_backbone)
+    scores = [p.score for p in det.predict(sorted(folder.rglob("*.png")))]
+    t = float(np.median(scores))
+    _, doc = run_predict([str(folder)], tmp_path / "o", det.config, detector=det, threshold=t)
+    verdicts = [(p["score"], p["verdict"]) for p in doc["predictions"]]
+    assert {v for _, v in verdicts} == {"ok", "defective"}
+    assert all(v == ("defective" if s >= t else "ok") for s, v in verdicts)
+    assert Threshold(0.5, "x").verdict(0.5) == "defective" and Threshold(0.5, "x").verdict(0.4999) == "ok"
+    assert Threshold(None, "none").verdict(1e9) is None
+    with pytest.raises(ValueError, match="finite"):
+        Threshold(float("nan"), "x")
+
+
+@pytest.mark.parametrize("q", [0.1, 0.9, 1.0])
+def test_quantile_threshold_is_numpy_quantile_of_the_reference_scores(tmp_path, folder, tiny_backbone, q):
+    det = DualClipDetector(DetectorConfig(pretrained=None, progress=False), backbone=tiny_backbone)
+    refs = sorted(folder.rglob("*.png"))[:5]
+    _, doc = run_predict(
+        [str(folder)], tmp_path / "o", det.config, references=[str(p) for p in refs], threshold_quantile=q, detector=det
+    )
+    from dualclip.data.images import load_image
+
+    ref_scores = det.score_images([load_image(p) for p in refs], class_name=None).image_scores.numpy()
+    assert doc["threshold"]["value"] == float(np.quantile(ref_scores.astype(np.float64), q))
+    assert doc["threshold"]["source"] == f"quantile {q} of 5 reference scores"
+    assert quantile_threshold([1.0, 2.0, 3.0, 4.0], 0.25).value == 1.75
+
+
+def test_f1_threshold_and_fit_threshold(tiny_backbone, images):
+    labels = np.array([0, 0, 1, 0, 1, 1])
+    scores = np.array([0.1, 0.35, 0.3, 0.2, 0.8, 0.9])
+    # F1 at each threshold: 0.9: 1/2, 0.8: 4/5, 0.35: 2/3, 0.3: 6/7 (best), 0.2: 3/4, 0.1: 2/3
+    assert f1_threshold(labels, scores).value == 0.3
+    det = DualClipDetector(DetectorConfig(pretrained=None, progress=False), backbone=tiny_backbone)
+    normal = images[:6]
+    th = fit_threshold(det, normal, quantile=0.5)
+    own = det.score_images(list(normal)).image_scores.numpy()
+    assert th.value == float(np.quantile(own, 0.5))
+    th = fit_threshold(det, normal[:3], anomalous=images[6:])
+    both = det.score_images(list(normal[:3]) + list(images[6:])).image_scores.numpy()
+    assert th.value == f1_threshold(np.array([0, 0, 0, 1, 1, 1, 1]), both).value
+
+
+def test_seed_rows_are_means_and_population_std():
+    per_seed = [{"image_auroc": 0.5, "x": 1.0}, {"image_auroc": 0.9, "x": 3.0}, {"image_auroc": 0.7, "x": 8.0}]
+    out = mean_over_seeds(per_seed)
+    assert out["image_auroc"] == pytest.approx(0.7) and out["x"] == pytest.approx(4.0)
+    assert out["image_auroc_std"] == pytest.approx(np.std([0.5, 0.9, 0.7]))
+    assert mean_over_seeds(per_seed[:1]) == {"image_auroc": 0.5, "x": 1.0}
+    rows = [{"image_auroc": 0.5, "pixel_auroc": float("nan")}, {"image_auroc": 0.9, "pixel_auroc": 0.8}]
+    mean = macro_mean(rows)
+    assert mean["image_auroc"] == pytest.approx(0.7) and mean["pixel_auroc"] == pytest.approx(0.8)
+
+
+def test_evaluate_category_reports_the_mean_of_its_seeds(tmp_path, texture_set, tiny_backbone):
+    from dualclip.data import datasets as D
+    from dualclip.evaluation import evaluate_category
+
+    from test_cli import _mvtec_tree
+
+    _mvtec_tree(tmp_path / "mv", texture_set)
+    (cat,) = D.mvtec(tmp_path / "mv")
+    cfg = DetectorConfig(pretrained=None, progress=False)
+    out = evaluate_category(cfg, cat, [0, 1, 2], {"backbone": tiny_backbone})
+    single = [evaluate_category(cfg, cat, [s], {"backbone": tiny_backbone}) for s in (0, 1, 2)]
+    for k in ("image_auroc", "pixel_auroc", "pixel_aupro"):
+        vals = [r[k] for r in single]
+        assert len(set(vals)) > 1 or k == "image_auroc"  # the seeds differ (random pairing)
+        assert out[k] == pytest.approx(np.mean(vals)) and out[f"{k}_std"] == pytest.approx(np.std(vals))
+
+
+def test_config_round_trips_and_rejects_bad_values():
+    cfg = DetectorConfig(backbone="effnet-lite0", k=3, alpha=0.2)
+    again = DetectorConfig(**{**cfg.to_dict(), "feature_layers": None})
+    assert dataclasses.replace(again, feature_layers=None).to_dict() == cfg.to_dict()
+    for bad in ({"alpha": 1.5}, {"beta": -0.1}, {"k": 0}, {"pairing": "nearest"}, {"fusion_norm": "l2"}):
+        with pytest.raises(ValueError):
+            DetectorConfig(**bad)
