@@ -161,7 +161,6 @@ def test_seed_rows_are_means_and_population_std():
 def test_evaluate_category_reports_the_mean_of_its_seeds(tmp_path, texture_set, tiny_backbone):
     from dualclip.data import datasets as D
     from dualclip.evaluation import evaluate_category
-
     from test_cli import _mvtec_tree
 
     _mvtec_tree(tmp_path / "mv", texture_set)
