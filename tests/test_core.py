@@ -181,3 +181,102 @@ def test_config_round_trips_and_rejects_bad_values():
     for bad in ({"alpha": 1.5}, {"beta": -0.1}, {"k": 0}, {"pairing": "nearest"}, {"fusion_norm": "l2"}):
         with pytest.raises(ValueError):
             DetectorConfig(**bad)
+
+
+def test_adaptation_starts_from_the_text_score(tiny_backbone, images):
+    """Before any training step the adapted branch reproduces the text branch (head initialised from the text
+    embeddings and the temperature), and it is trained from the most normal-looking half."""
+    r = _run(tiny_backbone, images, tta=True, adaptation=AdaptationConfig(num_images=2, steps=0))
+    torch.testing.assert_close(r.branches.adapted, r.branches.text, rtol=1e-4, atol=1e-5)
+    from dualclip.scoring import fuse
+
+    prior = fuse([(r.branches.text, 1.0), (r.branches.visual, 1.0)], "zscore").amax(dim=1)
+    assert r.run.synthesis_bases == sorted(torch.argsort(prior, stable=True)[:5].tolist())
+
+
+def test_fit_threshold_scores_with_the_class_name(tiny_backbone, images):
+    det = DualClipDetector(DetectorConfig(pretrained=None, progress=False), backbone=tiny_backbone)
+    own = det.score_images(list(images[:6]), class_name="texture").image_scores.numpy()
+    assert fit_threshold(det, images[:6], class_name="texture").value == float(np.quantile(own.astype(float), 0.99))
+    both = det.score_images(list(images[:3]) + list(images[6:]), class_name="texture").image_scores.numpy()
+    th = fit_threshold(det, images[:3], anomalous=images[6:], class_name="texture")
+    assert th.value == f1_threshold(np.array([0] * 3 + [1] * 4), both).value
+
+
+def test_results_tables_exact():
+    from dualclip.evaluation import results_table
+
+    cat = {"image_auroc": 0.91234, "image_auroc_std": 0.0123, "pixel_auroc": float("nan"), "ms_per_image": 12.34}
+    for k in ("image_ap", "image_f1max", "pixel_ap", "pixel_f1max", "pixel_aupro"):
+        cat[k] = 0.5
+    results = {
+        "config": {"seeds": [0, 1]},
+        "categories": {"a": cat},
+        "mean": dict(cat),
+        "warnings": {"a": ["something odd"]},
+    }
+    row = "91.2 ± 1.2 | 50.0 | 50.0 | n/a | 50.0 | 50.0 | 50.0 | 12"
+    assert results_table(results, "md") == (
+        "| category | image auroc | image ap | image f1max | pixel auroc | pixel ap | pixel f1max | pixel aupro "
+        "| ms/image |\n|---|---|---|---|---|---|---|---|---|\n"
+        f"| a | {row} |\n| mean | {row} |\n\nMetrics in %, mean ± std over seeds [0, 1].\n\n"
+        "**Warnings (1)**\n\n- a: something odd\n"
+    )
+    csv_row = "91.23,50.00,50.00,,50.00,50.00,50.00,12.3"
+    assert results_table(results, "csv").splitlines() == [
+        "category,image_auroc,image_ap,image_f1max,pixel_auroc,pixel_ap,pixel_f1max,pixel_aupro,ms_per_image",
+        f"a,{csv_row}",
+        f"mean,{csv_row}",
+    ]
+    single = {**results, "config": {"seeds": [3]}, "warnings": {}}
+    assert results_table(single, "md").splitlines()[2].startswith("| a | 91.2 | 50.0 |")
+    assert results_table(single, "md").endswith("Metrics in %, seed 3.\n")
+
+
+def test_fingerprint_changes_with_what_changes_numbers(tmp_path, texture_set):
+    from dualclip.data import datasets as D
+    from dualclip.evaluation import fingerprint
+    from test_cli import _mvtec_tree
+
+    _mvtec_tree(tmp_path / "mv", texture_set)
+    (cat,) = D.mvtec(tmp_path / "mv")
+    cfg = DetectorConfig(pretrained=None, progress=False)
+    base = fingerprint(cfg, cat, [0])
+    assert fingerprint(dataclasses.replace(cfg, progress=True, cache_dir="/x"), cat, [0]) == base
+    assert fingerprint(dataclasses.replace(cfg, seed=5), cat, [0]) == base  # the seeds list decides
+    assert fingerprint(dataclasses.replace(cfg, k=3), cat, [0]) != base
+    assert fingerprint(dataclasses.replace(cfg, tta=True), cat, [0]) != base
+    assert fingerprint(cfg, cat, [0, 1]) != base
+    assert fingerprint(cfg, dataclasses.replace(cat, mask_threshold=127), [0]) != base
+    assert fingerprint(cfg, dataclasses.replace(cat, samples=cat.samples[:-1]), [0]) != base
+    flipped = [dataclasses.replace(s, label=1 - s.label) for s in cat.samples]
+    assert fingerprint(cfg, dataclasses.replace(cat, samples=flipped), [0]) != base
+    no_mask = [dataclasses.replace(s, mask=None) for s in cat.samples]
+    assert fingerprint(cfg, dataclasses.replace(cat, samples=no_mask), [0]) != base
+    assert fingerprint(cfg, dataclasses.replace(cat, references=[cat.samples[0].path]), [0]) != base
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"1")
+    with_file = fingerprint(dataclasses.replace(cfg, pretrained=str(weights)), cat, [0])
+    weights.write_bytes(b"22")  # same path, other content (size, mtime)
+    assert fingerprint(dataclasses.replace(cfg, pretrained=str(weights)), cat, [0]) != with_file
+    import dualclip.evaluation as E
+
+    old = E.__version__
+    E.__version__ = "99"
+    try:
+        assert fingerprint(cfg, cat, [0]) != base
+    finally:
+        E.__version__ = old
+
+
+def test_features_and_prediction_repr(tiny_backbone, images):
+    from dualclip.backbone import extract_features
+
+    det = DualClipDetector(DetectorConfig(pretrained=None, progress=False), backbone=tiny_backbone)
+    got = det.features(images[:3])
+    want = extract_features(tiny_backbone, list(images[:3]))
+    assert torch.equal(got.global_embedding, want.global_embedding)
+    assert torch.equal(got.patch_embeddings, want.patch_embeddings)
+    assert all(torch.equal(a, b) for a, b in zip(got.match_features, want.match_features, strict=True))
+    p = det.predict(images[:2])[0]
+    assert repr(p) == f"Prediction(score={p.score:.4f}, map=96x96, source=None)"

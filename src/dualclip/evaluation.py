@@ -126,7 +126,9 @@ def fingerprint(config: DetectorConfig, category: Category, seeds: list[int]) ->
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _table(results: dict, fmt: str) -> str:
+def results_table(results: dict, fmt: str) -> str:
+    """results.md (``fmt="md"``: percentages, ± std over several seeds, n/a where undefined, the warnings)
+    or results.csv (``fmt="csv"``: percentages with two decimals, empty where undefined)."""
     rows = list(results["categories"].items()) + [("mean", results["mean"])]
     multi = len(results["config"]["seeds"]) > 1
 
@@ -216,8 +218,8 @@ def run_eval(
         for w in ws:
             warn(f"warning: {name}: {w}")
     write_json(out / "results.json", results)
-    write_text(out / "results.md", _table(results, "md"))
-    write_text(out / "results.csv", _table(results, "csv"))
+    write_text(out / "results.md", results_table(results, "md"))
+    write_text(out / "results.csv", results_table(results, "csv"))
     return results
 
 
