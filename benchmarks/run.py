@@ -20,7 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SECTIONS = ("throughput", "adaptation_cost", "side_by_side", "scaling", "metrics_speed", "accuracy")
+SECTIONS = ("throughput", "adaptation_cost", "side_by_side", "scaling", "metrics_speed", "accuracy", "reliability")
 ANOMALIB_PY = HERE / ".venv-anomalib" / "bin" / "python"
 sys.path.insert(0, str(HERE))
 
@@ -118,7 +118,10 @@ def render(data: dict[str, dict], command: str) -> str:
         if "error" in d:
             out.append(d["error"] + "\n")
             continue
-        out += [markdown_table(t) for t in d["tables"]] or ["(no table: " + json.dumps(d.get("raw", {})) + ")\n"]
+        tables = [markdown_table(t) for t in d["tables"]] or ["(no table: " + json.dumps(d.get("raw", {})) + ")\n"]
+        if name == "reliability":  # between markers, so benchmarks/reliability.py --update can refresh it alone
+            tables = ["<!-- reliability -->", *tables, "<!-- /reliability -->"]
+        out += tables
     return "\n".join(out)
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from conftest import TINY
 from dualclip.backbone import (
+    CLIP_PRESETS,
     ClipBackbone,
     EffNetLite0Backbone,
     WeightsUnavailableError,
@@ -187,3 +188,33 @@ def test_open_clip_models_are_not_modified(tiny_backbone):
     names_before = [n for n, _ in tiny_backbone.model.named_modules()]
     ref = open_clip.create_model(TINY, pretrained=None)
     assert names_before == [n for n, _ in ref.named_modules()]
+
+
+@pytest.mark.parametrize("preset", sorted(CLIP_PRESETS))
+def test_quick_gelu_follows_the_weights_for_every_preset_tag(preset):
+    """Weights trained with QuickGELU (every `openai` tag) are built with it; the others with exact GELU."""
+    from dualclip.backbone.clip import uses_quick_gelu
+
+    tags = open_clip.list_pretrained_tags_by_model(preset)
+    assert tags
+    for tag in tags:
+        want = bool((open_clip.get_pretrained_cfg(preset, tag) or {}).get("quick_gelu", False))
+        assert uses_quick_gelu(preset, tag) is want
+        if tag == "openai":
+            assert want
+    assert uses_quick_gelu("ViT-L-14-336", "openai") and not uses_quick_gelu("ViT-B-16-plus-240", "laion400m_e32")
+    assert uses_quick_gelu(f"{preset}-quickgelu", None) and not uses_quick_gelu(preset, None)
+
+
+def test_quick_gelu_reaches_the_model(tiny_backbone, tmp_path):
+    from open_clip.transformer import QuickGELU
+
+    def acts(bb):
+        return {type(b.mlp.gelu).__name__ for b in bb.model.visual.transformer.resblocks}
+
+    assert acts(tiny_backbone) == {"GELU"}
+    path = tmp_path / "w.pt"
+    torch.save(tiny_backbone.model.state_dict(), path)
+    quick = build_clip_backbone(TINY, pretrained=str(path), image_size=None, quick_gelu=True)
+    assert acts(quick) == {QuickGELU.__name__}
+    assert acts(build_clip_backbone(TINY, pretrained=str(path), image_size=None)) == {"GELU"}

@@ -22,6 +22,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import ndimage
 
 __all__ = [
@@ -163,22 +164,22 @@ def _pixel_curve(masks, maps) -> _Curve:
     return _curve(maps, masks.astype(np.uint32))
 
 
-def image_auroc(labels, scores) -> float:
+def image_auroc(labels: ArrayLike, scores: ArrayLike) -> float:
     """Area under the ROC curve of image labels (1 = anomalous) vs image scores."""
     return _auroc(_image_curve(labels, scores), "image_auroc")
 
 
-def image_ap(labels, scores) -> float:
+def image_ap(labels: ArrayLike, scores: ArrayLike) -> float:
     """Average precision of image scores."""
     return _ap(_image_curve(labels, scores), "image_ap")
 
 
-def image_f1max(labels, scores) -> float:
+def image_f1max(labels: ArrayLike, scores: ArrayLike) -> float:
     """Best F1 over all thresholds of image scores."""
     return _f1max(_image_curve(labels, scores), "image_f1max")
 
 
-def best_f1_threshold(labels, scores) -> float:
+def best_f1_threshold(labels: ArrayLike, scores: ArrayLike) -> float:
     """The image-score threshold (predict anomalous at ``score >= threshold``) with the best F1."""
     c = _image_curve(labels, scores)
     if c.n_pos == 0:
@@ -187,17 +188,17 @@ def best_f1_threshold(labels, scores) -> float:
     return float(distinct[int(np.argmax(_f1_per_threshold(c)))])
 
 
-def pixel_auroc(masks, maps) -> float:
+def pixel_auroc(masks: ArrayLike, maps: ArrayLike) -> float:
     """AUROC over all pixels of ``N x H x W`` masks (nonzero = anomalous) and maps."""
     return _auroc(_pixel_curve(masks, maps), "pixel_auroc")
 
 
-def pixel_ap(masks, maps) -> float:
+def pixel_ap(masks: ArrayLike, maps: ArrayLike) -> float:
     """Average precision over all pixels."""
     return _ap(_pixel_curve(masks, maps), "pixel_ap")
 
 
-def pixel_f1max(masks, maps) -> float:
+def pixel_f1max(masks: ArrayLike, maps: ArrayLike) -> float:
     """Best F1 over all thresholds, over all pixels."""
     return _f1max(_pixel_curve(masks, maps), "pixel_f1max")
 
@@ -242,7 +243,7 @@ def _aupro(c: _Curve, fpr_limit: float) -> float:
     return _integrate_pro(c, fpr_limit)
 
 
-def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
+def aupro(masks: ArrayLike, maps: ArrayLike, fpr_limit: float = 0.3) -> float:
     """Exact area under the per-region-overlap curve up to ``fpr_limit``, normalised by it.
 
     Only the part of the curve up to ``fpr_limit`` is needed, so only the pixels scored at least as high as
@@ -266,7 +267,13 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
     return _integrate_pro(_curve(maps[keep], regions[keep], sizes, totals=(n_pos, n_neg)), fpr_limit)
 
 
-def all_metrics(labels, scores, masks=None, maps=None, fpr_limit: float = 0.3) -> dict[str, float]:
+def all_metrics(
+    labels: ArrayLike,
+    scores: ArrayLike,
+    masks: ArrayLike | None = None,
+    maps: ArrayLike | None = None,
+    fpr_limit: float = 0.3,
+) -> dict[str, float]:
     """All seven metrics; the pixel ones share one sort. Pixel metrics only when masks and maps are given."""
     c = _image_curve(labels, scores)
     out = {

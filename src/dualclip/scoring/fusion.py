@@ -8,8 +8,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import FusionNorm, ImageScoreMode
 
-def normalize_branch(x: torch.Tensor, how: str) -> torch.Tensor:
+
+def normalize_branch(x: torch.Tensor, how: FusionNorm) -> torch.Tensor:
     """Bring one branch's scores to a common scale over all its values (the run's patches or images).
 
     ``zscore``: (x - mean) / std; ``rank``: quantile rank in [0, 1] (ties share their mean rank).
@@ -31,7 +33,7 @@ def normalize_branch(x: torch.Tensor, how: str) -> torch.Tensor:
     raise ValueError(f"unknown normalisation {how!r}")
 
 
-def fuse(branches: list[tuple[torch.Tensor, float]], how: str) -> torch.Tensor:
+def fuse(branches: list[tuple[torch.Tensor, float]], how: FusionNorm) -> torch.Tensor:
     """Weighted sum of branches ``[(scores, weight), ...]``; one branch is returned unchanged (its own units)."""
     if not branches:
         raise ValueError("nothing to fuse: every branch is off")
@@ -68,7 +70,7 @@ def upsample(patch_scores: torch.Tensor, grid: tuple[int, int], size: int, sigma
     return gaussian_blur(maps, sigma)
 
 
-def map_scores(maps: torch.Tensor, mode: str = "max") -> torch.Tensor:
+def map_scores(maps: torch.Tensor, mode: ImageScoreMode = "max") -> torch.Tensor:
     """Image score from ``(N, H, W)`` maps: the maximum, or the mean of the top 1% of pixels."""
     flat = maps.reshape(maps.shape[0], -1)
     if mode == "max":

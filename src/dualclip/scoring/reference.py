@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..config import Aggregation, Pairing
 
 # Bound on the elements of one batch of similarity matrices (pairs x P x P floats).
 _MAX_SIM_ELEMENTS = 32_000_000
@@ -24,8 +27,8 @@ _MAX_SIM_ELEMENTS = 32_000_000
 
 def pair_references(
     n: int,
-    k: int | str = 1,
-    strategy: str = "random",
+    k: int | Literal["all"] = 1,
+    strategy: Pairing = "random",
     seed: int = 0,
     global_embeddings: torch.Tensor | None = None,
 ) -> list[list[int]]:
@@ -78,7 +81,7 @@ def pair_references(
     return refs
 
 
-def aggregate(distances: torch.Tensor, how: str) -> torch.Tensor:
+def aggregate(distances: torch.Tensor, how: Aggregation) -> torch.Tensor:
     """Combine ``(k, P)`` per-reference distances into ``(P,)``: ``min`` or ``mean_low30``."""
     if how == "min" or distances.shape[0] == 1:
         return distances.min(dim=0).values
@@ -103,7 +106,7 @@ def _pair_min_distances(fa: list[torch.Tensor], fb: list[torch.Tensor]) -> tuple
 def reference_scores(
     features: Sequence[torch.Tensor],
     references: list[list[int]],
-    aggregation: str = "min",
+    aggregation: Aggregation = "mean_low30",
     progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Visual-reference score of every patch of every image.
