@@ -65,3 +65,21 @@ def shared_dataset(name: str) -> Path:
     if not root.is_dir():
         pytest.skip(f"real data not available: {root} is absent (it lives in ../shared/datasets)")
     return root
+
+
+def write_mvtec_tree(root: Path, data, category: str = "bottle", defect: str = "broken", no_mask=()) -> Path:
+    """Save ``(images, masks, labels)`` in the MVTec AD layout under ``root`` (0/255 masks; the indices in
+    ``no_mask`` get none); returns ``root``."""
+    import numpy as np
+    from PIL import Image
+
+    images, masks, labels = data
+    for i, (img, m, y) in enumerate(zip(images, masks, labels, strict=True)):
+        d = root / category / "test" / (defect if y else "good")
+        d.mkdir(parents=True, exist_ok=True)
+        img.save(d / f"{i:03d}.png")
+        if y and i not in no_mask:
+            g = root / category / "ground_truth" / defect
+            g.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(m.astype(np.uint8) * 255).save(g / f"{i:03d}_mask.png")
+    return root

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import write_mvtec_tree
 from dualclip import DetectorConfig, DualClipDetector
 from dualclip.cli.main import app
 from dualclip.cli.predict import EXIT_NOTHING, EXIT_OK, EXIT_SOME_FAILED, UsageError, run_predict
@@ -181,20 +182,8 @@ def test_cli_predict_json_and_exit_codes(tmp_path, folder, monkeypatch, tiny_bac
     assert r.exit_code == 2 and "no such file" in r.output
 
 
-def _mvtec_tree(root, texture_set):
-    images, masks, labels = texture_set
-    for i, (img, m, y) in enumerate(zip(images, masks, labels, strict=True)):
-        d = root / "bottle" / "test" / ("broken" if y else "good")
-        d.mkdir(parents=True, exist_ok=True)
-        img.save(d / f"{i:03d}.png")
-        if y:
-            g = root / "bottle" / "ground_truth" / "broken"
-            g.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(m.astype(np.uint8) * 255).save(g / f"{i:03d}_mask.png")
-
-
 def test_eval_mvtec_layout_resumable(tmp_path, texture_set, tiny_backbone, monkeypatch):
-    _mvtec_tree(tmp_path / "mv", texture_set)
+    write_mvtec_tree(tmp_path / "mv", texture_set)
     cats = D.mvtec(tmp_path / "mv")
     assert [c.name for c in cats] == ["bottle"] and cats[0].labels.sum() == 4
     import dualclip.evaluation as E
@@ -246,7 +235,7 @@ def test_evaluate_category_with_golden_references(tmp_path, texture_set, tiny_ba
     """A category's golden references replace the test images as each other's partners."""
     import dualclip.evaluation as E
 
-    _mvtec_tree(tmp_path / "mv", texture_set)
+    write_mvtec_tree(tmp_path / "mv", texture_set)
     (cat,) = D.mvtec(tmp_path / "mv")
     golden = tmp_path / "golden"
     golden.mkdir()

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_mvtec_tree
 from dualclip import DetectorConfig, DualClipDetector, ScoreResult
 from dualclip.cli.predict import run_predict
 from dualclip.config import AdaptationConfig
@@ -161,9 +162,8 @@ def test_seed_rows_are_means_and_population_std():
 def test_evaluate_category_reports_the_mean_of_its_seeds(tmp_path, texture_set, tiny_backbone):
     from dualclip.data import datasets as D
     from dualclip.evaluation import evaluate_category
-    from test_cli import _mvtec_tree
 
-    _mvtec_tree(tmp_path / "mv", texture_set)
+    write_mvtec_tree(tmp_path / "mv", texture_set)
     (cat,) = D.mvtec(tmp_path / "mv")
     cfg = DetectorConfig(pretrained=None, progress=False)
     out = evaluate_category(cfg, cat, [0, 1, 2], {"backbone": tiny_backbone})
@@ -236,9 +236,8 @@ def test_results_tables_exact():
 def test_fingerprint_changes_with_what_changes_numbers(tmp_path, texture_set):
     from dualclip.data import datasets as D
     from dualclip.evaluation import fingerprint
-    from test_cli import _mvtec_tree
 
-    _mvtec_tree(tmp_path / "mv", texture_set)
+    write_mvtec_tree(tmp_path / "mv", texture_set)
     (cat,) = D.mvtec(tmp_path / "mv")
     cfg = DetectorConfig(pretrained=None, progress=False)
     base = fingerprint(cfg, cat, [0])

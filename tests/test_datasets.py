@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import write_mvtec_tree
 from dualclip import DetectorConfig
 from dualclip.data import datasets as D
 from dualclip.evaluation import run_eval
@@ -203,16 +204,7 @@ def test_eval_counts_images_without_masks_and_reports_undefined_pixel_metrics(tm
     from dualclip.data.synthetic import make_texture_set
     from dualclip.metrics import all_metrics
 
-    images, masks, labels = make_texture_set(4, 4, 64, seed=1)
-    root = tmp_path / "mv"
-    for i, (img, m, y) in enumerate(zip(images, masks, labels, strict=True)):
-        d = root / "tex" / "test" / ("hole" if y else "good")
-        d.mkdir(parents=True, exist_ok=True)
-        img.save(d / f"{i:02d}.png")
-        if y and i != 5:  # image 5 has no mask
-            g = root / "tex" / "ground_truth" / "hole"
-            g.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(m.astype(np.uint8) * 255).save(g / f"{i:02d}_mask.png")
+    root = write_mvtec_tree(tmp_path / "mv", make_texture_set(4, 4, 64, seed=1), "tex", "hole", no_mask=(5,))
     (cat,) = D.mvtec(root)
     real = E.DualClipDetector
     monkeypatch.setattr(E, "DualClipDetector", lambda cfg, backbone=None: real(cfg, backbone=tiny_backbone))

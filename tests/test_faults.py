@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import TINY
+from conftest import TINY, write_mvtec_tree
 from dualclip import DetectorConfig, DualClipDetector
 from dualclip.cli.main import app, misplaced_paths
 from dualclip.cli.predict import EXIT_OK, UsageError, output_stem, run_predict
@@ -108,17 +108,7 @@ def test_row_01_overwrite_removes_only_what_the_earlier_run_wrote(tmp_path, fold
 def test_row_02_eval_rerun_with_other_settings_recomputes(tmp_path, tiny_backbone, monkeypatch, texture_set):
     import dualclip.evaluation as E
 
-    images, masks, labels = texture_set
-    root = tmp_path / "mv"
-    for i, (img, m, y) in enumerate(zip(images, masks, labels, strict=True)):
-        d = root / "tex" / "test" / ("hole" if y else "good")
-        d.mkdir(parents=True, exist_ok=True)
-        img.save(d / f"{i:02d}.png")
-        if y:
-            g = root / "tex" / "ground_truth" / "hole"
-            g.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(m.astype(np.uint8) * 255).save(g / f"{i:02d}_mask.png")
-    cats = D.mvtec(root)
+    cats = D.mvtec(write_mvtec_tree(tmp_path / "mv", texture_set, "tex", "hole"))
     real = E.DualClipDetector
     calls = []
 
@@ -522,17 +512,9 @@ def test_kill_predict_at_random_points_never_leaves_a_mix(tmp_path, folder):
 
 @pytest.mark.slow
 def test_kill_eval_resumes_to_identical_numbers(tmp_path, texture_set):
-    images, masks, labels = texture_set
     root = tmp_path / "mv"
     for c in ("c1", "c2", "c3"):
-        for i, (img, m, y) in enumerate(zip(images, masks, labels, strict=True)):
-            d = root / c / "test" / ("hole" if y else "good")
-            d.mkdir(parents=True, exist_ok=True)
-            img.save(d / f"{i:02d}.png")
-            if y:
-                g = root / c / "ground_truth" / "hole"
-                g.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(m.astype(np.uint8) * 255).save(g / f"{i:02d}_mask.png")
+        write_mvtec_tree(root, texture_set, c, "hole")
 
     def args(out):
         return ["eval", "--dataset", "mvtec", "--root", str(root), "-o", str(out), "-q", "--backbone", TINY]
