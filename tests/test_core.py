@@ -20,7 +20,7 @@ from dualclip.cli.predict import run_predict
 from dualclip.config import AdaptationConfig
 from dualclip.evaluation import macro_mean, mean_over_seeds
 from dualclip.scoring import map_scores, normalize_branch, upsample
-from dualclip.thresholds import Threshold, f1_threshold, fit_threshold, quantile_threshold
+from dualclip.thresholds import Threshold, f1_threshold, fit_threshold, manual_threshold, quantile_threshold
 
 
 def _run(tiny_backbone, images, **settings) -> ScoreResult:
@@ -206,7 +206,7 @@ def test_fit_threshold_scores_with_the_class_name(tiny_backbone, images):
 def test_results_tables_exact():
     from dualclip.evaluation import results_table
 
-    cat = {"image_auroc": 0.91234, "image_auroc_std": 0.0123, "pixel_auroc": float("nan"), "ms_per_image": 12.34}
+    cat = {"image_auroc": 0.91234, "image_auroc_std": 0.003, "pixel_auroc": float("nan"), "ms_per_image": 12.34}
     for k in ("image_ap", "image_f1max", "pixel_ap", "pixel_f1max", "pixel_aupro"):
         cat[k] = 0.5
     results = {
@@ -215,7 +215,7 @@ def test_results_tables_exact():
         "mean": dict(cat),
         "warnings": {"a": ["something odd"]},
     }
-    row = "91.2 ± 1.2 | 50.0 | 50.0 | n/a | 50.0 | 50.0 | 50.0 | 12"
+    row = "91.2 ± 0.3 | 50.0 | 50.0 | n/a | 50.0 | 50.0 | 50.0 | 12"
     assert results_table(results, "md") == (
         "| category | image auroc | image ap | image f1max | pixel auroc | pixel ap | pixel f1max | pixel aupro "
         "| ms/image |\n|---|---|---|---|---|---|---|---|---|\n"
@@ -279,3 +279,48 @@ def test_features_and_prediction_repr(tiny_backbone, images):
     assert all(torch.equal(a, b) for a, b in zip(got.match_features, want.match_features, strict=True))
     p = det.predict(images[:2])[0]
     assert repr(p) == f"Prediction(score={p.score:.4f}, map=96x96, source=None)"
+
+
+def test_results_tables_missing_values_and_two_seeds():
+    from dualclip.evaluation import results_table
+
+    cat = {k: 0.5 for k in ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max")}
+    cat.update({"pixel_aupro": 0.25, "pixel_aupro_std": 0.3})
+    results = {"config": {"seeds": [0, 1]}, "categories": {"a": cat}, "mean": cat}  # no ms, no warnings
+    md = results_table(results, "md")
+    assert "| a | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 25.0 ± 30.0 | n/a |" in md and "Warnings" not in md
+    assert results_table(results, "csv").splitlines()[1] == "a,50.00,50.00,50.00,50.00,50.00,50.00,25.00,"
+
+
+def test_macro_mean_covers_every_key_and_all_undefined():
+    import warnings
+
+    rows = [
+        {"image_auroc": 0.5, "pixel_auroc": float("nan"), "ms_per_image": 10.0},
+        {"image_auroc": 0.9, "pixel_auroc": float("nan"), "ms_per_image": 30.0, "peak_rss_mb": 100.0},
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "mean of empty slice"
+        mean = macro_mean(rows)
+    assert mean["image_auroc"] == pytest.approx(0.7) and mean["ms_per_image"] == 20.0
+    assert mean["peak_rss_mb"] == 100.0  # a key only the second category has
+    assert np.isnan(mean["pixel_auroc"]) and "pixel_aupro" not in mean
+    two = mean_over_seeds([{"x": 1.0}, {"x": 3.0}])
+    assert two == {"x": 2.0, "x_std": 1.0}
+
+
+def test_threshold_sources_bounds_and_messages():
+    assert manual_threshold(0.25) == Threshold(0.25, "manual")
+    assert quantile_threshold([1.0, 3.0], 0.0) == Threshold(1.0, "quantile 0.0 of 2 reference scores")
+    assert quantile_threshold([1.0, 3.0], 1.0).value == 3.0
+    for q in (-0.01, 1.01, float("nan")):
+        with pytest.raises(ValueError, match=r"the threshold quantile must lie in \[0, 1\], got"):
+            quantile_threshold([1.0, 2.0, 3.0], q)
+    with pytest.raises(ValueError, match="at least 2 normal images"):
+        quantile_threshold([1.0], 0.5)
+    th = f1_threshold([0, 0, 0, 1, 1], [0.1, 0.2, 0.3, 0.8, 0.9])
+    assert th == Threshold(0.8, "F1-optimal on validation (3 normal, 2 anomalous)")
+    for labels in ([], [1, 1], [0, 0]):
+        with pytest.raises(ValueError, match="^the validation set needs both normal and anomalous images"):
+            f1_threshold(labels, [0.5] * len(labels))
+    assert Threshold(None, "x").to_dict() == {"value": None, "source": "x"}

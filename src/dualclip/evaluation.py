@@ -139,7 +139,12 @@ def results_table(results: dict, fmt: str) -> str:
         return f"{s} ± {100 * r[k + '_std']:.1f}" if multi and f"{k}_std" in r else s
 
     header = ["category", *[k.replace("_", " ") for k in METRICS], "ms/image"]
-    body = [[name, *[cell(r, k) for k in METRICS], f"{r.get('ms_per_image', float('nan')):.0f}"] for name, r in rows]
+
+    def ms(r, fmt):
+        v = r.get("ms_per_image")
+        return "" if v is None or not np.isfinite(v) else format(v, fmt)
+
+    body = [[name, *[cell(r, k) for k in METRICS], ms(r, ".0f") or "n/a"] for name, r in rows]
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
@@ -149,7 +154,7 @@ def results_table(results: dict, fmt: str) -> str:
                 [
                     name,
                     *[f"{100 * r[k]:.2f}" if r.get(k) is not None and np.isfinite(r[k]) else "" for k in METRICS],
-                    f"{r.get('ms_per_image', 0):.1f}",
+                    ms(r, ".1f"),
                 ]
             )
         return buf.getvalue()
@@ -229,9 +234,10 @@ def macro_mean(rows: list[dict]) -> dict[str, float]:
     out = {}
     for key in (*METRICS, "ms_per_image", "peak_rss_mb"):
         for k in (key, f"{key}_std"):
-            vals = np.array([r[k] for r in rows if r.get(k) is not None], dtype=np.float64)
-            if k in rows[0]:
-                out[k] = float(vals[np.isfinite(vals)].mean()) if np.isfinite(vals).any() else float("nan")
+            if any(k in r for r in rows):
+                vals = np.array([r[k] for r in rows if r.get(k) is not None], dtype=np.float64)
+                finite = vals[np.isfinite(vals)]
+                out[k] = float(finite.mean()) if finite.size else float("nan")
     return out
 
 
