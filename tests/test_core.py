@@ -324,3 +324,15 @@ def test_threshold_sources_bounds_and_messages():
         with pytest.raises(ValueError, match="^the validation set needs both normal and anomalous images"):
             f1_threshold(labels, [0.5] * len(labels))
     assert Threshold(None, "x").to_dict() == {"value": None, "source": "x"}
+
+
+def test_resize_map_is_half_pixel_bilinear():
+    from dualclip.scoring import resize_map
+
+    m = torch.tensor([[0.0, 1.0], [2.0, 3.0]], dtype=torch.float64)
+    out = resize_map(m, 4, 4)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out[0], [0.0, 0.25, 0.75, 1.0])  # align_corners=True would give thirds
+    np.testing.assert_array_equal(out[:, 0], [0.0, 0.5, 1.5, 2.0])
+    same = resize_map(m, 2, 2)
+    assert same.dtype == np.float32 and np.array_equal(same, m.numpy())

@@ -84,6 +84,6 @@ def map_scores(maps: torch.Tensor, mode: ImageScoreMode = "max") -> torch.Tensor
 def resize_map(m: torch.Tensor, height: int, width: int) -> np.ndarray:
     """One ``(S, S)`` map to the image's own ``(height, width)`` (bilinear), as float32 numpy."""
     if m.shape == (height, width):
-        return m.float().numpy().astype(np.float32, copy=False)
+        return m.float().numpy()
     out = F.interpolate(m[None, None].float(), size=(height, width), mode="bilinear", align_corners=False)
-    return out[0, 0].numpy().astype(np.float32, copy=False)
+    return out[0, 0].numpy()
