@@ -336,3 +336,14 @@ def test_resize_map_is_half_pixel_bilinear():
     np.testing.assert_array_equal(out[:, 0], [0.0, 0.5, 1.5, 2.0])
     same = resize_map(m, 2, 2)
     assert same.dtype == np.float32 and np.array_equal(same, m.numpy())
+
+
+def test_normalize_branch_edge_cases():
+    one = torch.tensor([[5.0]])
+    assert torch.equal(normalize_branch(one, "zscore"), torch.zeros(1, 1))
+    assert torch.equal(normalize_branch(one, "rank"), torch.zeros(1, 1))
+    assert torch.equal(normalize_branch(torch.tensor([3.0, 1.0]), "rank"), torch.tensor([1.0, 0.0]))
+    assert torch.equal(normalize_branch(torch.tensor([2.0, 2.0, 5.0]), "rank"), torch.tensor([0.25, 0.25, 1.0]))
+    torch.testing.assert_close(normalize_branch(torch.tensor([1.0, 3.0]), "zscore"), torch.tensor([-1.0, 1.0]))
+    with pytest.raises(ValueError, match="unknown normalisation 'l2'"):
+        normalize_branch(one, "l2")

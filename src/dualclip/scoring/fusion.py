@@ -19,8 +19,8 @@ def normalize_branch(x: torch.Tensor, how: FusionNorm) -> torch.Tensor:
     """
     flat = x.reshape(-1).double()
     if how == "zscore":
-        std = flat.std(unbiased=False) if flat.numel() > 1 else torch.tensor(0.0, dtype=torch.float64)
-        if std <= 0:
+        std = flat.std(unbiased=False)  # 0 for a single value
+        if not std > 0:
             return torch.zeros_like(x)
         return ((x.double() - flat.mean()) / std).to(x.dtype)
     if how == "rank":
