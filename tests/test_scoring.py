@@ -17,6 +17,7 @@ from dualclip.scoring import (
     gaussian_blur,
     golden_reference_scores,
     map_scores,
+    near_duplicates,
     normalize_branch,
     pair_references,
     reference_scores,
@@ -125,9 +126,49 @@ def test_pairing_needs_two_images():
         pair_references(1)
 
 
-def test_similar_pairing_picks_nearest():
-    emb = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
-    assert pair_references(4, 1, "similar", global_embeddings=emb) == [[1], [0], [3], [2]]
+def test_similar_pairing_draws_from_the_most_similar_pool():
+    emb = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.7, 0.7]])
+    nearest = pair_references(5, 1, "similar", global_embeddings=emb, similar_pool=0.01)  # pool of 1
+    assert nearest == [[1], [0], [3], [2], [1]]  # image 4 ties between 1 and 3: the lower index
+    sim = torch.nn.functional.normalize(emb, dim=-1) @ torch.nn.functional.normalize(emb, dim=-1).T
+    sim.fill_diagonal_(-2)
+    seen = set()
+    for seed in range(20):
+        refs = pair_references(5, 1, "similar", seed=seed, global_embeddings=emb)  # pool: the 2 most similar
+        for i, (j,) in enumerate(refs):
+            assert j in sim[i].topk(2).indices.tolist()
+            seen.add((i, j))
+    assert len(seen) > 5  # not always the nearest
+
+
+def test_near_duplicates_match_brute_force():
+    t = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 8.0], [0.5, 0.5, 0.5, 0.5]])
+    got = near_duplicates(t, 0.5)
+    want = torch.tensor([[float((a - b).abs().mean()) <= 0.5 for b in t] for a in t])
+    want.fill_diagonal_(False)
+    assert torch.equal(got, want) and got[0, 1] and got[0, 3] and not got[0, 2]
+    assert not near_duplicates(t, -1).any()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(2, 30),
+    k=st.integers(1, 4),
+    seed=st.integers(0, 1000),
+    strategy=st.sampled_from(["random", "similar"]),
+)
+def test_pairing_never_uses_a_forbidden_partner(n, k, seed, strategy):
+    g = torch.Generator().manual_seed(seed)
+    forbidden = torch.rand(n, n, generator=g) < 0.3
+    forbidden = forbidden | forbidden.T
+    forbidden.fill_diagonal_(False)
+    refs = pair_references(n, k, strategy, seed, torch.randn(n, 8, generator=g), forbidden=forbidden)
+    for i, r in enumerate(refs):
+        assert r and i not in r and len(r) == len(set(r))
+        allowed = [j for j in range(n) if j != i and not forbidden[i, j]]
+        if allowed:
+            assert all(not forbidden[i, j] for j in r)
+            assert len(r) == min(k, len(allowed)) or strategy == "random" and k > 1
 
 
 def test_aggregation():

@@ -108,12 +108,18 @@ class DetectorConfig:
         References per image. 1 is the paper's dual-image setting; ``"all"`` is full mutual scoring.
     pairing:
         ``"random"`` (seeded derangement: random pairs, each image the other's reference) or ``"similar"``
-        (the k most similar other images by global embedding).
-    k_aggregation:
-        How k per-reference distances are combined: ``"mean_low30"`` (default: the mean of the lowest
-        ``ceil(0.3 k)``, which is the minimum for k <= 3) or ``"min"``. With many references (``k="all"``)
-        some are themselves defective, often with a similar defect; the minimum then erases recurring
-        defects (magnetic_tile, k = all: pixel AUROC 27.0 with ``min``, 97.8 with ``mean_low30``).
+        (k references drawn at random among the ``similar_pool`` fraction of the other images most similar
+        by global embedding; never just the nearest, which share a recurring defect).
+    similar_pool:
+        With ``pairing="similar"``: the fraction of the other images, most similar first, that references are
+        drawn from (0.5: the more similar half).
+    duplicate_tolerance:
+        Near-exact duplicates are never each other's reference (a defect and its copy would erase each
+        other): images whose 32 x 32 grey thumbnails differ by at most this many grey levels (0-255) on
+        average. Measured: re-encoding as JPEG (quality 70) changes them by at most 0.26, halving the
+        resolution by 0.12; the nearest distinct images differ by 1.9 (generated textures) and 6.6
+        (metal_plate); magnetic_tile holds a few captures 0.36-0.5 apart that look the same. A negative
+        value turns the check off.
     use_text, use_visual:
         Switch the text branch (§4) and the visual-reference branch (§5) on or off (ablations).
     alpha:
@@ -155,6 +161,8 @@ class DetectorConfig:
     neighbourhood: int = 3
     k: int | Literal["all"] = 1
     pairing: Pairing = "random"
+    similar_pool: float = 0.5
+    duplicate_tolerance: float = 0.5
     k_aggregation: Aggregation = "mean_low30"
     use_text: bool = True
     use_visual: bool = True
@@ -187,6 +195,7 @@ class DetectorConfig:
             f"k must be an int >= 1 or 'all', got {self.k!r}",
         )
         _check(self.pairing in ("random", "similar"), f"pairing must be 'random' or 'similar', got {self.pairing!r}")
+        _check(0.0 < self.similar_pool <= 1.0, "similar_pool must lie in (0, 1]")
         _check(
             self.k_aggregation in ("min", "mean_low30"),
             f"k_aggregation must be 'min' or 'mean_low30', got {self.k_aggregation!r}",

@@ -28,11 +28,12 @@ from PIL import Image
 from .adaptation.adapt import AdaptationResult
 from .backbone import Backbone, BackboneOutput, build_backbone, extract_features
 from .config import DetectorConfig
-from .data.images import array_to_rgb, load_image, to_rgb8
+from .data.images import array_to_rgb, load_image, thumbnails, to_rgb8
 from .scoring import (
     fuse,
     golden_reference_scores,
     map_scores,
+    near_duplicates,
     pair_references,
     reference_scores,
     resize_map,
@@ -91,12 +92,15 @@ class BranchScores:
         ``(N, P)`` visual-reference patch scores (METHOD §5), distances in [0, 1].
     adapted:
         ``(N, P)`` adapted-head patch scores (METHOD §7), probabilities in (0, 1).
+    duplicate_pairs:
+        Pairs of near-exact duplicates kept from being each other's reference in this run.
     """
 
     text: torch.Tensor | None = None
     text_global: torch.Tensor | None = None
     visual: torch.Tensor | None = None
     adapted: torch.Tensor | None = None
+    duplicate_pairs: int = 0
 
     def patch(self) -> dict[str, torch.Tensor]:
         """The patch branches that ran, by name: ``(N, P)`` each."""
@@ -125,6 +129,7 @@ class RunInfo:
     image_size: int
     timings_s: dict[str, float]
     k_effective: int | None = None
+    duplicate_pairs: int = 0
     synthetic_images: int | None = None
     synthesis_bases: list[int] | None = None
 
@@ -265,7 +270,7 @@ class DualClipDetector:
             text = self._text(feats, class_name, use_text, temperature, branches)
         refs: list[list[int]] = [[] for _ in images]
         if use_visual:
-            refs = self._visual(feats, golden, clock, branches)
+            refs = self._visual(images, feats, golden, clock, branches)
         adaptation = None
         if cfg.tta:
             with clock("adaptation"):
@@ -285,6 +290,7 @@ class DualClipDetector:
             image_size=self.backbone.image_size,
             timings_s=clock.seconds,
             k_effective=max((len(r) for r in refs), default=0) if use_visual else None,
+            duplicate_pairs=branches.duplicate_pairs,
         )
         if adaptation is not None:
             run.synthetic_images = cfg.adaptation.synthetic_budget(len(images))
@@ -338,7 +344,12 @@ class DualClipDetector:
         return text
 
     def _visual(
-        self, feats: BackboneOutput, golden: list[Image.Image] | None, clock: _StageClock, out: BranchScores
+        self,
+        images: list[Image.Image],
+        feats: BackboneOutput,
+        golden: list[Image.Image] | None,
+        clock: _StageClock,
+        out: BranchScores,
     ) -> list[list[int]]:
         """METHOD §5: fills ``out.visual``; returns each image's reference indices."""
         cfg = self.config
@@ -350,8 +361,12 @@ class DualClipDetector:
                 out.visual = golden_reference_scores(feats.match_features, gfeats.match_features)
             return [list(range(len(golden))) for _ in range(n)]
         with clock("reference"):
-            refs = pair_references(n, cfg.k, cfg.pairing, cfg.seed, feats.global_embedding)
+            dup = near_duplicates(thumbnails(images), cfg.duplicate_tolerance)
+            refs = pair_references(
+                n, cfg.k, cfg.pairing, cfg.seed, feats.global_embedding, forbidden=dup, similar_pool=cfg.similar_pool
+            )
             out.visual = reference_scores(feats.match_features, refs, cfg.k_aggregation)
+        out.duplicate_pairs = int(dup.sum()) // 2
         return refs
 
     def _adapt(

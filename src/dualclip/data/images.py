@@ -77,6 +77,14 @@ def array_to_rgb(array) -> Image.Image:
     return to_rgb8(Image.fromarray(a))
 
 
+def thumbnails(images: list[Image.Image], side: int = 32):
+    """``(N, side * side)`` float32 tensor of grey thumbnails (0-255), for near-duplicate detection."""
+    import torch
+
+    arrs = [np.asarray(img.convert("L").resize((side, side), Image.BILINEAR), dtype=np.float32) for img in images]
+    return torch.from_numpy(np.stack(arrs).reshape(len(images), -1))
+
+
 def load_image(
     path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS, max_side: int | None = None
 ) -> Image.Image:

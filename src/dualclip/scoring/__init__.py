@@ -1,7 +1,7 @@
 """Scoring: text guidance (§4), dual-image visual reference (§5), joint scoring (§6)."""
 
 from .fusion import fuse, gaussian_blur, map_scores, normalize_branch, resize_map, upsample
-from .reference import aggregate, golden_reference_scores, pair_references, reference_scores
+from .reference import aggregate, golden_reference_scores, near_duplicates, pair_references, reference_scores
 from .text import text_anomaly_scores
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "gaussian_blur",
     "golden_reference_scores",
     "map_scores",
+    "near_duplicates",
     "normalize_branch",
     "pair_references",
     "reference_scores",

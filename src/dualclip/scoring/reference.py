@@ -25,48 +25,79 @@ from ..config import Aggregation, Pairing
 _MAX_SIM_ELEMENTS = 32_000_000
 
 
+def near_duplicates(thumbnails: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """``(N, N)`` bool: images whose grey thumbnails (``(N, D)``, values 0-255) differ by at most ``tolerance``
+    grey levels on average (mean absolute difference); the diagonal is False. ``tolerance < 0``: none."""
+    n = thumbnails.shape[0]
+    if tolerance < 0 or n < 2:
+        return torch.zeros(n, n, dtype=torch.bool)
+    t = thumbnails.float()
+    dup = torch.cdist(t, t, p=1) / t.shape[1] <= tolerance
+    dup.fill_diagonal_(False)
+    return dup
+
+
 def pair_references(
     n: int,
     k: int | Literal["all"] = 1,
     strategy: Pairing = "random",
     seed: int = 0,
     global_embeddings: torch.Tensor | None = None,
+    forbidden: torch.Tensor | None = None,
+    similar_pool: float = 0.5,
 ) -> list[list[int]]:
-    """References of each of ``n`` images: ``k`` distinct indices, never the image itself.
+    """References of each of ``n`` images: ``k`` distinct indices, never the image itself, never one that
+    ``forbidden[i, j]`` marks (near-exact duplicates: a defect and its copy would erase each other).
 
     ``random`` with k = 1 is a seeded derangement made of pairs (a <-> b), plus, for odd n, one image that
     references a random other one; with k > 1 the images are put on a random cycle and each references its
-    nearest k neighbours on it (both sides alternately), so most references are mutual. ``similar`` picks
-    the k other images whose global embeddings are the most cosine-similar. ``k="all"`` (or k >= n - 1)
-    gives every other image (full mutual scoring).
+    nearest k neighbours on it (both sides alternately), so most references are mutual. ``similar`` draws
+    each image's k references at random (seeded) from its ``ceil(similar_pool * (n - 1))`` most
+    cosine-similar other images by global embedding: never simply the nearest, which are, for a defect that
+    recurs across the set, the images with the same defect. ``k="all"`` (or k >= n - 1) gives every other
+    image (full mutual scoring). An image left without an allowed partner (all others its duplicates) is
+    given any other image.
     """
     if n < 2:
         raise ValueError(f"pairing needs at least 2 images, got {n}")
     k_eff = n - 1 if k == "all" else min(int(k), n - 1)
+    allowed = torch.ones(n, n, dtype=torch.bool) if forbidden is None else ~forbidden.bool()
+    allowed.fill_diagonal_(False)
     if k_eff == n - 1:
-        return [[j for j in range(n) if j != i] for i in range(n)]
+        refs = [[j for j in range(n) if allowed[i, j]] for i in range(n)]
+        return [r or [j for j in range(n) if j != i] for i, r in enumerate(refs)]
+    rng = np.random.default_rng(seed)
     if strategy == "similar":
         if global_embeddings is None:
             raise ValueError("pairing 'similar' needs the global embeddings")
         g = F.normalize(global_embeddings.float(), dim=-1)
-        sim = g @ g.T
-        sim.fill_diagonal_(-math.inf)
-        # ties broken by index (stable): deterministic
-        order = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :k_eff]
-        return order.tolist()
+        sim = (g @ g.T).masked_fill(~allowed, -math.inf)
+        order = torch.sort(sim, dim=1, descending=True, stable=True).indices  # ties broken by index
+        pool = max(k_eff, math.ceil(similar_pool * (n - 1)))
+        refs = []
+        for i in range(n):
+            cands = [j for j in order[i, :pool].tolist() if allowed[i, j]] or [j for j in range(n) if j != i]
+            pick = rng.choice(len(cands), size=min(k_eff, len(cands)), replace=False)
+            refs.append([cands[p] for p in sorted(pick.tolist())])
+        return refs
     if strategy != "random":
-        raise ValueError(f"unknown pairing strategy {strategy!r}")
-    rng = np.random.default_rng(seed)
+        raise ValueError(f"unknown pairing strategy {strategy!r}; choose 'random' or 'similar'")
     perm = rng.permutation(n).tolist()
     refs: list[list[int]] = [[] for _ in range(n)]
     if k_eff == 1:
-        for p in range(0, n - 1, 2):
-            a, b = perm[p], perm[p + 1]
+        unpaired, left = list(perm), []
+        while unpaired:
+            a = unpaired.pop(0)
+            b = next((j for j in unpaired if allowed[a, j]), None)
+            if b is None:
+                left.append(a)
+                continue
+            unpaired.remove(b)
             refs[a].append(b)
             refs[b].append(a)
-        if n % 2 == 1:
-            last = perm[-1]
-            refs[last].append(perm[int(rng.integers(0, n - 1))])
+        for a in left:
+            cands = [j for j in perm if j != a and allowed[a, j]] or [j for j in perm if j != a]
+            refs[a].append(cands[int(rng.integers(0, len(cands)))])
         return refs
     pos = {img: p for p, img in enumerate(perm)}
     offsets = [o for d in range(1, n) for o in (d, -d)]
@@ -74,10 +105,12 @@ def pair_references(
         p = pos[img]
         for o in offsets:
             j = perm[(p + o) % n]
-            if j != img and j not in refs[img]:
+            if j != img and j not in refs[img] and allowed[img, j]:
                 refs[img].append(j)
             if len(refs[img]) == k_eff:
                 break
+        if not refs[img]:
+            refs[img].append(perm[(p + 1) % n])
     return refs
 
 
