@@ -347,3 +347,25 @@ def test_normalize_branch_edge_cases():
     torch.testing.assert_close(normalize_branch(torch.tensor([1.0, 3.0]), "zscore"), torch.tensor([-1.0, 1.0]))
     with pytest.raises(ValueError, match="unknown normalisation 'l2'"):
         normalize_branch(one, "l2")
+
+
+def test_aggregate_and_map_score_defaults():
+    from dualclip.scoring import aggregate
+
+    d = torch.tensor([[0.3, 0.1], [0.2, 0.4]])
+    with pytest.raises(ValueError, match="unknown aggregation 'median'"):
+        aggregate(d, "median")
+    assert torch.equal(aggregate(d[:1], "mean_low30"), d[0])
+    m = torch.zeros(2, 10, 10)
+    m[0, 1, 2], m[1, 3, 3] = 7.0, 2.0
+    assert torch.equal(map_scores(m), torch.tensor([7.0, 2.0]))  # the default is the maximum
+
+
+def test_single_branch_keeps_its_units_whatever_alpha(tiny_backbone, images):
+    for alpha in (0.0, 0.3, 1.0):
+        visual = _run(tiny_backbone, images, use_text=False, alpha=alpha)
+        torch.testing.assert_close(
+            visual.maps, upsample(visual.branches.visual, visual.grid, tiny_backbone.image_size, 4.0)
+        )
+        text = _run(tiny_backbone, images, use_visual=False, alpha=alpha, beta=0.0)
+        torch.testing.assert_close(text.maps, upsample(text.branches.text, text.grid, tiny_backbone.image_size, 4.0))

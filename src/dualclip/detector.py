@@ -392,12 +392,9 @@ class DualClipDetector:
         """
         cfg = self.config
         slot = branches.adapted if branches.adapted is not None else branches.text
-        parts = []
-        if slot is not None:
-            parts.append((slot, cfg.alpha if branches.visual is not None else 1.0))
-        if branches.visual is not None:
-            parts.append((branches.visual, 1.0 - cfg.alpha if slot is not None else 1.0))
-        parts = [(s, w) for s, w in parts if w > 0] or parts[:1]
+        parts = [(b, w) for b, w in ((slot, cfg.alpha), (branches.visual, 1.0 - cfg.alpha)) if b is not None]
+        # a branch of weight 0 drops out; a branch alone keeps its own units whatever its weight
+        parts = [(b, w) for b, w in parts if w > 0] or parts
         fused = fuse(parts, cfg.fusion_norm)
         maps = upsample(fused, grid, self.backbone.image_size, cfg.sigma)
         image_scores = map_scores(maps, cfg.image_score)

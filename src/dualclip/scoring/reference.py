@@ -116,7 +116,7 @@ def pair_references(
 
 def aggregate(distances: torch.Tensor, how: Aggregation) -> torch.Tensor:
     """Combine ``(k, P)`` per-reference distances into ``(P,)``: ``min`` or ``mean_low30``."""
-    if how == "min" or distances.shape[0] == 1:
+    if how == "min":
         return distances.min(dim=0).values
     if how == "mean_low30":
         m = max(1, math.ceil(0.3 * distances.shape[0]))
