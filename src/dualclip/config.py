@@ -14,7 +14,12 @@ AUTO_MIN_SYNTHETIC = 8
 AUTO_MAX_SYNTHETIC = 32
 """Bounds of the automatic synthetic budget (``AdaptationConfig.num_images=None``)."""
 
-Pairing = Literal["random", "similar"]
+Pairing = Literal["random"]
+REMOVED_SIMILAR = (
+    "pairing 'similar' was removed: a defect that recurs across the images finds its match in a similar "
+    "partner and erases itself (README, 'Partner selection'); use pairing='random' (the default), "
+    "more references (k=3) or full mutual scoring (k='all')"
+)
 Aggregation = Literal["min", "mean_low30"]
 FusionNorm = Literal["zscore", "rank"]
 ImageScoreMode = Literal["max", "top1pct"]
@@ -107,12 +112,12 @@ class DetectorConfig:
     k:
         References per image. 1 is the paper's dual-image setting; ``"all"`` is full mutual scoring.
     pairing:
-        ``"random"`` (seeded derangement: random pairs, each image the other's reference) or ``"similar"``
-        (k references drawn at random among the ``similar_pool`` fraction of the other images most similar
-        by global embedding; never just the nearest, which share a recurring defect).
-    similar_pool:
-        With ``pairing="similar"``: the fraction of the other images, most similar first, that references are
-        drawn from (0.5: the more similar half).
+        ``"random"``: a seeded derangement (random pairs, each image the other's reference). The only
+        strategy offered: ``"similar"`` (partners by global-embedding similarity) was removed because
+        defects that recur across a set are each other's nearest images and erase themselves; even drawn
+        among the more similar half it lost 5.3 pixel-AUROC points to ``random`` on magnetic_tile's Fray
+        defects (README, "Partner selection"). More references (``k=3``, ``k="all"``) are the robust way to
+        better scores.
     duplicate_tolerance:
         Near-exact duplicates are never each other's reference (a defect and its copy would erase each
         other): images whose 32 x 32 grey thumbnails differ by at most this many grey levels (0-255) on
@@ -161,7 +166,6 @@ class DetectorConfig:
     neighbourhood: int = 3
     k: int | Literal["all"] = 1
     pairing: Pairing = "random"
-    similar_pool: float = 0.5
     duplicate_tolerance: float = 0.5
     k_aggregation: Aggregation = "mean_low30"
     use_text: bool = True
@@ -194,8 +198,8 @@ class DetectorConfig:
             self.k == "all" or (isinstance(self.k, int) and self.k >= 1),
             f"k must be an int >= 1 or 'all', got {self.k!r}",
         )
-        _check(self.pairing in ("random", "similar"), f"pairing must be 'random' or 'similar', got {self.pairing!r}")
-        _check(0.0 < self.similar_pool <= 1.0, "similar_pool must lie in (0, 1]")
+        _check(self.pairing != "similar", REMOVED_SIMILAR)
+        _check(self.pairing == "random", f"pairing must be 'random', got {self.pairing!r}")
         _check(
             self.k_aggregation in ("min", "mean_low30"),
             f"k_aggregation must be 'min' or 'mean_low30', got {self.k_aggregation!r}",

@@ -362,9 +362,7 @@ class DualClipDetector:
             return [list(range(len(golden))) for _ in range(n)]
         with clock("reference"):
             dup = near_duplicates(thumbnails(images), cfg.duplicate_tolerance)
-            refs = pair_references(
-                n, cfg.k, cfg.pairing, cfg.seed, feats.global_embedding, forbidden=dup, similar_pool=cfg.similar_pool
-            )
+            refs = pair_references(n, cfg.k, cfg.pairing, cfg.seed, forbidden=dup)
             out.visual = reference_scores(feats.match_features, refs, cfg.k_aggregation)
         out.duplicate_pairs = int(dup.sum()) // 2
         return refs

@@ -18,7 +18,7 @@ class BackboneOutput:
     ----------
     global_embedding:
         ``(B, D)``: CLIP's image embedding in the joint space (equal to ``encode_image``), or the pooled
-        features of a vision-only backbone. Used for text scoring and for ``similar`` pairing.
+        features of a vision-only backbone. Used for text scoring.
     patch_embeddings:
         ``(B, P, D)``: dense tokens projected into the joint space for text scoring, or ``None`` for a
         vision-only backbone.

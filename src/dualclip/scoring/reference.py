@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import Aggregation, Pairing
+from ..config import Aggregation
 
 # Bound on the elements of one batch of similarity matrices (pairs x P x P floats).
 _MAX_SIM_ELEMENTS = 32_000_000
@@ -40,7 +40,7 @@ def near_duplicates(thumbnails: torch.Tensor, tolerance: float) -> torch.Tensor:
 def pair_references(
     n: int,
     k: int | Literal["all"] = 1,
-    strategy: Pairing = "random",
+    strategy: Literal["random", "similar"] = "random",
     seed: int = 0,
     global_embeddings: torch.Tensor | None = None,
     forbidden: torch.Tensor | None = None,
@@ -51,10 +51,11 @@ def pair_references(
 
     ``random`` with k = 1 is a seeded derangement made of pairs (a <-> b), plus, for odd n, one image that
     references a random other one; with k > 1 the images are put on a random cycle and each references its
-    nearest k neighbours on it (both sides alternately), so most references are mutual. ``similar`` draws
-    each image's k references at random (seeded) from its ``ceil(similar_pool * (n - 1))`` most
-    cosine-similar other images by global embedding: never simply the nearest, which are, for a defect that
-    recurs across the set, the images with the same defect. ``k="all"`` (or k >= n - 1) gives every other
+    nearest k neighbours on it (both sides alternately), so most references are mutual. ``similar`` (research
+    only, not offered by the detector: see the README's "Partner selection") draws each image's k references
+    at random (seeded) from its ``ceil(similar_pool * (n - 1))`` most cosine-similar other images by global
+    embedding; with a pool of one it is the nearest image, which for a defect that recurs across the set is
+    an image with the same defect. ``k="all"`` (or k >= n - 1) gives every other
     image (full mutual scoring). An image left without an allowed partner (all others its duplicates) is
     given any other image.
     """
