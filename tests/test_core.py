@@ -316,7 +316,7 @@ def test_threshold_sources_bounds_and_messages():
     for q in (-0.01, 1.01, float("nan")):
         with pytest.raises(ValueError, match=r"the threshold quantile must lie in \[0, 1\], got"):
             quantile_threshold([1.0, 2.0, 3.0], q)
-    with pytest.raises(ValueError, match="at least 2 normal images"):
+    with pytest.raises(ValueError, match="^a quantile threshold needs the scores of at least 2 normal images$"):
         quantile_threshold([1.0], 0.5)
     th = f1_threshold([0, 0, 0, 1, 1], [0.1, 0.2, 0.3, 0.8, 0.9])
     assert th == Threshold(0.8, "F1-optimal on validation (3 normal, 2 anomalous)")
@@ -369,3 +369,38 @@ def test_single_branch_keeps_its_units_whatever_alpha(tiny_backbone, images):
         )
         text = _run(tiny_backbone, images, use_visual=False, alpha=alpha, beta=0.0)
         torch.testing.assert_close(text.maps, upsample(text.branches.text, text.grid, tiny_backbone.image_size, 4.0))
+
+
+def test_branch_gating_messages_point_at_the_caller(tiny_backbone, images, texture_set):
+    det = DualClipDetector(DetectorConfig(pretrained=None, progress=False), backbone=tiny_backbone)
+    with pytest.warns(UserWarning) as rec:
+        det.predict(images[:1])
+    assert str(rec[0].message) == (
+        "a single image has no partner for the visual reference: running text-only "
+        "(give golden references to use the visual branch)"
+    )
+    assert rec[0].filename == __file__  # stacklevel: the warning names the caller's line
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from dualclip.backbone import EffNetLite0Backbone
+
+    effnet = EffNetLite0Backbone(image_size=64)
+    text_only = DualClipDetector(DetectorConfig(backbone="effnet-lite0", use_visual=False, progress=False), effnet)
+    with pytest.raises(
+        ValueError, match=r"^backbone 'effnet-lite0' has no text tower: turn the visual branch or tta on$"
+    ):
+        text_only.score_images(images[:2])
+    one = DualClipDetector(DetectorConfig(backbone="effnet-lite0", progress=False), effnet)
+    with pytest.raises(ValueError, match=r"give at least two images or golden references$"):
+        one.score_images(images[:1])
+
+
+def test_gaussian_blur_exact_truncation_and_sigma_zero():
+    from scipy.ndimage import gaussian_filter
+
+    from dualclip.scoring import gaussian_blur
+
+    x = torch.rand(1, 50, 50, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(gaussian_blur(x, 0.0), x)
+    for sigma in (0.2, 2.0, 3.0):
+        want = gaussian_filter(x[0].double().numpy(), sigma, mode="mirror", truncate=4.0)
+        np.testing.assert_allclose(gaussian_blur(x, sigma)[0].numpy(), want, atol=2e-6)
