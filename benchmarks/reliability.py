@@ -77,7 +77,10 @@ def summarise(outcome: dict[str, bool]) -> tuple[dict, dict]:
 
 
 def block(table: dict) -> str:
-    return f"{START}\n{markdown_table(table)}\n{END}"
+    from common import machine
+
+    made = f"Made by `python benchmarks/reliability.py --json ... --update BENCHMARKS.md` on {machine()['date']}."
+    return f"{START}\n{markdown_table(table)}\n{made}\n{END}"
 
 
 def update(path: Path, table: dict) -> None:
