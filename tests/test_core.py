@@ -406,3 +406,16 @@ def test_gaussian_blur_exact_truncation_and_sigma_zero():
     for sigma in (0.2, 2.0, 3.0):
         want = gaussian_filter(x[0].double().numpy(), sigma, mode="mirror", truncate=4.0)
         np.testing.assert_allclose(gaussian_blur(x, sigma)[0].numpy(), want, atol=2e-6)
+
+
+def test_fuse_normalises_weights_and_names_errors():
+    from dualclip.scoring import fuse
+
+    a = torch.tensor([0.0, 1.0, 2.0])
+    b = torch.tensor([2.0, 0.0, 1.0])
+    want = 0.5 * normalize_branch(a, "zscore") + 0.5 * normalize_branch(b, "zscore")
+    torch.testing.assert_close(fuse([(a, 0.3), (b, 0.3)], "zscore"), want)  # weights divided by their sum
+    with pytest.raises(ValueError, match="^nothing to fuse: every branch is off$"):
+        fuse([], "zscore")
+    with pytest.raises(ValueError, match="^unknown image score mode 'mean'$"):
+        map_scores(torch.zeros(1, 2, 2), "mean")
