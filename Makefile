@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(BIN)/dualclip demo --out runs/demo $(if $(DEMO_DATA),--data $(DEMO_DATA))
 
 # mutation testing of the scoring core, thresholds/verdicts and evaluation aggregation ([tool.mutmut] in
-# pyproject.toml) over the functions in MUTATE_TARGETS; not part of CI (about 20 minutes here). Prints the kill rate; `mutmut results` lists survivors.
+# pyproject.toml) over the functions in MUTATE_TARGETS; not part of CI (about 40 minutes here). Prints the kill rate; `mutmut results` lists survivors.
 MUTATE_TARGETS = 'dualclip.scoring.fusion.*' 'dualclip.scoring.reference.x_aggregate*' 'dualclip.scoring.text.*' \
 	'dualclip.thresholds.*' 'dualclip.detector.*_fuse*' 'dualclip.detector.*_branches_to_run*' \
 	'dualclip.detector.*BranchScores*' 'dualclip.evaluation.x_mean_over_seeds*' 'dualclip.evaluation.x_macro_mean*' \
