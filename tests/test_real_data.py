@@ -49,3 +49,24 @@ def test_mpdd_metal_plate_layout_labels_from_masks():
     (cat,) = D.folder("metal_plate", images=[str(root / "images")], mask_dirs=[str(root / "masks")])
     assert len(cat.samples) == 47 and cat.labels.sum() == 21  # SOURCE.txt: test 26 good + 21 defective
     assert cat.masks(64)[cat.labels == 1].any(axis=(1, 2)).all()
+
+
+@pytest.mark.slow
+def test_random_partners_keep_a_recurring_defect_type_on_real_data():
+    """magnetic_tile's Crack images (57, several captures of the same cracks) beside 100 defect-free ones:
+    with random partners the defective images score above the normal ones on average, for every seed."""
+    root = shared_dataset("magnetic_tile")
+    (cat,) = D.folder(
+        "crack",
+        normal=[str(root / "MT_Free" / "Imgs" / "*.jpg")],
+        anomalous=[str(root / "MT_Crack" / "Imgs" / "*.jpg")],
+        mask_suffix=".png",
+        max_normal=100,
+        mask_threshold=127,
+    )
+    det = DualClipDetector(DetectorConfig(backbone="effnet-lite0", progress=False))
+    images = cat.images()
+    for seed in (0, 1, 2):
+        det.config.seed = seed
+        s = det.score_images(images).image_scores.numpy()
+        assert s[cat.labels == 1].mean() > s[cat.labels == 0].mean(), seed
