@@ -539,3 +539,16 @@ def test_kill_eval_resumes_to_identical_numbers(tmp_path, texture_set):
     for name in ("c1", "c2", "c3"):
         for k in ("image_auroc", "pixel_auroc", "pixel_aupro", "image_auroc_std"):
             assert got["categories"][name][k] == want["categories"][name][k]
+
+
+def test_stale_staging_of_a_killed_run_is_removed_a_live_one_kept(tmp_path, folder, det):
+    out = tmp_path / "out"
+    dead = tmp_path / ".out.dualclip-staging-dead"
+    live = tmp_path / ".out.dualclip-staging-live"
+    for d, pid in ((dead, 2**22 + 12345), (live, os.getpid())):
+        d.mkdir()
+        (d / ".staging").write_text(str(pid))
+        (d / "predictions.json").write_text("{}")
+    run_predict([str(folder)], out, det.config, detector=det)
+    assert not dead.exists() and live.is_dir()
+    _complete(out)

@@ -114,9 +114,28 @@ def _remove_written(folder: Path) -> None:
 
 
 def _stale_staging(out: Path) -> Iterator[Path]:
+    """Staging folders of runs that were killed: made by dualclip (the .staging tag holds the writer's pid)
+    and whose process is gone (a run still writing is left alone)."""
     for p in out.parent.glob(f".{out.name[:100]}.dualclip-*"):
-        if p.is_dir() and (p / ".staging").is_file():
+        tag = p / ".staging"
+        if p.is_dir() and tag.is_file():
+            try:
+                pid = int(tag.read_text().strip() or 0)
+            except (OSError, ValueError):
+                continue
+            if pid and _alive(pid):
+                continue
             yield p
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -128,7 +147,7 @@ def staged_output(out: Path) -> Iterator[Path]:
         shutil.rmtree(stale, ignore_errors=True)
     staging = out.parent / f".{out.name[:100]}.dualclip-staging-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
-    (staging / ".staging").touch()
+    (staging / ".staging").write_text(str(os.getpid()))
     try:
         yield staging
         files = sorted(_files_under(staging) - {".staging"})
