@@ -315,7 +315,7 @@ def test_row_09_100_megapixel_png_stays_under_1_5_gb(tmp_path):
     assert peak_mb < 1500, f"peak {peak_mb:.0f} MB"
     doc = _complete(tmp_path / "o")
     big_row = next(p for p in doc["predictions"] if p["path"].endswith("big.png"))
-    assert big_row["original_size"] == [10_000, 10_000] and max(big_row["size"]) == 4096
+    assert big_row["original_size"] == [10_000, 10_000] and max(big_row["size"]) == 2048
 
 
 # -- row 10: several values after one path flag ------------------------------------------------------------------

@@ -15,7 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 DEFAULT_MAX_PIXELS = 100_000_000
 """Decompression-bomb limit: a file declaring more pixels than this is refused before decoding."""
-DEFAULT_MAX_SIDE = 4096
+DEFAULT_MAX_SIDE = 2048
 """Images whose longer side exceeds this are decoded reduced (JPEG: at decode time; others: right after)
 so that no image is held larger than needed; outputs are written at the reduced size."""
 OUTPUT_MARKER = ".dualclip-output.json"
