@@ -47,6 +47,7 @@ def evaluate_category(config: DetectorConfig, category: Category, seeds: list[in
     images = category.images()
     golden = [load_image(p) for p in category.references] or None
     with_mask = category.has_mask
+    masks = None  # read once, at the processing size of the first run
     per_seed = []
     for seed in seeds:
         cfg = dataclasses.replace(config, seed=seed)
@@ -57,7 +58,9 @@ def evaluate_category(config: DetectorConfig, category: Category, seeds: list[in
         detector_cache["backbone"] = det.backbone
         size = result.maps.shape[-1]
         m = all_metrics(category.labels, result.image_scores.numpy())
-        m.update(pixel_metrics(category.masks(size)[with_mask], result.maps.numpy()[with_mask]))
+        if masks is None:
+            masks = category.masks(size)[with_mask]
+        m.update(pixel_metrics(masks, result.maps.numpy()[with_mask]))
         m["ms_per_image"] = 1000 * elapsed / len(images)
         m["peak_rss_mb"] = peak_rss_mb()
         per_seed.append(m)

@@ -76,7 +76,7 @@ def fit_threshold(
 ) -> Threshold:
     """Fit a threshold with ``detector``: with ``anomalous``, F1-optimal on ``normal + anomalous`` scored as one
     run; else the ``quantile`` of the ``normal`` images scored among themselves (default 0.99)."""
-    if anomalous:
+    if anomalous is not None:
         result = detector.score_images(list(normal) + list(anomalous), class_name=class_name)
         labels = np.array([0] * len(normal) + [1] * len(anomalous))
         return f1_threshold(labels, result.image_scores.numpy())

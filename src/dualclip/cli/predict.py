@@ -22,7 +22,7 @@ from ..atomic import dumps, save_image, write_text
 from ..config import DetectorConfig
 from ..data.images import DEFAULT_MAX_SIDE, ImageLoadError, expand_paths, load_image
 from ..detector import DualClipDetector, Prediction
-from ..thresholds import NO_THRESHOLD, Threshold, f1_threshold, manual_threshold, quantile_threshold
+from ..thresholds import NO_THRESHOLD, Threshold, fit_threshold, manual_threshold
 from ..visualization import binary_mask, overlay, render_report, run_scale
 from .output_folder import OutputFolderError, check_output_folder, staged_output
 
@@ -89,16 +89,12 @@ def decide_threshold(
     if reference_quantile is not None:
         if not reference_images or len(reference_images) < 2:
             raise UsageError("--threshold-quantile needs at least 2 --reference images")
-        scores = det.score_images(reference_images, class_name=class_name).image_scores.numpy()
-        return quantile_threshold(scores, reference_quantile)
+        return fit_threshold(det, reference_images, quantile=reference_quantile, class_name=class_name)
     if validation is not None:
-        normal, anomalous = validation
-        imgs_n, _ = _load_all(normal, warn)
-        imgs_a, _ = _load_all(anomalous, warn)
-        labels = np.array([0] * len(imgs_n) + [1] * len(imgs_a))
-        result = det.score_images([i for _, i in imgs_n + imgs_a], class_name=class_name)
+        imgs_n, _ = _load_all(validation[0], warn)
+        imgs_a, _ = _load_all(validation[1], warn)
         try:
-            return f1_threshold(labels, result.image_scores.numpy())
+            return fit_threshold(det, [i for _, i in imgs_n], [i for _, i in imgs_a], class_name=class_name)
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
     return NO_THRESHOLD
