@@ -18,9 +18,9 @@ from dualclip.backbone import (
     EffNetLite0Backbone,
     WeightsUnavailableError,
     build_clip_backbone,
-    finish_match_features,
     load_open_clip,
 )
+from dualclip.scoring.matching import to_match_space
 
 
 def _images(n=3, size=64, seed=0):
@@ -71,18 +71,18 @@ def _reference_vv(model, images, vv_start, layers):
 @pytest.mark.parametrize("vv_start", [1, 3])
 def test_vv_attention_matches_plain_recomputation(tiny_backbone, vv_start):
     layers = (1, 2, 3, 4)
-    bb = ClipBackbone(tiny_backbone.model, tiny_backbone.tokenizer, TINY, None, layers, vv_start, neighbourhood=1)
+    bb = ClipBackbone(tiny_backbone.model, tiny_backbone.tokenizer, TINY, None, layers, vv_start)
     x = _images()
     with torch.no_grad():
         out = bb(x)
         ref_layers, ref_patch = _reference_vv(bb.model, x, vv_start, layers)
     torch.testing.assert_close(out.patch_embeddings, ref_patch, rtol=1e-5, atol=1e-5)
     for got, layer in zip(out.match_features, layers, strict=True):
-        torch.testing.assert_close(got, F.normalize(ref_layers[layer][:, 1:], dim=-1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, ref_layers[layer][:, 1:], rtol=1e-5, atol=1e-5)
     # the V-V path really differs from the original path's tokens
     with torch.no_grad():
         x_tokens = bb.model.visual.transformer(bb.model.visual._embeds(x))[:, 1:]
-    assert not torch.allclose(out.match_features[-1], F.normalize(x_tokens, dim=-1), atol=1e-3)
+    assert not torch.allclose(out.match_features[-1], x_tokens, atol=1e-3)
 
 
 def test_default_feature_layers_are_evenly_spaced(tiny_backbone):
@@ -92,13 +92,12 @@ def test_default_feature_layers_are_evenly_spaced(tiny_backbone):
     assert len(out.match_features) == 4
     for f in out.match_features:
         assert f.shape == (2, 16, 64)
-        torch.testing.assert_close(f.norm(dim=-1), torch.ones(2, 16))
     assert out.patch_embeddings.shape == (2, 16, 32)
 
 
 def test_neighbourhood_average_matches_manual():
     tokens = torch.randn(1, 9, 5)
-    got = finish_match_features(tokens, (3, 3), 3)
+    got = to_match_space(tokens, (3, 3), "cosine", 3)
     t = F.normalize(tokens, dim=-1)[0].reshape(3, 3, 5)
     # centre patch: mean of all 9; corner (0,0): mean of its 4 in-grid neighbours
     centre = F.normalize(t.reshape(9, 5).mean(0), dim=0)
@@ -173,12 +172,18 @@ def test_download_failure_names_model_tag_file_and_flag(tmp_path):
 def test_effnet_backbone_features():
     pytest.importorskip("efficientnet_lite_pytorch")
     bb = EffNetLite0Backbone(image_size=128)
-    out = bb(torch.randn(2, 3, 128, 128))
+    images = torch.randn(2, 3, 128, 128)
+    out = bb(images)
     assert out.patch_embeddings is None and not bb.has_text
     assert out.grid == (16, 16)
     assert [f.shape[-1] for f in out.match_features] == [40, 112]
-    for f in out.match_features:
-        torch.testing.assert_close(f.norm(dim=-1), torch.ones(2, 256))
+    # raw block outputs (magnitude kept): block 4's output at its own stride-8 grid, as the network computes it
+    net = bb.net
+    with torch.no_grad():
+        x = net._swish(net._bn0(net._conv_stem(images)))
+        for block in net._blocks[:5]:
+            x = block(x)
+    torch.testing.assert_close(out.match_features[0], x.flatten(2).transpose(1, 2))
     with pytest.raises(NotImplementedError):
         bb.encode_text(["x"])
 

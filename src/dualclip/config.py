@@ -21,6 +21,8 @@ REMOVED_SIMILAR = (
     "more references (k=3) or full mutual scoring (k='all')"
 )
 Aggregation = Literal["min", "mean_low30"]
+Distance = Literal["cosine", "euclidean", "layernorm"]
+DISTANCES: tuple[str, ...] = ("cosine", "euclidean", "layernorm")
 FusionNorm = Literal["zscore", "rank"]
 ImageScoreMode = Literal["max", "top1pct"]
 TTAScope = Literal["category", "image"]
@@ -51,6 +53,10 @@ class AdaptationConfig:
         generalised better than rank 16 on magnetic_tile (README, "Test-time adaptation").
     dice_weight:
         Weight of the Dice term added to the BCE loss.
+    anchor:
+        Weight of the penalty ``||delta||^2 / ||w0||^2`` that keeps the head's direction near its text start
+        ``w0`` (METHOD §7; 0: free). Without it 60 steps at lr 1e-2 turned the direction almost orthogonal to
+        the text (cosine 0.02-0.10).
     base_fraction:
         Synthesis starts from this fraction of the test images: the most normal-looking ones by the
         unadapted score (the text and visual branches before adaptation). Test images are unlabeled; a
@@ -67,6 +73,7 @@ class AdaptationConfig:
     rank: int = 0
     dice_weight: float = 1.0
     base_fraction: float = 0.5
+    anchor: float = 1.0
 
     def __post_init__(self) -> None:
         _check(self.num_images is None or self.num_images >= 1, "adaptation.num_images must be None or >= 1")
@@ -77,6 +84,7 @@ class AdaptationConfig:
         )
         _check(self.rank >= 0, "adaptation.rank must be >= 0")
         _check(0.0 < self.base_fraction <= 1.0, "adaptation.base_fraction must lie in (0, 1]")
+        _check(self.anchor >= 0, "adaptation.anchor must be >= 0")
 
     def synthetic_budget(self, n_test: int) -> int:
         """Synthetic images to train on for ``n_test`` test images (per image with ``scope="image"``)."""
@@ -107,8 +115,16 @@ class DetectorConfig:
         ending at the last (3/6/9/12 for 12 blocks). For ``effnet-lite0``: indices of its MBConv blocks.
     vv_start:
         First (1-based) block of the V-V attention path; before it the V-V path equals the original one.
+    distance:
+        The patch distance of visual matching (:mod:`dualclip.scoring.matching`): ``"cosine"`` on
+        L2-normalised features (the paper's), ``"euclidean"`` on raw features (layers concatenated), or
+        ``"layernorm"`` (MuSc: per-patch LayerNorm, then Euclidean per layer). ``None``: the backbone's default,
+        chosen by leave-one-defect-type-out (README, "Matching"): ``euclidean`` for ``effnet-lite0``,
+        ``cosine`` for CLIP (no CLIP weights could be evaluated here).
     neighbourhood:
-        Side of the square neighbourhood over which matching features are averaged (1 = off).
+        Side of the square neighbourhood over which matching features are averaged (1 = off), or several
+        sides, e.g. ``(1, 3, 5)``: one matching space each, scores averaged. ``None``: the backbone's
+        default (3 for CLIP; see ``distance`` for effnet-lite0).
     k:
         References per image. 1 is the paper's dual-image setting; ``"all"`` is full mutual scoring.
     pairing:
@@ -142,6 +158,10 @@ class DetectorConfig:
         Softmax temperature tau of text scores; ``None``: the model's logit scale (100 for CLIP).
     tta:
         Test-time adaptation on synthesized anomalies (§7); settings in ``adaptation``.
+    memory_bank_size:
+        Most golden patches a fitted profile keeps (:meth:`DualClipDetector.fit`): above it a greedy coreset
+        (PatchCore) chooses this many; ``None`` keeps all. 16384 patches of effnet-lite0 at 224 px are 21
+        images' worth; measured in the README ("Saved profiles").
     batch_size:
         Images per backbone forward pass.
     seed:
@@ -163,7 +183,8 @@ class DetectorConfig:
     image_size: int | None = None
     feature_layers: tuple[int, ...] | None = None
     vv_start: int = 1
-    neighbourhood: int = 3
+    distance: Distance | None = None
+    neighbourhood: int | tuple[int, ...] | None = None
     k: int | Literal["all"] = 1
     pairing: Pairing = "random"
     duplicate_tolerance: float = 0.5
@@ -178,6 +199,7 @@ class DetectorConfig:
     temperature: float | None = None
     tta: bool = False
     adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
+    memory_bank_size: int | None = 16384
     batch_size: int = 8
     seed: int = 0
     quick_gelu: bool | None = None
@@ -193,7 +215,17 @@ class DetectorConfig:
             _check(len(self.feature_layers) > 0, "feature_layers must not be empty")
         _check(self.image_size is None or self.image_size >= 32, "image_size must be >= 32 pixels")
         _check(self.vv_start >= 1, "vv_start is 1-based and must be >= 1")
-        _check(self.neighbourhood >= 1 and self.neighbourhood % 2 == 1, "neighbourhood must be an odd number >= 1")
+        _check(
+            self.distance is None or self.distance in DISTANCES,
+            f"distance must be one of {DISTANCES}, got {self.distance!r}",
+        )
+        if self.neighbourhood is not None:
+            sizes = (self.neighbourhood,) if isinstance(self.neighbourhood, int) else tuple(self.neighbourhood)
+            _check(
+                len(sizes) > 0 and all(isinstance(r, int) and r >= 1 and r % 2 == 1 for r in sizes),
+                f"neighbourhood must be an odd number >= 1 or a tuple of them, got {self.neighbourhood!r}",
+            )
+            self.neighbourhood = sizes[0] if len(sizes) == 1 else sizes
         _check(
             self.k == "all" or (isinstance(self.k, int) and self.k >= 1),
             f"k must be an int >= 1 or 'all', got {self.k!r}",
@@ -215,12 +247,14 @@ class DetectorConfig:
         )
         _check(self.sigma >= 0, "sigma must be >= 0")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
+        _check(self.memory_bank_size is None or self.memory_bank_size >= 1, "memory_bank_size must be None or >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         """All settings as plain JSON-able values (recorded in every output)."""
         d = dataclasses.asdict(self)
-        if d["feature_layers"] is not None:
-            d["feature_layers"] = list(d["feature_layers"])
+        for key in ("feature_layers", "neighbourhood"):
+            if isinstance(d[key], tuple):
+                d[key] = list(d[key])
         return d
 
 

@@ -20,19 +20,24 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .adaptation.adapt import AdaptationResult
+from .adaptation.adapt import AdaptationResult, fit_head, head_scores
+from .adaptation.head import AdaptationHead
 from .backbone import Backbone, BackboneOutput, build_backbone, extract_features
 from .config import DetectorConfig
 from .data.images import array_to_rgb, load_image, thumbnails, to_rgb8
+from .profile import Moments, Profile, ProfileError, ScoreScale, build_bank, weights_fingerprint
 from .scoring import (
+    bank_distances,
     fuse,
     golden_reference_scores,
     map_scores,
+    match_spaces,
     near_duplicates,
     pair_references,
     reference_scores,
@@ -41,6 +46,7 @@ from .scoring import (
     upsample,
 )
 from .text import readable_class_name, text_embeddings
+from .thresholds import Threshold, f1_threshold, quantile_threshold
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 
@@ -132,6 +138,8 @@ class RunInfo:
     duplicate_pairs: int = 0
     synthetic_images: int | None = None
     synthesis_bases: list[int] | None = None
+    distance: str | None = None
+    neighbourhood: list[int] | None = None
 
     def to_dict(self, with_references: bool = True) -> dict:
         d = dataclasses.asdict(self)
@@ -163,6 +171,42 @@ class ScoreResult:
     branches: BranchScores
     grid: tuple[int, int]
     run: RunInfo
+
+
+def _concat(results: list[ScoreResult]) -> ScoreResult:
+    """One result of the images of several single-image results (profile mode)."""
+    first = results[0]
+
+    def cat(name: str) -> torch.Tensor | None:
+        parts = [getattr(r.branches, name) for r in results]
+        return None if parts[0] is None else torch.cat(parts)
+
+    timings: dict[str, float] = {}
+    for r in results:
+        for k, v in r.run.timings_s.items():
+            timings[k] = timings.get(k, 0.0) + v
+    run = dataclasses.replace(
+        first.run,
+        n_images=len(results),
+        references=[ref for r in results for ref in r.run.references],
+        timings_s=timings,
+    )
+    branches = BranchScores(
+        **{f.name: cat(f.name) for f in dataclasses.fields(BranchScores) if f.name != "duplicate_pairs"}
+    )
+    return ScoreResult(
+        image_scores=torch.cat([r.image_scores for r in results]),
+        maps=torch.cat([r.maps for r in results]),
+        branches=branches,
+        grid=first.grid,
+        run=run,
+    )
+
+
+def _mean(tensors) -> torch.Tensor:
+    """Mean of equally shaped tensors (one, returned unchanged)."""
+    tensors = list(tensors)
+    return tensors[0] if len(tensors) == 1 else torch.stack(tensors).mean(dim=0)
 
 
 def _as_rgb(item: ImageInput) -> tuple[Image.Image, str | None]:
@@ -206,9 +250,12 @@ class DualClipDetector:
     >>> preds[0].score, preds[0].anomaly_map.shape                                   # doctest: +SKIP
     """
 
-    def __init__(self, config: DetectorConfig | None = None, backbone: Backbone | None = None) -> None:
+    def __init__(
+        self, config: DetectorConfig | None = None, backbone: Backbone | None = None, profile: Profile | None = None
+    ) -> None:
         self.config = config or DetectorConfig()
         self._backbone = backbone
+        self.profile_ = profile
         self.run_info_: RunInfo | None = None
 
     @property
@@ -231,9 +278,13 @@ class DualClipDetector:
         Without ``references`` the images are each other's visual references (the dual-image setting);
         with ``references`` (golden normal images) every image is compared with all of them instead.
         A single image without references runs text-only with a warning (a vision-only backbone raises).
+        After :meth:`fit` (or :meth:`load`) every image is scored on its own against the profile, in the
+        profile's fixed units: the same score alone or in any batch.
         """
         if len(images) == 0:
             raise ValueError("no images to score")
+        if references and self.profile_ is not None:
+            raise ValueError("this detector is fitted: it compares images with its profile, not with references")
         loaded = [_as_rgb(item) for item in images]
         golden = [_as_rgb(item)[0] for item in references] if references else None
         result = self.score_images([img for img, _ in loaded], class_name=class_name, golden=golden)
@@ -258,12 +309,27 @@ class DualClipDetector:
         class_name: str | None = None,
         golden: list[Image.Image] | None = None,
     ) -> ScoreResult:
-        """Run the pipeline on RGB images: maps at S x S, image scores and every branch's scores."""
+        """Run the pipeline on RGB images: maps at S x S, image scores and every branch's scores.
+
+        A fitted detector scores image by image: the same arithmetic, hence the same score, in any batch."""
+        from tqdm.auto import tqdm
+
+        if self.profile_ is not None:
+            class_name = self._profile_class_name(class_name)
+            if len(images) > 1:
+                bar = tqdm(images, desc="scoring", unit="img", disable=not self.config.progress, leave=False)
+                return _concat([self._score([img], class_name, None, progress=False) for img in bar])
+        return self._score(images, class_name, golden, progress=self.config.progress)
+
+    def _score(
+        self, images: list[Image.Image], class_name: str | None, golden: list[Image.Image] | None, progress: bool
+    ) -> ScoreResult:
         cfg = self.config
+        profile = self.profile_
         use_text, use_visual = self._branches_to_run(len(images), golden)
         clock = _StageClock()
         with clock("backbone"):
-            feats = self._extract(images, keep_patch_embeddings=use_text, desc="features")
+            feats = self._extract(images, keep_patch_embeddings=use_text, desc="features", progress=progress)
         branches = BranchScores()
         temperature = cfg.temperature or self.backbone.logit_scale
         with clock("text"):
@@ -272,16 +338,19 @@ class DualClipDetector:
         if use_visual:
             refs = self._visual(images, feats, golden, clock, branches)
         adaptation = None
-        if cfg.tta:
+        if cfg.tta and profile is not None and profile.head is not None:
+            with clock("adaptation"):
+                branches.adapted = head_scores(AdaptationHead.from_tensors(profile.head), feats, use_text)
+        elif cfg.tta:
             with clock("adaptation"):
                 adaptation = self._adapt(images, feats, text, temperature, branches)
                 branches.adapted = adaptation.patch_scores
         with clock("fusion"):
-            maps, image_scores = self._fuse(branches, feats.grid)
+            maps, image_scores = self._fuse(branches, feats.grid, None if profile is None else profile.scale)
         run = RunInfo(
             n_images=len(images),
             seed=cfg.seed,
-            pairing=cfg.pairing if golden is None else "golden",
+            pairing="profile" if profile is not None else cfg.pairing if golden is None else "golden",
             references=refs,
             branches=sorted(branches.patch()),
             temperature=temperature,
@@ -295,8 +364,18 @@ class DualClipDetector:
         if adaptation is not None:
             run.synthetic_images = cfg.adaptation.synthetic_budget(len(images))
             run.synthesis_bases = adaptation.bases
+        if use_visual:
+            run.distance, sizes = self.matching()
+            run.neighbourhood = list(sizes)
         self.run_info_ = run
         return ScoreResult(image_scores=image_scores, maps=maps, branches=branches, grid=feats.grid, run=run)
+
+    def matching(self) -> tuple[str, tuple[int, ...]]:
+        """The visual branch's (distance, neighbourhood sizes): the settings, or the backbone's defaults."""
+        cfg, backbone = self.config, self.backbone
+        distance = cfg.distance or backbone.default_distance
+        sizes = cfg.neighbourhood or backbone.default_neighbourhood
+        return distance, (sizes,) if isinstance(sizes, int) else tuple(sizes)
 
     def _branches_to_run(self, n: int, golden: list | None) -> tuple[bool, bool]:
         """(use_text, use_visual) for this run: the settings, limited by the backbone and the image count."""
@@ -305,7 +384,7 @@ class DualClipDetector:
         if cfg.use_text and not backbone.has_text and not cfg.use_visual and not cfg.tta:
             raise ValueError(f"backbone {backbone.name!r} has no text tower: turn the visual branch or tta on")
         use_visual = cfg.use_visual
-        if use_visual and golden is None and n < 2:
+        if use_visual and golden is None and self.profile_ is None and n < 2:
             if not use_text:
                 raise ValueError(
                     f"one image and a vision-only backbone ({backbone.name!r}): give at least two images "
@@ -314,19 +393,21 @@ class DualClipDetector:
             warnings.warn(
                 "a single image has no partner for the visual reference: running text-only "
                 "(give golden references to use the visual branch)",
-                stacklevel=4,
+                stacklevel=5,
             )
             use_visual = False
         return use_text, use_visual
 
-    def _extract(self, images: list[Image.Image], keep_patch_embeddings: bool, desc: str) -> BackboneOutput:
+    def _extract(
+        self, images: list[Image.Image], keep_patch_embeddings: bool, desc: str, progress: bool | None = None
+    ) -> BackboneOutput:
         cfg = self.config
         return extract_features(
             self.backbone,
             images,
             cfg.batch_size,
             keep_patch_embeddings=keep_patch_embeddings,
-            progress=cfg.progress,
+            progress=cfg.progress if progress is None else progress,
             desc=desc,
         )
 
@@ -354,16 +435,26 @@ class DualClipDetector:
         """METHOD §5: fills ``out.visual``; returns each image's reference indices."""
         cfg = self.config
         n = feats.global_embedding.shape[0]
+        distance, sizes = self.matching()
+        spaces = match_spaces(feats.match_features, feats.grid, distance, sizes)
+        if self.profile_ is not None:
+            with clock("reference"):
+                banks = self.profile_.bank
+                out.visual = _mean(bank_distances(s, b, distance) for s, b in zip(spaces, banks, strict=True))
+            return [[] for _ in range(n)]
         if golden is not None:
             with clock("backbone"):
                 gfeats = self._extract(golden, keep_patch_embeddings=False, desc="references")
             with clock("reference"):
-                out.visual = golden_reference_scores(feats.match_features, gfeats.match_features)
+                gspaces = match_spaces(gfeats.match_features, gfeats.grid, distance, sizes)
+                out.visual = _mean(
+                    golden_reference_scores(s, g, distance) for s, g in zip(spaces, gspaces, strict=True)
+                )
             return [list(range(len(golden))) for _ in range(n)]
         with clock("reference"):
             dup = near_duplicates(thumbnails(images), cfg.duplicate_tolerance)
             refs = pair_references(n, cfg.k, cfg.pairing, cfg.seed, forbidden=dup)
-            out.visual = reference_scores(feats.match_features, refs, cfg.k_aggregation)
+            out.visual = _mean(reference_scores(s, refs, cfg.k_aggregation, distance=distance) for s in spaces)
         out.duplicate_pairs = int(dup.sum()) // 2
         return refs
 
@@ -383,26 +474,206 @@ class DualClipDetector:
         prior = fuse([(p, 1.0) for p in patch.values()], cfg.fusion_norm).amax(dim=1) if patch else None
         return adapt_patch_scores(self.backbone, images, feats, text, temperature, cfg, prior)
 
-    def _fuse(self, branches: BranchScores, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fuse(
+        self, branches: BranchScores, grid: tuple[int, int], scale: ScoreScale | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """METHOD §6: fuse the patch branches into maps ``(N, S, S)`` and image scores ``(N,)``.
 
-        The adapted map, where present, takes the text slot (weight alpha); the visual map gets 1 - alpha.
+        Without ``scale`` (zero-shot) the branches are brought to one scale over the run (``fusion_norm``);
+        with a profile's ``scale`` by the normal images' fixed moments, and maps and scores end in profile units.
+        """
+        maps, map_max = self._fused_maps(branches, grid, scale)
+        image_scores = self._image_scores(branches, map_max, scale)
+        if scale is not None:
+            maps, image_scores = scale.score.standardize(maps), scale.score.standardize(image_scores)
+        return maps, image_scores
+
+    def _fused_maps(
+        self, branches: BranchScores, grid: tuple[int, int], scale: ScoreScale | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused, upsampled, smoothed maps and their image scores (max or top 1%).
+
+        Text and adapted scores share the text slot (weight alpha, split evenly where both ran: adaptation adds
+        to the text evidence instead of replacing it); the visual map gets 1 - alpha.
         """
         cfg = self.config
-        slot = branches.adapted if branches.adapted is not None else branches.text
-        parts = [(b, w) for b, w in ((slot, cfg.alpha), (branches.visual, 1.0 - cfg.alpha)) if b is not None]
+        slot = [(n, b) for n, b in (("text", branches.text), ("adapted", branches.adapted)) if b is not None]
+        parts = [(n, b, cfg.alpha / len(slot)) for n, b in slot]
+        if branches.visual is not None:
+            parts.append(("visual", branches.visual, 1.0 - cfg.alpha))
         # a branch of weight 0 drops out; a branch alone keeps its own units whatever its weight
-        parts = [(b, w) for b, w in parts if w > 0] or parts
-        fused = fuse(parts, cfg.fusion_norm)
+        parts = [p for p in parts if p[2] > 0] or parts
+        moments = None if scale is None else [scale.patch[n] for n, _, _ in parts]
+        fused = fuse([(b, w) for _, b, w in parts], cfg.fusion_norm, moments)
         maps = upsample(fused, grid, self.backbone.image_size, cfg.sigma)
-        image_scores = map_scores(maps, cfg.image_score)
-        if branches.text_global is not None and cfg.beta > 0:
-            image_scores = (
-                fuse([(branches.text_global, cfg.beta), (image_scores, 1.0 - cfg.beta)], cfg.fusion_norm)
-                if cfg.beta < 1
-                else branches.text_global
+        return maps, map_scores(maps, cfg.image_score)
+
+    def _image_scores(self, branches: BranchScores, map_max: torch.Tensor, scale: ScoreScale | None) -> torch.Tensor:
+        """``S = beta * g_txt + (1 - beta) * max(M)``, each brought to one scale first."""
+        cfg = self.config
+        if branches.text_global is None or cfg.beta <= 0:
+            return map_max
+        if cfg.beta >= 1:
+            return branches.text_global
+        moments = None if scale is None else [scale.image["text_global"], scale.image["map"]]
+        return fuse([(branches.text_global, cfg.beta), (map_max, 1.0 - cfg.beta)], cfg.fusion_norm, moments)
+
+    # -- profiles -----------------------------------------------------------------------------------------
+    def fit(
+        self,
+        images: Sequence[ImageInput],
+        class_name: str | None = None,
+        threshold_quantile: float | None = None,
+        validation_normal: Sequence[ImageInput] | None = None,
+        validation_anomalous: Sequence[ImageInput] | None = None,
+    ) -> DualClipDetector:
+        """Fit a profile on normal (defect-free) images; afterwards :meth:`predict` scores against it.
+
+        The images become the golden references: their matching features form the memory bank (greedy
+        coreset above ``config.memory_bank_size`` patches). Each of them is then scored against the bank
+        without its own patches (leave-one-out), and those normal scores fix the units: every branch is
+        standardised by its normal moments, and the final score by the normal scores' mean and standard
+        deviation. With ``tta`` the adaptation head is trained here, on anomalies synthesized on the normal
+        images, and kept in the profile.
+
+        Parameters
+        ----------
+        images:
+            At least two normal images of one product.
+        class_name:
+            The product's name for the text prompts (kept in the profile).
+        threshold_quantile:
+            Verdict threshold: this quantile of the normal images' leave-one-out scores (e.g. 0.99).
+        validation_normal, validation_anomalous:
+            Labelled validation images: the verdict threshold is the F1-optimal one on their profile scores.
+
+        Returns
+        -------
+        The detector itself, fitted (``profile_`` set).
+        """
+        from . import __version__
+
+        cfg, backbone = self.config, self.backbone
+        if len(images) < 2:
+            raise ValueError(f"fit needs at least 2 normal images (leave-one-out statistics), got {len(images)}")
+        if threshold_quantile is not None and (validation_normal or validation_anomalous):
+            raise ValueError("give either a threshold quantile or a validation set, not both")
+        loaded = [_as_rgb(item) for item in images]
+        rgb = [img for img, _ in loaded]
+        self.profile_ = None
+        use_text = cfg.use_text and backbone.has_text
+        if not (use_text or cfg.use_visual or cfg.tta):
+            raise ValueError(f"backbone {backbone.name!r} has no text tower: turn the visual branch or tta on")
+        feats = self._extract(rgb, keep_patch_embeddings=use_text, desc="normal images")
+        branches = BranchScores()
+        temperature = cfg.temperature or backbone.logit_scale
+        text = self._text(feats, class_name, use_text, temperature, branches)
+        distance, sizes = self.matching()
+        bank, owner, total = [], torch.zeros(0, dtype=torch.long), 0
+        if cfg.use_visual:
+            spaces = match_spaces(feats.match_features, feats.grid, distance, sizes)
+            bank, owner, total = build_bank(spaces, cfg.memory_bank_size, cfg.seed)
+            ids = torch.arange(len(rgb))
+            branches.visual = _mean(
+                bank_distances(s, b, distance, query_owner=ids, bank_owner=owner)
+                for s, b in zip(spaces, bank, strict=True)
             )
-        return maps, image_scores
+        head = None
+        if cfg.tta:
+            head, _ = fit_head(backbone, rgb, text, temperature, cfg)
+            branches.adapted = head_scores(head, feats, use_text)
+        scale, normal_scores = self._normal_scale(branches, feats.grid)
+        meta = {
+            "config": cfg.to_dict(),
+            "class_name": class_name,
+            "backbone": backbone.name,
+            "weights": backbone.weights_id,
+            "weights_fingerprint": weights_fingerprint(backbone),
+            "image_size": backbone.image_size,
+            "distance": distance,
+            "neighbourhood": list(sizes),
+            "n_normal": len(rgb),
+            "bank_patches": int(owner.numel()),
+            "bank_patches_total": total,
+            "sources": [src for _, src in loaded],
+            "created_by": f"dualclip {__version__}",
+        }
+        self.profile_ = Profile(
+            bank=bank if bank else [[torch.zeros(0, 1)]],
+            bank_owner=owner,
+            scale=scale,
+            normal_scores=[float(s) for s in normal_scores],
+            threshold=None,
+            meta=meta,
+            head=None if head is None else head.tensors(),
+        )
+        if threshold_quantile is not None:
+            self.profile_.threshold = quantile_threshold(normal_scores.numpy(), threshold_quantile)
+        elif validation_normal or validation_anomalous:
+            if not validation_normal or not validation_anomalous:
+                raise ValueError("a validation set needs both normal and anomalous images")
+            result = self.score_images([_as_rgb(i)[0] for i in [*validation_normal, *validation_anomalous]])
+            labels = np.array([0] * len(validation_normal) + [1] * len(validation_anomalous))
+            self.profile_.threshold = f1_threshold(labels, result.image_scores.numpy())
+        return self
+
+    def _normal_scale(self, branches: BranchScores, grid: tuple[int, int]) -> tuple[ScoreScale, torch.Tensor]:
+        """The profile units from the normal images' (leave-one-out) branch scores, step by step as ``_fuse``
+        uses them: patch moments, then image moments, then the moments of the fused score."""
+        scale = ScoreScale(patch={name: Moments.of(t) for name, t in branches.patch().items()})
+        _, map_max = self._fused_maps(branches, grid, scale)
+        scale.image["map"] = Moments.of(map_max)
+        if branches.text_global is not None:
+            scale.image["text_global"] = Moments.of(branches.text_global)
+        raw = self._image_scores(branches, map_max, scale)
+        scale.score = Moments.of(raw)
+        return scale, scale.score.standardize(raw)
+
+    def _profile_class_name(self, class_name: str | None) -> str | None:
+        fitted = self.profile_.meta.get("class_name")
+        if class_name is not None and class_name != fitted and self.backbone.has_text and self.config.use_text:
+            raise ValueError(
+                f"this profile was fitted for class {fitted!r}: its text statistics do not apply to {class_name!r}"
+            )
+        return fitted
+
+    @property
+    def threshold_(self) -> Threshold | None:
+        """The profile's verdict threshold (``None``: not fitted, or fitted without one)."""
+        return None if self.profile_ is None else self.profile_.threshold
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Save the fitted profile as a folder of safetensors + JSON (no pickle); see :class:`Profile`."""
+        if self.profile_ is None:
+            raise ValueError("nothing to save: fit the detector on normal images first")
+        return self.profile_.save(path, overwrite=overwrite)
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, backbone: Backbone | None = None, device: str | None = None
+    ) -> DualClipDetector:
+        """A detector with the settings, weights and statistics of a saved profile.
+
+        The model is built from the profile's settings (or ``backbone`` is used) and must compute with the
+        same weights as the one the profile was fitted with (weights fingerprint), else :class:`ProfileError`.
+        """
+        profile = Profile.load(path)
+        try:
+            config = DetectorConfig(**profile.meta["config"])
+        except (TypeError, ValueError) as exc:
+            raise ProfileError(f"{path}: its settings are not valid for this dualclip: {exc}") from exc
+        if device is not None:
+            config = dataclasses.replace(config, device=device)
+        det = cls(config, backbone=backbone, profile=profile)
+        want = profile.meta.get("weights_fingerprint")
+        got = weights_fingerprint(det.backbone)
+        if det.backbone.name != profile.meta.get("backbone") or got != want:
+            raise ProfileError(
+                f"{path} was fitted with {profile.meta.get('backbone')!r} weights {profile.meta.get('weights')!r} "
+                f"(fingerprint {want}); this model is {det.backbone.name!r} with weights {det.backbone.weights_id!r} "
+                f"(fingerprint {got}): load it with the same model and weights, or fit a new profile"
+            )
+        return det
 
     def features(self, images: Sequence[ImageInput]) -> BackboneOutput:
         """Backbone features of ``images`` (for inspection and custom pipelines)."""

@@ -1,6 +1,6 @@
 """Test-time adaptation on synthesized anomalies (METHOD.md §7)."""
 
-from .adapt import AdaptationResult, adapt_patch_scores, head_inputs, patch_targets
+from .adapt import AdaptationResult, adapt_patch_scores, fit_head, head_inputs, head_scores, patch_targets
 from .head import AdaptationHead, segmentation_loss, train_head
 from .synthesis import cutpaste, perlin_anomaly, perlin_mask, synthesize, synthesize_batch
 
@@ -9,6 +9,8 @@ __all__ = [
     "AdaptationResult",
     "adapt_patch_scores",
     "cutpaste",
+    "fit_head",
+    "head_scores",
     "head_inputs",
     "patch_targets",
     "perlin_anomaly",

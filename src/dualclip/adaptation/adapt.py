@@ -12,15 +12,17 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..backbone import Backbone, BackboneOutput, extract_features
+from ..scoring.matching import to_match_space
 from .head import AdaptationHead, train_head
 from .synthesis import synthesize_batch
 
 
 def head_inputs(feats: BackboneOutput, use_text: bool) -> torch.Tensor:
-    """The features the head sees: joint-space V-V tokens (CLIP) or the concatenated matching features."""
+    """The features the head sees: joint-space V-V tokens (CLIP), or the matching layers' tokens in the cosine
+    space (L2-normalised, averaged over 3 x 3, re-normalised), concatenated."""
     if use_text and feats.patch_embeddings is not None:
         return feats.patch_embeddings
-    return torch.cat(feats.match_features, dim=-1)
+    return torch.cat([to_match_space(t, feats.grid, "cosine", 3) for t in feats.match_features], dim=-1)
 
 
 def patch_targets(masks: list[np.ndarray], size: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -56,7 +58,7 @@ def _fit(
         torch.manual_seed(seed)
         head = AdaptationHead(x.shape[-1], direction, temperature if use_text else None, cfg.adaptation.rank)
     a = cfg.adaptation
-    losses = train_head(head, x, y, a.steps, a.lr, a.weight_decay, a.dice_weight, seed)
+    losses = train_head(head, x, y, a.steps, a.lr, a.weight_decay, a.dice_weight, seed, a.anchor)
     return head, losses
 
 
@@ -114,3 +116,18 @@ def adapt_patch_scores(
         with torch.no_grad():
             out[i] = torch.sigmoid(head(x_test[i]))
     return AdaptationResult(out, None, all_losses)
+
+
+def fit_head(
+    backbone: Backbone, images: list[Image.Image], text: torch.Tensor | None, temperature: float, cfg
+) -> tuple[AdaptationHead, list[float]]:
+    """A head trained on anomalies synthesized on ``images`` (all of them bases: normal images at fit time)."""
+    use_text = text is not None and backbone.has_text
+    budget = cfg.adaptation.synthetic_budget(len(images))
+    return _fit(backbone, images, budget, cfg.seed, text, temperature, cfg, use_text)
+
+
+def head_scores(head: AdaptationHead, feats: BackboneOutput, use_text: bool) -> torch.Tensor:
+    """``(N, P)`` patch probabilities of a trained head."""
+    with torch.no_grad():
+        return torch.sigmoid(head(head_inputs(feats, use_text)))

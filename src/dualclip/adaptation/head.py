@@ -1,11 +1,14 @@
 """Test-time adaptation head on frozen patch features (METHOD.md §7).
 
     f' = normalize(f) + Up(GELU(Down(normalize(f))))        (residual low-rank adapter, Up starts at 0)
-    logit = scale * <normalize(f'), w> + b
+    logit = scale * <normalize(f'), w0 + delta> + b
 
-With CLIP, ``w`` starts at ``t_a - t_n`` and ``scale`` is tau, so before any step
-``sigmoid(logit) = softmax(tau * [<f, t_n>, <f, t_a>])[a]``: the head reproduces the text patch score.
-On a vision-only backbone ``w`` and ``b`` start at zero. Trained with BCE + Dice against synthetic masks.
+The direction is its start ``w0`` (a fixed buffer) plus a learned change ``delta`` (starts at 0). With CLIP,
+``w0 = t_a - t_n`` and ``scale`` is tau, so before any step ``sigmoid(logit) = softmax(tau * [<f, t_n>,
+<f, t_a>])[a]``: the head reproduces the text patch score. On a vision-only backbone ``w0`` is zero.
+Trained with BCE + Dice against synthetic masks plus ``anchor * ||delta||^2 / ||w0||^2`` (``/ 1`` when
+``w0 = 0``), which keeps the head near the text evidence it starts from; AdamW's weight decay also pulls
+``delta``, not the direction, towards zero.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ class AdaptationHead(nn.Module):
             self.down = nn.Linear(dim, rank, bias=False)
             self.up = nn.Linear(rank, dim, bias=False)
             nn.init.zeros_(self.up.weight)
-        self.w = nn.Parameter(direction.detach().clone().float() if direction is not None else torch.zeros(dim))
+        self.register_buffer("w0", direction.detach().clone().float() if direction is not None else torch.zeros(dim))
+        self.delta = nn.Parameter(torch.zeros(dim))
         self.b = nn.Parameter(torch.zeros(()))
         self.scale = float(scale if scale is not None else ZERO_INIT_SCALE)
 
@@ -37,7 +41,30 @@ class AdaptationHead(nn.Module):
         f = features.float() if normalized else F.normalize(features.float(), dim=-1)
         if self.rank > 0:
             f = F.normalize(f + self.up(F.gelu(self.down(f))), dim=-1)
-        return self.scale * (f @ self.w) + self.b
+        return self.scale * (f @ self.direction) + self.b
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the head, ``scale`` included (saved in a profile; :meth:`from_tensors` rebuilds it)."""
+        out = {k: v.detach().clone().float() for k, v in self.state_dict().items()}
+        out["scale"] = torch.tensor(self.scale)
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> AdaptationHead:
+        rank = tensors["down.weight"].shape[0] if "down.weight" in tensors else 0
+        head = cls(tensors["w0"].numel(), tensors["w0"], float(tensors["scale"]), rank)
+        head.load_state_dict({k: v for k, v in tensors.items() if k != "scale"})
+        return head.eval().requires_grad_(False)
+
+    @property
+    def direction(self) -> torch.Tensor:
+        """The current direction ``w0 + delta``."""
+        return self.w0 + self.delta
+
+    def anchor_penalty(self) -> torch.Tensor:
+        """``||delta||^2 / ||w0||^2`` (``||delta||^2`` for a zero start)."""
+        ref = float(self.w0.pow(2).sum())
+        return self.delta.pow(2).sum() / (ref if ref > 0 else 1.0)
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0) -> torch.Tensor:
@@ -57,8 +84,10 @@ def train_head(
     weight_decay: float,
     dice_weight: float,
     seed: int,
+    anchor: float = 0.0,
 ) -> list[float]:
-    """Full-batch AdamW on ``(M, P, D)`` features vs ``(M, P)`` targets. Returns the loss per step.
+    """Full-batch AdamW on ``(M, P, D)`` features vs ``(M, P)`` targets, plus ``anchor`` times the head's
+    :meth:`~AdaptationHead.anchor_penalty`. Returns the loss per step.
 
     The features are normalised once, not at every step (the head only sees their directions)."""
     torch.manual_seed(seed)
@@ -69,6 +98,8 @@ def train_head(
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
             loss = segmentation_loss(head(features, normalized=True), targets, dice_weight)
+            if anchor > 0:
+                loss = loss + anchor * head.anchor_penalty()
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Backbone, BackboneOutput, extract_features, finish_match_features
+from .base import Backbone, BackboneOutput, extract_features
 from .clip import CLIP_PRESETS, ClipBackbone, WeightsUnavailableError, build_clip_backbone, load_open_clip
 from .effnet import EFFNET_NAME, EffNetLite0Backbone
 
@@ -15,7 +15,6 @@ __all__ = [
     "WeightsUnavailableError",
     "build_backbone",
     "extract_features",
-    "finish_match_features",
     "load_open_clip",
 ]
 
@@ -27,7 +26,6 @@ def build_backbone(config) -> Backbone:
             pretrained=config.pretrained,
             image_size=config.image_size,
             feature_layers=config.feature_layers,
-            neighbourhood=config.neighbourhood,
         )
     else:
         backbone = build_clip_backbone(
@@ -36,7 +34,6 @@ def build_backbone(config) -> Backbone:
             config.image_size,
             feature_layers=config.feature_layers,
             vv_start=config.vv_start,
-            neighbourhood=config.neighbourhood,
             cache_dir=config.cache_dir,
             device=config.device,
             quick_gelu=config.quick_gelu,

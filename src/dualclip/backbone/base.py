@@ -6,7 +6,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -23,7 +22,8 @@ class BackboneOutput:
         ``(B, P, D)``: dense tokens projected into the joint space for text scoring, or ``None`` for a
         vision-only backbone.
     match_features:
-        One ``(B, P, C_l)`` tensor per matching layer, each L2-normalised per patch.
+        One ``(B, P, C_l)`` tensor per matching layer: the layer's raw patch tokens (brought into the matching
+        space of the chosen distance by :func:`dualclip.scoring.matching.match_spaces`).
     grid:
         ``(h, w)`` with ``h * w == P``: the patch grid, row-major.
     """
@@ -48,6 +48,10 @@ class Backbone(nn.Module, ABC):
     weights_id: str | None
     has_text: bool = False
     logit_scale: float = 100.0
+    default_distance: str = "cosine"
+    """The matching distance used when ``DetectorConfig.distance`` is ``None``."""
+    default_neighbourhood: tuple[int, ...] = (3,)
+    """The neighbourhood size(s) used when ``DetectorConfig.neighbourhood`` is ``None``."""
 
     @abstractmethod
     def forward(self, images: torch.Tensor) -> BackboneOutput:
@@ -56,21 +60,6 @@ class Backbone(nn.Module, ABC):
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """Embed sentences into the joint space (``(len(prompts), D)``, not normalised)."""
         raise NotImplementedError(f"backbone {self.name!r} has no text tower")
-
-
-def finish_match_features(tokens: torch.Tensor, grid: tuple[int, int], neighbourhood: int) -> torch.Tensor:
-    """L2-normalise ``(B, P, C)`` patch tokens, average them over a ``neighbourhood`` square, re-normalise.
-
-    The average uses only patches inside the grid (no zero padding at the border).
-    """
-    tokens = F.normalize(tokens.float(), dim=-1)
-    if neighbourhood > 1:
-        b, p, c = tokens.shape
-        h, w = grid
-        x = tokens.transpose(1, 2).reshape(b, c, h, w)
-        x = F.avg_pool2d(x, neighbourhood, stride=1, padding=neighbourhood // 2, count_include_pad=False)
-        tokens = F.normalize(x.reshape(b, c, p).transpose(1, 2), dim=-1)
-    return tokens.contiguous()
 
 
 @torch.inference_mode()

@@ -6,7 +6,7 @@ embedding *is* ``encode_image``) and, beside it, the V-V path Z::
     Z^l = Z^{l-1} + Proj(softmax(v v^T / sqrt(d)) v),   v from LN1(X^{l-1}),   no FFN
 
 Dense tokens come from Z: the last block's through ``ln_post`` and ``proj`` for text scoring, several
-blocks' (L2-normalised per layer) for visual matching.
+blocks' raw tokens for visual matching.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
 from ..config import DEFAULT
-from .base import Backbone, BackboneOutput, finish_match_features
+from .base import Backbone, BackboneOutput
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
@@ -169,8 +169,6 @@ class ClipBackbone(Backbone):
         1-based blocks whose V-V tokens feed matching; ``None``: 4 evenly spaced ending at the last.
     vv_start:
         First 1-based block of the V-V path.
-    neighbourhood:
-        Matching features are averaged over this square neighbourhood.
     """
 
     has_text = True
@@ -183,7 +181,6 @@ class ClipBackbone(Backbone):
         weights_id: str | None,
         feature_layers: tuple[int, ...] | None = None,
         vv_start: int = 1,
-        neighbourhood: int = 3,
     ) -> None:
         super().__init__()
         visual = model.visual
@@ -211,7 +208,6 @@ class ClipBackbone(Backbone):
         self.weights_id = weights_id
         self.feature_layers = tuple(sorted(set(feature_layers)))
         self.vv_start = vv_start
-        self.neighbourhood = neighbourhood
         size = visual.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         cfg = getattr(visual, "preprocess_cfg", {}) or {}
@@ -259,8 +255,7 @@ class ClipBackbone(Backbone):
         if visual.proj is not None:
             patch = patch @ visual.proj
         grid = self.grid
-        match = [finish_match_features(t, grid, self.neighbourhood) for t in collected]
-        return BackboneOutput(global_embedding=pooled, patch_embeddings=patch, match_features=match, grid=grid)
+        return BackboneOutput(global_embedding=pooled, patch_embeddings=patch, match_features=collected, grid=grid)
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
@@ -275,7 +270,6 @@ def build_clip_backbone(
     image_size: int | None,
     feature_layers: tuple[int, ...] | None = None,
     vv_start: int = 1,
-    neighbourhood: int = 3,
     cache_dir: str | None = None,
     device: str = "cpu",
     quick_gelu: bool | None = None,
@@ -295,7 +289,7 @@ def build_clip_backbone(
         name, pretrained, image_size, cache_dir=cache_dir, device=device, quick_gelu=quick_gelu, weights_tag=preset_tag
     )
     tokenizer = open_clip.get_tokenizer(name)
-    return ClipBackbone(model, tokenizer, name, weights_id, feature_layers, vv_start, neighbourhood)
+    return ClipBackbone(model, tokenizer, name, weights_id, feature_layers, vv_start)
 
 
 def _native_size(name: str) -> int:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import DEFAULT
-from .base import Backbone, BackboneOutput, finish_match_features
+from .base import Backbone, BackboneOutput
 
 EFFNET_NAME = "effnet-lite0"
 EFFNET_DEFAULT_SIZE = 320
@@ -51,8 +51,6 @@ class EffNetLite0Backbone(Backbone):
         Processing size S (default 320: stride-8 grid of 40 x 40).
     feature_layers:
         0-based MBConv block indices (0..15) whose outputs are matched (default ``(4, 10)``).
-    neighbourhood:
-        Matching features are averaged over this square neighbourhood.
     """
 
     has_text = False
@@ -62,7 +60,6 @@ class EffNetLite0Backbone(Backbone):
         pretrained: str | None = DEFAULT,
         image_size: int | None = None,
         feature_layers: tuple[int, ...] | None = None,
-        neighbourhood: int = 3,
     ) -> None:
         super().__init__()
         EfficientNet = _import_effnet()
@@ -91,7 +88,6 @@ class EffNetLite0Backbone(Backbone):
             raise ValueError(f"feature_layers {bad} outside 0..{n_blocks - 1} for {EFFNET_NAME!r}")
         self.net = net
         self.feature_layers = layers
-        self.neighbourhood = neighbourhood
         self.name = EFFNET_NAME
         self.weights_id = None if path is None else ("bundled" if pretrained == DEFAULT else str(path.resolve()))
         self.image_size = int(image_size or EFFNET_DEFAULT_SIZE)
@@ -113,8 +109,7 @@ class EffNetLite0Backbone(Backbone):
         for m in maps:
             if m.shape[-2:] != (h, w):
                 m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
-            tokens = m.flatten(2).transpose(1, 2)
-            match.append(finish_match_features(tokens, (h, w), self.neighbourhood))
+            match.append(m.flatten(2).transpose(1, 2))
         return BackboneOutput(
             global_embedding=global_embedding, patch_embeddings=None, match_features=match, grid=(h, w)
         )

@@ -1,4 +1,4 @@
-"""The `dualclip` command: predict, eval, demo.
+"""The `dualclip` command: predict, fit, eval, demo.
 
 Every command turns a bad input or setting into one line on stderr (no traceback unless ``--debug``) and a
 documented exit code: 2 for usage/configuration errors, 130/143 when interrupted (see ``predict``).
@@ -149,6 +149,9 @@ def predict(
     reference: list[str] = typer.Option(
         None, help="Golden normal images (file, folder or glob); repeat the flag for several."
     ),
+    profile: Path = typer.Option(
+        None, help="A profile made by `dualclip fit`: its model, settings, references, units and threshold."
+    ),
     backbone: str = BACKBONE,
     pretrained: str = PRETRAINED,
     image_size: int = typer.Option(None, help="Processing size S."),
@@ -175,7 +178,23 @@ def predict(
             err=True,
         )
     with cli_errors(debug):
-        cfg = _config(backbone, pretrained, image_size, pairing, k, tta, seed, quiet)
+        detector = None
+        if profile is not None:
+            given = _model_options_given(ctx)
+            if given:
+                raise UsageError(f"--profile carries the model and settings: drop {', '.join(given)}")
+            if reference or threshold_quantile is not None or validation_normal or validation_anomalous:
+                raise UsageError(
+                    "--profile brings its own references and threshold: drop --reference, --threshold-quantile and "
+                    "--validation-* (fit the threshold with `dualclip fit`; --threshold overrides it)"
+                )
+            from ..detector import DualClipDetector
+
+            detector = DualClipDetector.load(profile)
+            detector.config.progress = not quiet
+            cfg = detector.config
+        else:
+            cfg = _config(backbone, pretrained, image_size, pairing, k, tta, seed, quiet)
         validation = None
         if validation_normal or validation_anomalous:
             if not (validation_normal and validation_anomalous):
@@ -192,6 +211,7 @@ def predict(
             validation=validation,
             overwrite=overwrite,
             quiet=quiet,
+            detector=detector,
         )
     if json_out:
         typer.echo(dumps(doc))
@@ -201,6 +221,96 @@ def predict(
             typer.echo(f"{s}\t{p['path']}")
         typer.echo(f"wrote {out}/report.html", err=True)
     raise typer.Exit(code)
+
+
+MODEL_OPTIONS = ("backbone", "pretrained", "image_size", "pairing", "k", "tta", "seed")
+
+
+def _model_options_given(ctx: typer.Context) -> list[str]:
+    """The model/settings options given on the command line (not left at their defaults)."""
+    sources = {name: ctx.get_parameter_source(name) for name in MODEL_OPTIONS}
+    return [
+        "--" + name.replace("_", "-")
+        for name, source in sources.items()
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+    ]
+
+
+@app.command(cls=_RecordArgs)
+def fit(
+    ctx: typer.Context,
+    paths: list[str] = typer.Argument(..., help="Normal (defect-free) images: files, folders or glob patterns."),
+    out: Path = typer.Option(..., "--out", "-o", help="The profile folder to write (safetensors + JSON)."),
+    class_name: str = typer.Option(None, help="What the images show, e.g. 'metal nut' (text prompts)."),
+    backbone: str = BACKBONE,
+    pretrained: str = PRETRAINED,
+    image_size: int = typer.Option(None, help="Processing size S."),
+    distance: str = typer.Option(None, help="cosine | euclidean | layernorm (default: the backbone's)."),
+    neighbourhood: str = typer.Option(None, help="Neighbourhood size(s), e.g. 3 or 1,3,5 (default: the backbone's)."),
+    memory_bank_size: int = typer.Option(16384, help="Most golden patches kept (greedy coreset above); 0: all."),
+    tta: bool = typer.Option(False, "--tta/--no-tta", help="Train the adaptation head on the normal images."),
+    seed: int = typer.Option(0),
+    threshold_quantile: float = typer.Option(None, help="Threshold = this quantile of the normal images' scores."),
+    validation_normal: list[str] = typer.Option(None, help="Labelled normal images to fit an F1-optimal threshold."),
+    validation_anomalous: list[str] = typer.Option(None, help="Labelled anomalous images for the threshold fit."),
+    overwrite: bool = typer.Option(False, help="Replace an existing profile at --out."),
+    quiet: bool = QUIET,
+    debug: bool = DEBUG,
+) -> None:
+    """Fit a profile on normal images: golden references, fixed score units, optional threshold."""
+    from ..data.images import expand_paths, load_image
+    from ..detector import DualClipDetector
+    from ..profile import ProfileError
+    from .predict import UsageError
+
+    for path, flag in misplaced_paths(ctx.meta.get("raw_args", []), ("--validation-normal", "--validation-anomalous")):
+        typer.echo(f"warning: {path} follows the value of {flag}: it is used as a normal image", err=True)
+    with cli_errors(debug):
+        if out.exists() and not overwrite:
+            raise UsageError(f"{out} exists: choose another --out or pass --overwrite")
+        sizes = None if neighbourhood is None else tuple(int(s) for s in neighbourhood.split(","))
+        cfg = _config(
+            backbone,
+            pretrained,
+            image_size,
+            "random",
+            "1",
+            tta,
+            seed,
+            quiet,
+            distance=distance,
+            neighbourhood=sizes,
+            memory_bank_size=memory_bank_size or None,
+        )
+        if bool(validation_normal) != bool(validation_anomalous):
+            raise UsageError("give both --validation-normal and --validation-anomalous")
+
+        def load(patterns: list[str]) -> list:
+            found = expand_paths(patterns, exclude=[out])
+            for p, reason in found.skipped:
+                typer.echo(f"skipped {p}: {reason}", err=True)
+            return [load_image(p) for p in found.files]
+
+        normal = load(paths)
+        val_n = load(validation_normal) if validation_normal else None
+        val_a = load(validation_anomalous) if validation_anomalous else None
+        det = DualClipDetector(cfg).fit(
+            normal,
+            class_name=class_name,
+            threshold_quantile=threshold_quantile,
+            validation_normal=val_n,
+            validation_anomalous=val_a,
+        )
+        try:
+            det.save(out, overwrite=overwrite)
+        except ProfileError as exc:
+            raise UsageError(str(exc)) from exc
+    meta, th = det.profile_.meta, det.threshold_
+    typer.echo(
+        f"wrote profile {out}: {meta['n_normal']} normal images, {meta['bank_patches']} of "
+        f"{meta['bank_patches_total']} patches kept, threshold "
+        + ("none" if th is None else f"{th.value:.4f} ({th.source})")
+    )
 
 
 @app.command("eval")

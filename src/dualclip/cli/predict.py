@@ -82,10 +82,13 @@ def decide_threshold(
     class_name: str | None,
     warn: Callable[[str], None],
 ) -> Threshold:
-    """Manual value, a quantile of the golden references' scores (scored among themselves), or the
-    F1-optimal threshold on a labelled validation set; never fitted on the images being judged."""
+    """Manual value, a fitted profile's threshold, a quantile of the golden references' scores (scored among
+    themselves), or the F1-optimal threshold on a labelled validation set; never fitted on the images being
+    judged."""
     if threshold is not None:
         return manual_threshold(threshold)
+    if det.profile_ is not None:
+        return det.threshold_ or NO_THRESHOLD
     if reference_quantile is not None:
         if not reference_images or len(reference_images) < 2:
             raise UsageError("--threshold-quantile needs at least 2 --reference images")
@@ -156,6 +159,8 @@ def run_predict(
         refs = [img for _, img in ref_loaded]
     val = (val_exp[0].files, val_exp[1].files) if val_exp else None
     th = decide_threshold(det, threshold, refs, threshold_quantile, val, class_name, warn)
+    if det.profile_ is not None:
+        class_name = det.profile_.meta.get("class_name")
     doc: dict = {
         "config": config.to_dict(),
         "class_name": class_name,
@@ -177,6 +182,12 @@ def run_predict(
     scale = run_scale([p.anomaly_map for p in preds])
     doc["heatmap_scale"] = scale.to_dict()
     doc["run"] = run.to_dict(with_references=False)
+    if det.profile_ is not None:
+        meta = det.profile_.meta
+        doc["profile"] = {
+            "units": "normal spreads above the normal mean (0: a typical normal image)",
+            **{k: meta.get(k) for k in ("n_normal", "bank_patches", "weights_fingerprint", "created_by", "class_name")},
+        }
     rows = []
     for i, ((path, img), pred) in enumerate(zip(loaded, preds, strict=True)):
         stem = output_stem(i, path)
@@ -186,7 +197,11 @@ def run_predict(
             "verdict": th.verdict(pred.score),
             "threshold": th.value,
             "branch_scores": pred.branch_scores,
-            "references": [display_path(loaded[j][0]) for j in pred.references] if refs is None else "golden",
+            "references": "profile"
+            if det.profile_ is not None
+            else [display_path(loaded[j][0]) for j in pred.references]
+            if refs is None
+            else "golden",
             "heatmap": f"heatmaps/{stem}.png",
             "mask": f"masks/{stem}.png" if th.value is not None else None,
             "size": list(img.size),

@@ -33,13 +33,19 @@ def normalize_branch(x: torch.Tensor, how: FusionNorm) -> torch.Tensor:
     raise ValueError(f"unknown normalisation {how!r}")
 
 
-def fuse(branches: list[tuple[torch.Tensor, float]], how: FusionNorm) -> torch.Tensor:
-    """Weighted sum of branches ``[(scores, weight), ...]``; one branch is returned unchanged (its own units)."""
+def fuse(branches: list[tuple[torch.Tensor, float]], how: FusionNorm, moments: list | None = None) -> torch.Tensor:
+    """Weighted sum of branches ``[(scores, weight), ...]``; one branch is returned unchanged (its own units).
+
+    Each branch is normalised over its own values (``how``), or, with ``moments`` (one
+    :class:`~dualclip.profile.Moments` per branch: a profile's fixed statistics), standardised by them, so that
+    an image's fused score does not depend on the other images of the run."""
     if not branches:
         raise ValueError("nothing to fuse: every branch is off")
     if len(branches) == 1:
         return branches[0][0]
     total = sum(w for _, w in branches)
+    if moments is not None:
+        return sum(m.standardize(s) * (w / total) for (s, w), m in zip(branches, moments, strict=True))
     return sum(normalize_branch(s, how) * (w / total) for s, w in branches)
 
 

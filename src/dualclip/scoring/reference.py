@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Aggregation
+from .matching import Distance, bank_distances, nearest_distances
 
 # Bound on the elements of one batch of similarity matrices (pairs x P x P floats).
 _MAX_SIM_ELEMENTS = 32_000_000
@@ -125,40 +126,32 @@ def aggregate(distances: torch.Tensor, how: Aggregation) -> torch.Tensor:
     raise ValueError(f"unknown aggregation {how!r}")
 
 
-def _pair_min_distances(fa: list[torch.Tensor], fb: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """For batches of pairs ``(G, P, C)`` per layer: ``(G, Pa)`` and ``(G, Pb)`` layer-averaged min distances."""
-    da = db = None
-    for a, b in zip(fa, fb, strict=True):
-        sim = torch.bmm(a, b.transpose(1, 2))  # (G, Pa, Pb)
-        ra = (1 - sim.amax(dim=2)) / 2
-        rb = (1 - sim.amax(dim=1)) / 2
-        da = ra if da is None else da + ra
-        db = rb if db is None else db + rb
-    return da / len(fa), db / len(fb)
-
-
 def reference_scores(
     features: Sequence[torch.Tensor],
     references: list[list[int]],
     aggregation: Aggregation = "mean_low30",
     progress: Callable[[int], None] | None = None,
+    distance: Distance = "cosine",
 ) -> torch.Tensor:
     """Visual-reference score of every patch of every image.
 
     Parameters
     ----------
     features:
-        One ``(N, P, C_l)`` tensor per matching layer, L2-normalised.
+        One ``(N, P, C_l)`` tensor per matching layer, in the matching space of ``distance``
+        (:func:`~dualclip.scoring.matching.to_match_space`).
     references:
         ``references[a]``: the indices of a's reference images.
     aggregation:
         How several references combine (:func:`aggregate`).
     progress:
         Called with the number of pairs done after each batch.
+    distance:
+        ``cosine``, ``euclidean`` or ``layernorm`` (:mod:`dualclip.scoring.matching`).
 
     Returns
     -------
-    ``(N, P)`` scores in [0, 1].
+    ``(N, P)`` nearest-patch distances (``cosine``: in [0, 1]).
     """
     n, p = features[0].shape[:2]
     needed = {(min(a, b), max(a, b)) for a, refs in enumerate(references) for b in refs}
@@ -171,7 +164,7 @@ def reference_scores(
         chunk = pairs[start : start + group]
         ia = torch.tensor([a for a, _ in chunk])
         ib = torch.tensor([b for _, b in chunk])
-        da, db = _pair_min_distances([f[ia] for f in features], [f[ib] for f in features])
+        da, db = nearest_distances([f[ia] for f in features], [f[ib] for f in features], distance)
         for g, (a, b) in enumerate(chunk):
             if b in references[a]:
                 per_image[a][b] = da[g]
@@ -186,21 +179,12 @@ def reference_scores(
 
 
 def golden_reference_scores(
-    features: Sequence[torch.Tensor], golden: Sequence[torch.Tensor], chunk_refs: int | None = None
+    features: Sequence[torch.Tensor], golden: Sequence[torch.Tensor], distance: Distance = "cosine"
 ) -> torch.Tensor:
-    """Score every image against a bank of normal reference images (few-shot mode).
+    """Score every image against a bank of normal reference images (golden-reference mode).
 
-    ``features`` and ``golden`` hold one ``(N, P, C_l)`` / ``(R, Pr, C_l)`` tensor per layer. Per layer the
-    distance is to the nearest patch over all references; the result is averaged over layers: ``(N, P)``.
-    Memory stays bounded: references are processed in chunks.
+    ``features`` and ``golden`` hold one ``(N, P, C_l)`` / ``(R, Pr, C_l)`` tensor per layer, in the matching
+    space of ``distance``; every patch is scored by its distance to the nearest patch of all references
+    (:func:`~dualclip.scoring.matching.bank_distances`): ``(N, P)``.
     """
-    n, p = features[0].shape[:2]
-    out = torch.zeros(n, p)
-    for fq, fr in zip(features, golden, strict=True):
-        bank = fr.reshape(-1, fr.shape[-1])
-        step = chunk_refs or max(1, _MAX_SIM_ELEMENTS // max(1, n * p))
-        best = torch.full((n, p), -math.inf)
-        for s in range(0, bank.shape[0], step):
-            best = torch.maximum(best, (fq @ bank[s : s + step].T).amax(dim=-1))
-        out += (1 - best) / 2
-    return out / len(features)
+    return bank_distances(features, [g.reshape(-1, g.shape[-1]) for g in golden], distance)

@@ -20,7 +20,9 @@ def text_anomaly_scores(features: torch.Tensor, text: torch.Tensor, temperature:
 
     Returns
     -------
-    ``(...)`` scores in (0, 1).
+    ``(...)`` scores in (0, 1). Each vector's score is computed on its own (a product and a sum over D, not
+    a matrix product whose blocking depends on how many vectors there are): the same in any batch.
     """
-    logits = temperature * F.normalize(features.float(), dim=-1) @ text.to(features.device).float().T
+    f = F.normalize(features.float(), dim=-1).unsqueeze(-2)  # (..., 1, D)
+    logits = temperature * (f * text.to(features.device).float()).sum(dim=-1)  # (..., 2)
     return logits.softmax(dim=-1)[..., 1]

@@ -1,0 +1,107 @@
+"""The matching space (cosine / euclidean / layernorm, neighbourhood sizes) against brute-force references."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dualclip import DetectorConfig, DualClipDetector
+from dualclip.scoring import bank_distances, match_spaces, nearest_distances, reference_scores, to_match_space
+
+
+def _layers(g, p, dims=(5, 7), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(g, p, c, generator=gen) * (1 + i) for i, c in enumerate(dims)]
+
+
+def _space(layers, distance, grid=None, size=1):
+    return [to_match_space(t, grid or (1, t.shape[1]), distance, size) for t in layers]
+
+
+def test_euclidean_is_the_distance_of_the_concatenated_raw_features():
+    a, b = _layers(3, 6, seed=1), _layers(3, 4, seed=2)
+    da, db = nearest_distances(_space(a, "euclidean"), _space(b, "euclidean"), "euclidean")
+    full = torch.cdist(torch.cat(a, -1).double(), torch.cat(b, -1).double())  # (3, 6, 4)
+    torch.testing.assert_close(da.double(), full.amin(dim=2), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(db.double(), full.amin(dim=1), rtol=1e-4, atol=1e-4)
+
+
+def test_layernorm_is_musc_per_layer_euclidean_after_layer_norm():
+    a, b = _layers(2, 5, seed=3), _layers(2, 6, seed=4)
+    da, db = nearest_distances(_space(a, "layernorm"), _space(b, "layernorm"), "layernorm")
+    ea = eb = 0
+    for x, y in zip(a, b, strict=True):
+        d = torch.cdist(F.layer_norm(x, x.shape[-1:]).double(), F.layer_norm(y, y.shape[-1:]).double())
+        ea, eb = ea + d.amin(dim=2) / 2, eb + d.amin(dim=1) / 2
+    torch.testing.assert_close(da.double(), ea, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(db.double(), eb, rtol=1e-4, atol=1e-4)
+
+
+def test_cosine_is_the_papers_per_layer_distance():
+    a, b = _layers(2, 5, seed=5), _layers(2, 3, seed=6)
+    da, _ = nearest_distances(_space(a, "cosine"), _space(b, "cosine"), "cosine")
+    want = sum(
+        (1 - (F.normalize(x, dim=-1) @ F.normalize(y, dim=-1).transpose(1, 2)).amax(dim=2)) / 2
+        for x, y in zip(a, b, strict=True)
+    )
+    torch.testing.assert_close(da, want / 2)
+
+
+def test_only_euclidean_and_layernorm_see_magnitude():
+    # b's patch is a's patch scaled by 3: the same direction, three times the activation
+    a = [torch.tensor([[[1.0, 2.0, 0.5, -1.0]]])]
+    b = [3 * a[0]]
+    cos, _ = nearest_distances(_space(a, "cosine"), _space(b, "cosine"), "cosine")
+    euc, _ = nearest_distances(_space(a, "euclidean"), _space(b, "euclidean"), "euclidean")
+    assert float(cos) == pytest.approx(0.0, abs=1e-6)
+    assert float(euc) == pytest.approx(2 * a[0].norm().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean", "layernorm"])
+def test_bank_distances_match_brute_force_in_chunks(distance):
+    query = _space(_layers(3, 5, seed=7), distance)
+    bank3 = _space(_layers(4, 6, seed=8), distance)
+    bank = [t.reshape(-1, t.shape[-1]) for t in bank3]
+    got = bank_distances(query, bank, distance, chunk=7)  # 24 bank patches in 4 chunks
+    for i in range(3):
+        # the bank as one big reference image: the pair path gives the same distances
+        want, _ = nearest_distances([q[i : i + 1] for q in query], [b[None] for b in bank], distance)
+        torch.testing.assert_close(got[i], want[0], rtol=1e-5, atol=1e-5)
+
+
+def test_neighbourhood_sizes_are_averaged():
+    layers = _layers(4, 9, seed=9)
+    refs = [[1], [0], [3], [2]]
+    spaces = match_spaces(layers, (3, 3), "euclidean", (1, 3))
+    one = reference_scores(match_spaces(layers, (3, 3), "euclidean", (1,))[0], refs, distance="euclidean")
+    three = reference_scores(match_spaces(layers, (3, 3), "euclidean", (3,))[0], refs, distance="euclidean")
+    torch.testing.assert_close(spaces[1][0], to_match_space(layers[0], (3, 3), "euclidean", 3))
+    # the detector averages the sizes' scores
+    assert not torch.allclose(one, three)
+    both = torch.stack([reference_scores(s, refs, distance="euclidean") for s in spaces]).mean(0)
+    torch.testing.assert_close(both, (one + three) / 2)
+
+
+def test_detector_uses_the_distance_and_sizes_it_is_given(tiny_backbone, texture_set):
+    rgb_images = texture_set[0][:4]
+    cfg = DetectorConfig(backbone="tiny", pretrained=None, use_text=False, progress=False, sigma=0.0)
+    runs = {}
+    for distance, sizes in [("euclidean", 1), ("euclidean", 3), ("euclidean", (1, 3)), ("cosine", 1)]:
+        det = DualClipDetector(dataclasses.replace(cfg, distance=distance, neighbourhood=sizes), backbone=tiny_backbone)
+        res = det.score_images(rgb_images)
+        runs[(distance, sizes)] = res.branches.visual
+        assert res.run.distance == distance
+        assert res.run.neighbourhood == ([sizes] if isinstance(sizes, int) else list(sizes))
+    torch.testing.assert_close(runs[("euclidean", (1, 3))], (runs[("euclidean", 1)] + runs[("euclidean", 3)]) / 2)
+    assert not torch.allclose(runs[("euclidean", 1)], runs[("cosine", 1)])
+
+
+def test_neighbourhood_setting_is_validated():
+    with pytest.raises(ValueError, match="odd number"):
+        DetectorConfig(neighbourhood=(1, 2))
+    with pytest.raises(ValueError, match="distance must be one of"):
+        DetectorConfig(distance="manhattan")
+    assert DetectorConfig(neighbourhood=[3]).neighbourhood == 3

@@ -1,0 +1,201 @@
+"""Saved profiles: fixed score units, batch independence, leave-one-out statistics, files, refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY
+from dualclip import DetectorConfig, DualClipDetector
+from dualclip.profile import PROFILE_JSON, PROFILE_TENSORS, ProfileError, build_bank
+from dualclip.scoring import bank_distances, match_spaces
+from dualclip.scoring.coreset import greedy_coreset
+
+CFG = DetectorConfig(backbone=TINY, pretrained=None, progress=False, memory_bank_size=None)
+
+
+@pytest.fixture
+def split(texture_set):
+    images, _, labels = texture_set
+    normal = [im for im, y in zip(images, labels, strict=True) if y == 0]
+    anomalous = [im for im, y in zip(images, labels, strict=True) if y == 1]
+    return normal[:4], normal[4:] + anomalous
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_a_profile_scores_an_image_the_same_alone_and_in_any_batch(tiny_backbone, split, tta):
+    train, test = split
+    cfg = dataclasses.replace(CFG, tta=tta, adaptation={"num_images": 4, "steps": 5})
+    det = DualClipDetector(cfg, backbone=tiny_backbone).fit(train, class_name="tile")
+    together = [p.score for p in det.predict(test)]
+    for i, img in enumerate(test):
+        alone = det.predict([img])[0].score
+        assert abs(alone - together[i]) <= 1e-5
+    reordered = [p.score for p in det.predict(test[::-1] + test[:2])]
+    np.testing.assert_allclose(reordered[: len(test)], together[::-1], atol=1e-5)
+    assert det.run_info_.pairing == "profile"
+    if tta:
+        assert "adapted" in det.predict(test[:1])[0].branch_scores
+
+
+def test_normal_scores_are_the_units_leave_one_out(tiny_backbone, split):
+    train, _ = split
+    det = DualClipDetector(CFG, backbone=tiny_backbone).fit(train, class_name="tile")
+    normal = np.array(det.profile_.normal_scores)
+    # the units: the normal images' leave-one-out scores have mean 0 and standard deviation 1
+    assert normal.mean() == pytest.approx(0.0, abs=1e-6)
+    assert normal.std() == pytest.approx(1.0, abs=1e-6)
+    # leave-one-out: image 0's visual scores at fit are its scores against a profile of the other images
+    loo = DualClipDetector(CFG, backbone=tiny_backbone).fit(train[1:], class_name="tile")
+    got = loo.predict([train[0]])[0].branch_maps["visual"]
+    feats = det.features([train[0]])
+    distance, sizes = det.matching()
+    spaces = match_spaces(feats.match_features, feats.grid, distance, sizes)
+    owners = (torch.zeros(1, dtype=torch.long), det.profile_.bank_owner)
+    want = torch.stack(
+        [
+            bank_distances(s, b, distance, query_owner=owners[0], bank_owner=owners[1])
+            for s, b in zip(spaces, det.profile_.bank, strict=True)
+        ]
+    ).mean(0)
+    np.testing.assert_allclose(got.reshape(-1), want.reshape(-1).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_thresholds_at_fit(tiny_backbone, split):
+    train, test = split
+    det = DualClipDetector(CFG, backbone=tiny_backbone).fit(train, class_name="tile", threshold_quantile=0.75)
+    assert det.threshold_.value == pytest.approx(float(np.quantile(det.profile_.normal_scores, 0.75)))
+    val_n, val_a = test[:2], test[2:]
+    det.fit(train, class_name="tile", validation_normal=val_n, validation_anomalous=val_a)
+    scores = [p.score for p in det.predict(val_n + val_a)]
+    from dualclip.metrics import best_f1_threshold
+
+    assert det.threshold_.value == pytest.approx(best_f1_threshold([0] * 2 + [1] * len(val_a), scores))
+    with pytest.raises(ValueError, match="either a threshold quantile or a validation set"):
+        det.fit(train, threshold_quantile=0.9, validation_normal=val_n, validation_anomalous=val_a)
+
+
+def test_save_load_round_trip_gives_the_same_scores(tmp_path, tiny_backbone, split):
+    train, test = split
+    cfg = dataclasses.replace(CFG, tta=True, adaptation={"num_images": 4, "steps": 3})
+    det = DualClipDetector(cfg, backbone=tiny_backbone).fit(train, class_name="tile", threshold_quantile=0.9)
+    path = det.save(tmp_path / "tile.dualclip")
+    assert sorted(p.name for p in path.iterdir()) == [PROFILE_JSON, PROFILE_TENSORS]
+    doc = json.loads((path / PROFILE_JSON).read_text())
+    assert doc["backbone"] == TINY and doc["format"] == 1 and doc["n_normal"] == 4
+    assert doc["config"]["tta"] is True and doc["threshold"]["value"] == det.threshold_.value
+    loaded = DualClipDetector.load(path, backbone=tiny_backbone)
+    assert [p.score for p in loaded.predict(test)] == pytest.approx([p.score for p in det.predict(test)], abs=1e-6)
+    assert loaded.threshold_ == det.threshold_
+    # a second save needs overwrite, and never replaces a folder that is not a profile
+    with pytest.raises(ProfileError, match="exists"):
+        det.save(path)
+    det.save(path, overwrite=True)
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    with pytest.raises(ProfileError, match="not a profile folder"):
+        det.save(other, overwrite=True)
+    assert (other / "notes.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "tile.dualclip"]  # no staging left behind
+
+
+def test_loading_with_other_weights_or_format_is_a_clear_error(tmp_path, tiny_backbone, split):
+    train, _ = split
+    path = DualClipDetector(CFG, backbone=tiny_backbone).fit(train, class_name="tile").save(tmp_path / "p")
+    other = type(tiny_backbone)(tiny_backbone.model, tiny_backbone.tokenizer, TINY, None)
+    with torch.no_grad():
+        next(other.model.visual.parameters()).add_(0.01)  # other weights, same architecture
+    with pytest.raises(ProfileError, match="fingerprint"):
+        DualClipDetector.load(path, backbone=other)
+    doc = json.loads((path / PROFILE_JSON).read_text())
+    doc["format"] = 99
+    (path / PROFILE_JSON).write_text(json.dumps(doc))
+    with pytest.raises(ProfileError, match="format 99"):
+        DualClipDetector.load(path, backbone=tiny_backbone)
+    (path / PROFILE_TENSORS).unlink()
+    with pytest.raises(ProfileError, match="is not a profile"):
+        DualClipDetector.load(path)
+
+
+def test_a_fitted_detector_refuses_another_class_and_references(tiny_backbone, split):
+    train, test = split
+    det = DualClipDetector(CFG, backbone=tiny_backbone).fit(train, class_name="tile")
+    with pytest.raises(ValueError, match="fitted for class 'tile'"):
+        det.predict(test, class_name="carpet")
+    with pytest.raises(ValueError, match="compares images with its profile"):
+        det.predict(test, references=train)
+    with pytest.raises(ValueError, match="at least 2 normal images"):
+        det.fit(train[:1])
+
+
+def _greedy_reference(x: np.ndarray, size: int, first: int) -> list[int]:
+    chosen = [first]
+    while len(chosen) < size:
+        d = np.min(((x[:, None, :] - x[None, chosen, :]) ** 2).sum(-1), axis=1)
+        chosen.append(int(np.argmax(d)))
+    return sorted(chosen)
+
+
+def test_greedy_coreset_matches_brute_force_k_center():
+    x = torch.randn(60, 5, generator=torch.Generator().manual_seed(3))
+    got = greedy_coreset(x, 12, seed=4, projection=None)
+    first = int(torch.randint(60, (1,), generator=torch.Generator().manual_seed(4)))
+    assert got.tolist() == _greedy_reference(x.double().numpy(), 12, first)
+    assert greedy_coreset(x, 100).tolist() == list(range(60))
+
+
+def test_memory_bank_is_bounded_and_keeps_owners(tiny_backbone, split):
+    train, test = split
+    det = DualClipDetector(dataclasses.replace(CFG, memory_bank_size=20), backbone=tiny_backbone).fit(train)
+    prof = det.profile_
+    assert prof.meta["bank_patches"] == 20 and prof.meta["bank_patches_total"] == 4 * 16
+    assert all(t.shape[0] == 20 for space in prof.bank for t in space)
+    spaces = [[torch.randn(4, 16, 3)], [torch.randn(4, 16, 3)]]
+    bank, owner, total = build_bank(spaces, 10, seed=0)
+    keep = greedy_coreset(spaces[0][0].reshape(64, 3), 10, seed=0)
+    torch.testing.assert_close(bank[1][0], spaces[1][0].reshape(64, 3)[keep])
+    assert owner.tolist() == (keep // 16).tolist() and total == 64
+
+
+def test_cli_fit_then_predict_with_the_profile(tmp_path, texture_set):
+    from typer.testing import CliRunner
+
+    from dualclip.cli.main import app
+
+    images, _, labels = texture_set
+    good, test = tmp_path / "good", tmp_path / "test"
+    good.mkdir()
+    test.mkdir()
+    for i, (img, y) in enumerate(zip(images, labels, strict=True)):
+        img.save((good if y == 0 and i < 4 else test) / f"{i:02d}.png")
+    runner = CliRunner()
+    model = ["--backbone", TINY, "--pretrained", "random", "-q"]
+    res = runner.invoke(
+        app,
+        ["fit", str(good), "--class-name", "tile", "--threshold-quantile", "0.9", "-o", str(tmp_path / "p"), *model],
+    )
+    assert res.exit_code == 0, res.output
+    assert "4 normal images" in res.output
+    profile = DualClipDetector.load(tmp_path / "p")
+    res = runner.invoke(app, ["predict", "--profile", str(tmp_path / "p"), str(test), "-o", str(tmp_path / "o"), "-q"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "o" / "predictions.json").read_text())
+    assert doc["threshold"] == profile.threshold_.to_dict() and doc["class_name"] == "tile"
+    assert doc["run"]["pairing"] == "profile" and doc["profile"]["n_normal"] == 4
+    by_path = {p["path"]: p for p in doc["predictions"]}
+    one = sorted(by_path)[0]
+    res = runner.invoke(app, ["predict", "--profile", str(tmp_path / "p"), one, "-o", str(tmp_path / "o1"), "-q"])
+    alone = json.loads((tmp_path / "o1" / "predictions.json").read_text())["predictions"][0]
+    assert abs(alone["score"] - by_path[one]["score"]) <= 1e-5 and alone["verdict"] == by_path[one]["verdict"]
+    # the profile carries the model: model options are refused, not silently ignored
+    res = runner.invoke(
+        app, ["predict", "--profile", str(tmp_path / "p"), one, "-o", str(tmp_path / "o2"), "--backbone", "x"]
+    )
+    assert res.exit_code == 2 and "--profile carries the model and settings: drop --backbone" in res.output
+    res = runner.invoke(app, ["fit", str(good), "-o", str(tmp_path / "p"), *model])
+    assert res.exit_code == 2 and "exists" in res.output
