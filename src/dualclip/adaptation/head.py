@@ -6,9 +6,9 @@
 The direction is its start ``w0`` (a fixed buffer) plus a learned change ``delta`` (starts at 0). With CLIP,
 ``w0 = t_a - t_n`` and ``scale`` is tau, so before any step ``sigmoid(logit) = softmax(tau * [<f, t_n>,
 <f, t_a>])[a]``: the head reproduces the text patch score. On a vision-only backbone ``w0`` is zero.
-Trained with BCE + Dice against synthetic masks plus ``anchor * ||delta||^2 / ||w0||^2`` (``/ 1`` when
-``w0 = 0``), which keeps the head near the text evidence it starts from; AdamW's weight decay also pulls
-``delta``, not the direction, towards zero.
+Trained with BCE + Dice against synthetic masks plus ``anchor * ||delta||^2 / ||w0||^2``, which keeps the
+head near the text evidence it starts from (no such term for a zero start: there is nothing to keep); AdamW's
+weight decay also pulls ``delta``, not the direction, towards zero.
 """
 
 from __future__ import annotations
@@ -62,9 +62,9 @@ class AdaptationHead(nn.Module):
         return self.w0 + self.delta
 
     def anchor_penalty(self) -> torch.Tensor:
-        """``||delta||^2 / ||w0||^2`` (``||delta||^2`` for a zero start)."""
+        """``||delta||^2 / ||w0||^2``; 0 for a zero start (a vision-only backbone: no text evidence to keep)."""
         ref = float(self.w0.pow(2).sum())
-        return self.delta.pow(2).sum() / (ref if ref > 0 else 1.0)
+        return self.delta.pow(2).sum() / ref if ref > 0 else self.delta.sum() * 0.0
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import Backbone, BackboneOutput, extract_features
 from .clip import CLIP_PRESETS, ClipBackbone, WeightsUnavailableError, build_clip_backbone, load_open_clip
+from .dinov2 import DINOV2_NAME, DinoV2Backbone
 from .effnet import EFFNET_NAME, EffNetLite0Backbone
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "BackboneOutput",
     "CLIP_PRESETS",
     "ClipBackbone",
+    "DinoV2Backbone",
     "EffNetLite0Backbone",
     "WeightsUnavailableError",
     "build_backbone",
@@ -20,8 +22,18 @@ __all__ = [
 
 
 def build_backbone(config) -> Backbone:
-    """Build the backbone a :class:`~dualclip.config.DetectorConfig` names."""
-    if config.backbone == EFFNET_NAME:
+    """Build the backbone a :class:`~dualclip.config.DetectorConfig` names, on its (resolved) device."""
+    from ..config import resolve_device
+
+    device = resolve_device(config.device)
+    if config.backbone == DINOV2_NAME:
+        backbone: Backbone = DinoV2Backbone(
+            pretrained=config.pretrained,
+            image_size=config.image_size,
+            feature_layers=config.feature_layers,
+            vv_start=0 if config.vv_start is None else config.vv_start,
+        )
+    elif config.backbone == EFFNET_NAME:
         backbone: Backbone = EffNetLite0Backbone(
             pretrained=config.pretrained,
             image_size=config.image_size,
@@ -33,9 +45,9 @@ def build_backbone(config) -> Backbone:
             config.pretrained,
             config.image_size,
             feature_layers=config.feature_layers,
-            vv_start=config.vv_start,
+            vv_start=1 if config.vv_start is None else config.vv_start,
             cache_dir=config.cache_dir,
-            device=config.device,
+            device=device,
             quick_gelu=config.quick_gelu,
         )
-    return backbone.to(config.device).eval()
+    return backbone.to(device).eval()

@@ -137,6 +137,8 @@ PRETRAINED = typer.Option(
     None, help="open_clip tag, a local checkpoint file, or 'random'. Default: the preset's weights."
 )
 DEBUG = typer.Option(False, "--debug", help="Show the full traceback of an error.")
+DEVICE = typer.Option("auto", help="cpu, cuda, cuda:N, or auto (cuda where torch sees a GPU, else cpu).")
+BATCH_SIZE = typer.Option(8, help="Images per backbone forward pass.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 
 
@@ -164,6 +166,8 @@ def predict(
     validation_normal: list[str] = typer.Option(None, help="Labelled normal images to fit an F1-optimal threshold."),
     validation_anomalous: list[str] = typer.Option(None, help="Labelled anomalous images for the threshold fit."),
     overwrite: bool = typer.Option(False, help="Replace the outputs of an earlier dualclip run in --out."),
+    device: str = DEVICE,
+    batch_size: int = BATCH_SIZE,
     quiet: bool = QUIET,
     json_out: bool = typer.Option(False, "--json", help="Print the predictions document as JSON on stdout."),
     debug: bool = DEBUG,
@@ -190,11 +194,14 @@ def predict(
                 )
             from ..detector import DualClipDetector
 
-            detector = DualClipDetector.load(profile)
+            detector = DualClipDetector.load(profile, device=device)
             detector.config.progress = not quiet
+            detector.config.batch_size = batch_size
             cfg = detector.config
         else:
-            cfg = _config(backbone, pretrained, image_size, pairing, k, tta, seed, quiet)
+            cfg = _config(
+                backbone, pretrained, image_size, pairing, k, tta, seed, quiet, device=device, batch_size=batch_size
+            )
         validation = None
         if validation_normal or validation_anomalous:
             if not (validation_normal and validation_anomalous):
@@ -254,6 +261,8 @@ def fit(
     validation_normal: list[str] = typer.Option(None, help="Labelled normal images to fit an F1-optimal threshold."),
     validation_anomalous: list[str] = typer.Option(None, help="Labelled anomalous images for the threshold fit."),
     overwrite: bool = typer.Option(False, help="Replace an existing profile at --out."),
+    device: str = DEVICE,
+    batch_size: int = BATCH_SIZE,
     quiet: bool = QUIET,
     debug: bool = DEBUG,
 ) -> None:
@@ -281,6 +290,8 @@ def fit(
             distance=distance,
             neighbourhood=sizes,
             memory_bank_size=memory_bank_size or None,
+            device=device,
+            batch_size=batch_size,
         )
         if bool(validation_normal) != bool(validation_anomalous):
             raise UsageError("give both --validation-normal and --validation-anomalous")
@@ -342,6 +353,8 @@ def eval_(
     ),
     max_normal: int = typer.Option(None, help="folder layout: keep the first N normal images."),
     max_anomalous: int = typer.Option(None, help="folder layout: keep the first N anomalous images."),
+    device: str = DEVICE,
+    batch_size: int = BATCH_SIZE,
     debug: bool = DEBUG,
 ) -> None:
     """Evaluate on a dataset with the field's protocol; writes results.json/.md/.csv under --out."""
@@ -362,7 +375,7 @@ def eval_(
             raise ValueError(f"unknown dataset {dataset!r}; choose mvtec, visa, mpdd, btad or folder")
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} exists and is a file, not a folder")
-        cfg = _config(backbone, pretrained, image_size, pairing, k, tta, 0, quiet)
+        cfg = _config(backbone, pretrained, image_size, pairing, k, tta, 0, quiet, device=device, batch_size=batch_size)
         seed_list = [int(s) for s in seeds.split(",")]
         extra = {"dataset": dataset, "root": str(root) if root else None}
         run_eval(cfg, cats, seed_list, out, force=force, extra=extra, require_masks=require_masks)

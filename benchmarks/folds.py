@@ -1,0 +1,83 @@
+"""The README's accuracy tables, from one command: leave-one-defect-type-out matching (effnet-lite0,
+dinov2-vits14) and saved profiles, every fold, 3 seeds.
+
+    .venv/bin/python benchmarks/folds.py              # runs the three scripts, rewrites the README block
+    .venv/bin/python benchmarks/folds.py --no-run     # only rewrites the block from runs/bench/*.json
+
+Each script runs in its own process and writes its JSON under runs/bench/; the block between the README's
+``<!-- folds -->`` markers is then rewritten from those files (tables are never typed by hand).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import ROOT, SHARED, markdown_table  # noqa: E402
+
+START, END = "<!-- folds -->", "<!-- /folds -->"
+RUNS = {
+    "matching_folds": ["matching_folds.py"],
+    "matching_folds_dinov2": ["matching_folds.py", "--backbone", "dinov2-vits14"],
+    "profile_folds": ["profile_folds.py"],
+}
+
+
+def run(results: Path) -> None:
+    for name, args in RUNS.items():
+        cmd = [sys.executable, str(HERE / args[0]), *args[1:], "--json", str(results / f"{name}.json")]
+        print("==", " ".join(cmd), flush=True)
+        start = time.perf_counter()
+        subprocess.run(cmd, cwd=ROOT, check=True)
+        print(f"== {name}: {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def render(results: Path) -> str:
+    parts = [START, ""]
+    for name, args in RUNS.items():
+        path = results / f"{name}.json"
+        if not path.is_file():
+            parts.append(f"({name}: not run yet)\n")
+            continue
+        data = json.loads(path.read_text())
+        if not data["tables"]:
+            parts.append(f"({name}: {data['raw'].get('skipped', 'no tables')})\n")
+            continue
+        cmd = " ".join(["python benchmarks/" + args[0], *args[1:]])
+        parts.append(f"Made by `{cmd}` on {data['machine']['date']} ({data['machine']['cpu']}).\n")
+        parts += [markdown_table(t) for t in data["tables"]]
+    parts.append(END)
+    return "\n".join(parts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", type=Path, default=ROOT / "runs" / "bench")
+    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    ap.add_argument("--no-run", action="store_true", help="only rewrite the README block from existing results")
+    args = ap.parse_args()
+    if not SHARED.is_dir():
+        print(f"folds: skipped, {SHARED} is absent", file=sys.stderr)
+        return
+    args.results.mkdir(parents=True, exist_ok=True)
+    if not args.no_run:
+        run(args.results)
+    text = args.readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{args.readme} has no {START} ... {END} block")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    from dualclip.atomic import write_text
+
+    write_text(args.readme, head + render(args.results) + tail)
+    print(f"rewrote the folds block of {args.readme}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Saved profiles on the shared data: fit on N normal images that are not in the test set, score the fold.
+
+Folds as in `matching_folds.py` (magnetic_tile's three defect types with the first 100 defect-free images as
+test normals; metal_plate's test split). The N fitting images are drawn (seeded) from the normal images no
+fold tests on: magnetic_tile's defect-free images after the first 100 (552), metal_plate's good train + val
+images (54, so N = 150 is not possible there). Rows: the zero-shot default (images scored among
+themselves, k = 1), the profile with the detector's defaults (effnet-lite0, fitted units, greedy coreset of
+at most `memory_bank_size` patches), the profile keeping every patch (N = 150: the coreset's effect), and a
+PatchCore-style golden-reference baseline computed here by brute force (torch.cdist) on the same features:
+raw blocks 4 + 10, 3 x 3 local average, Euclidean distance to the nearest patch of all N images, image
+score = max of the map smoothed like the detector's (sigma 4). Seeds 0, 1, 2 draw the N images (and seed
+the coreset).
+
+    .venv/bin/python benchmarks/profile_folds.py --json runs/bench/profile_folds.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import SHARED, write_section  # noqa: E402
+from pairing_folds import folds  # noqa: E402
+
+METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
+SIZES_N = (10, 50, 150)
+
+
+def fit_pools():
+    """Normal images no fold tests on, per product."""
+    from dualclip.data.images import load_image
+
+    mt = sorted((SHARED / "magnetic_tile" / "MT_Free" / "Imgs").glob("*.jpg"))[100:]
+    mp_root = SHARED / "mpdd_metal_plate" / "data_supervised" / "metal_plate"
+    mp = []
+    for split in ("train", "val"):
+        for img in sorted((mp_root / split / "images").glob("*.png")):
+            mask = load_image(mp_root / split / "masks" / img.name).convert("L")
+            if mask.getextrema()[1] == 0:  # good <=> mask all zero (SOURCE.txt)
+                mp.append(img)
+    return {"magnetic_tile": mt, "metal_plate": mp}
+
+
+def patchcore_baseline(det, train, test, sigma):
+    """Brute-force nearest neighbour of raw 3 x 3-averaged features to a bank of every training patch."""
+    import torch
+    import torch.nn.functional as F
+
+    from dualclip.backbone import extract_features
+    from dualclip.scoring import gaussian_blur
+    from dualclip.scoring.matching import neighbourhood_mean
+
+    def feats(images):
+        out = extract_features(det.backbone, images, 16, keep_patch_embeddings=False)
+        return torch.cat([neighbourhood_mean(t, out.grid, 3) for t in out.match_features], -1), out.grid
+
+    bank, _ = feats(train)
+    bank = bank.reshape(-1, bank.shape[-1]).double()
+    q, grid = feats(test)
+    d = torch.stack(
+        [torch.stack([torch.cdist(qi.double(), b).amin(1) for b in bank.split(8192)]).amin(0) for qi in q]
+    ).float()
+    size = det.backbone.image_size
+    maps = F.interpolate(d.reshape(-1, 1, *grid), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    return gaussian_blur(maps, sigma)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--quick", action="store_true", help="seed 0, N = 10 only")
+    args = ap.parse_args()
+    if not SHARED.is_dir():
+        print(f"profile_folds: skipped, {SHARED} is absent", file=sys.stderr)
+        write_section(args.json, "profile_folds", [], {"skipped": f"{SHARED} is absent"})
+        return
+    import dataclasses
+
+    import numpy as np
+
+    from dualclip import DetectorConfig, DualClipDetector
+    from dualclip.data.images import load_image
+    from dualclip.metrics import all_metrics
+    from dualclip.scoring import map_scores
+
+    seeds = [0] if args.quick else [0, 1, 2]
+    sizes_n = (10,) if args.quick else SIZES_N
+    base = DetectorConfig(backbone="effnet-lite0", progress=False)
+    pools = fit_pools()
+    results: dict[str, dict[str, list[dict]]] = {}
+    timings: dict[str, list[float]] = {}
+    for cat in folds():
+        images = cat.images()
+        pool = pools["metal_plate" if cat.name == "metal_plate" else "magnetic_tile"]
+        size = DualClipDetector(base).backbone.image_size
+        masks = cat.masks(size)
+        fold = results.setdefault(cat.name, {})
+
+        for seed in seeds:
+            zs = DualClipDetector(dataclasses.replace(base, seed=seed)).score_images(images)
+            fold.setdefault("zero-shot (k = 1)", []).append(
+                all_metrics(cat.labels, zs.image_scores.numpy(), masks, zs.maps.numpy())
+            )
+        det = DualClipDetector(base)
+        for n in sizes_n:
+            if n > len(pool):
+                continue
+            for seed in seeds:
+                rng = np.random.default_rng(seed)
+                train = [load_image(pool[i]) for i in sorted(rng.choice(len(pool), n, replace=False))]
+                variants = [("profile", base.memory_bank_size)]
+                if n == max(sizes_n):
+                    variants.append(("profile, every patch kept", None))
+                for label, bank_size in variants:
+                    det = DualClipDetector(
+                        dataclasses.replace(base, seed=seed, memory_bank_size=bank_size), backbone=det.backbone
+                    )
+                    t = time.perf_counter()
+                    det.fit(train)
+                    fit_s = time.perf_counter() - t
+                    t = time.perf_counter()
+                    r = det.score_images(images)
+                    timings.setdefault(f"{label}, N = {n}", []).append(
+                        {"fit_s": fit_s, "score_ms_per_image": 1000 * (time.perf_counter() - t) / len(images)}
+                    )
+                    fold.setdefault(f"{label}, N = {n}", []).append(
+                        all_metrics(cat.labels, r.image_scores.numpy(), masks, r.maps.numpy())
+                    )
+                maps = patchcore_baseline(det, train, images, base.sigma)
+                fold.setdefault(f"PatchCore-style baseline, N = {n}", []).append(
+                    all_metrics(cat.labels, map_scores(maps).numpy(), masks, maps.numpy())
+                )
+            print(f"{cat.name}: N = {n} done", flush=True)
+
+    def cell(rs, m):
+        vals = [100 * r[m] for r in rs]
+        return f"{statistics.fmean(vals):.1f} ± {statistics.pstdev(vals):.1f}"
+
+    rows = [[f, name, *(cell(rs, m) for m in METRICS)] for f, by in results.items() for name, rs in by.items()]
+    names = [n for n in next(iter(results.values()))]
+    for name in names:
+        have = [f for f in results if name in results[f]]
+        rows.append(
+            [
+                f"mean of {len(have)} folds",
+                name,
+                *(
+                    f"{statistics.fmean(100 * statistics.fmean(r[m] for r in results[f][name]) for f in have):.1f}"
+                    for m in METRICS
+                ),
+            ]
+        )
+    cost = [
+        [
+            name,
+            f"{statistics.fmean(t['fit_s'] for t in ts):.1f}",
+            f"{statistics.fmean(t['score_ms_per_image'] for t in ts):.0f}",
+        ]
+        for name, ts in timings.items()
+    ]
+    tables = [
+        {
+            "title": "Saved profiles vs zero-shot vs a PatchCore-style baseline (effnet-lite0 defaults; mean ± std over "
+            f"seeds {', '.join(map(str, seeds))}, which draw the N fitting images; %)",
+            "headers": ["fold", "mode", *METRICS],
+            "rows": rows,
+        },
+        {
+            "title": "Profile cost on this machine (mean over folds and seeds)",
+            "headers": ["mode", "fit (s)", "scoring (ms / image)"],
+            "rows": cost,
+        },
+    ]
+    for t in tables:
+        print(t["title"])
+        for row in t["rows"]:
+            print("  ", row)
+    write_section(args.json, "profile_folds", tables, {"results": results, "timings": timings})
+
+
+if __name__ == "__main__":
+    main()

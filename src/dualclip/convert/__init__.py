@@ -1,0 +1,1 @@
+"""Developer tools that make weight files; never imported by the detector."""
