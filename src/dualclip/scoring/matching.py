@@ -62,10 +62,16 @@ def match_spaces(
     return [[to_match_space(t, grid, distance, s) for t in layers] for s in sizes]
 
 
-def _sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances ``(..., Pa, Pb)`` of ``(..., Pa, C)`` and ``(..., Pb, C)`` (clamped >= 0)."""
-    sq = (a * a).sum(-1).unsqueeze(-1) + (b * b).sum(-1).unsqueeze(-2) - 2 * (a @ b.transpose(-1, -2))
-    return sq.clamp_min_(0)
+def _groups(layers: Sequence[torch.Tensor], distance: Distance) -> list[torch.Tensor]:
+    """The tensors one distance matrix is computed from: each layer, or (``euclidean``) all layers concatenated
+    (the sum of per-layer squared distances is the squared distance of the concatenation)."""
+    if distance not in DISTANCES:
+        raise ValueError(f"unknown distance {distance!r}; choose one of {', '.join(DISTANCES)}")
+    return [torch.cat(list(layers), dim=-1)] if distance == "euclidean" else list(layers)
+
+
+def _sq_norms(x: torch.Tensor) -> torch.Tensor:
+    return (x * x).sum(dim=-1)
 
 
 def nearest_distances(
@@ -78,24 +84,18 @@ def nearest_distances(
     distance matrix per layer (``cosine``, ``layernorm``: per layer, then averaged over layers;
     ``euclidean``: of the concatenated layers).
     """
-    if distance == "cosine":
-        da = db = None
-        for a, b in zip(fa, fb, strict=True):
+    ga, gb = _groups(fa, distance), _groups(fb, distance)
+    da = db = None
+    for a, b in zip(ga, gb, strict=True):
+        if distance == "cosine":
             sim = torch.bmm(a, b.transpose(1, 2))
             ra, rb = (1 - sim.amax(dim=2)) / 2, (1 - sim.amax(dim=1)) / 2
-            da, db = (ra, rb) if da is None else (da + ra, db + rb)
-        return da / len(fa), db / len(fb)
-    if distance == "euclidean":
-        sq = sum(_sq_dist(a, b) for a, b in zip(fa, fb, strict=True))
-        return sq.amin(dim=2).sqrt(), sq.amin(dim=1).sqrt()
-    if distance == "layernorm":
-        da = db = None
-        for a, b in zip(fa, fb, strict=True):
-            sq = _sq_dist(a, b)
-            ra, rb = sq.amin(dim=2).sqrt(), sq.amin(dim=1).sqrt()
-            da, db = (ra, rb) if da is None else (da + ra, db + rb)
-        return da / len(fa), db / len(fb)
-    raise ValueError(f"unknown distance {distance!r}; choose one of {', '.join(DISTANCES)}")
+        else:  # squared distances |a|^2 + |b|^2 - 2ab in two passes over the matrix
+            sq = torch.baddbmm(_sq_norms(b).unsqueeze(1), a, b.transpose(1, 2), alpha=-2)
+            sq.add_(_sq_norms(a).unsqueeze(2))
+            ra, rb = sq.amin(dim=2).clamp_min(0).sqrt(), sq.amin(dim=1).clamp_min(0).sqrt()
+        da, db = (ra, rb) if da is None else (da + ra, db + rb)
+    return da / len(ga), db / len(gb)
 
 
 def bank_distances(
@@ -109,39 +109,43 @@ def bank_distances(
     """Distance of every query patch to its nearest patch of a memory bank.
 
     ``query[l]``: ``(N, P, C_l)``; ``bank[l]``: ``(M, C_l)`` (the same M patches in every layer). Returns
-    ``(N, P)``. The bank is visited ``chunk`` patches at a time, so memory stays ``N * P * chunk`` floats.
+    ``(N, P)``. The bank is visited ``chunk`` patches at a time, so memory stays ``P * chunk`` floats.
     With ``query_owner`` (``(N,)``) and ``bank_owner`` (``(M,)``) image ids, a query image never matches
     bank patches of its own id (leave-one-out scores of the bank's own images).
     """
     n, p = query[0].shape[:2]
-    if distance not in DISTANCES:
-        raise ValueError(f"unknown distance {distance!r}; choose one of {', '.join(DISTANCES)}")
+    groups = _groups(bank, distance)
+    queries = _groups(query, distance)
+    norms = [None if distance == "cosine" else _sq_norms(g) for g in groups]
     chunk = max(1, min(chunk, _MAX_BLOCK_ELEMENTS // p))
     # one image at a time: the same shapes, hence the same arithmetic, whatever the batch holds
     out = torch.empty(n, p)
     for i in range(n):
         same = None if query_owner is None else bank_owner == query_owner[i]
-        out[i] = _bank_block([t[i] for t in query], bank, distance, chunk, same)
+        per_group = [
+            _nearest_in_bank(q[i], g, nb, distance, chunk, same)
+            for q, g, nb in zip(queries, groups, norms, strict=True)
+        ]
+        out[i] = torch.stack(per_group).mean(dim=0)
     return out
 
 
-def _bank_block(q, bank, distance, chunk, same) -> torch.Tensor:
-    """``(P,)`` nearest-bank distances of one image's ``(P, C_l)`` features; ``same``: ``(M,)`` bank patches
-    it may not match, or ``None``."""
-    per_layer = distance != "euclidean"
-    m = bank[0].shape[0]
-    best = torch.full((len(q) if per_layer else 1, q[0].shape[0]), torch.inf)
-    for s in range(0, m, chunk):
-        parts = [(a, b[s : s + chunk]) for a, b in zip(q, bank, strict=True)]
-        if distance == "cosine":
-            mats = [(1 - a @ b.T) / 2 for a, b in parts]
-        elif per_layer:
-            mats = [_sq_dist(a, b) for a, b in parts]
-        else:
-            mats = [sum(_sq_dist(a, b) for a, b in parts)]
+def _nearest_in_bank(
+    q: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None, distance: Distance, chunk: int, same
+) -> torch.Tensor:
+    """``(P,)`` distances of one image's ``(P, C)`` features to their nearest of ``(M, C)`` bank rows; ``same``:
+    ``(M,)`` bank rows it may not match, or ``None``."""
+    cosine = distance == "cosine"
+    best = torch.full((q.shape[0],), -torch.inf if cosine else torch.inf)
+    for s in range(0, bank.shape[0], chunk):
+        b = bank[s : s + chunk]
+        if cosine:
+            m = q @ b.T
+        else:  # |b|^2 - 2ab; |a|^2 is added after the minimum (it is the same along a row)
+            m = torch.addmm(bank_sq[s : s + chunk].unsqueeze(0), q, b.T, alpha=-2)
         if same is not None:
-            mats = [d.masked_fill_(same[None, s : s + chunk], torch.inf) for d in mats]
-        best = torch.minimum(best, torch.stack([d.amin(dim=1) for d in mats]))
-    if distance != "cosine":
-        best = best.sqrt()
-    return best.mean(dim=0)
+            m.masked_fill_(same[None, s : s + chunk], -torch.inf if cosine else torch.inf)
+        best = torch.maximum(best, m.amax(dim=1)) if cosine else torch.minimum(best, m.amin(dim=1))
+    if cosine:
+        return (1 - best) / 2
+    return (best + _sq_norms(q)).clamp_min(0).sqrt()
