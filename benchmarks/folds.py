@@ -1,5 +1,5 @@
 """The README's accuracy tables, from one command: leave-one-defect-type-out matching (effnet-lite0,
-dinov2-vits14) and saved profiles, every fold, 3 seeds.
+dinov2-vits14), saved profiles and test-time adaptation, every fold, 3 seeds.
 
     .venv/bin/python benchmarks/folds.py              # runs the three scripts, rewrites the README block
     .venv/bin/python benchmarks/folds.py --no-run     # only rewrites the block from runs/bench/*.json
@@ -26,6 +26,7 @@ RUNS = {
     "matching_folds": ["matching_folds.py"],
     "matching_folds_dinov2": ["matching_folds.py", "--backbone", "dinov2-vits14"],
     "profile_folds": ["profile_folds.py"],
+    "adaptation_folds": ["adaptation_folds.py"],
 }
 
 

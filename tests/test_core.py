@@ -240,7 +240,7 @@ def test_results_tables_exact():
     assert results_table(single, "md").endswith("Metrics in %, seed 3.\n")
 
 
-def test_fingerprint_changes_with_what_changes_numbers(tmp_path, texture_set):
+def test_fingerprint_changes_with_what_changes_numbers(tmp_path, texture_set, monkeypatch):
     from dualclip.data import datasets as D
     from dualclip.evaluation import fingerprint
 
@@ -260,6 +260,12 @@ def test_fingerprint_changes_with_what_changes_numbers(tmp_path, texture_set):
     no_mask = [dataclasses.replace(s, mask=None) for s in cat.samples]
     assert fingerprint(cfg, dataclasses.replace(cat, samples=no_mask), [0]) != base
     assert fingerprint(cfg, dataclasses.replace(cat, references=[cat.samples[0].path]), [0]) != base
+    assert fingerprint(dataclasses.replace(cfg, distance="euclidean"), cat, [0]) != base
+    # a backbone's default matching is part of what the settings mean: a new default is a new fingerprint
+    from dualclip.backbone import ClipBackbone
+
+    monkeypatch.setattr(ClipBackbone, "default_neighbourhood", (1, 3, 5))
+    assert fingerprint(cfg, cat, [0]) != base
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"1")
     with_file = fingerprint(dataclasses.replace(cfg, pretrained=str(weights)), cat, [0])

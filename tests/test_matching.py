@@ -105,3 +105,21 @@ def test_neighbourhood_setting_is_validated():
     with pytest.raises(ValueError, match="distance must be one of"):
         DetectorConfig(distance="manhattan")
     assert DetectorConfig(neighbourhood=[3]).neighbourhood == 3
+
+
+def test_hybrid_averages_the_standardised_cosine_and_euclidean_scores(tiny_backbone, texture_set):
+    images = texture_set[0][:4]
+    cfg = DetectorConfig(backbone="tiny", pretrained=None, use_text=False, progress=False, neighbourhood=1)
+    runs = {
+        d: DualClipDetector(dataclasses.replace(cfg, distance=d), backbone=tiny_backbone).score_images(images)
+        for d in ("cosine", "euclidean", "hybrid")
+    }
+
+    def z(x):
+        x = x.double()
+        return (x - x.mean()) / x.std(unbiased=False)
+
+    want = (z(runs["cosine"].branches.visual) + z(runs["euclidean"].branches.visual)) / 2
+    torch.testing.assert_close(runs["hybrid"].branches.visual.double(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no matching space of its own"):
+        to_match_space(torch.randn(1, 4, 3), (2, 2), "hybrid", 1)

@@ -26,10 +26,10 @@ def split(texture_set):
     return normal[:4], normal[4:] + anomalous
 
 
-@pytest.mark.parametrize("tta", [False, True])
-def test_a_profile_scores_an_image_the_same_alone_and_in_any_batch(tiny_backbone, split, tta):
+@pytest.mark.parametrize(("tta", "distance"), [(False, "cosine"), (True, "cosine"), (False, "hybrid")])
+def test_a_profile_scores_an_image_the_same_alone_and_in_any_batch(tiny_backbone, split, tta, distance):
     train, test = split
-    cfg = dataclasses.replace(CFG, tta=tta, adaptation={"num_images": 4, "steps": 5})
+    cfg = dataclasses.replace(CFG, tta=tta, distance=distance, adaptation={"num_images": 4, "steps": 5})
     det = DualClipDetector(cfg, backbone=tiny_backbone).fit(train, class_name="tile")
     together = [p.score for p in det.predict(test)]
     for i, img in enumerate(test):
@@ -59,7 +59,7 @@ def test_normal_scores_are_the_units_leave_one_out(tiny_backbone, split):
     want = torch.stack(
         [
             bank_distances(s, b, distance, query_owner=owners[0], bank_owner=owners[1])
-            for s, b in zip(spaces, det.profile_.bank, strict=True)
+            for s, b in zip(spaces, det.profile_.bank[distance], strict=True)
         ]
     ).mean(0)
     np.testing.assert_allclose(got.reshape(-1), want.reshape(-1).numpy(), rtol=1e-5, atol=1e-6)
@@ -154,11 +154,12 @@ def test_memory_bank_is_bounded_and_keeps_owners(tiny_backbone, split):
     det = DualClipDetector(dataclasses.replace(CFG, memory_bank_size=20), backbone=tiny_backbone).fit(train)
     prof = det.profile_
     assert prof.meta["bank_patches"] == 20 and prof.meta["bank_patches_total"] == 4 * 16
-    assert all(t.shape[0] == 20 for space in prof.bank for t in space)
-    spaces = [[torch.randn(4, 16, 3)], [torch.randn(4, 16, 3)]]
+    assert all(t.shape[0] == 20 for spaces in prof.bank.values() for space in spaces for t in space)
+    spaces = {"cosine": [[torch.randn(4, 16, 3)], [torch.randn(4, 16, 3)]], "euclidean": [[torch.randn(4, 16, 3)]]}
     bank, owner, total = build_bank(spaces, 10, seed=0)
-    keep = greedy_coreset(spaces[0][0].reshape(64, 3), 10, seed=0)
-    torch.testing.assert_close(bank[1][0], spaces[1][0].reshape(64, 3)[keep])
+    keep = greedy_coreset(spaces["cosine"][0][0].reshape(64, 3), 10, seed=0)
+    torch.testing.assert_close(bank["cosine"][1][0], spaces["cosine"][1][0].reshape(64, 3)[keep])
+    torch.testing.assert_close(bank["euclidean"][0][0], spaces["euclidean"][0][0].reshape(64, 3)[keep])
     assert owner.tolist() == (keep // 16).tolist() and total == 64
 
 
@@ -199,3 +200,19 @@ def test_cli_fit_then_predict_with_the_profile(tmp_path, texture_set):
     assert res.exit_code == 2 and "--profile carries the model and settings: drop --backbone" in res.output
     res = runner.invoke(app, ["fit", str(good), "-o", str(tmp_path / "p"), *model])
     assert res.exit_code == 2 and "exists" in res.output
+
+
+def test_hybrid_profile_standardises_each_part_by_its_normal_moments(tiny_backbone, split):
+    train, test = split
+    cfg = dataclasses.replace(CFG, distance="hybrid", use_text=False)
+    det = DualClipDetector(cfg, backbone=tiny_backbone).fit(train)
+    parts = det.profile_.scale.parts
+    assert sorted(parts) == ["cosine", "euclidean"]
+    feats = det.features(test[:1])
+    want = 0
+    for part in ("cosine", "euclidean"):
+        (space,) = match_spaces(feats.match_features, feats.grid, part, (3,))
+        d = bank_distances(space, det.profile_.bank[part][0], part)
+        want = want + (d - parts[part].mean) / parts[part].std
+    got = det.predict(test[:1])[0].branch_maps["visual"]
+    np.testing.assert_allclose(got.reshape(-1), (want / 2).reshape(-1).numpy(), rtol=1e-5, atol=1e-5)

@@ -21,8 +21,8 @@ REMOVED_SIMILAR = (
     "more references (k=3) or full mutual scoring (k='all')"
 )
 Aggregation = Literal["min", "mean_low30"]
-Distance = Literal["cosine", "euclidean", "layernorm"]
-DISTANCES: tuple[str, ...] = ("cosine", "euclidean", "layernorm")
+Distance = Literal["cosine", "euclidean", "layernorm", "hybrid"]
+DISTANCES: tuple[str, ...] = ("cosine", "euclidean", "layernorm", "hybrid")
 FusionNorm = Literal["zscore", "rank"]
 ImageScoreMode = Literal["max", "top1pct"]
 TTAScope = Literal["category", "image"]
@@ -120,14 +120,15 @@ class DetectorConfig:
         ``None``: the backbone's default (CLIP: 1; dinov2-vits14: 0, no V-V path, which only it allows).
     distance:
         The patch distance of visual matching (:mod:`dualclip.scoring.matching`): ``"cosine"`` on
-        L2-normalised features (the paper's), ``"euclidean"`` on raw features (layers concatenated), or
-        ``"layernorm"`` (MuSc: per-patch LayerNorm, then Euclidean per layer). ``None``: the backbone's default,
-        chosen by leave-one-defect-type-out (README, "Matching"): ``euclidean`` for ``effnet-lite0``,
-        ``cosine`` for CLIP (no CLIP weights could be evaluated here).
+        L2-normalised features (the paper's), ``"euclidean"`` on raw features (layers concatenated),
+        ``"layernorm"`` (MuSc: per-patch LayerNorm, then Euclidean per layer), or ``"hybrid"`` (the cosine and
+        the Euclidean scores, each standardised, averaged: direction and magnitude). ``None``: the backbone's
+        default, chosen by leave-one-defect-type-out (README, "Matching"): ``hybrid`` at neighbourhood 1 for
+        effnet-lite0; ``cosine`` at 3 for CLIP (no CLIP weights could be evaluated here).
     neighbourhood:
         Side of the square neighbourhood over which matching features are averaged (1 = off), or several
         sides, e.g. ``(1, 3, 5)``: one matching space each, scores averaged. ``None``: the backbone's
-        default (3 for CLIP; see ``distance`` for effnet-lite0).
+        default (see ``distance``).
     k:
         References per image. 1 is the paper's dual-image setting; ``"all"`` is full mutual scoring.
     pairing:

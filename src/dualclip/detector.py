@@ -34,6 +34,8 @@ from .data.images import array_to_rgb, load_image, thumbnails, to_rgb8
 from .profile import Moments, Profile, ProfileError, ScoreScale, build_bank, weights_fingerprint
 from .scoring import (
     bank_distances,
+    combine_parts,
+    distance_parts,
     fuse,
     golden_reference_scores,
     map_scores,
@@ -436,25 +438,32 @@ class DualClipDetector:
         cfg = self.config
         n = feats.global_embedding.shape[0]
         distance, sizes = self.matching()
-        spaces = match_spaces(feats.match_features, feats.grid, distance, sizes)
+        parts = distance_parts(distance)
+        spaces = {p: match_spaces(feats.match_features, feats.grid, p, sizes) for p in parts}
         if self.profile_ is not None:
             with clock("reference"):
-                banks = self.profile_.bank
-                out.visual = _mean(bank_distances(s, b, distance) for s, b in zip(spaces, banks, strict=True))
+                bank, scale = self.profile_.bank, self.profile_.scale
+                scores = {
+                    p: _mean(bank_distances(s, b, p) for s, b in zip(spaces[p], bank[p], strict=True)) for p in parts
+                }
+                out.visual = combine_parts(scores, scale.parts if len(parts) > 1 else None)
             return [[] for _ in range(n)]
         if golden is not None:
             with clock("backbone"):
                 gfeats = self._extract(golden, keep_patch_embeddings=False, desc="references")
             with clock("reference"):
-                gspaces = match_spaces(gfeats.match_features, gfeats.grid, distance, sizes)
-                out.visual = _mean(
-                    golden_reference_scores(s, g, distance) for s, g in zip(spaces, gspaces, strict=True)
-                )
+                scores = {}
+                for p in parts:
+                    gspaces = match_spaces(gfeats.match_features, gfeats.grid, p, sizes)
+                    scores[p] = _mean(golden_reference_scores(s, g, p) for s, g in zip(spaces[p], gspaces, strict=True))
+                out.visual = combine_parts(scores)
             return [list(range(len(golden))) for _ in range(n)]
         with clock("reference"):
             dup = near_duplicates(thumbnails(images), cfg.duplicate_tolerance)
             refs = pair_references(n, cfg.k, cfg.pairing, cfg.seed, forbidden=dup)
-            out.visual = _mean(reference_scores(s, refs, cfg.k_aggregation, distance=distance) for s in spaces)
+            out.visual = combine_parts(
+                {p: _mean(reference_scores(s, refs, cfg.k_aggregation, distance=p) for s in spaces[p]) for p in parts}
+            )
         out.duplicate_pairs = int(dup.sum()) // 2
         return refs
 
@@ -569,20 +578,27 @@ class DualClipDetector:
         temperature = cfg.temperature or backbone.logit_scale
         text = self._text(feats, class_name, use_text, temperature, branches)
         distance, sizes = self.matching()
-        bank, owner, total = [], torch.zeros(0, dtype=torch.long), 0
+        bank, owner, total, part_moments = {}, torch.zeros(0, dtype=torch.long), 0, {}
         if cfg.use_visual:
-            spaces = match_spaces(feats.match_features, feats.grid, distance, sizes)
+            parts = distance_parts(distance)
+            spaces = {p: match_spaces(feats.match_features, feats.grid, p, sizes) for p in parts}
             bank, owner, total = build_bank(spaces, cfg.memory_bank_size, cfg.seed)
             ids = torch.arange(len(rgb))
-            branches.visual = _mean(
-                bank_distances(s, b, distance, query_owner=ids, bank_owner=owner)
-                for s, b in zip(spaces, bank, strict=True)
-            )
+            loo = {
+                p: _mean(
+                    bank_distances(s, b, p, query_owner=ids, bank_owner=owner)
+                    for s, b in zip(spaces[p], bank[p], strict=True)
+                )
+                for p in parts
+            }
+            part_moments = {p: Moments.of(v) for p, v in loo.items()} if len(parts) > 1 else {}
+            branches.visual = combine_parts(loo, part_moments or None)
         head = None
         if cfg.tta:
             head, _ = fit_head(backbone, rgb, text, temperature, cfg)
             branches.adapted = head_scores(head, feats, use_text)
         scale, normal_scores = self._normal_scale(branches, feats.grid)
+        scale.parts = part_moments
         meta = {
             "config": cfg.to_dict(),
             "class_name": class_name,
@@ -599,7 +615,7 @@ class DualClipDetector:
             "created_by": f"dualclip {__version__}",
         }
         self.profile_ = Profile(
-            bank=bank if bank else [[torch.zeros(0, 1)]],
+            bank=bank,
             bank_owner=owner,
             scale=scale,
             normal_scores=[float(s) for s in normal_scores],

@@ -115,8 +115,11 @@ def fingerprint(config: DetectorConfig, category: Category, seeds: list[int]) ->
     if isinstance(weights, str) and Path(weights).is_file():
         st = Path(weights).stat()
         weights = [str(Path(weights).resolve()), st.st_size, st.st_mtime_ns]
+    from .backbone import matching_defaults
+
     payload = {
         "config": cfg,
+        "matching_defaults": list(matching_defaults(config.backbone)),
         "weights": weights,
         "seeds": seeds,
         "version": __version__,

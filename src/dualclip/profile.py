@@ -72,17 +72,22 @@ class ScoreScale:
         ``beta`` fusion of the image score.
     score:
         Moments of the fused image scores of the normal images: the final standardisation.
+    parts:
+        For the ``hybrid`` distance: moments of each part's (cosine, euclidean) normal patch scores, which
+        standardise the parts before they are averaged into the visual score.
     """
 
     patch: dict[str, Moments]
     image: dict[str, Moments] = field(default_factory=dict)
     score: Moments = Moments(0.0, 1.0)
+    parts: dict[str, Moments] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
             "patch": {k: v.to_dict() for k, v in self.patch.items()},
             "image": {k: v.to_dict() for k, v in self.image.items()},
             "score": self.score.to_dict(),
+            "parts": {k: v.to_dict() for k, v in self.parts.items()},
         }
 
     @classmethod
@@ -91,6 +96,7 @@ class ScoreScale:
             patch={k: Moments(**v) for k, v in d["patch"].items()},
             image={k: Moments(**v) for k, v in d["image"].items()},
             score=Moments(**d["score"]),
+            parts={k: Moments(**v) for k, v in d.get("parts", {}).items()},
         )
 
 
@@ -101,7 +107,8 @@ class Profile:
     Attributes
     ----------
     bank:
-        ``bank[s][l]``: ``(M, C_l)`` golden patches in matching space ``s`` (neighbourhood size), layer ``l``.
+        ``bank[part][s][l]``: ``(M, C_l)`` golden patches in the matching space of distance ``part`` (one, or
+        two for ``hybrid``) at neighbourhood size ``s``, layer ``l``; the same M patches everywhere.
     bank_owner:
         ``(M,)`` index of the normal image each bank patch came from (leave-one-out statistics).
     scale:
@@ -118,7 +125,7 @@ class Profile:
         ``bank_patches``, ``bank_patches_total``, ``sources``, ``dualclip_version``, ``format``.
     """
 
-    bank: list[list[torch.Tensor]]
+    bank: dict[str, list[list[torch.Tensor]]]
     bank_owner: torch.Tensor
     scale: ScoreScale
     normal_scores: list[float]
@@ -141,7 +148,10 @@ class Profile:
             if not _is_profile_folder(path):
                 raise ProfileError(f"{path} is not a profile folder: refusing to replace it")
         tensors = {
-            f"bank.{s}.{layer}": t.contiguous() for s, space in enumerate(self.bank) for layer, t in enumerate(space)
+            f"bank.{part}.{s}.{layer}": t.contiguous()
+            for part, spaces in self.bank.items()
+            for s, space in enumerate(spaces)
+            for layer, t in enumerate(space)
         }
         tensors["bank_owner"] = self.bank_owner.to(torch.int64).contiguous()
         for k, v in (self.head or {}).items():
@@ -153,8 +163,9 @@ class Profile:
             "scale": self.scale.to_dict(),
             "normal_scores": self.normal_scores,
             "threshold": None if self.threshold is None else self.threshold.to_dict(),
-            "spaces": len(self.bank),
-            "layers": len(self.bank[0]),
+            "parts": list(self.bank),
+            "spaces": len(next(iter(self.bank.values()), [])),
+            "layers": len(next(iter(self.bank.values()), [[]])[0]),
             "head": sorted(self.head) if self.head else None,
         }
         staging = path.parent / f".{path.name}.partial-{os.getpid()}"
@@ -197,7 +208,13 @@ class Profile:
         except (OSError, SafetensorError) as exc:
             raise ProfileError(f"{path / PROFILE_TENSORS} cannot be read: {exc}") from exc
         try:
-            bank = [[tensors[f"bank.{s}.{layer}"] for layer in range(doc["layers"])] for s in range(doc["spaces"])]
+            bank = {
+                part: [
+                    [tensors[f"bank.{part}.{s}.{layer}"] for layer in range(doc["layers"])]
+                    for s in range(doc["spaces"])
+                ]
+                for part in doc["parts"]
+            }
             head = {k: tensors[f"head.{k}"] for k in doc["head"]} if doc.get("head") else None
             threshold = Threshold(**doc["threshold"]) if doc.get("threshold") else None
             meta = {k: v for k, v in doc.items() if k not in _DERIVED}
@@ -214,7 +231,7 @@ class Profile:
             raise ProfileError(f"{path} is damaged: {exc!r} missing or invalid") from exc
 
 
-_DERIVED = {"scale", "normal_scores", "threshold", "spaces", "layers", "head"}
+_DERIVED = {"scale", "normal_scores", "threshold", "parts", "spaces", "layers", "head"}
 
 
 def _is_profile_folder(path: Path) -> bool:
@@ -235,23 +252,24 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
 
 
 def build_bank(
-    spaces: list[list[torch.Tensor]], size: int | None, seed: int = 0
-) -> tuple[list[list[torch.Tensor]], torch.Tensor, int]:
+    spaces: dict[str, list[list[torch.Tensor]]], size: int | None, seed: int = 0
+) -> tuple[dict[str, list[list[torch.Tensor]]], torch.Tensor, int]:
     """The memory bank of ``N`` normal images' patches: ``(bank, owner, total)``.
 
-    ``spaces[s][l]``: ``(N, P, C_l)`` features. Every patch is kept up to ``size`` patches in all; above it a
-    greedy coreset (:func:`~dualclip.scoring.coreset.greedy_coreset`, on the first space's layers
-    concatenated) chooses ``size`` of them, the same patches in every space and layer. ``owner``: the image
-    of each kept patch; ``total``: the patch count before subsampling.
+    ``spaces[part][s][l]``: ``(N, P, C_l)`` features. Every patch is kept up to ``size`` patches in all; above
+    it a greedy coreset (:func:`~dualclip.scoring.coreset.greedy_coreset`, on the first part's first space,
+    layers concatenated) chooses ``size`` of them, the same patches in every part, space and layer. ``owner``:
+    the image of each kept patch; ``total``: the patch count before subsampling.
     """
     from .scoring.coreset import greedy_coreset
 
-    n, p = spaces[0][0].shape[:2]
+    first = next(iter(spaces.values()))
+    n, p = first[0][0].shape[:2]
     total = n * p
-    flat = [[t.reshape(total, -1) for t in space] for space in spaces]
+    flat = {part: [[t.reshape(total, -1) for t in space] for space in sp] for part, sp in spaces.items()}
     owner = torch.arange(n).repeat_interleave(p)
     if size is not None and total > size:
-        keep = greedy_coreset(torch.cat(flat[0], dim=-1), size, seed)
-        flat = [[t[keep].contiguous() for t in space] for space in flat]
+        keep = greedy_coreset(torch.cat(next(iter(flat.values()))[0], dim=-1), size, seed)
+        flat = {part: [[t[keep].contiguous() for t in space] for space in sp] for part, sp in flat.items()}
         owner = owner[keep]
     return flat, owner, total

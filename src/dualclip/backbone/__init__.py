@@ -18,7 +18,15 @@ __all__ = [
     "build_backbone",
     "extract_features",
     "load_open_clip",
+    "matching_defaults",
 ]
+
+
+def matching_defaults(backbone: str) -> tuple[str, tuple[int, ...]]:
+    """The (distance, neighbourhood sizes) a backbone uses when the settings leave them at ``None`` (without
+    building it: eval fingerprints record them)."""
+    cls = {DINOV2_NAME: DinoV2Backbone, EFFNET_NAME: EffNetLite0Backbone}.get(backbone, ClipBackbone)
+    return cls.default_distance, tuple(cls.default_neighbourhood)
 
 
 def build_backbone(config) -> Backbone:

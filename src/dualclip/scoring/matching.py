@@ -15,6 +15,11 @@ Three distances, chosen with ``DetectorConfig.distance``:
     MuSc's choice: each patch token is layer-normalised over its channels (no affine), averaged over the
     neighbourhood; per layer the Euclidean distance to the nearest patch, averaged over the layers.
 
+``hybrid``
+    Both ``cosine`` and ``euclidean`` (:data:`HYBRID_PARTS`): each part's scores are standardised (over the
+    run, or by a profile's normal moments) and averaged (:func:`combine_parts`), so that a defect shown by
+    the features' direction or by their magnitude both count.
+
 Several neighbourhood sizes (e.g. ``(1, 3, 5)``) give one matching space each; the visual score is the
 mean of their scores (MuSc's multi-degree aggregation).
 """
@@ -27,6 +32,34 @@ import torch
 import torch.nn.functional as F
 
 from ..config import DISTANCES, Distance
+
+HYBRID_PARTS: tuple[str, ...] = ("cosine", "euclidean")
+
+
+def distance_parts(distance: Distance) -> tuple[str, ...]:
+    """The plain distances a setting is computed from: both :data:`HYBRID_PARTS` for ``hybrid``, else itself."""
+    if distance not in DISTANCES:
+        raise ValueError(f"unknown distance {distance!r}; choose one of {', '.join(DISTANCES)}")
+    return HYBRID_PARTS if distance == "hybrid" else (distance,)
+
+
+def combine_parts(parts: dict[str, torch.Tensor], moments: dict | None = None) -> torch.Tensor:
+    """One visual score from the parts' scores: a single part unchanged; several standardised (z-scores over
+    all their values, or by ``moments[part]``, a profile's fixed :class:`~dualclip.profile.Moments`) and
+    averaged."""
+    if len(parts) == 1:
+        return next(iter(parts.values()))
+    out = None
+    for name, x in parts.items():
+        if moments is not None:
+            z = moments[name].standardize(x)
+        else:
+            flat = x.double()
+            std = flat.std(unbiased=False)
+            z = ((flat - flat.mean()) / std if std > 0 else flat - flat.mean()).to(x.dtype)
+        out = z if out is None else out + z
+    return out / len(parts)
+
 
 # Bound on the elements of one query-by-bank distance block (query patches x bank patches).
 _MAX_BLOCK_ELEMENTS = 16_000_000
@@ -46,6 +79,8 @@ def neighbourhood_mean(tokens: torch.Tensor, grid: tuple[int, int], size: int) -
 def to_match_space(tokens: torch.Tensor, grid: tuple[int, int], distance: Distance, size: int) -> torch.Tensor:
     """One layer's raw ``(B, P, C)`` tokens in the matching space of ``distance`` at neighbourhood ``size``."""
     tokens = tokens.float()
+    if distance == "hybrid":
+        raise ValueError("'hybrid' has no matching space of its own: use distance_parts() for its parts")
     if distance == "cosine":
         return F.normalize(neighbourhood_mean(F.normalize(tokens, dim=-1), grid, size), dim=-1).contiguous()
     if distance == "euclidean":
