@@ -164,8 +164,8 @@ class DetectorConfig:
         Test-time adaptation on synthesized anomalies (§7); settings in ``adaptation``.
     memory_bank_size:
         Most golden patches a fitted profile keeps (:meth:`DualClipDetector.fit`): above it a greedy coreset
-        (PatchCore) chooses this many; ``None`` keeps all. 16384 patches of effnet-lite0 at 224 px are 21
-        images' worth; measured in the README ("Saved profiles").
+        (PatchCore) chooses this many; ``None`` keeps all. 16384 patches are about 10 images of effnet-lite0
+        at 320 px; measured in the README ("Saved profiles").
     batch_size:
         Images per backbone forward pass.
     seed:
