@@ -201,10 +201,10 @@ def main() -> None:
     candidates = [
         setting_name(e, d, nb) for e in EXTRACTIONS[args.backbone] for d in DISTANCES for nb in NEIGHBOURHOODS
     ]
-    references = (OLD_DEFAULT, *BASELINES) if args.backbone == "effnet-lite0" else BASELINES
+    references = [("previous default", OLD_DEFAULT)] if args.backbone == "effnet-lite0" else []
+    references += [(b, b) for b in BASELINES]
     best_mean = max(candidates, key=lambda c: statistics.fmean(criterion(results[f][c]) for f in fold_names))
-    if best_mean not in references:
-        references = (*references, best_mean)
+    references.append(("default, chosen on all folds", select(results, candidates, fold_names)))
 
     def chosen_on(train: list[str]) -> str:
         return select(results, candidates, train)
@@ -213,7 +213,7 @@ def main() -> None:
     for held in fold_names:
         pick = chosen_on([f for f in fold_names if f != held])
         picks[held] = pick
-        for label, name in (("chosen on the other folds", pick), *((r, r) for r in references)):
+        for label, name in (("chosen on the other folds", pick), *references):
             rs = results[held][name]
             loo_rows.append(
                 [
@@ -225,7 +225,7 @@ def main() -> None:
             )
     default = chosen_on(fold_names)
     means = []
-    for name in dict.fromkeys((default, *references)):
+    for name in dict.fromkeys((default, *(name for _, name in references))):
         means.append(
             [
                 "mean of the folds",

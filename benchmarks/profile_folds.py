@@ -5,8 +5,8 @@ test normals; metal_plate's test split). The N fitting images are drawn (seeded)
 fold tests on: magnetic_tile's defect-free images after the first 100 (552), metal_plate's good train + val
 images (54, so N = 150 is not possible there). Rows: the zero-shot default (images scored among
 themselves, k = 1), the profile with the detector's defaults (effnet-lite0, fitted units, greedy coreset of
-at most `memory_bank_size` patches), the profile keeping every patch (N = 50: the coreset's effect; at
-N = 150 a full bank of 240,000 patches costs too much CPU time here), and a PatchCore-style golden-reference
+at most `memory_bank_size` patches), the profile keeping every patch (metal_plate, N = 50: the coreset's
+effect; a full bank of magnetic_tile's 80,000-240,000 patches costs too much CPU time here), and a PatchCore-style golden-reference
 baseline computed here with torch.cdist on the same features: raw blocks 4 + 10, 3 x 3 local average, a
 greedy-coreset memory bank of the same size, Euclidean distance to the nearest bank patch, image score = max
 of the map smoothed like the detector's (sigma 4). Seeds 0, 1, 2 draw the N images (and seed the coresets).
@@ -74,6 +74,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--quick", action="store_true", help="seed 0, N = 10 only")
+    ap.add_argument("--folds", default=None, help="only the folds whose names contain one of these (comma-separated)")
+    ap.add_argument("--merge", action="store_true", help="add these folds' results to those already in --json")
     args = ap.parse_args()
     if not SHARED.is_dir():
         print(f"profile_folds: skipped, {SHARED} is absent", file=sys.stderr)
@@ -94,7 +96,10 @@ def main() -> None:
     pools = fit_pools()
     results: dict[str, dict[str, list[dict]]] = {}
     timings: dict[str, list[float]] = {}
+    wanted = args.folds.split(",") if args.folds else None
     for cat in folds():
+        if wanted and not any(w in cat.name for w in wanted):
+            continue
         images = cat.images()
         pool = pools["metal_plate" if cat.name == "metal_plate" else "magnetic_tile"]
         size = DualClipDetector(base).backbone.image_size
@@ -114,7 +119,7 @@ def main() -> None:
                 rng = np.random.default_rng(seed)
                 train = [load_image(pool[i]) for i in sorted(rng.choice(len(pool), n, replace=False))]
                 variants = [("profile", base.memory_bank_size)]
-                if n == 50:
+                if n == 50 and cat.name == "metal_plate":
                     variants.append(("profile, every patch kept", None))
                 for label, bank_size in variants:
                     det = DualClipDetector(
@@ -137,12 +142,19 @@ def main() -> None:
                 )
             print(f"{cat.name}: N = {n} done", flush=True)
 
+    if args.merge and args.json.is_file():
+        import json
+
+        old = json.loads(args.json.read_text())["raw"]
+        results = {**old["results"], **results}
+        timings = {k: old["timings"].get(k, []) + timings.get(k, []) for k in {*old["timings"], *timings}}
+
     def cell(rs, m):
         vals = [100 * r[m] for r in rs]
         return f"{statistics.fmean(vals):.1f} ± {statistics.pstdev(vals):.1f}"
 
     rows = [[f, name, *(cell(rs, m) for m in METRICS)] for f, by in results.items() for name, rs in by.items()]
-    names = [n for n in next(iter(results.values()))]
+    names = list(dict.fromkeys(n for by in results.values() for n in by))
     for name in names:
         have = [f for f in results if name in results[f]]
         rows.append(

@@ -75,6 +75,9 @@ class DinoV2Backbone(Backbone):
     """
 
     has_text = False
+    # chosen by leave-one-defect-type-out on the shared data (README; benchmarks/matching_folds.py): V-V off
+    default_distance = "cosine"
+    default_neighbourhood = (1,)
 
     def __init__(
         self,
