@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -60,6 +61,26 @@ class Backbone(nn.Module, ABC):
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """Embed sentences into the joint space (``(len(prompts), D)``, not normalised)."""
         raise NotImplementedError(f"backbone {self.name!r} has no text tower")
+
+
+def load_weights_file(net: nn.Module, path: Path, name: str) -> Path:
+    """Load a state-dict file into ``net`` (strict): ``.safetensors``, or a torch file read with
+    ``weights_only=True`` (no pickled code runs). A missing file is ``FileNotFoundError``; any other failure a
+    ``ValueError`` naming the file and the backbone."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state, strict=True)
+    except Exception as exc:  # unpickling, format and key-mismatch errors come in many types
+        raise ValueError(f"checkpoint file {path} cannot be loaded into {name!r}: {exc}") from exc
+    return path
 
 
 @torch.inference_mode()

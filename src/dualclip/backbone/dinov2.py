@@ -13,13 +13,11 @@ its ONNX exports do.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
 from ..config import DEFAULT
-from .base import Backbone, BackboneOutput
+from .base import Backbone, BackboneOutput, load_weights_file
 
 DINOV2_NAME = "dinov2-vits14"
 TIMM_ARCH = "vit_small_patch14_dinov2"
@@ -46,15 +44,6 @@ def build_timm_dinov2(pretrained_from_hub: bool = False) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):  # random weights are the same in every process
         torch.manual_seed(0)
         return timm.create_model(name, pretrained=pretrained_from_hub, img_size=DINOV2_NATIVE_SIZE, num_classes=0)
-
-
-def load_state(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a ``.safetensors`` file, or a torch file loaded with ``weights_only=True``."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class DinoV2Backbone(Backbone):
@@ -103,14 +92,7 @@ class DinoV2Backbone(Backbone):
             net = build_timm_dinov2()
             self.weights_id = None
             if pretrained is not None:
-                path = Path(pretrained).expanduser()
-                if not path.is_file():
-                    raise FileNotFoundError(f"checkpoint file not found: {path}")
-                try:
-                    net.load_state_dict(load_state(path), strict=True)
-                except Exception as exc:  # format and key-mismatch errors come in many types
-                    raise ValueError(f"checkpoint file {path} cannot be loaded into {DINOV2_NAME!r}: {exc}") from exc
-                self.weights_id = str(path.resolve())
+                self.weights_id = str(load_weights_file(net, pretrained, DINOV2_NAME).resolve())
         net.eval().requires_grad_(False)
         depth = len(net.blocks)
         layers = tuple(sorted(set(feature_layers or DINOV2_DEFAULT_LAYERS)))

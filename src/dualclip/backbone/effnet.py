@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import DEFAULT
-from .base import Backbone, BackboneOutput
+from .base import Backbone, BackboneOutput, load_weights_file
 
 EFFNET_NAME = "effnet-lite0"
 EFFNET_DEFAULT_SIZE = 320
@@ -69,20 +69,9 @@ class EffNetLite0Backbone(Backbone):
         with torch.random.fork_rng(devices=[]):  # random weights (pretrained=None) are the same in every process
             torch.manual_seed(0)
             net = EfficientNet.from_name("efficientnet-lite0")
-        if pretrained == DEFAULT:
-            path = bundled_weights_path()
-        elif pretrained is None:
-            path = None
-        else:
-            path = Path(pretrained).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"checkpoint file not found: {path}")
-        if path is not None:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-                net.load_state_dict(state, strict=True)
-            except Exception as exc:  # unpickling, format and key-mismatch errors come in many types
-                raise ValueError(f"checkpoint file {path} cannot be loaded into {EFFNET_NAME!r}: {exc}") from exc
+        path = None
+        if pretrained is not None:
+            path = load_weights_file(net, bundled_weights_path() if pretrained == DEFAULT else pretrained, EFFNET_NAME)
         net.eval().requires_grad_(False)
         layers = tuple(sorted(set(feature_layers or EFFNET_DEFAULT_LAYERS)))
         n_blocks = len(net._blocks)
