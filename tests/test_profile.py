@@ -200,6 +200,10 @@ def test_cli_fit_then_predict_with_the_profile(tmp_path, texture_set):
     assert res.exit_code == 2 and "--profile carries the model and settings: drop --backbone" in res.output
     res = runner.invoke(app, ["fit", str(good), "-o", str(tmp_path / "p"), *model])
     assert res.exit_code == 2 and "exists" in res.output
+    res = runner.invoke(
+        app, ["predict", "--profile", str(tmp_path / "p"), one, "-o", str(tmp_path / "o3"), "--class-name", "carpet"]
+    )
+    assert res.exit_code == 2 and "fitted for class 'tile'" in res.output
 
 
 def test_hybrid_profile_standardises_each_part_by_its_normal_moments(tiny_backbone, split):

@@ -159,7 +159,7 @@ def run_predict(
         refs = [img for _, img in ref_loaded]
     val = (val_exp[0].files, val_exp[1].files) if val_exp else None
     th = decide_threshold(det, threshold, refs, threshold_quantile, val, class_name, warn)
-    if det.profile_ is not None:
+    if det.profile_ is not None and class_name is None:
         class_name = det.profile_.meta.get("class_name")
     doc: dict = {
         "config": config.to_dict(),
