@@ -52,7 +52,8 @@ def render(results: Path) -> str:
             continue
         cmd = " ".join(["python benchmarks/" + args[0], *args[1:]])
         parts.append(f"Made by `{cmd}` on {data['machine']['date']} ({data['machine']['cpu']}).\n")
-        parts += [markdown_table(t) for t in data["tables"]]
+        # titles as bold lines, not headings: the README's table of contents stays short
+        parts += [f"**{t['title']}**\n\n" + markdown_table({**t, "title": None}) for t in data["tables"]]
     parts.append(END)
     return "\n".join(parts)
 
