@@ -76,7 +76,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="seed 0, N = 10 only")
     ap.add_argument("--folds", default=None, help="only the folds whose names contain one of these (comma-separated)")
     ap.add_argument("--merge", action="store_true", help="add these folds' results to those already in --json")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick: 0)")
+    ap.add_argument("--combine", type=Path, nargs="+", help="only write --json from these runs' JSON files")
     args = ap.parse_args()
+    if args.combine:
+        merge_files(args.json, args.combine)
+        return
     if not SHARED.is_dir():
         print(f"profile_folds: skipped, {SHARED} is absent", file=sys.stderr)
         write_section(args.json, "profile_folds", [], {"skipped": f"{SHARED} is absent"})
@@ -90,7 +95,7 @@ def main() -> None:
     from dualclip.metrics import all_metrics
     from dualclip.scoring import map_scores
 
-    seeds = [0] if args.quick else [0, 1, 2]
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [0] if args.quick else [0, 1, 2]
     sizes_n = (10,) if args.quick else SIZES_N
     base = DetectorConfig(backbone="effnet-lite0", progress=False)
     pools = fit_pools()
@@ -149,11 +154,22 @@ def main() -> None:
         results = {**old["results"], **results}
         timings = {k: old["timings"].get(k, []) + timings.get(k, []) for k in {*old["timings"], *timings}}
 
+    tables = render(results, timings)
+    for t in tables:
+        print(t["title"])
+        for row in t["rows"]:
+            print("  ", row)
+    write_section(args.json, "profile_folds", tables, {"results": results, "timings": timings})
+
+
+def render(results: dict, timings: dict) -> list[dict]:
+    """The tables of per-fold results (each fold with the seeds it was run with)."""
+
     def cell(rs, m):
         vals = [100 * r[m] for r in rs]
-        return f"{statistics.fmean(vals):.1f} ± {statistics.pstdev(vals):.1f}"
+        return f"{statistics.fmean(vals):.1f} ± {statistics.pstdev(vals):.1f}" if len(vals) > 1 else f"{vals[0]:.1f}"
 
-    rows = [[f, name, *(cell(rs, m) for m in METRICS)] for f, by in results.items() for name, rs in by.items()]
+    rows = [[f, name, len(rs), *(cell(rs, m) for m in METRICS)] for f, by in results.items() for name, rs in by.items()]
     names = list(dict.fromkeys(n for by in results.values() for n in by))
     for name in names:
         have = [f for f in results if name in results[f]]
@@ -161,6 +177,7 @@ def main() -> None:
             [
                 f"mean of {len(have)} folds",
                 name,
+                "",
                 *(
                     f"{statistics.fmean(100 * statistics.fmean(r[m] for r in results[f][name]) for f in have):.1f}"
                     for m in METRICS
@@ -175,24 +192,32 @@ def main() -> None:
         ]
         for name, ts in timings.items()
     ]
-    tables = [
+    return [
         {
             "title": "Saved profiles vs zero-shot vs a PatchCore-style baseline (effnet-lite0 defaults; mean ± std over "
-            f"seeds {', '.join(map(str, seeds))}, which draw the N fitting images; %)",
-            "headers": ["fold", "mode", *METRICS],
+            "the seeds, which draw the N fitting images; %)",
+            "headers": ["fold", "mode", "seeds", *METRICS],
             "rows": rows,
         },
         {
-            "title": "Profile cost on this machine (mean over folds and seeds)",
+            "title": "Profile cost on this machine, one core (mean over folds and seeds)",
             "headers": ["mode", "fit (s)", "scoring (ms / image)"],
             "rows": cost,
         },
     ]
-    for t in tables:
-        print(t["title"])
-        for row in t["rows"]:
-            print("  ", row)
-    write_section(args.json, "profile_folds", tables, {"results": results, "timings": timings})
+
+
+def merge_files(out: Path, inputs: list[Path]) -> None:
+    """One section from several runs' JSON files (e.g. folds run in parallel processes)."""
+    import json
+
+    results, timings = {}, {}
+    for path in inputs:
+        raw = json.loads(path.read_text())["raw"]
+        results.update(raw["results"])
+        for k, v in raw["timings"].items():
+            timings.setdefault(k, []).extend(v)
+    write_section(out, "profile_folds", render(results, timings), {"results": results, "timings": timings})
 
 
 if __name__ == "__main__":
