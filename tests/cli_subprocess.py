@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -38,5 +39,8 @@ if delay:
 
     DualClipDetector.score_images = slow
 
+# A test run started in the background of a non-interactive shell inherits SIGINT ignored, and Python then
+# installs no KeyboardInterrupt handler: restore it, so that the signal tests test the CLI, not the launcher.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 print("ready", file=sys.stderr, flush=True)
 app(prog_name="dualclip")
