@@ -570,16 +570,14 @@ class DualClipDetector:
         loaded = [_as_rgb(item) for item in images]
         rgb = [img for img, _ in loaded]
         self.profile_ = None
-        use_text = cfg.use_text and backbone.has_text
-        if not (use_text or cfg.use_visual or cfg.tta):
-            raise ValueError(f"backbone {backbone.name!r} has no text tower: turn the visual branch or tta on")
+        use_text, use_visual = self._branches_to_run(len(rgb), golden=None)
         feats = self._extract(rgb, keep_patch_embeddings=use_text, desc="normal images")
         branches = BranchScores()
         temperature = cfg.temperature or backbone.logit_scale
         text = self._text(feats, class_name, use_text, temperature, branches)
         distance, sizes = self.matching()
         bank, owner, total, part_moments = {}, torch.zeros(0, dtype=torch.long), 0, {}
-        if cfg.use_visual:
+        if use_visual:
             parts = distance_parts(distance)
             spaces = {p: match_spaces(feats.match_features, feats.grid, p, sizes) for p in parts}
             bank, owner, total = build_bank(spaces, cfg.memory_bank_size, cfg.seed)
