@@ -324,6 +324,58 @@ def fit(
     )
 
 
+API_KEY_ENV = "DUALCLIP_API_KEY"
+
+
+@app.command()
+def serve(
+    profile: Path = typer.Option(..., help="A profile made by `dualclip fit`."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; any non-loopback address needs an API key."),
+    port: int = typer.Option(8000, help="TCP port."),
+    batch_size: int = typer.Option(8, help="Most concurrent requests scored in one batch."),
+    max_wait_ms: float = typer.Option(5.0, help="Longest wait of a request for others to share its batch (ms)."),
+    max_body_mb: float = typer.Option(32.0, help="Largest request body accepted (MiB); larger: 413."),
+    api_key_file: Path = typer.Option(
+        None, help=f"A file holding the API key required in the X-API-Key header (or set ${API_KEY_ENV})."
+    ),
+    device: str = DEVICE,
+    debug: bool = DEBUG,
+) -> None:
+    """Serve a profile over HTTP: POST /v1/score, GET /v1/info, GET /healthz (needs dualclip[serve])."""
+    import os
+
+    with cli_errors(debug):
+        try:
+            from ..serve import ServeSettings, create_app
+            from ..serve.app import serve as run_service
+        except ImportError as exc:
+            raise ValueError(f"the service needs the serve extra: pip install 'dualclip[serve]' ({exc})") from exc
+        from ..detector import DualClipDetector
+
+        key = os.environ.get(API_KEY_ENV) or None
+        if api_key_file is not None:
+            key = api_key_file.read_text(encoding="utf-8").strip()
+            if not key:
+                raise ValueError(f"--api-key-file {api_key_file} is empty")
+        settings = ServeSettings(
+            host=host,
+            port=port,
+            batch_size=batch_size,
+            max_wait_ms=max_wait_ms,
+            max_body_bytes=int(max_body_mb * 2**20),
+            api_key=key,
+        )
+        detector = DualClipDetector.load(profile, device=device)
+        detector.config.batch_size = batch_size
+        app_ = create_app(detector, settings, profile_path=profile)
+        typer.echo(
+            f"serving {profile} ({detector.config.backbone}) on http://{host}:{port} "
+            f"(API key {'required' if key else 'off'}); Ctrl-C stops",
+            err=True,
+        )
+    run_service(app_, settings)
+
+
 @app.command("eval")
 def eval_(
     dataset: str = typer.Option(..., help="mvtec | visa | mpdd | btad | folder"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import io
 import os
 import warnings
 from collections.abc import Iterable
@@ -99,14 +100,32 @@ def load_image(
         raise ImageLoadError(p, "file not found")
     if p.stat().st_size == 0:
         raise ImageLoadError(p, "empty file (0 bytes)")
+    try:
+        f = open(p, "rb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise ImageLoadError(p, f"cannot read the file: {exc}") from exc
+    with f:
+        return _decode(f, p, max_pixels, max_side)
+
+
+def decode_image(
+    data: bytes, name: str = "<upload>", max_pixels: int | None = DEFAULT_MAX_PIXELS, max_side: int | None = None
+) -> Image.Image:
+    """:func:`load_image` for an encoded image held in memory (an upload); ``name`` labels the errors."""
+    if not data:
+        raise ImageLoadError(name, "empty file (0 bytes)")
+    return _decode(io.BytesIO(data), name, max_pixels, max_side)
+
+
+def _decode(source, name, max_pixels: int | None, max_side: int | None) -> Image.Image:
     old = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(p) as img:
+            with Image.open(source) as img:
                 if max_pixels is not None and img.width * img.height > max_pixels:
-                    raise ImageLoadError(p, f"{img.width}x{img.height} pixels exceeds the limit of {max_pixels}")
+                    raise ImageLoadError(name, f"{img.width}x{img.height} pixels exceeds the limit of {max_pixels}")
                 original = img.size
                 if max_side is not None and max(img.size) > max_side:
                     img = _reduced(img, max_side)
@@ -118,17 +137,15 @@ def load_image(
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageLoadError(p, f"too many pixels (decompression-bomb limit {max_pixels}): {exc}") from exc
+        raise ImageLoadError(name, f"too many pixels (decompression-bomb limit {max_pixels}): {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise ImageLoadError(p, "not an image file (format not recognised)") from exc
+        raise ImageLoadError(name, "not an image file (format not recognised)") from exc
     except OSError as exc:
-        if not p.is_file() or not os.access(p, os.R_OK):
-            raise ImageLoadError(p, f"cannot read the file: {exc}") from exc
-        raise ImageLoadError(p, f"corrupt or truncated image: {exc}") from exc
+        raise ImageLoadError(name, f"corrupt or truncated image: {exc}") from exc
     except MemoryError:
         raise
     except Exception as exc:  # decoders raise many types on malformed data (ValueError, SyntaxError, ...)
-        raise ImageLoadError(p, f"corrupt image ({type(exc).__name__}: {exc})") from exc
+        raise ImageLoadError(name, f"corrupt image ({type(exc).__name__}: {exc})") from exc
     finally:
         Image.MAX_IMAGE_PIXELS = old
 

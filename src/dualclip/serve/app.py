@@ -1,0 +1,242 @@
+"""The HTTP inspection service over a fitted profile (FastAPI).
+
+Endpoints: ``POST /v1/score`` (one image: multipart field ``image``, or the raw file as the body),
+``GET /v1/info`` (model, weights, profile, settings, version, batching), ``GET /healthz``.
+Concurrent requests are micro-batched (:class:`~dualclip.serve.batching.MicroBatcher`); a profile scores
+every image on its own, so a response does not depend on which requests shared its batch.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import io
+import ipaddress
+import time
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from PIL import Image
+from starlette.datastructures import UploadFile
+
+from .. import __version__
+from ..data.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageLoadError, decode_image
+from ..detector import DualClipDetector, Prediction
+from ..visualization import HeatmapScale, overlay
+from .batching import MicroBatcher
+
+API_KEY_HEADER = "X-API-Key"
+UNITS = "normal spreads above the normal mean of the profile (0: a typical normal image)"
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """The service's settings.
+
+    Parameters
+    ----------
+    host, port:
+        Where to listen. Any host other than a loopback address needs ``api_key``.
+    batch_size:
+        Most requests scored in one call of the detector.
+    max_wait_ms:
+        Longest time a request waits for others to share its batch.
+    max_body_bytes:
+        Largest request body accepted (413 above).
+    max_pixels, max_side:
+        The image loader's limits: more pixels than ``max_pixels`` is refused (422), a longer side than
+        ``max_side`` is decoded reduced.
+    api_key:
+        Required in the ``X-API-Key`` header of every request but ``/healthz`` when set.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    batch_size: int = 8
+    max_wait_ms: float = 5.0
+    max_body_bytes: int = 32 * 2**20
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_side: int = DEFAULT_MAX_SIDE
+    api_key: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not is_loopback(self.host) and not self.api_key:
+            raise ValueError(
+                f"--host {self.host} can be reached from other machines: set an API key "
+                "(--api-key-file FILE or the DUALCLIP_API_KEY environment variable), or bind to 127.0.0.1"
+            )
+        for name in ("batch_size", "max_body_bytes", "max_pixels", "max_side"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.max_wait_ms <= 10_000:
+            raise ValueError(f"max_wait_ms must lie in [0, 10000], got {self.max_wait_ms}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must lie in 1..65535, got {self.port}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["api_key"] = "set" if self.api_key else None
+        return d
+
+
+def service_scale(detector: DualClipDetector) -> HeatmapScale:
+    """The one colour scale of every heat map the service returns: from the lowest normal score of the profile
+    (coolest) to its threshold (hottest), or to the highest normal score + 3 without a threshold."""
+    profile = detector.profile_
+    normal = np.asarray(profile.normal_scores, dtype=np.float64)
+    vmin = float(normal.min())
+    th = profile.threshold.value if profile.threshold is not None else None
+    vmax = float(th) if th is not None and th > vmin else float(normal.max()) + 3.0
+    return HeatmapScale(vmin, vmax)
+
+
+def _png_base64(image: Image.Image, prediction: Prediction, scale: HeatmapScale) -> str:
+    buf = io.BytesIO()
+    overlay(image, prediction.anomaly_map, scale).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it exceeds ``limit`` bytes (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _upload(request: Request, body: bytes) -> tuple[bytes, str]:
+    """The image bytes and a name for them: the multipart field ``image`` (or the only file field), else the
+    body itself."""
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith("multipart/form-data"):
+        return body, request.query_params.get("filename") or "<request body>"
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if sent:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form()
+    except Exception as exc:  # malformed multipart bodies raise several types
+        raise HTTPException(400, f"malformed multipart body: {exc}") from exc
+    files = [v for v in form.values() if isinstance(v, UploadFile)]
+    chosen = form.get("image") if isinstance(form.get("image"), UploadFile) else (files[0] if len(files) == 1 else None)
+    if chosen is None:
+        found = ", ".join(form.keys()) or "none"
+        raise HTTPException(400, f"send the image as the multipart file field 'image' (fields found: {found})")
+    return await chosen.read(), chosen.filename or "image"
+
+
+def create_app(detector: DualClipDetector, settings: ServeSettings, profile_path: str | Path | None = None) -> FastAPI:
+    """The FastAPI application serving ``detector`` (fitted: :meth:`DualClipDetector.load`)."""
+    if detector.profile_ is None:
+        raise ValueError("the service scores against a saved profile: load one with DualClipDetector.load")
+    detector.config.progress = False
+    scale = service_scale(detector)
+    threshold = detector.threshold_
+    batcher: MicroBatcher[Image.Image, Prediction] = MicroBatcher(
+        detector.predict, max_batch=settings.batch_size, max_wait_ms=settings.max_wait_ms
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await batcher.start()
+        try:
+            yield
+        finally:
+            await batcher.stop()
+
+    app = FastAPI(title="dualclip inspection service", version=__version__, lifespan=lifespan)
+    app.state.batcher = batcher
+
+    @app.middleware("http")
+    async def require_key(request: Request, call_next):
+        if settings.api_key and request.url.path != "/healthz":
+            given = request.headers.get(API_KEY_HEADER, "")
+            if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+                return JSONResponse({"detail": f"missing or wrong API key (header {API_KEY_HEADER})"}, status_code=401)
+        return await call_next(request)
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/info")
+    async def info() -> dict:
+        meta = detector.profile_.meta
+        return {
+            "version": __version__,
+            "backbone": meta.get("backbone"),
+            "weights": meta.get("weights"),
+            "weights_fingerprint": meta.get("weights_fingerprint"),
+            "profile": {
+                "path": None if profile_path is None else str(profile_path),
+                **{k: meta.get(k) for k in ("class_name", "n_normal", "bank_patches", "created_by")},
+            },
+            "threshold": None if threshold is None else threshold.to_dict(),
+            "units": UNITS,
+            "heatmap_scale": scale.to_dict() | {"note": "fixed for the service: lowest normal score to threshold"},
+            "config": detector.config.to_dict(),
+            "service": settings.to_dict(),
+            "batching": batcher.stats.to_dict(),
+        }
+
+    @app.post("/v1/score")
+    async def score(request: Request, heatmap: bool = False) -> dict:
+        start = time.perf_counter()
+        body = await _read_body(request, settings.max_body_bytes)
+        data, name = await _upload(request, body)
+        try:
+            image = await run_in_threadpool(decode_image, data, name, settings.max_pixels, settings.max_side)
+        except ImageLoadError as exc:
+            raise HTTPException(422, exc.reason) from exc
+        pred = await batcher.submit(image)
+        out = {
+            "score": pred.score,
+            "verdict": None if threshold is None else threshold.verdict(pred.score),
+            "threshold": None if threshold is None else threshold.value,
+            "branch_scores": pred.branch_scores,
+            "units": UNITS,
+            "filename": name,
+            "size": list(image.size),
+        }
+        if "original_size" in image.info:
+            out["original_size"] = list(image.info["original_size"])
+        if heatmap:
+            out["heatmap_png_base64"] = await run_in_threadpool(_png_base64, image, pred, scale)
+        out["latency_ms"] = (time.perf_counter() - start) * 1000.0
+        return out
+
+    return app
+
+
+def serve(app: FastAPI, settings: ServeSettings, log_level: str = "info") -> None:
+    """Run ``app`` with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, workers=1)
