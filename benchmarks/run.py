@@ -20,11 +20,21 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SECTIONS = ("throughput", "adaptation_cost", "side_by_side", "scaling", "metrics_speed", "accuracy", "reliability")
+SECTIONS = (
+    "throughput",
+    "adaptation_cost",
+    "side_by_side",
+    "scaling",
+    "metrics_speed",
+    "accuracy",
+    "reliability",
+    "serve_load",
+    "onnx_speed",
+)
 ANOMALIB_PY = HERE / ".venv-anomalib" / "bin" / "python"
 sys.path.insert(0, str(HERE))
 
-from common import machine, markdown_table  # noqa: E402
+from common import markdown_table  # noqa: E402
 
 
 def run_section(name: str, quick: bool, results: Path, command: str) -> dict:
@@ -87,32 +97,76 @@ def headline(data: dict[str, dict]) -> list[str]:
     return lines
 
 
-def render(data: dict[str, dict], command: str) -> str:
-    m = next((d["machine"] for d in data.values() if "machine" in d), machine())
+HEADLINE_MARKS = {  # how a headline line names its section (to carry it over with the section)
+    "throughput": "plain `encode_image`",
+    "side_by_side": ("WinCLIP", "`aupro`"),
+    "scaling": "reference matching at",
+    "adaptation_cost": "- adaptation,",
+    "metrics_speed": "all seven metrics",
+}
+
+
+def previous_blocks(text: str) -> tuple[dict[str, list[str]], dict[str, str], dict[str, list[str]]]:
+    """The index rows (as cells), the ``## section`` blocks and the headline lines of an earlier
+    BENCHMARKS.md, by section name: a section whose results file is gone (``runs/`` is not kept in git) is
+    carried over as it was, never dropped."""
+    rows, blocks, heads, current, lines = {}, {}, {}, None, []
+    titles = {name.replace("_", " "): name for name in SECTIONS}
+    old_machine = "—"
+    for line in text.splitlines():
+        if line.startswith("Machine: "):
+            old_machine = line[len("Machine: ") :].split(", torch")[0]
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells and cells[0] in SECTIONS and current is None:
+            rows[cells[0]] = cells if len(cells) >= 5 else [*cells, old_machine]
+        for name, marks in HEADLINE_MARKS.items():
+            if line.startswith("- ") and any(m in line for m in ((marks,) if isinstance(marks, str) else marks)):
+                heads.setdefault(name, []).append(line)
+        if line.startswith("## "):
+            if current is not None:
+                blocks[current] = "\n".join(lines).strip() + "\n"
+            current, lines = titles.get(line[3:].strip()), []
+            continue
+        if current is not None:
+            lines.append(line)
+    if current is not None:
+        blocks[current] = "\n".join(lines).strip() + "\n"
+    return rows, blocks, heads
+
+
+def render(data: dict[str, dict], command: str, previous: str = "") -> str:
     out = [
         "# dualclip benchmarks",
         "",
         f"Generated from the section results in `runs/bench/` by `{command}`; do not edit by hand. Each "
-        "section below ran at the time and with the command its row gives (`make bench` runs them all).",
+        "section below ran at the time, on the machine and with the command its row gives (`make bench` runs "
+        "them all); a section whose results file is not in `runs/bench/` is carried over from the previous "
+        "BENCHMARKS.md unchanged.",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
-        f"Python {m['python']}, {m['platform']}.",
-        "",
-        "| section | run at | command | seconds |",
-        "|---|---|---|---|",
+        "| section | run at | command | seconds | machine |",
+        "|---|---|---|---|---|",
     ]
+    old_rows, old_blocks, old_heads = previous_blocks(previous)
+    carried = [n for n in SECTIONS if n not in data and n in old_rows and n in old_blocks]
     for name in SECTIONS:
         d = data.get(name)
         if d is None:
+            if name in carried:
+                out.append("| " + " | ".join(old_rows[name]) + " |")
             continue
-        when = d.get("machine", {}).get("date", "—")
+        m = d.get("machine", {})
+        when = m.get("date", "—")
         secs = f"{d['seconds']:.0f}" if "seconds" in d else "—"
         how = d.get("command") or ("python benchmarks/run.py" + (" --quick" if d.get("quick") else ""))
-        out.append(f"| {name} | {when} | `{how}` | {secs} |")
-    out += ["", "## Headline", ""] + headline(data) + [""]
+        where = f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}" if m else "—"
+        out.append(f"| {name} | {when} | `{how}` | {secs} | {where} |")
+    heads = headline(data) + [line for n in carried for line in old_heads.get(n, [])]
+    out += ["", "## Headline", ""] + heads + [""]
     for name in SECTIONS:
         d = data.get(name)
         if d is None:
+            if name in carried:  # carried over from the previous file, as it was
+                out += [f"## {name.replace('_', ' ')}\n", old_blocks[name]]
             continue
         out.append(f"## {name.replace('_', ' ')}\n")
         if "error" in d:
@@ -148,7 +202,7 @@ def main() -> None:
             data[name] = run_section(name, args.quick, args.results, command)
         elif (args.results / f"{name}.json").is_file():
             data[name] = json.loads((args.results / f"{name}.json").read_text())
-    text = render(data, command)
+    text = render(data, command, args.out.read_text() if args.out.is_file() else "")
     args.out.write_text(text)
     print(text)
     print(f"wrote {args.out}")

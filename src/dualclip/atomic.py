@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image
 
 
-def _temp_sibling(path: Path) -> Path:
+def temp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name[:200]}.{uuid.uuid4().hex[:12]}.tmp")
 
 
@@ -26,7 +26,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (parent folders are created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(path)
+    tmp = temp_sibling(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
     try:
         with os.fdopen(fd, "wb") as fh:

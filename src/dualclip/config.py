@@ -26,6 +26,8 @@ DISTANCES: tuple[str, ...] = ("cosine", "euclidean", "layernorm", "hybrid")
 FusionNorm = Literal["zscore", "rank"]
 ImageScoreMode = Literal["max", "top1pct"]
 TTAScope = Literal["category", "image"]
+Runtime = Literal["torch", "onnxruntime"]
+RUNTIMES: tuple[str, ...] = ("torch", "onnxruntime")
 
 
 @dataclass
@@ -178,7 +180,14 @@ class DetectorConfig:
         Torch device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, or ``"auto"`` (``cuda`` where torch sees a GPU, else
         ``cpu``; :func:`resolve_device`). A device torch cannot use is a ``ValueError`` naming it.
     cache_dir:
-        Where downloaded weights and text embeddings are cached (default: the user cache dir).
+        Where downloaded weights, text embeddings and ONNX exports are cached (default: the user cache dir).
+    runtime:
+        What runs the backbone's image path: ``"torch"``, or ``"onnxruntime"`` (the ONNX export of the same
+        model and weights, :class:`dualclip.export.OnnxBackbone`; made once into the cache unless
+        ``onnx_file`` is given). Text prompts are always embedded by torch.
+    onnx_file:
+        With ``runtime="onnxruntime"``: a file made by ``dualclip export`` (refused if it was exported for
+        other weights or settings).
     progress:
         Show progress bars.
     """
@@ -210,6 +219,8 @@ class DetectorConfig:
     quick_gelu: bool | None = None
     device: str = "auto"
     cache_dir: str | None = None
+    runtime: Runtime = "torch"
+    onnx_file: str | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -252,6 +263,10 @@ class DetectorConfig:
         )
         _check(self.sigma >= 0, "sigma must be >= 0")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
+        _check(self.runtime in RUNTIMES, f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
+        _check(
+            self.onnx_file is None or self.runtime == "onnxruntime", "onnx_file is only used with runtime='onnxruntime'"
+        )
         _check(self.memory_bank_size is None or self.memory_bank_size >= 1, "memory_bank_size must be None or >= 1")
 
     def to_dict(self) -> dict[str, Any]:

@@ -664,20 +664,31 @@ class DualClipDetector:
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike, backbone: Backbone | None = None, device: str | None = None
+        cls,
+        path: str | os.PathLike,
+        backbone: Backbone | None = None,
+        device: str | None = None,
+        runtime: str | None = None,
+        onnx_file: str | os.PathLike | None = None,
     ) -> DualClipDetector:
         """A detector with the settings, weights and statistics of a saved profile.
 
         The model is built from the profile's settings (or ``backbone`` is used) and must compute with the
         same weights as the one the profile was fitted with (weights fingerprint), else :class:`ProfileError`.
+        ``device``, ``runtime`` and ``onnx_file`` replace the profile's (where and how it runs, not what).
         """
         profile = Profile.load(path)
         try:
             config = DetectorConfig(**profile.meta["config"])
         except (TypeError, ValueError) as exc:
             raise ProfileError(f"{path}: its settings are not valid for this dualclip: {exc}") from exc
-        if device is not None:
-            config = dataclasses.replace(config, device=device)
+        where = {"device": device, "runtime": runtime, "onnx_file": None if onnx_file is None else str(onnx_file)}
+        where = {k: v for k, v in where.items() if v is not None}
+        if where:
+            try:
+                config = dataclasses.replace(config, **where)
+            except ValueError as exc:
+                raise ValueError(f"{path}: {exc}") from exc
         det = cls(config, backbone=backbone, profile=profile)
         want = profile.meta.get("weights_fingerprint")
         got = weights_fingerprint(det.backbone)

@@ -242,7 +242,9 @@ def _is_profile_folder(path: Path) -> bool:
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
     """SHA-256 (first 16 hex digits) of every parameter and buffer of ``module``, in name order: two models
-    share it exactly when they compute with the same weights."""
+    share it exactly when they compute with the same weights (a backbone: its :meth:`weights_module`)."""
+    if hasattr(module, "weights_module"):
+        module = module.weights_module()
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())

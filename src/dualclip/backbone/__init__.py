@@ -58,4 +58,19 @@ def build_backbone(config) -> Backbone:
             device=device,
             quick_gelu=config.quick_gelu,
         )
-    return backbone.to(device).eval()
+    backbone = backbone.to(device).eval()
+    if config.runtime == "onnxruntime":
+        try:
+            from ..export.onnx import OnnxBackbone, export_onnx, onnx_cache_path
+        except ImportError as exc:  # pragma: no cover - the convert extra is missing
+            raise ValueError(
+                f"runtime='onnxruntime' needs onnx and onnxruntime: pip install 'dualclip[convert]' ({exc})"
+            ) from exc
+        path = config.onnx_file
+        if path is None:
+            path = onnx_cache_path(backbone, config.cache_dir)
+            if not path.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                export_onnx(backbone, path)
+        backbone = OnnxBackbone(backbone, path)
+    return backbone

@@ -58,6 +58,11 @@ class Backbone(nn.Module, ABC):
     def forward(self, images: torch.Tensor) -> BackboneOutput:
         """Extract features of normalised images ``(B, 3, S, S)``."""
 
+    def weights_module(self) -> nn.Module:
+        """The module whose weights identify this backbone (its weights fingerprint): itself, or the torch
+        model an ONNX runtime wrapper stands in for."""
+        return self
+
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """Embed sentences into the joint space (``(len(prompts), D)``, not normalised)."""
         raise NotImplementedError(f"backbone {self.name!r} has no text tower")

@@ -140,6 +140,10 @@ DEBUG = typer.Option(False, "--debug", help="Show the full traceback of an error
 DEVICE = typer.Option("auto", help="cpu, cuda, cuda:N, or auto (cuda where torch sees a GPU, else cpu).")
 BATCH_SIZE = typer.Option(8, help="Images per backbone forward pass.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+RUNTIME = typer.Option(
+    "torch", help="torch, or onnxruntime (the backbone's ONNX export: made once into the cache, or --onnx-file)."
+)
+ONNX_FILE = typer.Option(None, help="With --runtime onnxruntime: a file made by `dualclip export`.")
 
 
 @app.command(cls=_RecordArgs)
@@ -168,6 +172,8 @@ def predict(
     overwrite: bool = typer.Option(False, help="Replace the outputs of an earlier dualclip run in --out."),
     device: str = DEVICE,
     batch_size: int = BATCH_SIZE,
+    runtime: str = RUNTIME,
+    onnx_file: Path = ONNX_FILE,
     quiet: bool = QUIET,
     json_out: bool = typer.Option(False, "--json", help="Print the predictions document as JSON on stdout."),
     debug: bool = DEBUG,
@@ -194,13 +200,24 @@ def predict(
                 )
             from ..detector import DualClipDetector
 
-            detector = DualClipDetector.load(profile, device=device)
+            detector = DualClipDetector.load(profile, device=device, runtime=runtime, onnx_file=onnx_file)
             detector.config.progress = not quiet
             detector.config.batch_size = batch_size
             cfg = detector.config
         else:
             cfg = _config(
-                backbone, pretrained, image_size, pairing, k, tta, seed, quiet, device=device, batch_size=batch_size
+                backbone,
+                pretrained,
+                image_size,
+                pairing,
+                k,
+                tta,
+                seed,
+                quiet,
+                device=device,
+                batch_size=batch_size,
+                runtime=runtime,
+                onnx_file=None if onnx_file is None else str(onnx_file),
             )
         validation = None
         if validation_normal or validation_anomalous:
@@ -263,6 +280,8 @@ def fit(
     overwrite: bool = typer.Option(False, help="Replace an existing profile at --out."),
     device: str = DEVICE,
     batch_size: int = BATCH_SIZE,
+    runtime: str = RUNTIME,
+    onnx_file: Path = ONNX_FILE,
     quiet: bool = QUIET,
     debug: bool = DEBUG,
 ) -> None:
@@ -292,6 +311,8 @@ def fit(
             memory_bank_size=memory_bank_size or None,
             device=device,
             batch_size=batch_size,
+            runtime=runtime,
+            onnx_file=None if onnx_file is None else str(onnx_file),
         )
         if bool(validation_normal) != bool(validation_anomalous):
             raise UsageError("give both --validation-normal and --validation-anomalous")
@@ -376,6 +397,45 @@ def serve(
     run_service(app_, settings)
 
 
+@app.command("export")
+def export(
+    out: Path = typer.Option(..., "--out", "-o", help="The file to write (e.g. encoder.onnx)."),
+    format: str = typer.Option("onnx", "--format", help="onnx (the only format)."),
+    profile: Path = typer.Option(None, help="Export the model of this profile (instead of the model options)."),
+    backbone: str = BACKBONE,
+    pretrained: str = PRETRAINED,
+    image_size: int = typer.Option(None, help="Processing size S (fixed in the graph)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing file at --out."),
+    debug: bool = DEBUG,
+) -> None:
+    """Export the one-pass image encoder (global embedding, V-V tokens, matching features) to ONNX."""
+    with cli_errors(debug):
+        if format != "onnx":
+            raise ValueError(f"unknown --format {format!r}: onnx is the only export format")
+        if out.exists() and not overwrite:
+            raise ValueError(f"{out} exists: choose another --out or pass --overwrite")
+        if out.exists() and not out.is_file():
+            raise ValueError(f"--out {out} is not a file")
+        try:
+            from ..export import export_onnx, onnx_metadata
+        except ImportError as exc:
+            raise ValueError(f"export needs onnx: pip install 'dualclip[convert]' ({exc})") from exc
+        from ..detector import DualClipDetector
+
+        if profile is not None:
+            model = DualClipDetector.load(profile, device="cpu").backbone
+        else:
+            model = DualClipDetector(
+                _config(backbone, pretrained, image_size, "random", "1", False, 0, True, device="cpu")
+            ).backbone
+        export_onnx(model, out)
+        meta = onnx_metadata(out)
+    typer.echo(
+        f"wrote {out}: {meta['backbone']} at {meta['image_size']} px, weights {meta['weights']} "
+        f"(fingerprint {meta['weights_fingerprint']}), outputs {', '.join(meta['outputs'])}"
+    )
+
+
 @app.command("eval")
 def eval_(
     dataset: str = typer.Option(..., help="mvtec | visa | mpdd | btad | folder"),
@@ -407,6 +467,8 @@ def eval_(
     max_anomalous: int = typer.Option(None, help="folder layout: keep the first N anomalous images."),
     device: str = DEVICE,
     batch_size: int = BATCH_SIZE,
+    runtime: str = RUNTIME,
+    onnx_file: Path = ONNX_FILE,
     debug: bool = DEBUG,
 ) -> None:
     """Evaluate on a dataset with the field's protocol; writes results.json/.md/.csv under --out."""
@@ -427,7 +489,20 @@ def eval_(
             raise ValueError(f"unknown dataset {dataset!r}; choose mvtec, visa, mpdd, btad or folder")
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} exists and is a file, not a folder")
-        cfg = _config(backbone, pretrained, image_size, pairing, k, tta, 0, quiet, device=device, batch_size=batch_size)
+        cfg = _config(
+            backbone,
+            pretrained,
+            image_size,
+            pairing,
+            k,
+            tta,
+            0,
+            quiet,
+            device=device,
+            batch_size=batch_size,
+            runtime=runtime,
+            onnx_file=None if onnx_file is None else str(onnx_file),
+        )
         seed_list = [int(s) for s in seeds.split(",")]
         extra = {"dataset": dataset, "root": str(root) if root else None}
         run_eval(cfg, cats, seed_list, out, force=force, extra=extra, require_masks=require_masks)

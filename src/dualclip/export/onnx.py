@@ -1,0 +1,212 @@
+"""The backbone's image path as an ONNX graph: one pass giving the global embedding, the V-V patch
+embeddings (CLIP) and every matching layer's raw tokens; and :class:`OnnxBackbone`, which runs that graph
+with onnxruntime in place of torch.
+
+The graph's metadata names the backbone, its weights fingerprint, size, layers and V-V start; a file made
+for other weights or settings is refused with the difference named. Text (CLIP's prompt embeddings) stays on
+the torch model: it runs once per class, not per image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import __version__
+from ..atomic import temp_sibling
+from ..backbone.base import Backbone, BackboneOutput
+
+OPSET = 17
+META_KEYS = ("backbone", "weights", "weights_fingerprint", "image_size", "feature_layers", "vv_start", "grid")
+
+
+def output_names(backbone: Backbone) -> list[str]:
+    """The graph's outputs: ``global_embedding``, ``patch_embeddings`` (text backbones), ``match_0``, ..."""
+    names = ["global_embedding"] + (["patch_embeddings"] if backbone.has_text else [])
+    return names + [f"match_{i}" for i in range(len(backbone.feature_layers))]
+
+
+def _identity(backbone: Backbone) -> dict:
+    """What an exported graph must match to stand in for ``backbone``."""
+    from ..profile import weights_fingerprint
+
+    return {
+        "backbone": backbone.name,
+        "weights": backbone.weights_id,
+        "weights_fingerprint": weights_fingerprint(backbone),
+        "image_size": int(backbone.image_size),
+        "feature_layers": list(backbone.feature_layers),
+        "vv_start": getattr(backbone, "vv_start", None),
+        "grid": list(_grid(backbone)),
+    }
+
+
+def _grid(backbone: Backbone) -> tuple[int, int]:
+    with torch.inference_mode():
+        probe = torch.zeros(1, 3, backbone.image_size, backbone.image_size, device=_device(backbone))
+        return tuple(backbone(probe).grid)
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+class _Flat(nn.Module):
+    """The backbone with a tuple of tensors as its output (what the exporter traces)."""
+
+    def __init__(self, backbone: Backbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.backbone(images)
+        head = [out.global_embedding] + ([out.patch_embeddings] if out.patch_embeddings is not None else [])
+        return tuple(head + list(out.match_features))
+
+
+@contextlib.contextmanager
+def _plain_attention():
+    """torch's fused attention fast path has no ONNX export; trace the plain path (same arithmetic)."""
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
+def export_onnx(backbone: Backbone, path: str | os.PathLike, opset: int = OPSET) -> Path:
+    """Write ``backbone``'s image path to ``path`` as ONNX (dynamic batch size), with its identity in the
+    metadata; written to a temporary sibling and renamed into place, checked with ``onnx.checker``."""
+    import onnx
+
+    path = Path(path)
+    identity = _identity(backbone)
+    names = output_names(backbone)
+    size = backbone.image_size
+    example = torch.zeros(2, 3, size, size, device=_device(backbone))
+    tmp = temp_sibling(path)
+    try:
+        with _plain_attention(), warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the tracer's notes on Python-side shape arithmetic
+            torch.onnx.export(
+                _Flat(backbone).eval(),
+                (example,),
+                str(tmp),
+                dynamo=False,
+                input_names=["images"],
+                output_names=names,
+                dynamic_axes={name: {0: "batch"} for name in ["images", *names]},
+                opset_version=opset,
+            )
+        model = onnx.load(str(tmp))
+        meta = {**identity, "dualclip_version": __version__, "outputs": names, "mean": list(backbone.mean)}
+        meta["std"] = list(backbone.std)
+        onnx.helper.set_model_props(model, {"dualclip": json.dumps(meta)})
+        onnx.checker.check_model(model)
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def onnx_metadata(path: str | os.PathLike) -> dict:
+    """The dualclip metadata of an exported file (``ValueError`` if it has none)."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX file not found: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf decode errors come in several types
+        raise ValueError(f"{path} is not a readable ONNX file: {exc}") from exc
+    props = {p.key: p.value for p in model.metadata_props}
+    if "dualclip" not in props:
+        raise ValueError(f"{path} was not exported by dualclip (no dualclip metadata)")
+    return json.loads(props["dualclip"])
+
+
+def onnx_cache_path(backbone: Backbone, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where ``runtime="onnxruntime"`` keeps the export of ``backbone`` (keyed on its identity)."""
+    from ..text.embeddings import default_cache_dir
+
+    identity = _identity(backbone)
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in backbone.name)
+    return Path(cache_dir or default_cache_dir()) / "onnx" / f"{safe}-{backbone.image_size}-{key}.onnx"
+
+
+class OnnxBackbone(Backbone):
+    """``backbone``'s image path run by onnxruntime from an exported file; everything else (text tower,
+    identity, defaults) is the torch backbone's.
+
+    Parameters
+    ----------
+    backbone:
+        The torch backbone the file was exported from (same weights fingerprint, size, layers, V-V start).
+    path:
+        The file :func:`export_onnx` wrote.
+    providers:
+        onnxruntime execution providers (default: CUDA where available and the backbone is on a GPU, else CPU).
+    threads:
+        Intra-op threads of the session (default: torch's thread count, so both runtimes use the same cores).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        path: str | os.PathLike,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        super().__init__()
+        meta = onnx_metadata(path)
+        want = _identity(backbone)
+        diff = [f"{k}: file {meta.get(k)!r}, model {want[k]!r}" for k in META_KEYS if meta.get(k) != want[k]]
+        if diff:
+            raise ValueError(f"{path} was exported for another model or settings ({'; '.join(diff)}): export again")
+        self.torch_backbone = backbone
+        self.path = Path(path)
+        for attr in ("name", "image_size", "mean", "std", "weights_id", "has_text", "logit_scale", "feature_layers"):
+            setattr(self, attr, getattr(backbone, attr))
+        self.default_distance = backbone.default_distance
+        self.default_neighbourhood = backbone.default_neighbourhood
+        self.grid = tuple(meta["grid"])
+        self.outputs = list(meta["outputs"])
+        if providers is None:
+            gpu = _device(backbone).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+
+    def weights_module(self) -> nn.Module:
+        return self.torch_backbone
+
+    def forward(self, images: torch.Tensor) -> BackboneOutput:
+        arr = np.ascontiguousarray(images.detach().float().cpu().numpy())
+        outs = dict(zip(self.outputs, self.session.run(self.outputs, {"images": arr}), strict=True))
+        dev = images.device
+        matches = [torch.from_numpy(outs[f"match_{i}"]).to(dev) for i in range(len(self.feature_layers))]
+        patch = outs.get("patch_embeddings")
+        return BackboneOutput(
+            global_embedding=torch.from_numpy(outs["global_embedding"]).to(dev),
+            patch_embeddings=None if patch is None else torch.from_numpy(patch).to(dev),
+            match_features=matches,
+            grid=self.grid,
+        )
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        return self.torch_backbone.encode_text(prompts)
