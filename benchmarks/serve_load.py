@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -81,6 +82,38 @@ def _get(port: int, path: str) -> dict:
     return json.loads(conn.getresponse().read())
 
 
+def _load(port: int, pid: int, bodies: list[bytes], n: int, duration: float) -> dict:
+    """``n`` clients posting back to back for ``duration`` seconds: latencies, errors, memory, batches."""
+    rss_before = _rss_mb(pid)
+    stats_before = _get(port, "/v1/info")["batching"]
+    lat: list[float] = []
+    errors: list[str] = []
+    stop_at = time.perf_counter() + duration
+    threads = [threading.Thread(target=_client, args=(port, bodies, stop_at, lat, errors, i)) for i in range(n)]
+    start = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    elapsed = time.perf_counter() - start
+    stats = _get(port, "/v1/info")["batching"]
+    batches = stats["batches"] - stats_before["batches"]
+    items = stats["items"] - stats_before["items"]
+    ms = np.asarray(lat) * 1000
+    return {
+        "clients": n,
+        "requests": len(lat),
+        "errors": len(errors),
+        "first_errors": errors[:3],
+        "throughput_per_s": len(lat) / elapsed,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_batch": items / batches if batches else None,
+        "rss_before_mb": rss_before,
+        "rss_after_mb": _rss_mb(pid),
+    }
+
+
 def main() -> None:
     args = section_args(__doc__.splitlines()[0])
     clients = [1, 4] if args.quick else [1, 4, 16]
@@ -109,78 +142,64 @@ def main() -> None:
     rows, raw = [], {"source": source, "batch_size": batch, "max_wait_ms": wait_ms, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         profile = det.save(Path(tmp) / "profile")
-        port = _free_port()
-        cmd = [sys.executable, "-m", "dualclip", "serve", "--profile", str(profile), "--port", str(port)]
-        cmd += ["--device", "cpu", "--batch-size", str(batch), "--max-wait-ms", str(wait_ms)]
-        server = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        try:
-            for _ in range(600):
-                try:
-                    _get(port, "/healthz")
-                    break
-                except OSError:
-                    time.sleep(0.1)
-            _client(port, bodies, time.perf_counter() + 2.0, [], [], seed=99)  # warm-up
-            for n in clients:
-                rss_before = _rss_mb(server.pid)
-                stats_before = _get(port, "/v1/info")["batching"]
-                lat: list[float] = []
-                errors: list[str] = []
-                stop_at = time.perf_counter() + duration
-                threads = [
-                    threading.Thread(target=_client, args=(port, bodies, stop_at, lat, errors, i)) for i in range(n)
-                ]
-                start = time.perf_counter()
-                for th in threads:
-                    th.start()
-                for th in threads:
-                    th.join()
-                elapsed = time.perf_counter() - start
-                stats = _get(port, "/v1/info")["batching"]
-                rss_after = _rss_mb(server.pid)
-                batches = stats["batches"] - stats_before["batches"]
-                items = stats["items"] - stats_before["items"]
-                ms = np.asarray(lat) * 1000
-                run = {
-                    "clients": n,
-                    "requests": len(lat),
-                    "errors": len(errors),
-                    "first_errors": errors[:3],
-                    "throughput_per_s": len(lat) / elapsed,
-                    "p50_ms": float(np.percentile(ms, 50)),
-                    "p99_ms": float(np.percentile(ms, 99)),
-                    "mean_batch": items / batches if batches else None,
-                    "rss_before_mb": rss_before,
-                    "rss_after_mb": rss_after,
-                }
-                raw["runs"].append(run)
-                rows.append(
-                    [
-                        n,
-                        run["requests"],
-                        run["errors"],
-                        fmt(run["throughput_per_s"], 1),
-                        fmt(run["p50_ms"], 0),
-                        fmt(run["p99_ms"], 0),
-                        fmt(run["mean_batch"] or 0, 2),
-                        f"{rss_before:.0f} → {rss_after:.0f}",
-                    ]
-                )
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+        for runtime in ("torch", "onnxruntime"):
+            port = _free_port()
+            cmd = [sys.executable, "-m", "dualclip", "serve", "--profile", str(profile), "--port", str(port)]
+            cmd += ["--device", "cpu", "--batch-size", str(batch), "--max-wait-ms", str(wait_ms)]
+            cmd += ["--runtime", runtime]
+            env = dict(os.environ, DUALCLIP_CACHE_DIR=str(Path(tmp) / "cache"))
+            server = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
+            try:
+                for _ in range(1200):
+                    try:
+                        _get(port, "/healthz")
+                        break
+                    except OSError:
+                        time.sleep(0.1)
+                _client(port, bodies, time.perf_counter() + 2.0, [], [], seed=99)  # warm-up
+                for n in clients:
+                    run = _load(port, server.pid, bodies, n, duration)
+                    run["runtime"] = runtime
+                    raw["runs"].append(run)
+                    rows.append(
+                        [
+                            runtime,
+                            n,
+                            run["requests"],
+                            run["errors"],
+                            fmt(run["throughput_per_s"], 1),
+                            fmt(run["p50_ms"], 0),
+                            fmt(run["p99_ms"], 0),
+                            fmt(run["mean_batch"] or 0, 2),
+                            f"{run['rss_before_mb']:.0f} → {run['rss_after_mb']:.0f}",
+                        ]
+                    )
+            finally:
+                server.terminate()
+                server.wait(timeout=30)
     direct_ms = (direct_before + direct()) / 2  # measured before the server started and after it stopped
     raw["direct_ms"] = direct_ms
     table = {
         "title": "Inspection service under load (dualclip serve, localhost, CPU)",
-        "headers": ["clients", "requests", "errors", "images/s", "p50 ms", "p99 ms", "mean batch", "server RSS MiB"],
+        "headers": [
+            "runtime",
+            "clients",
+            "requests",
+            "errors",
+            "images/s",
+            "p50 ms",
+            "p99 ms",
+            "mean batch",
+            "server RSS MiB",
+        ],
         "rows": rows,
         "notes": [
             f"effnet-lite0 profile at 320 px fitted on 16 images of {source}; 8 other images posted as JPEG, "
             f"{duration:.0f} s per row, batch size {batch}, max wait {wait_ms} ms, one keep-alive connection "
             "per client thread.",
             f"Baseline in the same command: the detector scores one image in {direct_ms:.0f} ms in-process "
-            f"(no HTTP); the 1-client p50 is {raw['runs'][0]['p50_ms'] / direct_ms:.2f}x that.",
+            f"(no HTTP, torch); the 1-client p50 with torch is {raw['runs'][0]['p50_ms'] / direct_ms:.2f}x that.",
+            "onnxruntime: `dualclip serve --runtime onnxruntime` (the backbone's ONNX export, made once at start).",
             "A profile scores each image on its own (bit-identical in any batch), so on this CPU batching saves "
             "dispatch, not backbone work; throughput is bounded by the 2 cores.",
         ],

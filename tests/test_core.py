@@ -231,9 +231,9 @@ def test_results_tables_exact():
     )
     csv_row = "91.23,50.00,50.00,,50.00,50.00,50.00,12.3"
     assert results_table(results, "csv").splitlines() == [
-        "category,image_auroc,image_ap,image_f1max,pixel_auroc,pixel_ap,pixel_f1max,pixel_aupro,ms_per_image",
-        f"a,{csv_row}",
-        f"mean,{csv_row}",
+        "category,defect,image_auroc,image_ap,image_f1max,pixel_auroc,pixel_ap,pixel_f1max,pixel_aupro,ms_per_image",
+        f"a,,{csv_row}",
+        f"mean,,{csv_row}",
     ]
     single = {**results, "config": {"seeds": [3]}, "warnings": {}}
     assert results_table(single, "md").splitlines()[2].startswith("| a | 91.2 | 50.0 |")

@@ -49,6 +49,8 @@ def evaluate_category(config: DetectorConfig, category: Category, seeds: list[in
     with_mask = category.has_mask
     masks = None  # read once, at the processing size of the first run
     per_seed = []
+    defects = category.defects if len(category.defects) > 1 else []
+    per_defect_seed: dict[str, list[dict]] = {d: [] for d in defects}
     for seed in seeds:
         cfg = dataclasses.replace(config, seed=seed)
         det = DualClipDetector(cfg, backbone=detector_cache.get("backbone"))
@@ -61,6 +63,8 @@ def evaluate_category(config: DetectorConfig, category: Category, seeds: list[in
         if masks is None:
             masks = category.masks(size)[with_mask]
         m.update(pixel_metrics(masks, result.maps.numpy()[with_mask]))
+        for d in defects:  # the field's per-defect rows: every normal image with this defect type's images
+            per_defect_seed[d].append(_defect_metrics(category, d, result, masks, with_mask))
         m["ms_per_image"] = 1000 * elapsed / len(images)
         m["peak_rss_mb"] = peak_rss_mb()
         per_seed.append(m)
@@ -72,8 +76,14 @@ def evaluate_category(config: DetectorConfig, category: Category, seeds: list[in
     }
     if golden:
         out["n_references"] = len(golden)
+        out["references"] = [str(p) for p in category.references]
     out.update(mean_over_seeds(per_seed))
     out["per_seed"] = per_seed
+    if defects:
+        out["per_defect"] = {
+            d: {"n_anomalous": sum(1 for x in category.samples if x.defect == d), **mean_over_seeds(rows)}
+            for d, rows in per_defect_seed.items()
+        }
     undefined = [k for k in METRICS if k.startswith("pixel") and not np.isfinite(out.get(k, np.nan))]
     out["warnings"] = list(category.notes) + (
         [f"pixel metrics undefined ({', '.join(undefined)}): no mask with a defect pixel among the scored images"]
@@ -81,6 +91,15 @@ def evaluate_category(config: DetectorConfig, category: Category, seeds: list[in
         else []
     )
     return out
+
+
+def _defect_metrics(category: Category, defect: str, result, masks: np.ndarray, with_mask: np.ndarray) -> dict:
+    """Image and pixel metrics on the normal images plus the anomalous images of one defect type."""
+    keep = np.array([s.label == 0 or s.defect == defect for s in category.samples])
+    m = all_metrics(category.labels[keep], result.image_scores.numpy()[keep])
+    keep_px = keep[with_mask]  # masks hold the rows of the images with a mask, in order
+    m.update(pixel_metrics(masks[keep_px], result.maps.numpy()[with_mask][keep_px]))
+    return m
 
 
 def pixel_metrics(masks: np.ndarray, maps: np.ndarray) -> dict[str, float]:
@@ -135,7 +154,11 @@ def fingerprint(config: DetectorConfig, category: Category, seeds: list[int]) ->
 def results_table(results: dict, fmt: str) -> str:
     """results.md (``fmt="md"``: percentages, ± std over several seeds, n/a where undefined, the warnings)
     or results.csv (``fmt="csv"``: percentages with two decimals, empty where undefined)."""
-    rows = list(results["categories"].items()) + [("mean", results["mean"])]
+    rows = []
+    for name, r in results["categories"].items():
+        rows.append(((name, ""), r))
+        rows += [((name, d), dr) for d, dr in (r.get("per_defect") or {}).items()]
+    rows.append((("mean", ""), results["mean"]))
     multi = len(results["config"]["seeds"]) > 1
 
     def cell(r, k):
@@ -150,15 +173,19 @@ def results_table(results: dict, fmt: str) -> str:
         v = r.get("ms_per_image")
         return "" if v is None or not np.isfinite(v) else format(v, fmt)
 
-    body = [[name, *[cell(r, k) for k in METRICS], ms(r, ".0f") or "n/a"] for name, r in rows]
+    body = [
+        [f"&nbsp;&nbsp;↳ {d}" if d else name, *[cell(r, k) for k in METRICS], ms(r, ".0f") or ("" if d else "n/a")]
+        for (name, d), r in rows
+    ]
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["category", *METRICS, "ms_per_image"])
-        for name, r in rows:
+        w.writerow(["category", "defect", *METRICS, "ms_per_image"])
+        for (name, d), r in rows:
             w.writerow(
                 [
                     name,
+                    d,
                     *[f"{100 * r[k]:.2f}" if r.get(k) is not None and np.isfinite(r[k]) else "" for k in METRICS],
                     ms(r, ".1f"),
                 ]
@@ -168,6 +195,11 @@ def results_table(results: dict, fmt: str) -> str:
     lines += ["| " + " | ".join(row) + " |" for row in body]
     seeds = results["config"]["seeds"]
     lines += ["", f"Metrics in %, {f'mean ± std over seeds {seeds}' if multi else f'seed {seeds[0]}'}."]
+    if any(d for (_, d), _ in rows):
+        lines += ["↳ rows: one defect type against every normal image of its category (not in the mean)."]
+    shots = results["config"].get("shots")
+    if shots:
+        lines += [f"Few-shot: {shots} golden references per category from its normal training images."]
     notes = [f"- {name}: {w}" for name, ws in results.get("warnings", {}).items() for w in ws]
     if notes:
         lines += ["", f"**Warnings ({len(notes)})**", "", *notes]

@@ -144,12 +144,17 @@ RUNTIME = typer.Option(
     "torch", help="torch, or onnxruntime (the backbone's ONNX export: made once into the cache, or --onnx-file)."
 )
 ONNX_FILE = typer.Option(None, help="With --runtime onnxruntime: a file made by `dualclip export`.")
+EXCLUDE = typer.Option(
+    None, help="Leave out files matching this glob (name or path end, e.g. '*_mask.png'); repeat for several."
+)
 
 
 @app.command(cls=_RecordArgs)
 def predict(
     ctx: typer.Context,
-    paths: list[str] = typer.Argument(..., help="Image files, folders (recursive) or glob patterns."),
+    paths: list[str] = typer.Argument(
+        None, help="Image files, folders (recursive) or glob patterns (optional with --manifest)."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written by dualclip only)."),
     class_name: str = typer.Option(None, help="What the images show, e.g. 'metal nut' (text prompts)."),
     reference: list[str] = typer.Option(
@@ -170,16 +175,66 @@ def predict(
     validation_normal: list[str] = typer.Option(None, help="Labelled normal images to fit an F1-optimal threshold."),
     validation_anomalous: list[str] = typer.Option(None, help="Labelled anomalous images for the threshold fit."),
     overwrite: bool = typer.Option(False, help="Replace the outputs of an earlier dualclip run in --out."),
+    exclude: list[str] = EXCLUDE,
     device: str = DEVICE,
     batch_size: int = BATCH_SIZE,
     runtime: str = RUNTIME,
     onnx_file: Path = ONNX_FILE,
+    engine: str = typer.Option("local", help="local (one run, this process) or ray (blocks on a Ray cluster)."),
+    manifest: Path = typer.Option(None, help="--engine ray: a CSV/Parquet file with a path and optional class column."),
+    ray_address: str = typer.Option(None, help="--engine ray: the cluster to join (default: start a local one)."),
+    block_size: int = typer.Option(200, help="--engine ray: images per block (each block is one run)."),
+    num_actors: int = typer.Option(1, help="--engine ray: scoring actors (one model each)."),
+    gpus_per_actor: float = typer.Option(0.0, help="--engine ray: GPUs per scoring actor (e.g. 1, or 0.5)."),
     quiet: bool = QUIET,
     json_out: bool = typer.Option(False, "--json", help="Print the predictions document as JSON on stdout."),
     debug: bool = DEBUG,
 ) -> None:
     """Score images; write predictions.json/.csv, heatmaps/, masks/ and report.html under --out."""
     from .predict import UsageError, run_predict
+
+    if engine == "ray" or manifest is not None:
+        with cli_errors(debug):
+            code = _predict_archive(
+                ctx,
+                paths,
+                out,
+                class_name,
+                reference,
+                profile,
+                threshold,
+                threshold_quantile,
+                validation_normal,
+                validation_anomalous,
+                exclude,
+                engine,
+                manifest,
+                ray_address,
+                block_size,
+                num_actors,
+                gpus_per_actor,
+                json_out,
+                quiet,
+                dict(
+                    backbone=backbone,
+                    pretrained=pretrained,
+                    image_size=image_size,
+                    pairing=pairing,
+                    k=k,
+                    tta=tta,
+                    seed=seed,
+                    device=device,
+                    batch_size=batch_size,
+                    runtime=runtime,
+                    onnx_file=onnx_file,
+                ),
+            )
+        raise typer.Exit(code)
+    with cli_errors(debug):
+        if engine != "local":
+            raise UsageError(f"unknown --engine {engine!r}: local or ray")
+        if not paths:
+            raise UsageError("no input: give image files, folders or glob patterns")
 
     for path, flag in misplaced_paths(ctx.meta.get("raw_args", [])):
         typer.echo(
@@ -236,6 +291,7 @@ def predict(
             overwrite=overwrite,
             quiet=quiet,
             detector=detector,
+            exclude=exclude or None,
         )
     if json_out:
         typer.echo(dumps(doc))
@@ -248,6 +304,97 @@ def predict(
 
 
 MODEL_OPTIONS = ("backbone", "pretrained", "image_size", "pairing", "k", "tta", "seed")
+
+
+def _predict_archive(
+    ctx,
+    paths,
+    out,
+    class_name,
+    reference,
+    profile,
+    threshold,
+    threshold_quantile,
+    validation_normal,
+    validation_anomalous,
+    exclude,
+    engine,
+    manifest,
+    ray_address,
+    block_size,
+    num_actors,
+    gpus_per_actor,
+    json_out,
+    quiet,
+    model,
+) -> int:
+    """``predict --engine ray``: the archive run (dualclip.distributed); returns the exit code."""
+    from ..data.images import expand_paths
+    from .predict import EXIT_NOTHING, EXIT_OK, EXIT_SOME_FAILED, UsageError
+
+    if engine != "ray":
+        raise UsageError("--manifest is read by --engine ray")
+    refused = [
+        flag
+        for flag, given in (
+            ("--reference", reference),
+            ("--threshold-quantile", threshold_quantile is not None),
+            ("--validation-*", validation_normal or validation_anomalous),
+            ("--json", json_out),
+        )
+        if given
+    ]
+    if refused:
+        raise UsageError(
+            f"--engine ray does not take {', '.join(refused)}: fit a profile (`dualclip fit`, with its threshold) "
+            "and pass --profile, or give --threshold"
+        )
+    if threshold is not None and not (threshold == threshold and abs(threshold) != float("inf")):
+        raise UsageError(f"--threshold must be a finite number, got {threshold}")
+    try:
+        from ..distributed import read_manifest, run_archive
+    except ImportError as exc:
+        raise UsageError(f"--engine ray needs the ray extra: pip install 'dualclip[ray]' ({exc})") from exc
+    items: list[tuple[str, str | None]] = []
+    if manifest is not None:
+        items += read_manifest(manifest)
+    given = list(paths or [])
+    if given:
+        found = expand_paths(given, exclude=[out], exclude_patterns=exclude or ())
+        items += [(str(p), class_name) for p in found.files]
+    if not items:
+        raise UsageError("no input: give image paths or --manifest")
+    config = None
+    if profile is not None:
+        given_opts = _model_options_given(ctx)
+        if given_opts:
+            raise UsageError(f"--profile carries the model and settings: drop {', '.join(given_opts)}")
+    else:
+        onnx = model.pop("onnx_file")
+        config = _config(**model, quiet=True, onnx_file=None if onnx is None else str(onnx)).to_dict()
+    run = run_archive(
+        items,
+        out,
+        spec_config=config,
+        profile=profile,
+        threshold=threshold,
+        engine="ray",
+        block_size=block_size,
+        seed=model["seed"],
+        num_actors=num_actors,
+        gpus_per_actor=gpus_per_actor,
+        ray_address=ray_address,
+        progress=not quiet,
+    )
+    typer.echo(
+        f"scored {run.images - run.failed} of {run.images} images in {run.blocks} blocks "
+        f"({run.scored_blocks} scored now, {run.reused_blocks} reused) in {run.seconds:.0f} s; "
+        f"wrote {out}/predictions.json, .csv and .parquet",
+        err=True,
+    )
+    if run.failed == run.images:
+        return EXIT_NOTHING
+    return EXIT_SOME_FAILED if run.failed else EXIT_OK
 
 
 def _model_options_given(ctx: typer.Context) -> list[str]:
@@ -278,6 +425,7 @@ def fit(
     validation_normal: list[str] = typer.Option(None, help="Labelled normal images to fit an F1-optimal threshold."),
     validation_anomalous: list[str] = typer.Option(None, help="Labelled anomalous images for the threshold fit."),
     overwrite: bool = typer.Option(False, help="Replace an existing profile at --out."),
+    exclude: list[str] = EXCLUDE,
     device: str = DEVICE,
     batch_size: int = BATCH_SIZE,
     runtime: str = RUNTIME,
@@ -286,7 +434,7 @@ def fit(
     debug: bool = DEBUG,
 ) -> None:
     """Fit a profile on normal images: golden references, fixed score units, optional threshold."""
-    from ..data.images import expand_paths, load_image
+    from ..data.images import expand_paths, load_image, mask_like
     from ..detector import DualClipDetector
     from ..profile import ProfileError
     from .predict import UsageError
@@ -318,15 +466,29 @@ def fit(
             raise UsageError("give both --validation-normal and --validation-anomalous")
 
         def load(patterns: list[str]) -> list:
-            found = expand_paths(patterns, exclude=[out])
+            found = expand_paths(patterns, exclude=[out], exclude_patterns=exclude or ())
             for p, reason in found.skipped:
                 typer.echo(f"skipped {p}: {reason}", err=True)
+            masks = mask_like(found.files)
+            if masks:
+                typer.echo(
+                    f"warning: {len(masks)} file(s) look like ground-truth masks (e.g. {masks[0]}): leave them out "
+                    "with --exclude, e.g. --exclude '*_mask.png'",
+                    err=True,
+                )
             return [load_image(p) for p in found.files]
 
         normal = load(paths)
         val_n = load(validation_normal) if validation_normal else None
         val_a = load(validation_anomalous) if validation_anomalous else None
-        det = DualClipDetector(cfg).fit(
+        det = DualClipDetector(cfg)
+        if class_name and not det.backbone.has_text:
+            typer.echo(
+                f"warning: --class-name {class_name!r} is not used: {det.backbone.name} is vision-only (no text "
+                "tower); the profile records it as its class name only",
+                err=True,
+            )
+        det = det.fit(
             normal,
             class_name=class_name,
             threshold_quantile=threshold_quantile,
@@ -360,9 +522,11 @@ def serve(
         None, help=f"A file holding the API key required in the X-API-Key header (or set ${API_KEY_ENV})."
     ),
     device: str = DEVICE,
+    runtime: str = RUNTIME,
+    onnx_file: Path = ONNX_FILE,
     debug: bool = DEBUG,
 ) -> None:
-    """Serve a profile over HTTP: POST /v1/score, GET /v1/info, GET /healthz (needs dualclip[serve])."""
+    """Serve a profile over HTTP: POST /v1/score, GET /v1/info, GET /healthz (needs the serve extra)."""
     import os
 
     with cli_errors(debug):
@@ -386,11 +550,11 @@ def serve(
             max_body_bytes=int(max_body_mb * 2**20),
             api_key=key,
         )
-        detector = DualClipDetector.load(profile, device=device)
+        detector = DualClipDetector.load(profile, device=device, runtime=runtime, onnx_file=onnx_file)
         detector.config.batch_size = batch_size
         app_ = create_app(detector, settings, profile_path=profile)
         typer.echo(
-            f"serving {profile} ({detector.config.backbone}) on http://{host}:{port} "
+            f"serving {profile} ({detector.config.backbone}, {runtime}) on http://{host}:{port} "
             f"(API key {'required' if key else 'off'}); Ctrl-C stops",
             err=True,
         )
@@ -453,6 +617,11 @@ def eval_(
     require_masks: bool = typer.Option(
         False, help="Every anomalous image must have a mask (default: those without count in image metrics only)."
     ),
+    shots: int = typer.Option(
+        0, help="Few-shot: N normal training images (train/good) per category as golden references; 0: zero-shot."
+    ),
+    shots_seed: int = typer.Option(0, help="Seeds the choice of the --shots images (recorded in the results)."),
+    json_out: bool = typer.Option(False, "--json", help="Print results.json on stdout instead of the table."),
     quiet: bool = QUIET,
     name: str = typer.Option("folder", help="folder layout: the category name."),
     normal: list[str] = typer.Option(None, help="folder layout: normal image folders/globs."),
@@ -505,8 +674,11 @@ def eval_(
         )
         seed_list = [int(s) for s in seeds.split(",")]
         extra = {"dataset": dataset, "root": str(root) if root else None}
+        if shots:
+            cats = D.with_shots(cats, shots, shots_seed)
+            extra.update(shots=shots, shots_seed=shots_seed)
         run_eval(cfg, cats, seed_list, out, force=force, extra=extra, require_masks=require_masks)
-    typer.echo((out / "results.md").read_text())
+    typer.echo((out / ("results.json" if json_out else "results.md")).read_text())
 
 
 def _demo_inputs(data: Path | None, tmp: Path) -> tuple[list[str], str]:

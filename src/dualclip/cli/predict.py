@@ -20,10 +20,10 @@ from PIL import Image
 
 from ..atomic import dumps, save_image, write_text
 from ..config import DetectorConfig
-from ..data.images import DEFAULT_MAX_SIDE, ImageLoadError, expand_paths, load_image
+from ..data.images import DEFAULT_MAX_SIDE, ImageLoadError, expand_paths, load_image, mask_like
 from ..detector import DualClipDetector, Prediction
 from ..thresholds import NO_THRESHOLD, Threshold, fit_threshold, manual_threshold
-from ..visualization import binary_mask, overlay, render_report, run_scale
+from ..visualization import binary_mask, outline, overlay, render_report, run_scale
 from .output_folder import OutputFolderError, check_output_folder, staged_output
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_NOTHING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -71,6 +71,25 @@ def _load_all(paths: list[Path], warn: Callable[[str], None]) -> tuple[list[tupl
             errors.append({"path": display_path(p), "error": exc.reason})
             warn(f"error: {display_path(p)}: {exc.reason}")
     return ok, errors
+
+
+def input_warnings(files: list[Path], class_name: str | None, det: DualClipDetector) -> list[str]:
+    """What is worth a warning before scoring: inputs that look like masks, a class name that a vision-only
+    backbone cannot use (recorded in the outputs too)."""
+    notes = []
+    masks = mask_like(files)
+    if masks:
+        shown = display_path(masks[0])
+        notes.append(
+            f"{len(masks)} input file(s) look like ground-truth masks (e.g. {shown}): they are scored as images; "
+            "leave them out with --exclude, e.g. --exclude '*_mask.png' or --exclude 'ground_truth/*'"
+        )
+    if class_name and not det.backbone.has_text:
+        notes.append(
+            f"--class-name {class_name!r} is not used: {det.backbone.name} is vision-only (no text tower), so the "
+            "text branch is off and the scores come from the visual reference alone"
+        )
+    return notes
 
 
 def decide_threshold(
@@ -123,6 +142,7 @@ def run_predict(
     quiet: bool = False,
     detector: DualClipDetector | None = None,
     warn: Callable[[str], None] | None = None,
+    exclude: list[str] | None = None,
 ) -> tuple[int, dict]:
     """Run the whole command; returns (exit code, the predictions document).
 
@@ -138,8 +158,9 @@ def run_predict(
     except OutputFolderError as exc:
         raise UsageError(str(exc)) from exc
     try:
-        expanded = expand_paths(inputs, exclude=[out])
-        ref_exp = expand_paths(references, exclude=[out]) if references else None
+        patterns = exclude or []
+        expanded = expand_paths(inputs, exclude=[out], exclude_patterns=patterns)
+        ref_exp = expand_paths(references, exclude=[out], exclude_patterns=patterns) if references else None
         val_exp = (
             (expand_paths(validation[0], exclude=[out]), expand_paths(validation[1], exclude=[out]))
             if validation is not None
@@ -150,6 +171,9 @@ def run_predict(
     skipped = [{"path": display_path(p), "reason": r} for e in (expanded, ref_exp) if e for p, r in e.skipped]
     det = detector or DualClipDetector(config)
     _ = det.backbone  # weights first: a bad backbone or checkpoint fails before any image is read
+    notes = input_warnings(expanded.files, class_name, det)
+    for note in notes:
+        warn(f"warning: {note}")
     loaded, errors = _load_all(expanded.files, warn)
     refs = None
     if ref_exp is not None:
@@ -167,6 +191,7 @@ def run_predict(
         "threshold": th.to_dict(),
         "exit_codes": EXIT_CODES,
         "skipped": skipped,
+        "warnings": notes,
     }
     if not loaded:
         warn("error: no image could be read")
@@ -223,6 +248,7 @@ def _write_outputs(out: Path, doc: dict, rows: list[tuple[dict, Image.Image, Pre
         save_image(ov, out / row["heatmap"])
         if row["mask"]:
             save_image(binary_mask(pred.anomaly_map, row["threshold"]), out / row["mask"])
+            ov = outline(ov, pred.anomaly_map >= row["threshold"])  # the report shows the defect's outline
         report_rows.append({**row, "image": img, "overlay": ov})
     for p in doc["predictions"]:
         if p.get("error"):

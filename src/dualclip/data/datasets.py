@@ -10,6 +10,7 @@ before any scoring starts, all at once, with file and line.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import glob
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,14 @@ class Category:
     """What the loader noticed that is no error (e.g. ``1cls.csv line 12: anomaly without a mask``)."""
     mask_threshold: int = 0
     """A mask pixel is a defect where its value exceeds this (:func:`read_mask`); 0 = any nonzero value."""
+    train: list[Path] = field(default_factory=list)
+    """The layout's normal training images (MVTec ``train/good``, BTAD ``train/ok``, VisA's train split):
+    where :func:`with_shots` draws few-shot golden references from."""
+
+    @property
+    def defects(self) -> list[str]:
+        """The defect types of the anomalous samples, sorted."""
+        return sorted({s.defect for s in self.samples if s.label == 1})
 
     @property
     def labels(self) -> np.ndarray:
@@ -192,6 +201,8 @@ def mvtec(root: str | Path, categories: list[str] | None = None) -> list[Categor
                 cands = [gt_dir / f"{img.stem}_mask.png", gt_dir / f"{img.stem}.png", gt_dir / f"{img.stem}.bmp"]
                 mask = next((c for c in cands if c.is_file()), None)  # None: image-level only (Category.check)
                 cat.samples.append(Sample(img, 1, mask, defect_dir.name))
+        train = root / name / "train" / "good"
+        cat.train = _images_in(train) if train.is_dir() else []
         out.append(cat)
     return out
 
@@ -214,6 +225,8 @@ def btad(root: str | Path, categories: list[str] | None = None) -> list[Category
             found = sorted(gt.glob(f"{img.stem}.*")) if gt.is_dir() else []
             mask = next((c for c in found if c.suffix.lower() in IMAGE_SUFFIXES), None)
             cat.samples.append(Sample(img, 1, mask, "ko"))
+        train = root / name / "train" / "ok"
+        cat.train = _images_in(train) if train.is_dir() else []
         out.append(cat)
     return out
 
@@ -238,6 +251,7 @@ def visa(root: str | Path, categories: list[str] | None = None) -> list[Category
             f"{root}: expected the VisA split file {csv_path} (columns object,split,label,image,mask)"
         )
     cats: dict[str, Category] = {}
+    train: dict[str, list[Path]] = {}
     problems: list[str] = []
     with open(csv_path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
@@ -251,6 +265,8 @@ def visa(root: str | Path, categories: list[str] | None = None) -> list[Category
                 continue
             fields = [f.strip() for f in raw] + [""] * (len(header) - len(raw))
             row = {c: fields[i] for c, i in col.items()}
+            if row["split"].lower() == "train" and _VISA_LABELS.get(row["label"].lower()) == 0 and row["image"]:
+                train.setdefault(row["object"], []).append(root / row["image"])
             if row["split"].lower() != "test":
                 continue
             where = f"{csv_path.name} line {line}"
@@ -273,7 +289,26 @@ def visa(root: str | Path, categories: list[str] | None = None) -> list[Category
     if problems:
         raise DatasetLayoutError(_problems(str(csv_path), problems))
     names = _pick(sorted(cats), categories, root, "rows of split_csv/1cls.csv")
+    for n in names:
+        cats[n].train = train.get(n, [])
     return [cats[n] for n in names]
+
+
+def with_shots(categories: list[Category], shots: int, seed: int = 0) -> list[Category]:
+    """Few-shot evaluation: each category gets ``shots`` of its normal training images as golden references,
+    drawn without replacement by a generator seeded with ``seed`` (recorded with the results)."""
+    if shots < 1:
+        raise ValueError(f"--shots must be >= 1, got {shots}")
+    out = []
+    for cat in categories:
+        if len(cat.train) < shots:
+            raise DatasetLayoutError(
+                f"category {cat.name!r}: --shots {shots} needs {shots} normal training images "
+                f"(train/good, train/ok or VisA's train split); found {len(cat.train)}"
+            )
+        pick = np.random.default_rng(seed).choice(len(cat.train), size=shots, replace=False)
+        out.append(dataclasses.replace(cat, references=[cat.train[i] for i in sorted(pick)]))
+    return out
 
 
 def _glob_all(patterns: list[str]) -> list[list[Path]]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import io
 import os
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -181,8 +182,15 @@ def is_dualclip_output(folder: Path) -> bool:
     return (folder / OUTPUT_MARKER).is_file() or (folder.name.startswith(".") and ".dualclip-" in folder.name)
 
 
-def expand_paths(inputs: Iterable[str | os.PathLike], exclude: Iterable[str | os.PathLike] = ()) -> Expanded:
+def expand_paths(
+    inputs: Iterable[str | os.PathLike],
+    exclude: Iterable[str | os.PathLike] = (),
+    exclude_patterns: Iterable[str] = (),
+) -> Expanded:
     """Files, folders (recursively, image suffixes only) and glob patterns -> unique files in order.
+
+    ``exclude_patterns`` (``--exclude``): glob patterns matched against each file's name and, from the
+    right, its path (``*_mask.png``, ``ground_truth/*``); matching files are passed over with the pattern.
 
     A named file is kept whatever its suffix (so a bad file gets its own error later); an explicitly named
     folder is expanded like any folder (also one named ``x.png``). Passed over, each with its reason in
@@ -248,6 +256,16 @@ def expand_paths(inputs: Iterable[str | os.PathLike], exclude: Iterable[str | os
                     out.append(f)
         else:
             raise FileNotFoundError(f"no such file or folder: {s}")
+    patterns = list(exclude_patterns)
+    if patterns:
+        kept = []
+        for f in out:
+            pat = next((q for q in patterns if fnmatch.fnmatch(f.name, q) or PurePath(f).match(q)), None)
+            if pat is None:
+                kept.append(f)
+            else:
+                skipped.append((str(f), f"excluded by --exclude {pat}"))
+        out = kept
     seen: set[Path] = set()
     unique = []
     for f in out:
@@ -259,3 +277,18 @@ def expand_paths(inputs: Iterable[str | os.PathLike], exclude: Iterable[str | os
         why = "; ".join(f"{p}: {r}" for p, r in skipped[:5])
         raise FileNotFoundError(f"no image files in the inputs{' (' + why + ')' if why else ''}")
     return Expanded(unique, skipped)
+
+
+MASK_FOLDERS = ("ground_truth", "gt", "mask", "masks", "label", "labels")
+MASK_SUFFIXES = ("_mask", "-mask", ".mask", "_gt", "-gt", "_label")
+
+
+def mask_like(paths: Iterable[Path]) -> list[Path]:
+    """The files that look like ground-truth masks rather than images to inspect: a stem ending in
+    ``_mask``/``_gt``/... or a parent folder named ``ground_truth``/``masks``/... (checked by name only)."""
+    found = []
+    for p in paths:
+        stem, parents = p.stem.lower(), {q.name.lower() for q in p.parents}
+        if stem.endswith(MASK_SUFFIXES) or parents & set(MASK_FOLDERS):
+            found.append(p)
+    return found

@@ -17,7 +17,6 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -27,7 +26,7 @@ from starlette.datastructures import UploadFile
 from .. import __version__
 from ..data.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageLoadError, decode_image
 from ..detector import DualClipDetector, Prediction
-from ..visualization import HeatmapScale, overlay
+from ..visualization import HeatmapScale, overlay, profile_scale
 from .batching import MicroBatcher
 
 API_KEY_HEADER = "X-API-Key"
@@ -95,14 +94,9 @@ class ServeSettings:
 
 
 def service_scale(detector: DualClipDetector) -> HeatmapScale:
-    """The one colour scale of every heat map the service returns: from the lowest normal score of the profile
-    (coolest) to its threshold (hottest), or to the highest normal score + 3 without a threshold."""
+    """The one colour scale of every heat map the service returns (:func:`~dualclip.visualization.profile_scale`)."""
     profile = detector.profile_
-    normal = np.asarray(profile.normal_scores, dtype=np.float64)
-    vmin = float(normal.min())
-    th = profile.threshold.value if profile.threshold is not None else None
-    vmax = float(th) if th is not None and th > vmin else float(normal.max()) + 3.0
-    return HeatmapScale(vmin, vmax)
+    return profile_scale(profile.normal_scores, None if profile.threshold is None else profile.threshold.value)
 
 
 def _png_base64(image: Image.Image, prediction: Prediction, scale: HeatmapScale) -> str:

@@ -44,6 +44,15 @@ def run_scale(maps: list[np.ndarray], low_pct: float = 1.0, high_pct: float = 99
     return HeatmapScale(float(vmin), float(vmax))
 
 
+def profile_scale(normal_scores, threshold: float | None) -> HeatmapScale:
+    """The one colour scale of a saved profile's heat maps (service and archive runs): from the lowest normal
+    score of the profile (coolest) to its threshold (hottest), or to the highest normal score + 3 without one."""
+    normal = np.asarray(normal_scores, dtype=np.float64)
+    vmin = float(normal.min())
+    vmax = float(threshold) if threshold is not None and threshold > vmin else float(normal.max()) + 3.0
+    return HeatmapScale(vmin, vmax)
+
+
 def colorize(m: np.ndarray, scale: HeatmapScale) -> np.ndarray:
     """Map values to RGB uint8 with the run's scale (a 256-entry lookup table: one byte per pixel of work)."""
     if scale.flat:
@@ -81,3 +90,15 @@ def overlay(
 def binary_mask(m: np.ndarray, threshold: float) -> Image.Image:
     """Pixels at or above the threshold -> 255, else 0 (8-bit 'L')."""
     return Image.fromarray(((m >= threshold) * 255).astype(np.uint8), mode="L")
+
+
+def outline(image: Image.Image, mask: np.ndarray, color: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """``image`` with the boundary of ``mask`` (``(H, W)`` bool, at the image's size or the size of its left
+    part, e.g. an overlay with a colour bar) drawn in ``color``: a defect's outline over its heat map."""
+    from scipy.ndimage import binary_erosion
+
+    edge = mask & ~binary_erosion(mask, border_value=0)
+    out = np.asarray(image.convert("RGB")).copy()
+    h, w = edge.shape
+    out[:h, :w][edge] = color
+    return Image.fromarray(out)

@@ -40,10 +40,25 @@ def _script_json(value) -> str:
     return json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def render_report(rows: list[dict], meta: dict) -> str:
-    """``rows``: dicts with path, score, verdict, error, image (PIL or None), overlay (PIL or None).
+def summary_counts(rows: list[dict]) -> dict[str, int]:
+    """files, scored, flagged (verdict defective), ok, failed (an error) among the report's rows."""
+    verdicts = [r.get("verdict") for r in rows]
+    failed = sum(1 for r in rows if r.get("error"))
+    return {
+        "files": len(rows),
+        "scored": len(rows) - failed,
+        "flagged": verdicts.count("defective"),
+        "ok": verdicts.count("ok"),
+        "failed": failed,
+    }
 
-    The page lists them by score, highest first, then the files that failed; a click on a header re-sorts."""
+
+def render_report(rows: list[dict], meta: dict) -> str:
+    """``rows``: dicts with path, score, verdict, error, image (PIL or None), overlay (PIL or None) and
+    optionally heatmap (the full-size heat map's path relative to the report, linked from its thumbnail).
+
+    The page opens with the counts (files, flagged, failed), then lists the files by score, highest first,
+    then those that failed; a click on a header re-sorts."""
     th = meta.get("threshold") or {}
     value = th.get("value")
     scale = meta.get("heatmap_scale") or {}
@@ -52,11 +67,22 @@ def render_report(rows: list[dict], meta: dict) -> str:
         if "vmin" in scale
         else str(scale or "-")
     )
+    source = html.escape(str(th.get("source")))
+    threshold_text = source if value is None else f"<b>{value:.4g}</b> ({source})"
+    counts = summary_counts(rows)
+    flagged = (
+        f'<span class="badge defective">{counts["flagged"]} flagged defective</span> '
+        f'<span class="badge ok">{counts["ok"]} ok</span> '
+        if value is not None
+        else ""
+    )
     head = (
-        f"<p><b>{len(rows)}</b> files &middot; class <b>{html.escape(str(meta.get('class_name')))}</b> &middot; "
+        f'<p class="summary"><b>{counts["files"]}</b> files: {counts["scored"]} scored, {flagged}'
+        f'<span class="badge {"error" if counts["failed"] else "none"}">{counts["failed"]} failed</span></p>'
+        f"<p>class <b>{html.escape(str(meta.get('class_name')))}</b> &middot; "
         f"backbone <b>{html.escape(str(meta.get('backbone')))}</b> &middot; seed {meta.get('seed')} &middot; "
-        f"threshold: <b>{'none' if value is None else f'{value:.4g}'}</b> ({html.escape(str(th.get('source')))})"
-        f"</p><p>heat-map scale: {html.escape(scale_text)}</p>"
+        f"threshold: {threshold_text}</p><p>heat-map scale: {html.escape(scale_text)}"
+        f"{'; defect outlines: pixels at or above the threshold' if value is not None else ''}</p>"
     )
     trs = []
     # most anomalous first (the header's sort arrow says so); files that failed last
@@ -64,13 +90,16 @@ def render_report(rows: list[dict], meta: dict) -> str:
         score = r.get("score")
         v = "" if score is None else f"{score:.4f}"
         verdict = r.get("verdict") or ("error" if r.get("error") else "-")
-        img = f'<img src="{_data_uri(r["image"])}">' if r.get("image") is not None else ""
-        ov = f'<img src="{_data_uri(r["overlay"])}">' if r.get("overlay") is not None else ""
+        img = f'<img src="{_data_uri(r["image"])}" alt="image">' if r.get("image") is not None else ""
+        ov = f'<img src="{_data_uri(r["overlay"])}" alt="heat map">' if r.get("overlay") is not None else ""
+        if ov and r.get("heatmap"):
+            ov = f'<a href="{html.escape(r["heatmap"])}" title="full-size heat map">{ov}</a>'
         err = html.escape(r.get("error") or "")
         trs.append(
             f'<tr class="{html.escape(verdict)}"><td data-v="{html.escape(r["path"])}">{html.escape(r["path"])}'
             f'<div class="err">{err}</div></td><td>{img}</td><td>{ov}</td>'
-            f'<td class="score" data-v="{v or "nan"}">{v or "-"}</td><td data-v="{html.escape(verdict)}">{html.escape(verdict)}</td></tr>'
+            f'<td class="score" data-v="{v or "nan"}">{v or "-"}</td>'
+            f'<td class="verdict" data-v="{html.escape(verdict)}">{html.escape(verdict)}</td></tr>'
         )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>dualclip report</title>
@@ -79,8 +108,13 @@ body {{ font-family: sans-serif; margin: 1.5em; }}
 table {{ border-collapse: collapse; }}
 td, th {{ border: 1px solid #ccc; padding: 4px 8px; vertical-align: middle; }}
 th {{ cursor: pointer; background: #eee; }}
-tr.defective td.score {{ color: #b00; font-weight: bold; }}
+tr.defective td.score, tr.defective td.verdict {{ color: #b00; font-weight: bold; }}
+tr.ok td.verdict {{ color: #070; }}
 tr.error {{ background: #fdd; }}
+.badge {{ padding: 1px 6px; border-radius: 4px; }}
+.badge.defective {{ background: #fcc; color: #800; }}
+.badge.ok {{ background: #cfc; color: #050; }}
+.badge.error {{ background: #fdd; color: #800; }}
 .err {{ color: #b00; font-size: 90%; }}
 img {{ max-height: 160px; }}
 </style></head><body>

@@ -1,0 +1,232 @@
+"""An archive run: plan the blocks, skip those already finished, score the rest with an engine, and merge
+every block's rows into predictions.json / .csv / .parquet.
+
+The output folder holds ``run.json`` (the settings and the plan), ``blocks/<id>.json`` (each finished
+block, written atomically by whoever scored it), ``heatmaps/<block>/`` and ``masks/<block>/``, then the
+merged predictions. A rerun with the same inputs and settings resumes: finished blocks are read back, not
+scored again. A folder holding anything else is never used.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import __version__
+from ..atomic import dumps, write_json, write_text
+from ..data.images import OUTPUT_MARKER
+from .plan import Block, plan_blocks
+from .scorer import BLOCKS_DIR, ScorerSpec, load_block_result
+
+RUN_FILE = "run.json"
+ENGINES = ("ray", "inline")
+
+
+class ArchiveFolderError(ValueError):
+    """The output folder of an archive run cannot be used (a usage error)."""
+
+
+@dataclass
+class ArchiveRun:
+    """What an archive run did: blocks scored now and reused from an earlier run, rows, files."""
+
+    out: Path
+    engine: str
+    blocks: int
+    scored_blocks: int
+    reused_blocks: int
+    images: int
+    failed: int
+    seconds: float
+    rows: list[dict] = field(repr=False, default_factory=list)
+
+
+def _settings_key(spec: ScorerSpec, block_size: int, seed: int, blocks: list[Block]) -> str:
+    settings = spec.to_dict() | {"out": None, "block_size": block_size, "seed": seed}
+    if settings.get("config"):
+        settings["config"] = {k: v for k, v in settings["config"].items() if k not in ("progress", "batch_size")}
+        settings["config"].pop("device", None)
+    payload = json.dumps([settings, [b.fingerprint for b in blocks], __version__], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _prepare_folder(out: Path, key: str) -> bool:
+    """Create ``out`` or accept it for resumption; True when it holds an earlier run of the same plan."""
+    if out.exists() and not out.is_dir():
+        raise ArchiveFolderError(f"--out {out} exists and is a file, not a folder")
+    if not out.exists() or not any(out.iterdir()):
+        out.mkdir(parents=True, exist_ok=True)
+        return False
+    run_file = out / RUN_FILE
+    try:
+        previous = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else None
+    except (OSError, ValueError):
+        previous = None
+    if not previous or previous.get("kind") != "dualclip archive run":
+        raise ArchiveFolderError(
+            f"--out {out} is not empty and holds no dualclip archive run ({RUN_FILE}): choose another folder"
+        )
+    if previous.get("key") != key:
+        raise ArchiveFolderError(
+            f"--out {out} holds an archive run of other inputs or settings (key {previous.get('key')}, this run "
+            f"{key}): it is never replaced; choose another folder to start a new run"
+        )
+    return True
+
+
+def run_archive(
+    items: list[tuple[str, str | None]],
+    out: str | os.PathLike,
+    spec_config: dict | None = None,
+    profile: str | os.PathLike | None = None,
+    threshold: float | None = None,
+    engine: str = "ray",
+    block_size: int = 200,
+    seed: int = 0,
+    heatmaps: bool = True,
+    num_actors: int = 1,
+    cpus_per_actor: float = 1.0,
+    gpus_per_actor: float = 0.0,
+    ray_address: str | None = None,
+    progress: bool = True,
+    scorer_cls: type | None = None,
+) -> ArchiveRun:
+    """Score ``items`` (``(path, class)`` pairs) in blocks and write the merged predictions under ``out``.
+
+    ``spec_config``: :meth:`DetectorConfig.to_dict` for zero-shot runs (each block one run, seeded by
+    ``seed``), or ``profile``: a saved profile (every image scored on its own). ``engine``: ``"ray"`` or
+    ``"inline"`` (this process). See :func:`~dualclip.distributed.engines.run_ray` for the Ray settings."""
+    from tqdm.auto import tqdm
+
+    from .engines import run_inline, run_ray
+    from .scorer import BlockScorer
+
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if (spec_config is None) == (profile is None):
+        raise ValueError("give either a detector configuration or a profile")
+    out = Path(out)
+    start = time.perf_counter()
+    blocks = plan_blocks(items, block_size=block_size, seed=seed)
+    if spec_config is not None:
+        spec_config = {**spec_config, "seed": seed, "progress": False}
+    spec = ScorerSpec(
+        out=str(out),
+        config=spec_config,
+        profile=None if profile is None else str(profile),
+        threshold=threshold,
+        heatmaps=heatmaps,
+    )
+    key = _settings_key(spec, block_size, seed, blocks)
+    resumed = _prepare_folder(out, key)
+    if not resumed:
+        write_json(out / OUTPUT_MARKER, {"tool": "dualclip", "version": __version__, "files": [], "archive": True})
+    write_json(
+        out / RUN_FILE,
+        {
+            "kind": "dualclip archive run",
+            "version": __version__,
+            "key": key,
+            "engine": engine,
+            "settings": spec.to_dict(),
+            "block_size": block_size,
+            "seed": seed,
+            "n_images": sum(len(b.paths) for b in blocks),
+            "blocks": [{"id": b.id, "class": b.class_name, "n": len(b.paths), "fingerprint": b.fingerprint} for b in blocks],
+        },
+    )
+    results: dict[str, dict] = {}
+    for b in blocks:
+        saved = load_block_result(out, b)
+        if saved is not None:
+            results[b.id] = saved
+    todo = [b for b in blocks if b.id not in results]
+    scorer_cls = scorer_cls or BlockScorer
+    if engine == "ray":
+        stream = run_ray(
+            todo,
+            spec,
+            num_actors=num_actors,
+            cpus_per_actor=cpus_per_actor,
+            gpus_per_actor=gpus_per_actor,
+            address=ray_address,
+            scorer_cls=scorer_cls,
+        )
+    else:
+        stream = run_inline(todo, spec, scorer_cls=scorer_cls)
+    n_todo = sum(len(b.paths) for b in todo)
+    with tqdm(total=n_todo, desc=f"scoring ({engine})", unit="img", disable=not progress) as bar:
+        for result in stream:
+            results[result["block"]["id"]] = result
+            bar.update(len(result["block"]["paths"]))
+    missing = [b.id for b in blocks if b.id not in results]
+    if missing:
+        raise RuntimeError(f"{len(missing)} block(s) returned no result (first: {missing[0]}); rerun to resume")
+    rows = sorted((r for b in blocks for r in results[b.id]["rows"]), key=lambda r: r["index"])
+    _write_predictions(out, rows, spec, blocks, engine, key)
+    return ArchiveRun(
+        out=out,
+        engine=engine,
+        blocks=len(blocks),
+        scored_blocks=len(todo),
+        reused_blocks=len(blocks) - len(todo),
+        images=len(rows),
+        failed=sum(1 for r in rows if r.get("error")),
+        seconds=time.perf_counter() - start,
+        rows=rows,
+    )
+
+
+COLUMNS = ("index", "path", "class", "block", "score", "verdict", "threshold", "heatmap", "mask", "error")
+
+
+def _write_predictions(out: Path, rows: list[dict], spec: ScorerSpec, blocks, engine: str, key: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ..atomic import temp_sibling
+    from ..cli.predict import csv_cell
+
+    doc = {
+        "settings": spec.to_dict(),
+        "engine": engine,
+        "key": key,
+        "blocks": len(blocks),
+        "n_images": len(rows),
+        "n_failed": sum(1 for r in rows if r.get("error")),
+        "predictions": rows,
+    }
+    write_text(out / "predictions.json", dumps(doc) + "\n")
+    branch_keys = sorted({k for r in rows for k in (r.get("branch_scores") or {})})
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow([*COLUMNS, *[f"score_{k}" for k in branch_keys]])
+    for r in rows:
+        bs = r.get("branch_scores") or {}
+        w.writerow([csv_cell(r.get(c)) for c in COLUMNS] + [bs.get(k) for k in branch_keys])
+    write_text(out / "predictions.csv", buf.getvalue())
+    table = pa.table(
+        {
+            **{c: [r.get(c) for r in rows] for c in COLUMNS},
+            **{f"score_{k}": [(r.get("branch_scores") or {}).get(k) for r in rows] for k in branch_keys},
+        }
+    )
+    tmp = temp_sibling(out / "predictions.parquet")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, out / "predictions.parquet")
+    finally:
+        tmp.unlink(missing_ok=True)
+    files = sorted(
+        str(Path(d, f).relative_to(out)) for d, _, fs in os.walk(out) for f in fs if f != OUTPUT_MARKER
+    )
+    write_json(out / OUTPUT_MARKER, {"tool": "dualclip", "version": __version__, "files": files, "archive": True})
+
+
+__all__ = ["ArchiveFolderError", "ArchiveRun", "BLOCKS_DIR", "run_archive"]

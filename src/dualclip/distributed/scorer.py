@@ -1,0 +1,187 @@
+"""Scoring one block: decode its images, score them as one run (or against a profile), write its heat maps,
+masks and result file. The same code runs in-process and in a Ray actor."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..atomic import dumps, save_image, write_text
+from ..data.images import DEFAULT_MAX_SIDE, ImageLoadError, load_image
+from .plan import Block
+
+BLOCKS_DIR = "blocks"
+
+
+@dataclass(frozen=True)
+class ScorerSpec:
+    """What every worker needs to build the same detector and write the same outputs.
+
+    ``config``: :meth:`DetectorConfig.to_dict` (zero-shot), or ``profile``: a profile folder (its settings);
+    ``threshold``: a manual threshold (else the profile's, else none); ``out``: the run's output folder;
+    ``heatmaps``: write heat maps and masks (off for score-only archives)."""
+
+    out: str
+    config: dict | None = None
+    profile: str | None = None
+    threshold: float | None = None
+    heatmaps: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Decoded:
+    """One image of a block after decoding: the array, or why it could not be read."""
+
+    index: int
+    path: str
+    array: np.ndarray | None
+    original_size: tuple[int, int] | None
+    error: str | None
+
+
+def decode_block(block: Block) -> list[Decoded]:
+    """Read every image of ``block`` (CPU work, done apart from the model: in Ray, in CPU tasks)."""
+    out = []
+    for i, p in zip(block.index, block.paths, strict=True):
+        try:
+            img = load_image(p, max_side=DEFAULT_MAX_SIDE)
+            out.append(Decoded(i, p, np.asarray(img), img.info.get("original_size"), None))
+        except ImageLoadError as exc:
+            out.append(Decoded(i, p, None, None, exc.reason))
+    return out
+
+
+def block_result_path(out: str | Path, block_id: str) -> Path:
+    return Path(out) / BLOCKS_DIR / f"{block_id}.json"
+
+
+class BlockScorer:
+    """Builds the detector once; each call scores one block and writes its outputs (idempotent: a block
+    scored again writes the same files under the same names)."""
+
+    def __init__(self, spec: ScorerSpec) -> None:
+        from ..config import DetectorConfig
+        from ..detector import DualClipDetector
+        from ..thresholds import NO_THRESHOLD, manual_threshold
+
+        self.spec = spec
+        if spec.profile is not None:
+            self.detector = DualClipDetector.load(spec.profile, device=(spec.config or {}).get("device"))
+        else:
+            self.detector = DualClipDetector(DetectorConfig(**spec.config))
+        self.detector.config.progress = False
+        _ = self.detector.backbone
+        if spec.threshold is not None:
+            self.threshold = manual_threshold(spec.threshold)
+        else:
+            self.threshold = self.detector.threshold_ or NO_THRESHOLD
+
+    def __call__(self, block: Block, decoded: list[Decoded] | None = None) -> dict:
+        from ..cli.predict import display_path, output_stem
+        from ..visualization import binary_mask, overlay, profile_scale, run_scale
+
+        decoded = decode_block(block) if decoded is None else decoded
+        ok = [d for d in decoded if d.array is not None]
+        det, th = self.detector, self.threshold
+        rows: dict[int, dict] = {}
+        for d in decoded:
+            if d.array is None:
+                rows[d.index] = self._error_row(block, d, d.error)
+        run = None
+        scale = None
+        if ok and det.profile_ is None and len(ok) < 2 and not det.backbone.has_text:
+            for d in ok:
+                rows[d.index] = self._error_row(block, d, "the only readable image of its block: no reference")
+            ok = []
+        if ok:
+            images = [Image.fromarray(d.array) for d in ok]
+            preds = det.predict(images, class_name=block.class_name if det.profile_ is None else None)
+            run = det.run_info_.to_dict(with_references=False)
+            if det.profile_ is not None:
+                p = det.profile_
+                scale = profile_scale(p.normal_scores, None if p.threshold is None else p.threshold.value)
+            else:
+                scale = run_scale([pr.anomaly_map for pr in preds])
+            for d, img, pred in zip(ok, images, preds, strict=True):
+                stem = output_stem(d.index, Path(d.path))
+                heat = f"heatmaps/{block.id}/{stem}.png" if self.spec.heatmaps else None
+                mask = f"masks/{block.id}/{stem}.png" if self.spec.heatmaps and th.value is not None else None
+                if heat:
+                    save_image(overlay(img, pred.anomaly_map, scale), Path(self.spec.out) / heat)
+                if mask:
+                    save_image(binary_mask(pred.anomaly_map, th.value), Path(self.spec.out) / mask)
+                rows[d.index] = {
+                    "index": d.index,
+                    "path": display_path(d.path),
+                    "class": block.class_name,
+                    "block": block.id,
+                    "score": pred.score,
+                    "verdict": th.verdict(pred.score),
+                    "threshold": th.value,
+                    "branch_scores": pred.branch_scores,
+                    "heatmap": heat,
+                    "mask": mask,
+                    "size": [img.width, img.height],
+                    "original_size": list(d.original_size) if d.original_size else None,
+                    "error": None,
+                }
+        result = {
+            "block": block.to_dict(),
+            "rows": [rows[i] for i in sorted(rows)],
+            "run": run,
+            "heatmap_scale": None if scale is None else scale.to_dict(),
+            "threshold": th.to_dict(),
+        }
+        write_text(block_result_path(self.spec.out, block.id), dumps(result) + "\n")
+        return result
+
+    @staticmethod
+    def _error_row(block: Block, d: Decoded, error: str) -> dict:
+        from ..cli.predict import display_path
+
+        return {
+            "index": d.index,
+            "path": display_path(d.path),
+            "class": block.class_name,
+            "block": block.id,
+            "score": None,
+            "verdict": None,
+            "threshold": None,
+            "branch_scores": {},
+            "heatmap": None,
+            "mask": None,
+            "size": None,
+            "original_size": None,
+            "error": error,
+        }
+
+
+def pack(decoded: list[Decoded]) -> bytes:
+    """Decoded images as bytes (a Ray Data column of one block)."""
+    return pickle.dumps(decoded, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unpack(data: bytes) -> list[Decoded]:
+    return pickle.loads(data)  # noqa: S301 - bytes made by pack() in this run's own tasks
+
+
+def load_block_result(out: str | Path, block: Block) -> dict | None:
+    """A finished block's saved result, if it is there, readable, and for this very block (fingerprint)."""
+    path = block_result_path(out, block.id)
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if (result.get("block") or {}).get("fingerprint") != block.fingerprint:
+        return None
+    return result

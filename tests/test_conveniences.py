@@ -1,0 +1,201 @@
+"""The everyday conveniences: python -m, --version, completion, array inputs, --exclude, mask and class-name
+warnings, the report's summary and links, defect outlines, per-defect eval rows, few-shot eval, --json."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
+
+from conftest import write_mvtec_tree
+from dualclip import DetectorConfig, DualClipDetector, __version__
+from dualclip.cli.main import app
+from dualclip.cli.predict import run_predict
+from dualclip.data import datasets as D
+from dualclip.evaluation import run_eval
+from dualclip.thresholds import fit_threshold, quantile_threshold
+from dualclip.visualization import outline
+
+EFFNET = dict(backbone="effnet-lite0", image_size=64, progress=False, device="cpu")
+
+
+def test_python_m_dualclip_version_and_shell_completion():
+    r = subprocess.run([sys.executable, "-m", "dualclip", "--version"], capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout.strip()) == (0, f"dualclip {__version__}")
+    r = subprocess.run(
+        [sys.executable, "-m", "dualclip", "--show-completion", "bash"], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0 and "complete -o default -F _dualclip_completion dualclip" in r.stdout
+
+
+def test_arrays_and_tensors_score_like_the_same_pil_images(texture_set):
+    images = texture_set[0][:4]
+    det = DualClipDetector(DetectorConfig(**EFFNET))
+    want = [p.score for p in det.predict(images)]
+    arrays = [np.asarray(images[0]), np.asarray(images[1]), images[2], images[3]]
+    arrays[2] = torch.from_numpy(np.asarray(images[2])).permute(2, 0, 1).float() / 255.0  # C x H x W in [0, 1]
+    grey = np.asarray(images[3].convert("L"))
+    got = det.predict(arrays[:3] + [grey])
+    assert [p.score for p in got[:3]] == want[:3]
+    assert got[3].score == det.predict(images[:3] + [images[3].convert("L").convert("RGB")])[3].score
+    assert repr(got[0]) == f"Prediction(score={got[0].score:.4f}, map=96x96, source=None)"
+
+
+def test_thresholds_fit_from_the_api(texture_set):
+    images, _, labels = texture_set
+    normal = [img for img, y in zip(images, labels, strict=True) if not y]
+    det = DualClipDetector(DetectorConfig(**EFFNET))
+    th = fit_threshold(det, normal, quantile=0.9)
+    assert th == quantile_threshold(det.score_images(normal).image_scores.numpy(), 0.9)
+    fitted = DualClipDetector(DetectorConfig(**EFFNET)).fit(normal, threshold_quantile=0.9)
+    assert fitted.threshold_.value == pytest.approx(float(np.quantile(fitted.profile_.normal_scores, 0.9)))
+
+
+@pytest.fixture
+def with_masks(folder, texture_set):
+    """The folder, with a ground-truth mask beside every image."""
+    for p in sorted(folder.rglob("*.png")):
+        Image.new("L", (96, 96)).save(p.with_name(p.stem + "_mask.png"))
+    return folder
+
+
+def test_exclude_leaves_out_matching_files_and_masks_are_warned_of(tmp_path, with_masks):
+    det = DualClipDetector(DetectorConfig(**EFFNET))
+    warned = []
+    _, doc = run_predict([str(with_masks)], tmp_path / "a", det.config, detector=det, warn=warned.append)
+    assert len(doc["predictions"]) == 20
+    assert any("10 input file(s) look like ground-truth masks" in w for w in warned)
+    assert doc["warnings"] == [w.removeprefix("warning: ") for w in warned if w.startswith("warning: ")]
+    warned.clear()
+    _, doc = run_predict(
+        [str(with_masks)], tmp_path / "b", det.config, detector=det, warn=warned.append, exclude=["*_mask.png"]
+    )
+    assert sorted(p["path"] for p in doc["predictions"]) == sorted(
+        str(p) for p in with_masks.rglob("*.png") if not p.stem.endswith("_mask")
+    )
+    assert sum(s["reason"] == "excluded by --exclude *_mask.png" for s in doc["skipped"]) == 10
+    assert doc["warnings"] == [] and warned == []
+    r = CliRunner().invoke(
+        app,
+        ["predict", str(with_masks), "-o", str(tmp_path / "c"), "--backbone", "effnet-lite0", "--image-size", "64"]
+        + ["--exclude", "sub/*", "--exclude", "*_mask.png", "--device", "cpu", "-q", "--json"],
+    )
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(r.stdout)["predictions"]) == 5  # the 5 images outside sub/
+
+
+def test_class_name_with_a_vision_only_backbone_is_warned_of_and_recorded(tmp_path, folder):
+    det = DualClipDetector(DetectorConfig(**EFFNET))
+    warned = []
+    _, doc = run_predict([str(folder)], tmp_path / "o", det.config, class_name="tile", detector=det, warn=warned.append)
+    note = next(w for w in doc["warnings"] if "--class-name 'tile' is not used" in w)
+    assert "vision-only" in note and f"warning: {note}" in warned
+    assert doc["run"]["branches"] == ["visual"]
+    saved = json.loads((tmp_path / "o" / "predictions.json").read_text())
+    assert saved["warnings"] == doc["warnings"]
+
+
+def test_report_has_counts_coloured_verdicts_outlines_and_links(tmp_path, folder):
+    (folder / "broken.png").write_text("not an image")
+    det = DualClipDetector(DetectorConfig(**EFFNET))
+    _, doc = run_predict([str(folder)], tmp_path / "o", det.config, detector=det, threshold=0.5, warn=lambda m: None)
+    html = (tmp_path / "o" / "report.html").read_text()
+    preds = doc["predictions"]
+    flagged = sum(p["verdict"] == "defective" for p in preds)
+    ok = sum(p["verdict"] == "ok" for p in preds)
+    assert f"<b>11</b> files: 10 scored, " in html
+    assert f"{flagged} flagged defective</span>" in html and f"{ok} ok</span>" in html and "1 failed</span>" in html
+    for p in preds:
+        if p.get("heatmap"):
+            assert f'<a href="{p["heatmap"]}" title="full-size heat map">' in html
+            assert (tmp_path / "o" / p["heatmap"]).is_file()
+    assert '<td class="verdict" data-v="defective">' in html and "td.verdict" in html
+    _, doc = run_predict([str(folder)], tmp_path / "p", det.config, detector=det, warn=lambda m: None)
+    html = (tmp_path / "p" / "report.html").read_text()
+    assert "none (none" not in html and "threshold: none (no verdicts" in html
+    assert "flagged defective" not in html  # no verdicts, no verdict counts
+
+
+def test_outline_is_the_masks_inner_boundary():
+    rng = np.random.default_rng(0)
+    mask = rng.random((20, 24)) > 0.6
+    mask[5:12, 6:15] = True
+    img = Image.new("RGB", (30, 20), (10, 20, 30))  # wider than the mask: a colour bar on the right
+    got = np.asarray(outline(img, mask, (255, 0, 255)))
+    padded = np.pad(mask, 1)
+    edge = np.zeros_like(mask)
+    for y in range(20):
+        for x in range(24):  # brute force: a mask pixel with a 4-neighbour outside the mask (or the border)
+            nb = (padded[y, x + 1], padded[y + 2, x + 1], padded[y + 1, x], padded[y + 1, x + 2])
+            edge[y, x] = mask[y, x] and not all(nb)
+    np.testing.assert_array_equal((got[:, :24] == (255, 0, 255)).all(-1), edge)
+    assert (got[:, 24:] == (10, 20, 30)).all()
+
+
+@pytest.fixture
+def two_defects(tmp_path, texture_set):
+    """An MVTec tree with two defect types (broken, scratch) and 4 training images."""
+    root = write_mvtec_tree(tmp_path / "mv", texture_set)
+    test = root / "bottle" / "test"
+    gt = root / "bottle" / "ground_truth"
+    (test / "scratch").mkdir()
+    (gt / "scratch").mkdir(parents=True)
+    for p in sorted((test / "broken").glob("*.png"))[:2]:
+        shutil.move(p, test / "scratch" / p.name)
+        shutil.move(gt / "broken" / f"{p.stem}_mask.png", gt / "scratch" / f"{p.stem}_mask.png")
+    train = root / "bottle" / "train" / "good"
+    train.mkdir(parents=True)
+    for i, img in enumerate(texture_set[0][:4]):
+        img.rotate(90).save(train / f"{i:03d}.png")
+    return root
+
+
+def test_eval_reports_each_defect_type_against_every_normal_image(tmp_path, two_defects):
+    (cat,) = D.mvtec(two_defects)
+    assert cat.defects == ["broken", "scratch"]
+    cfg = DetectorConfig(**EFFNET)
+    res = run_eval(cfg, [cat], [0], tmp_path / "out", warn=lambda m: None)["categories"]["bottle"]
+    scores = DualClipDetector(cfg).score_images(cat.images(), class_name=cat.name).image_scores.numpy()
+    labels = cat.labels
+    for d in ("broken", "scratch"):
+        keep = np.array([s.label == 0 or s.defect == d for s in cat.samples])
+        assert res["per_defect"][d]["image_auroc"] == pytest.approx(roc_auc_score(labels[keep], scores[keep]))
+        assert res["per_defect"][d]["n_anomalous"] == 2
+    assert res["image_auroc"] == pytest.approx(roc_auc_score(labels, scores))
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "↳ broken" in md and "↳ scratch" in md
+    csv = (tmp_path / "out" / "results.csv").read_text().splitlines()
+    assert [line.split(",")[:2] for line in csv] == [
+        ["category", "defect"],
+        ["bottle", ""],
+        ["bottle", "broken"],
+        ["bottle", "scratch"],
+        ["mean", ""],
+    ]
+
+
+def test_eval_shots_uses_seeded_training_images_as_references_and_json(tmp_path, two_defects):
+    (cat,) = D.mvtec(two_defects)
+    assert [p.name for p in cat.train] == ["000.png", "001.png", "002.png", "003.png"]
+    (a,) = D.with_shots([cat], 2, seed=0)
+    (b,) = D.with_shots([cat], 2, seed=0)
+    assert a.references == b.references and len(a.references) == 2 and set(a.references) <= set(cat.train)
+    pick = sorted(np.random.default_rng(0).choice(4, size=2, replace=False))
+    assert a.references == [cat.train[i] for i in pick]
+    args = ["eval", "--dataset", "mvtec", "--root", str(two_defects), "-o", str(tmp_path / "o")]
+    args += ["--backbone", "effnet-lite0", "--image-size", "64", "--device", "cpu", "-q"]
+    r = CliRunner().invoke(app, [*args, "--shots", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["config"]["shots"] == 2 and doc["config"]["shots_seed"] == 0
+    assert doc["categories"]["bottle"]["references"] == [str(p) for p in a.references]
+    r = CliRunner().invoke(app, [*args, "--shots", "5"])
+    assert r.exit_code == 2 and "--shots 5 needs 5 normal training images" in r.output
