@@ -41,7 +41,7 @@ def test_arrays_and_tensors_score_like_the_same_pil_images(texture_set):
     det = DualClipDetector(DetectorConfig(**EFFNET))
     want = [p.score for p in det.predict(images)]
     arrays = [np.asarray(images[0]), np.asarray(images[1]), images[2], images[3]]
-    arrays[2] = torch.from_numpy(np.asarray(images[2])).permute(2, 0, 1).float() / 255.0  # C x H x W in [0, 1]
+    arrays[2] = torch.from_numpy(np.array(images[2])).permute(2, 0, 1).float() / 255.0  # C x H x W in [0, 1]
     grey = np.asarray(images[3].convert("L"))
     got = det.predict(arrays[:3] + [grey])
     assert [p.score for p in got[:3]] == want[:3]
@@ -111,7 +111,7 @@ def test_report_has_counts_coloured_verdicts_outlines_and_links(tmp_path, folder
     preds = doc["predictions"]
     flagged = sum(p["verdict"] == "defective" for p in preds)
     ok = sum(p["verdict"] == "ok" for p in preds)
-    assert f"<b>11</b> files: 10 scored, " in html
+    assert "<b>11</b> files: 10 scored, " in html
     assert f"{flagged} flagged defective</span>" in html and f"{ok} ok</span>" in html and "1 failed</span>" in html
     for p in preds:
         if p.get("heatmap"):

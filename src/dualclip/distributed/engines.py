@@ -4,6 +4,7 @@ Data: images decoded in CPU tasks, blocks scored in a pool of actors, one model 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator
 
 from .plan import Block
@@ -38,13 +39,34 @@ def _decode_row(row: dict) -> dict:
     return {"block": row["block"], "decoded": pack(decode_block(block))}
 
 
+def check_resources(
+    cluster: dict, num_actors: int, cpus_per_actor: float, gpus_per_actor: float, decode_cpus: float
+) -> None:
+    """Refuse, before anything runs, a pool that cannot start on ``cluster`` (``ray.cluster_resources()``):
+    the actors and one decoding task must fit, else Ray Data would wait for resources forever."""
+    if num_actors < 1:
+        raise ValueError(f"num_actors must be >= 1, got {num_actors}")
+    cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
+    need_cpu = num_actors * cpus_per_actor + decode_cpus
+    if need_cpu > cpus:
+        raise ValueError(
+            f"{num_actors} actor(s) x {cpus_per_actor} CPU + {decode_cpus} CPU for decoding need {need_cpu:g} CPUs; "
+            f"the cluster has {cpus:g}: use fewer actors (--num-actors) or fewer CPUs per actor"
+        )
+    if num_actors * gpus_per_actor > gpus:
+        raise ValueError(
+            f"{num_actors} actor(s) x {gpus_per_actor} GPU need {num_actors * gpus_per_actor:g} GPUs; the cluster has "
+            f"{gpus:g}"
+        )
+
+
 def run_ray(
     blocks: list[Block],
     spec: ScorerSpec,
     num_actors: int = 1,
     cpus_per_actor: float = 1.0,
     gpus_per_actor: float = 0.0,
-    decode_cpus: float = 1.0,
+    decode_cpus: float = 0.5,
     address: str | None = None,
     scorer_cls: type = BlockScorer,
     init: Callable[..., object] | None = None,
@@ -61,18 +83,20 @@ def run_ray(
     if not blocks:
         return
     if not ray.is_initialized():
-        (init or ray.init)(address=address, include_dashboard=False, log_to_driver=False)
+        (init or ray.init)(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the caller shows one bar over the blocks
+    context.print_on_execution_start = False
+    check_resources(ray.cluster_resources(), num_actors, cpus_per_actor, gpus_per_actor, decode_cpus)
     ds = ray.data.from_items([{"block": json.dumps(b.to_dict())} for b in blocks], override_num_blocks=len(blocks))
     ds = ds.map(_decode_row, num_cpus=decode_cpus)
-    ds = ds.map_batches(
+    ds = ds.map_batches(  # Ray Data's actor pools restart dead actors and retry their blocks by default
         _RayBlockScorer,
         fn_constructor_kwargs={"spec": spec.to_dict(), "scorer_cls": scorer_cls},
         batch_size=1,
-        concurrency=num_actors,
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor,
-        max_restarts=-1,
-        max_task_retries=-1,
     )
     for row in ds.iter_rows():
         yield json.loads(row["result"])

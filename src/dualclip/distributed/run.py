@@ -138,7 +138,9 @@ def run_archive(
             "block_size": block_size,
             "seed": seed,
             "n_images": sum(len(b.paths) for b in blocks),
-            "blocks": [{"id": b.id, "class": b.class_name, "n": len(b.paths), "fingerprint": b.fingerprint} for b in blocks],
+            "blocks": [
+                {"id": b.id, "class": b.class_name, "n": len(b.paths), "fingerprint": b.fingerprint} for b in blocks
+            ],
         },
     )
     results: dict[str, dict] = {}
@@ -223,9 +225,7 @@ def _write_predictions(out: Path, rows: list[dict], spec: ScorerSpec, blocks, en
         os.replace(tmp, out / "predictions.parquet")
     finally:
         tmp.unlink(missing_ok=True)
-    files = sorted(
-        str(Path(d, f).relative_to(out)) for d, _, fs in os.walk(out) for f in fs if f != OUTPUT_MARKER
-    )
+    files = sorted(str(Path(d, f).relative_to(out)) for d, _, fs in os.walk(out) for f in fs if f != OUTPUT_MARKER)
     write_json(out / OUTPUT_MARKER, {"tool": "dualclip", "version": __version__, "files": files, "archive": True})
 
 
