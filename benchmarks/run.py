@@ -30,6 +30,7 @@ SECTIONS = (
     "reliability",
     "serve_load",
     "onnx_speed",
+    "ray_scale",
 )
 ANOMALIB_PY = HERE / ".venv-anomalib" / "bin" / "python"
 sys.path.insert(0, str(HERE))
@@ -94,10 +95,33 @@ def headline(data: dict[str, dict]) -> list[str]:
     ms = data.get("metrics_speed", {}).get("raw", {})
     if ms:
         lines.append(f"- all seven metrics, 200 maps of 518 x 518: {ms['all_metrics_s']:.2f} s")
+    sv = data.get("serve_load", {}).get("raw", {})
+    if sv.get("runs"):
+        first = sv["runs"][0]
+        lines.append(
+            f"- `dualclip serve`: {sum(r['errors'] for r in sv['runs'])} errors in "
+            f"{sum(r['requests'] for r in sv['runs'])} requests; one client p50 {first['p50_ms']:.0f} ms against "
+            f"{sv['direct_ms']:.0f} ms in-process"
+        )
+    for r in data.get("onnx_speed", {}).get("raw", {}).get("rows", []):
+        if r["batch"] == 8:
+            lines.append(
+                f"- onnxruntime, {r['model']} batch 8: {r['torch_ms'] / r['ort_ms']:.2f}x torch's speed, outputs "
+                f"within {r['max_abs_diff']:.0e}"
+            )
+    for r in data.get("ray_scale", {}).get("raw", {}).get("runs", []):
+        lines.append(
+            f"- `--engine ray`, {r['images']} images: {r['ray_s'] / r['inline_s']:.2f}x the in-process time"
+            + (", one actor killed and its block retried" if r["killed_actor_pids"] else "")
+            + ("; every image exactly once" if r["rows_unique"] else "; ROWS LOST OR DUPLICATED")
+        )
     return lines
 
 
 HEADLINE_MARKS = {  # how a headline line names its section (to carry it over with the section)
+    "serve_load": "`dualclip serve`",
+    "onnx_speed": "- onnxruntime,",
+    "ray_scale": "`--engine ray`",
     "throughput": "plain `encode_image`",
     "side_by_side": ("WinCLIP", "`aupro`"),
     "scaling": "reference matching at",

@@ -99,6 +99,7 @@ def test_class_name_with_a_vision_only_backbone_is_warned_of_and_recorded(tmp_pa
     note = next(w for w in doc["warnings"] if "--class-name 'tile' is not used" in w)
     assert "vision-only" in note and f"warning: {note}" in warned
     assert doc["run"]["branches"] == ["visual"]
+    assert doc["text_branch"] == "off: effnet-lite0 is vision-only (no text tower)"
     saved = json.loads((tmp_path / "o" / "predictions.json").read_text())
     assert saved["warnings"] == doc["warnings"]
 
@@ -199,3 +200,26 @@ def test_eval_shots_uses_seeded_training_images_as_references_and_json(tmp_path,
     assert doc["categories"]["bottle"]["references"] == [str(p) for p in a.references]
     r = CliRunner().invoke(app, [*args, "--shots", "5"])
     assert r.exit_code == 2 and "--shots 5 needs 5 normal training images" in r.output
+
+
+def test_license_matches_pyproject_and_readme_links_resolve_in_a_clone():
+    import re
+    import tomllib
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    license_text = (root / "LICENSE").read_text()
+    declared = tomllib.loads((root / "pyproject.toml").read_text())["project"]["license"]["text"]
+    assert declared == "Apache-2.0" and "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    readme = (root / "README.md").read_text()
+    links = re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", readme)
+    assert "docs/method.md" in links and "LICENSE" in links
+    missing = [link for link in links if not (root / link).exists()]
+    assert missing == []  # every relative link works in a clone (none points outside the repository)
+    assert not any(link.startswith("..") for link in links)
+
+
+def test_report_stays_small_per_image(tmp_path, folder):
+    det = DualClipDetector(DetectorConfig(**EFFNET))
+    _, doc = run_predict([str(folder)], tmp_path / "o", det.config, detector=det, threshold=0.5, warn=lambda m: None)
+    size = (tmp_path / "o" / "report.html").stat().st_size
+    assert size / len(doc["predictions"]) < 40_000  # two JPEG thumbnails per image, not full-size PNGs

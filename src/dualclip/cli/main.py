@@ -88,6 +88,8 @@ def _pretrained(value: str | None) -> str | None:
 
 def _config(backbone, pretrained, image_size, pairing, k, tta, seed, quiet, **extra) -> DetectorConfig:
     k_val = "all" if str(k) == "all" else int(k)
+    if extra.get("onnx_file") is not None:
+        extra["onnx_file"] = str(extra["onnx_file"])
     return DetectorConfig(
         backbone=backbone,
         pretrained=_pretrained(pretrained),
@@ -185,6 +187,7 @@ def predict(
     ray_address: str = typer.Option(None, help="--engine ray: the cluster to join (default: start a local one)."),
     block_size: int = typer.Option(200, help="--engine ray: images per block (each block is one run)."),
     num_actors: int = typer.Option(1, help="--engine ray: scoring actors (one model each)."),
+    cpus_per_actor: float = typer.Option(1.0, help="--engine ray: CPUs per scoring actor (its torch threads)."),
     gpus_per_actor: float = typer.Option(0.0, help="--engine ray: GPUs per scoring actor (e.g. 1, or 0.5)."),
     quiet: bool = QUIET,
     json_out: bool = typer.Option(False, "--json", help="Print the predictions document as JSON on stdout."),
@@ -199,23 +202,27 @@ def predict(
                 ctx,
                 paths,
                 out,
-                class_name,
-                reference,
-                profile,
-                threshold,
-                threshold_quantile,
-                validation_normal,
-                validation_anomalous,
-                exclude,
-                engine,
-                manifest,
-                ray_address,
-                block_size,
-                num_actors,
-                gpus_per_actor,
-                json_out,
-                quiet,
-                dict(
+                class_name=class_name,
+                profile=profile,
+                threshold=threshold,
+                exclude=exclude,
+                engine=engine,
+                quiet=quiet,
+                refused={
+                    "--reference": bool(reference),
+                    "--threshold-quantile": threshold_quantile is not None,
+                    "--validation-*": bool(validation_normal or validation_anomalous),
+                    "--json": json_out,
+                },
+                ray=dict(
+                    manifest=manifest,
+                    ray_address=ray_address,
+                    block_size=block_size,
+                    num_actors=num_actors,
+                    cpus_per_actor=cpus_per_actor,
+                    gpus_per_actor=gpus_per_actor,
+                ),
+                model=dict(
                     backbone=backbone,
                     pretrained=pretrained,
                     image_size=image_size,
@@ -272,7 +279,7 @@ def predict(
                 device=device,
                 batch_size=batch_size,
                 runtime=runtime,
-                onnx_file=None if onnx_file is None else str(onnx_file),
+                onnx_file=onnx_file,
             )
         validation = None
         if validation_normal or validation_anomalous:
@@ -308,59 +315,47 @@ MODEL_OPTIONS = ("backbone", "pretrained", "image_size", "pairing", "k", "tta", 
 
 def _predict_archive(
     ctx,
-    paths,
-    out,
-    class_name,
-    reference,
-    profile,
-    threshold,
-    threshold_quantile,
-    validation_normal,
-    validation_anomalous,
-    exclude,
-    engine,
-    manifest,
-    ray_address,
-    block_size,
-    num_actors,
-    gpus_per_actor,
-    json_out,
-    quiet,
-    model,
+    paths: list[str] | None,
+    out: Path,
+    *,
+    class_name: str | None,
+    profile: Path | None,
+    threshold: float | None,
+    exclude: list[str] | None,
+    engine: str,
+    quiet: bool,
+    refused: dict[str, bool],
+    ray: dict,
+    model: dict,
 ) -> int:
-    """``predict --engine ray``: the archive run (dualclip.distributed); returns the exit code."""
+    """``predict --engine ray``: the archive run (dualclip.distributed); returns the exit code.
+
+    ``refused``: the local-only options and whether each was given; ``ray``: the engine's options;
+    ``model``: the model options (ignored with a profile, which must then be left at their defaults)."""
+    import math
+
     from ..data.images import expand_paths
     from .predict import EXIT_NOTHING, EXIT_OK, EXIT_SOME_FAILED, UsageError
 
     if engine != "ray":
         raise UsageError("--manifest is read by --engine ray")
-    refused = [
-        flag
-        for flag, given in (
-            ("--reference", reference),
-            ("--threshold-quantile", threshold_quantile is not None),
-            ("--validation-*", validation_normal or validation_anomalous),
-            ("--json", json_out),
-        )
-        if given
-    ]
-    if refused:
+    given_local = [flag for flag, given in refused.items() if given]
+    if given_local:
         raise UsageError(
-            f"--engine ray does not take {', '.join(refused)}: fit a profile (`dualclip fit`, with its threshold) "
-            "and pass --profile, or give --threshold"
+            f"--engine ray does not take {', '.join(given_local)}: fit a profile (`dualclip fit`, with its "
+            "threshold) and pass --profile, or give --threshold"
         )
-    if threshold is not None and not (threshold == threshold and abs(threshold) != float("inf")):
+    if threshold is not None and not math.isfinite(threshold):
         raise UsageError(f"--threshold must be a finite number, got {threshold}")
     try:
         from ..distributed import read_manifest, run_archive
     except ImportError as exc:
         raise UsageError(f"--engine ray needs the ray extra: pip install 'dualclip[ray]' ({exc})") from exc
     items: list[tuple[str, str | None]] = []
-    if manifest is not None:
-        items += read_manifest(manifest)
-    given = list(paths or [])
-    if given:
-        found = expand_paths(given, exclude=[out], exclude_patterns=exclude or ())
+    if ray["manifest"] is not None:
+        items += read_manifest(ray["manifest"])
+    if paths:
+        found = expand_paths(paths, exclude=[out], exclude_patterns=exclude or ())
         items += [(str(p), class_name) for p in found.files]
     if not items:
         raise UsageError("no input: give image paths or --manifest")
@@ -370,8 +365,9 @@ def _predict_archive(
         if given_opts:
             raise UsageError(f"--profile carries the model and settings: drop {', '.join(given_opts)}")
     else:
-        onnx = model.pop("onnx_file")
-        config = _config(**model, quiet=True, onnx_file=None if onnx is None else str(onnx)).to_dict()
+        config = _config(**model, quiet=True).to_dict()
+    if model.get("onnx_file") is not None:
+        model["onnx_file"] = str(model["onnx_file"])
     run = run_archive(
         items,
         out,
@@ -379,12 +375,14 @@ def _predict_archive(
         profile=profile,
         threshold=threshold,
         engine="ray",
-        block_size=block_size,
+        block_size=ray["block_size"],
         seed=model["seed"],
-        num_actors=num_actors,
-        gpus_per_actor=gpus_per_actor,
-        ray_address=ray_address,
+        num_actors=ray["num_actors"],
+        cpus_per_actor=ray["cpus_per_actor"],
+        gpus_per_actor=ray["gpus_per_actor"],
+        ray_address=ray["ray_address"],
         progress=not quiet,
+        where={k: model[k] for k in ("device", "runtime", "onnx_file")} if profile is not None else None,
     )
     typer.echo(
         f"scored {run.images - run.failed} of {run.images} images in {run.blocks} blocks "
@@ -460,7 +458,7 @@ def fit(
             device=device,
             batch_size=batch_size,
             runtime=runtime,
-            onnx_file=None if onnx_file is None else str(onnx_file),
+            onnx_file=onnx_file,
         )
         if bool(validation_normal) != bool(validation_anomalous):
             raise UsageError("give both --validation-normal and --validation-anomalous")
@@ -670,7 +668,7 @@ def eval_(
             device=device,
             batch_size=batch_size,
             runtime=runtime,
-            onnx_file=None if onnx_file is None else str(onnx_file),
+            onnx_file=onnx_file,
         )
         seed_list = [int(s) for s in seeds.split(",")]
         extra = {"dataset": dataset, "root": str(root) if root else None}

@@ -192,6 +192,13 @@ def run_predict(
         "exit_codes": EXIT_CODES,
         "skipped": skipped,
         "warnings": notes,
+        "text_branch": "on"
+        if det.backbone.has_text and config.use_text
+        else (
+            f"off: {det.backbone.name} is vision-only (no text tower)"
+            if not det.backbone.has_text
+            else "off: use_text=False"
+        ),
     }
     if not loaded:
         warn("error: no image could be read")

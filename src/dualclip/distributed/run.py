@@ -48,10 +48,10 @@ class ArchiveRun:
 
 
 def _settings_key(spec: ScorerSpec, block_size: int, seed: int, blocks: list[Block]) -> str:
-    settings = spec.to_dict() | {"out": None, "block_size": block_size, "seed": seed}
+    settings = spec.to_dict() | {"out": None, "where": None, "block_size": block_size, "seed": seed}
     if settings.get("config"):
-        settings["config"] = {k: v for k, v in settings["config"].items() if k not in ("progress", "batch_size")}
-        settings["config"].pop("device", None)
+        how = ("progress", "batch_size", "device", "runtime", "onnx_file")  # how it runs, not what it computes
+        settings["config"] = {k: v for k, v in settings["config"].items() if k not in how}
     payload = json.dumps([settings, [b.fingerprint for b in blocks], __version__], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -96,12 +96,14 @@ def run_archive(
     ray_address: str | None = None,
     progress: bool = True,
     scorer_cls: type | None = None,
+    where: dict | None = None,
 ) -> ArchiveRun:
     """Score ``items`` (``(path, class)`` pairs) in blocks and write the merged predictions under ``out``.
 
     ``spec_config``: :meth:`DetectorConfig.to_dict` for zero-shot runs (each block one run, seeded by
     ``seed``), or ``profile``: a saved profile (every image scored on its own). ``engine``: ``"ray"`` or
-    ``"inline"`` (this process). See :func:`~dualclip.distributed.engines.run_ray` for the Ray settings."""
+    ``"inline"`` (this process). See :func:`~dualclip.distributed.engines.run_ray` for the Ray settings.
+    ``where``: ``device``, ``runtime``, ``onnx_file`` for the workers (also with a profile)."""
     from tqdm.auto import tqdm
 
     from .engines import run_inline, run_ray
@@ -122,6 +124,7 @@ def run_archive(
         profile=None if profile is None else str(profile),
         threshold=threshold,
         heatmaps=heatmaps,
+        where=where,
     )
     key = _settings_key(spec, block_size, seed, blocks)
     resumed = _prepare_folder(out, key)

@@ -24,13 +24,15 @@ class ScorerSpec:
 
     ``config``: :meth:`DetectorConfig.to_dict` (zero-shot), or ``profile``: a profile folder (its settings);
     ``threshold``: a manual threshold (else the profile's, else none); ``out``: the run's output folder;
-    ``heatmaps``: write heat maps and masks (off for score-only archives)."""
+    ``heatmaps``: write heat maps and masks (off for score-only archives); ``where``: see below."""
 
     out: str
     config: dict | None = None
     profile: str | None = None
     threshold: float | None = None
     heatmaps: bool = True
+    where: dict | None = None
+    """``device``, ``runtime``, ``onnx_file`` for the workers (how they run, not what they compute)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,10 +75,11 @@ class BlockScorer:
         from ..thresholds import NO_THRESHOLD, manual_threshold
 
         self.spec = spec
+        where = {k: v for k, v in (spec.where or {}).items() if v is not None}
         if spec.profile is not None:
-            self.detector = DualClipDetector.load(spec.profile, device=(spec.config or {}).get("device"))
+            self.detector = DualClipDetector.load(spec.profile, **where)
         else:
-            self.detector = DualClipDetector(DetectorConfig(**spec.config))
+            self.detector = DualClipDetector(DetectorConfig(**{**spec.config, **where}))
         self.detector.config.progress = False
         _ = self.detector.backbone
         if spec.threshold is not None:
