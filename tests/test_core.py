@@ -302,7 +302,7 @@ def test_results_tables_missing_values_and_two_seeds():
     results = {"config": {"seeds": [0, 1]}, "categories": {"a": cat}, "mean": cat}  # no ms, no warnings
     md = results_table(results, "md")
     assert "| a | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 25.0 ± 30.0 | n/a |" in md and "Warnings" not in md
-    assert results_table(results, "csv").splitlines()[1] == "a,50.00,50.00,50.00,50.00,50.00,50.00,25.00,"
+    assert results_table(results, "csv").splitlines()[1] == "a,,50.00,50.00,50.00,50.00,50.00,50.00,25.00,"
 
 
 def test_macro_mean_covers_every_key_and_all_undefined():

@@ -77,6 +77,9 @@ def test_report_shows_every_image_with_its_score_and_sorts(report):
                 page.click("th:has-text('score')")
             meta = json.loads(page.locator("#meta").text_content())
             assert meta["threshold"]["source"] == "manual" and meta["class_name"] == CLASS_NAME
-            assert CLASS_NAME in page.locator("body > p").first.text_content()
+            paragraphs = page.locator("body > p").all_text_contents()
+            flagged = sum(p.get("verdict") == "defective" for p in doc["predictions"])
+            assert paragraphs[0] == f"11 files: 10 scored, {flagged} flagged defective {10 - flagged} ok 1 failed"
+            assert CLASS_NAME in paragraphs[1]
         finally:
             browser.close()
