@@ -208,7 +208,9 @@ def test_license_matches_pyproject_and_readme_links_resolve_in_a_clone():
 
     root = Path(__file__).resolve().parents[1]
     license_text = (root / "LICENSE").read_text()
-    declared = re.search(r'^license = \{ text = "([^"]+)" \}$', (root / "pyproject.toml").read_text(), re.M)[1]
+    pyproject = (root / "pyproject.toml").read_text()
+    declared = re.search(r'^license = "([^"]+)"$', pyproject, re.M)[1]
+    assert re.search(r'^license-files = \["LICENSE"\]$', pyproject, re.M)
     assert declared == "Apache-2.0" and "Apache License" in license_text and "Version 2.0, January 2004" in license_text
     readme = (root / "README.md").read_text()
     links = re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", readme)
@@ -223,3 +225,45 @@ def test_report_stays_small_per_image(tmp_path, folder):
     _, doc = run_predict([str(folder)], tmp_path / "o", det.config, detector=det, threshold=0.5, warn=lambda m: None)
     size = (tmp_path / "o" / "report.html").stat().st_size
     assert size / len(doc["predictions"]) < 40_000  # two JPEG thumbnails per image, not full-size PNGs
+
+
+def test_parallel_decoding_gives_the_same_images_in_order(tmp_path, folder):
+    from dualclip.data.images import ImageLoadError, load_images
+
+    (folder / "broken.png").write_text("not an image")
+    paths = sorted(folder.rglob("*.png"))
+    serial, threaded = load_images(paths, 0), load_images(paths, 3)
+    for a, b in zip(serial, threaded, strict=True):
+        if isinstance(a, ImageLoadError):
+            assert isinstance(b, ImageLoadError) and (a.path, a.reason) == (b.path, b.reason)
+        else:
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert sum(isinstance(x, ImageLoadError) for x in threaded) == 1
+    det = DualClipDetector(DetectorConfig(**EFFNET, num_workers=3))
+    _, doc = run_predict([str(folder)], tmp_path / "o", det.config, detector=det, warn=lambda m: None)
+    det0 = DualClipDetector(DetectorConfig(**EFFNET))
+    _, doc0 = run_predict([str(folder)], tmp_path / "p", det0.config, detector=det0, warn=lambda m: None)
+    assert [(p["path"], p["score"]) for p in doc["predictions"]] == [
+        (p["path"], p["score"]) for p in doc0["predictions"]
+    ]
+
+
+def test_bf16_backbone_keeps_the_pixel_ranking_within_the_documented_tolerance(texture_set):
+    """precision="bf16": the backbone under autocast (CPU here), the rest in fp32. Documented tolerance
+    (README, GPU): maps rank pixels with Spearman >= 0.995 per image, image scores within 0.1 run spreads."""
+    from scipy.stats import spearmanr
+
+    images = texture_set[0]
+    fp32 = DualClipDetector(DetectorConfig(**{**EFFNET, "image_size": 128}, precision="fp32")).score_images(images)
+    det = DualClipDetector(DetectorConfig(**{**EFFNET, "image_size": 128}, precision="bf16"))
+    bf16 = det.score_images(images)
+    assert det.run_info_.precision == "bf16" and fp32.run.precision == "fp32"
+    assert bf16.maps.dtype == torch.float32
+    assert not torch.equal(bf16.maps, fp32.maps)  # bf16 did run
+    for a, b in zip(fp32.maps, bf16.maps, strict=True):
+        assert spearmanr(a.ravel(), b.ravel()).statistic >= 0.995
+    spread = float(fp32.image_scores.std())
+    assert float((bf16.image_scores - fp32.image_scores).abs().max()) <= 0.1 * spread
+    from dualclip.config import resolve_precision
+
+    assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("bf16", "cpu", "onnxruntime") == "fp32"

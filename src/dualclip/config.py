@@ -28,6 +28,8 @@ ImageScoreMode = Literal["max", "top1pct"]
 TTAScope = Literal["category", "image"]
 Runtime = Literal["torch", "onnxruntime"]
 RUNTIMES: tuple[str, ...] = ("torch", "onnxruntime")
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -181,6 +183,13 @@ class DetectorConfig:
         ``cpu``; :func:`resolve_device`). A device torch cannot use is a ``ValueError`` naming it.
     cache_dir:
         Where downloaded weights, text embeddings and ONNX exports are cached (default: the user cache dir).
+    precision:
+        The backbone's arithmetic: ``"fp32"``, or ``"bf16"`` / ``"fp16"`` (torch autocast; its outputs, and
+        everything after the backbone, stay fp32). ``"auto"``: bf16 on a CUDA GPU that supports it, else
+        fp32. Measured on CPU (README, "GPU"): bf16 keeps the pixel ranking of the maps to Spearman 0.998.
+    num_workers:
+        Threads that decode image files in parallel (``predict``, ``fit``, ``eval``); 0 decodes in the calling
+        thread. The order and the images are the same either way.
     runtime:
         What runs the backbone's image path: ``"torch"``, or ``"onnxruntime"`` (the ONNX export of the same
         model and weights, :class:`dualclip.export.OnnxBackbone`; made once into the cache unless
@@ -219,6 +228,8 @@ class DetectorConfig:
     quick_gelu: bool | None = None
     device: str = "auto"
     cache_dir: str | None = None
+    precision: Precision = "auto"
+    num_workers: int = 0
     runtime: Runtime = "torch"
     onnx_file: str | None = None
     progress: bool = True
@@ -264,6 +275,12 @@ class DetectorConfig:
         _check(self.sigma >= 0, "sigma must be >= 0")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(self.runtime in RUNTIMES, f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
+        _check(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        _check(self.num_workers >= 0, "num_workers must be >= 0")
+        _check(
+            self.precision in ("auto", "fp32") or self.runtime == "torch",
+            "precision bf16/fp16 applies to the torch runtime (onnxruntime runs the exported fp32 graph)",
+        )
         _check(
             self.onnx_file is None or self.runtime == "onnxruntime", "onnx_file is only used with runtime='onnxruntime'"
         )
@@ -278,14 +295,30 @@ class DetectorConfig:
         return d
 
 
+def resolve_precision(precision: str, device: str, runtime: str = "torch") -> str:
+    """The arithmetic a ``precision`` setting names on a resolved ``device``: ``"auto"`` -> ``"bf16"`` on a CUDA
+    GPU that supports it, else ``"fp32"``; always ``"fp32"`` on the onnxruntime runtime (the exported graph)."""
+    import torch
+
+    if runtime != "torch":
+        return "fp32"
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
 def resolve_device(device: str) -> str:
-    """The torch device a ``device`` setting names: ``"auto"`` -> ``"cuda"`` if available, else ``"cpu"``.
+    """The torch device a ``device`` setting names: ``"auto"`` -> ``"cuda"``, else ``"mps"``, else ``"cpu"``.
 
     Raises ``ValueError`` for a device torch does not know or cannot use here."""
     import torch
 
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:

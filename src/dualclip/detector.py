@@ -142,6 +142,7 @@ class RunInfo:
     synthesis_bases: list[int] | None = None
     distance: str | None = None
     neighbourhood: list[int] | None = None
+    precision: str | None = None
 
     def to_dict(self, with_references: bool = True) -> dict:
         d = dataclasses.asdict(self)
@@ -362,6 +363,7 @@ class DualClipDetector:
             timings_s=clock.seconds,
             k_effective=max((len(r) for r in refs), default=0) if use_visual else None,
             duplicate_pairs=branches.duplicate_pairs,
+            precision=self.precision(),
         )
         if adaptation is not None:
             run.synthetic_images = cfg.adaptation.synthetic_budget(len(images))
@@ -411,7 +413,15 @@ class DualClipDetector:
             keep_patch_embeddings=keep_patch_embeddings,
             progress=cfg.progress if progress is None else progress,
             desc=desc,
+            precision=self.precision(),
         )
+
+    def precision(self) -> str:
+        """The backbone's arithmetic this detector uses (``config.precision`` resolved on its device)."""
+        from .config import resolve_precision
+
+        device = str(next(self.backbone.parameters()).device)
+        return resolve_precision(self.config.precision, device, self.config.runtime)
 
     def _text(
         self, feats: BackboneOutput, class_name: str | None, use_text: bool, temperature: float, out: BranchScores
@@ -670,19 +680,28 @@ class DualClipDetector:
         device: str | None = None,
         runtime: str | None = None,
         onnx_file: str | os.PathLike | None = None,
+        precision: str | None = None,
+        num_workers: int | None = None,
     ) -> DualClipDetector:
         """A detector with the settings, weights and statistics of a saved profile.
 
         The model is built from the profile's settings (or ``backbone`` is used) and must compute with the
         same weights as the one the profile was fitted with (weights fingerprint), else :class:`ProfileError`.
-        ``device``, ``runtime`` and ``onnx_file`` replace the profile's (where and how it runs, not what).
+        ``device``, ``runtime``, ``onnx_file``, ``precision`` and ``num_workers`` replace the profile's (where
+        and how it runs, not what it compares with).
         """
         profile = Profile.load(path)
         try:
             config = DetectorConfig(**profile.meta["config"])
         except (TypeError, ValueError) as exc:
             raise ProfileError(f"{path}: its settings are not valid for this dualclip: {exc}") from exc
-        where = {"device": device, "runtime": runtime, "onnx_file": None if onnx_file is None else str(onnx_file)}
+        where = {
+            "device": device,
+            "runtime": runtime,
+            "onnx_file": None if onnx_file is None else str(onnx_file),
+            "precision": precision,
+            "num_workers": num_workers,
+        }
         where = {k: v for k, v in where.items() if v is not None}
         if where:
             try:

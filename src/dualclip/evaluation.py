@@ -44,7 +44,7 @@ def evaluate_category(config: DetectorConfig, category: Category, seeds: list[in
     Anomalous images without a mask count in the image metrics and are left out of the pixel metrics
     (``n_without_mask``); pixel metrics that are still undefined are reported under ``warnings``.
     """
-    images = category.images()
+    images = category.images(config.num_workers)
     golden = [load_image(p) for p in category.references] or None
     with_mask = category.has_mask
     masks = None  # read once, at the processing size of the first run
@@ -128,7 +128,7 @@ def fingerprint(config: DetectorConfig, category: Category, seeds: list[int]) ->
     file by path, size and modification time), the samples (paths, labels, masks, golden references), the
     seeds and the dualclip version. A saved result is reused only under the same fingerprint."""
     cfg = config.to_dict()
-    for key in ("progress", "cache_dir", "seed"):
+    for key in ("progress", "cache_dir", "seed", "num_workers"):  # num_workers: how files are read, not numbers
         cfg.pop(key, None)
     weights = cfg.get("pretrained")
     if isinstance(weights, str) and Path(weights).is_file():

@@ -12,6 +12,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..backbone import Backbone, BackboneOutput, extract_features
+from ..config import resolve_precision
 from ..scoring.matching import to_match_space
 from .head import AdaptationHead, train_head
 from .synthesis import synthesize_batch
@@ -50,7 +51,10 @@ def _fit(
     arrays = [np.asarray(img) for img in sources]
     synth = synthesize_batch(arrays, n, seed, bases)
     pils = [Image.fromarray(img) for img, _, _ in synth]
-    feats = extract_features(backbone, pils, cfg.batch_size, keep_patch_embeddings=use_text, desc="adaptation")
+    precision = resolve_precision(cfg.precision, str(next(backbone.parameters()).device), cfg.runtime)
+    feats = extract_features(
+        backbone, pils, cfg.batch_size, keep_patch_embeddings=use_text, desc="adaptation", precision=precision
+    )
     x = head_inputs(feats, use_text)
     y = patch_targets([m for _, m, _ in synth], backbone.image_size, feats.grid)
     direction = (text[1] - text[0]) if use_text else None

@@ -96,24 +96,29 @@ def extract_features(
     keep_patch_embeddings: bool = True,
     progress: bool = False,
     desc: str = "features",
+    precision: str = "fp32",
 ) -> BackboneOutput:
-    """Run ``backbone`` over PIL RGB ``images`` in batches; concatenate the outputs on the CPU."""
+    """Run ``backbone`` over PIL RGB ``images`` in batches; concatenate the outputs on the CPU (as fp32).
+
+    ``precision``: ``"fp32"``, or ``"bf16"`` / ``"fp16"``: the forward pass under torch autocast."""
     from tqdm.auto import tqdm
 
     from .preprocess import to_tensor
 
     device = next(backbone.parameters()).device
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     globals_, patches, matches = [], [], []
     grid = None
     with tqdm(total=len(images), desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for start in range(0, len(images), batch_size):
             batch = to_tensor(images[start : start + batch_size], backbone.image_size, backbone.mean, backbone.std)
-            out = backbone(batch.to(device))
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                out = backbone(batch.to(device))
             grid = out.grid
             globals_.append(out.global_embedding.float().cpu())
             if keep_patch_embeddings and out.patch_embeddings is not None:
                 patches.append(out.patch_embeddings.float().cpu())
-            matches.append([m.cpu() for m in out.match_features])
+            matches.append([m.float().cpu() for m in out.match_features])
             bar.update(batch.shape[0])
     return BackboneOutput(
         global_embedding=torch.cat(globals_),

@@ -142,6 +142,8 @@ DEBUG = typer.Option(False, "--debug", help="Show the full traceback of an error
 DEVICE = typer.Option("auto", help="cpu, cuda, cuda:N, or auto (cuda where torch sees a GPU, else cpu).")
 BATCH_SIZE = typer.Option(8, help="Images per backbone forward pass.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+PRECISION = typer.Option("auto", help="fp32, bf16, fp16, or auto (bf16 on a CUDA GPU that supports it, else fp32).")
+NUM_WORKERS = typer.Option(0, help="Threads decoding image files in parallel (0: none).")
 RUNTIME = typer.Option(
     "torch", help="torch, or onnxruntime (the backbone's ONNX export: made once into the cache, or --onnx-file)."
 )
@@ -180,6 +182,8 @@ def predict(
     exclude: list[str] = EXCLUDE,
     device: str = DEVICE,
     batch_size: int = BATCH_SIZE,
+    precision: str = PRECISION,
+    num_workers: int = NUM_WORKERS,
     runtime: str = RUNTIME,
     onnx_file: Path = ONNX_FILE,
     engine: str = typer.Option("local", help="local (one run, this process) or ray (blocks on a Ray cluster)."),
@@ -234,6 +238,8 @@ def predict(
                     batch_size=batch_size,
                     runtime=runtime,
                     onnx_file=onnx_file,
+                    precision=precision,
+                    num_workers=num_workers,
                 ),
             )
         raise typer.Exit(code)
@@ -262,7 +268,14 @@ def predict(
                 )
             from ..detector import DualClipDetector
 
-            detector = DualClipDetector.load(profile, device=device, runtime=runtime, onnx_file=onnx_file)
+            detector = DualClipDetector.load(
+                profile,
+                device=device,
+                runtime=runtime,
+                onnx_file=onnx_file,
+                precision=precision,
+                num_workers=num_workers,
+            )
             detector.config.progress = not quiet
             detector.config.batch_size = batch_size
             cfg = detector.config
@@ -280,6 +293,8 @@ def predict(
                 batch_size=batch_size,
                 runtime=runtime,
                 onnx_file=onnx_file,
+                precision=precision,
+                num_workers=num_workers,
             )
         validation = None
         if validation_normal or validation_anomalous:
@@ -382,7 +397,7 @@ def _predict_archive(
         gpus_per_actor=ray["gpus_per_actor"],
         ray_address=ray["ray_address"],
         progress=not quiet,
-        where={k: model[k] for k in ("device", "runtime", "onnx_file")} if profile is not None else None,
+        where={k: model[k] for k in ("device", "runtime", "onnx_file", "precision")} if profile is not None else None,
     )
     typer.echo(
         f"scored {run.images - run.failed} of {run.images} images in {run.blocks} blocks "
@@ -426,13 +441,15 @@ def fit(
     exclude: list[str] = EXCLUDE,
     device: str = DEVICE,
     batch_size: int = BATCH_SIZE,
+    precision: str = PRECISION,
+    num_workers: int = NUM_WORKERS,
     runtime: str = RUNTIME,
     onnx_file: Path = ONNX_FILE,
     quiet: bool = QUIET,
     debug: bool = DEBUG,
 ) -> None:
     """Fit a profile on normal images: golden references, fixed score units, optional threshold."""
-    from ..data.images import expand_paths, load_image, mask_like
+    from ..data.images import ImageLoadError, expand_paths, load_images, mask_like
     from ..detector import DualClipDetector
     from ..profile import ProfileError
     from .predict import UsageError
@@ -459,6 +476,8 @@ def fit(
             batch_size=batch_size,
             runtime=runtime,
             onnx_file=onnx_file,
+            precision=precision,
+            num_workers=num_workers,
         )
         if bool(validation_normal) != bool(validation_anomalous):
             raise UsageError("give both --validation-normal and --validation-anomalous")
@@ -467,6 +486,10 @@ def fit(
             found = expand_paths(patterns, exclude=[out], exclude_patterns=exclude or ())
             for p, reason in found.skipped:
                 typer.echo(f"skipped {p}: {reason}", err=True)
+            loaded = load_images(found.files, num_workers)
+            bad = next((x for x in loaded if isinstance(x, ImageLoadError)), None)
+            if bad is not None:
+                raise bad
             masks = mask_like(found.files)
             if masks:
                 typer.echo(
@@ -474,7 +497,7 @@ def fit(
                     "with --exclude, e.g. --exclude '*_mask.png'",
                     err=True,
                 )
-            return [load_image(p) for p in found.files]
+            return loaded
 
         normal = load(paths)
         val_n = load(validation_normal) if validation_normal else None
@@ -634,6 +657,8 @@ def eval_(
     max_anomalous: int = typer.Option(None, help="folder layout: keep the first N anomalous images."),
     device: str = DEVICE,
     batch_size: int = BATCH_SIZE,
+    precision: str = PRECISION,
+    num_workers: int = NUM_WORKERS,
     runtime: str = RUNTIME,
     onnx_file: Path = ONNX_FILE,
     debug: bool = DEBUG,
@@ -669,6 +694,8 @@ def eval_(
             batch_size=batch_size,
             runtime=runtime,
             onnx_file=onnx_file,
+            precision=precision,
+            num_workers=num_workers,
         )
         seed_list = [int(s) for s in seeds.split(",")]
         extra = {"dataset": dataset, "root": str(root) if root else None}

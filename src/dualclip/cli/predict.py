@@ -20,7 +20,7 @@ from PIL import Image
 
 from ..atomic import dumps, save_image, write_text
 from ..config import DetectorConfig
-from ..data.images import DEFAULT_MAX_SIDE, ImageLoadError, expand_paths, load_image, mask_like
+from ..data.images import DEFAULT_MAX_SIDE, ImageLoadError, expand_paths, load_images, mask_like
 from ..detector import DualClipDetector, Prediction
 from ..thresholds import NO_THRESHOLD, Threshold, fit_threshold, manual_threshold
 from ..visualization import binary_mask, outline, overlay, render_report, run_scale
@@ -62,14 +62,16 @@ def csv_cell(value) -> object:
     return value
 
 
-def _load_all(paths: list[Path], warn: Callable[[str], None]) -> tuple[list[tuple[Path, Image.Image]], list[dict]]:
+def _load_all(
+    paths: list[Path], warn: Callable[[str], None], num_workers: int = 0
+) -> tuple[list[tuple[Path, Image.Image]], list[dict]]:
     ok, errors = [], []
-    for p in paths:
-        try:
-            ok.append((p, load_image(p, max_side=DEFAULT_MAX_SIDE)))
-        except ImageLoadError as exc:
-            errors.append({"path": display_path(p), "error": exc.reason})
-            warn(f"error: {display_path(p)}: {exc.reason}")
+    for p, img in zip(paths, load_images(paths, num_workers, max_side=DEFAULT_MAX_SIDE), strict=True):
+        if isinstance(img, ImageLoadError):
+            errors.append({"path": display_path(p), "error": img.reason})
+            warn(f"error: {display_path(p)}: {img.reason}")
+        else:
+            ok.append((p, img))
     return ok, errors
 
 
@@ -174,10 +176,10 @@ def run_predict(
     notes = input_warnings(expanded.files, class_name, det)
     for note in notes:
         warn(f"warning: {note}")
-    loaded, errors = _load_all(expanded.files, warn)
+    loaded, errors = _load_all(expanded.files, warn, config.num_workers)
     refs = None
     if ref_exp is not None:
-        ref_loaded, _ = _load_all(ref_exp.files, warn)
+        ref_loaded, _ = _load_all(ref_exp.files, warn, config.num_workers)
         if not ref_loaded:
             raise UsageError("none of the --reference images could be read")
         refs = [img for _, img in ref_loaded]

@@ -109,6 +109,26 @@ def load_image(
         return _decode(f, p, max_pixels, max_side)
 
 
+def load_images(
+    paths: list[str | os.PathLike], num_workers: int = 0, max_side: int | None = None
+) -> list[Image.Image | ImageLoadError]:
+    """:func:`load_image` over ``paths``, in ``num_workers`` threads (0: in this thread); in input order, each
+    entry the image or the :class:`ImageLoadError` it raised (decoders release the GIL, so threads overlap)."""
+
+    def one(p) -> Image.Image | ImageLoadError:
+        try:
+            return load_image(p, max_side=max_side)
+        except ImageLoadError as exc:
+            return exc
+
+    if num_workers <= 0 or len(paths) < 2:
+        return [one(p) for p in paths]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="dualclip-decode") as pool:
+        return list(pool.map(one, paths))
+
+
 def decode_image(
     data: bytes, name: str = "<upload>", max_pixels: int | None = DEFAULT_MAX_PIXELS, max_side: int | None = None
 ) -> Image.Image:
