@@ -4,7 +4,7 @@ Implements "Dual-Image Enhanced CLIP for Zero-Shot Anomaly Detection" (arXiv 240
 with V-V attention, dual-image visual reference, joint scoring and test-time adaptation.
 """
 
-__version__ = "0.2.0"  # first: submodules read it
+__version__ = "0.3.0"  # first: submodules read it
 
 from .config import AdaptationConfig, DetectorConfig  # noqa: E402
 from .detector import DualClipDetector, Prediction, ScoreResult  # noqa: E402
