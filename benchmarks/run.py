@@ -31,6 +31,7 @@ SECTIONS = (
     "serve_load",
     "onnx_speed",
     "ray_scale",
+    "gpu",
 )
 ANOMALIB_PY = HERE / ".venv-anomalib" / "bin" / "python"
 sys.path.insert(0, str(HERE))
