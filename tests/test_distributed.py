@@ -179,3 +179,15 @@ def test_cli_predict_engine_ray_with_a_manifest(tmp_path, archive, ray_cluster):
     assert np.isfinite([r["score"] for r in rows]).all()
     r = CliRunner().invoke(app, [*args, "--reference", str(archive[0][0])])
     assert r.exit_code == 2 and "--engine ray does not take --reference" in r.output
+
+
+def test_with_a_profile_every_image_scores_on_its_own(tmp_path, archive, texture_set):
+    images, _, labels = texture_set
+    normal = [img for img, y in zip(images, labels, strict=True) if not y]
+    det = DualClipDetector(DetectorConfig(**CONFIG)).fit(normal, threshold_quantile=0.9)
+    profile = det.save(tmp_path / "profile")
+    run = run_archive(archive, tmp_path / "o", profile=profile, engine="inline", block_size=4, progress=False)
+    loaded = DualClipDetector.load(profile)
+    want = {p: loaded.predict([p])[0].score for p, _ in archive}
+    assert {r["path"]: r["score"] for r in run.rows} == want  # alone, whatever block it was in
+    assert all(r["verdict"] == det.threshold_.verdict(r["score"]) for r in run.rows)
