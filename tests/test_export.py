@@ -33,13 +33,18 @@ def _assert_same_features(a, b, tol=TOL):
         torch.testing.assert_close(x, y, atol=tol, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["clip", "effnet"])
+@pytest.mark.parametrize("kind", ["clip", "effnet", "dinov2"])
 def test_export_matches_torch_on_every_output_at_any_batch_size(kind, tmp_path):
     torch.manual_seed(0)
     if kind == "clip":  # random CLIP weights (none can be had here), V-V from block 2
         model = build_clip_backbone(TINY, pretrained=None, image_size=None, vv_start=2).eval()
-    else:  # the real ImageNet weights
+    elif kind == "effnet":  # the real ImageNet weights
         model = EffNetLite0Backbone(image_size=128).eval()
+    else:  # random weights, positions resized from 37 x 37 to 8 x 8 inside the graph
+        pytest.importorskip("timm", reason="the dinov2 extra (timm) is not installed")
+        from dualclip.backbone import DinoV2Backbone
+
+        model = DinoV2Backbone(pretrained=None, image_size=112).eval()
     path = export_onnx(model, tmp_path / "encoder.onnx")
     meta = onnx_metadata(path)
     assert meta["weights_fingerprint"] == weights_fingerprint(model)

@@ -13,6 +13,8 @@ its ONNX exports do.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -118,7 +120,7 @@ class DinoV2Backbone(Backbone):
     def position_embedding(self) -> torch.Tensor:
         """``(1, 1 + h * w, C)``: the class position and the patch positions resized to the grid."""
         pos = self.net.pos_embed
-        native = int(round((pos.shape[1] - 1) ** 0.5))
+        native = math.isqrt(int(pos.shape[1]) - 1)  # int(): a constant also while tracing (ONNX export)
         h, w = self.grid
         patch = pos[:, 1:].reshape(1, native, native, -1).permute(0, 3, 1, 2)
         if (h, w) != (native, native):
