@@ -31,6 +31,7 @@ SECTIONS = (
     "serve_load",
     "onnx_speed",
     "ray_scale",
+    "precision_parity",
     "gpu",
 )
 ANOMALIB_PY = HERE / ".venv-anomalib" / "bin" / "python"
