@@ -61,16 +61,17 @@ def build_backbone(config) -> Backbone:
     backbone = backbone.to(device).eval()
     if config.runtime == "onnxruntime":
         try:
-            from ..export.onnx import OnnxBackbone, export_onnx, onnx_cache_path
+            from ..export.onnx import OnnxBackbone, export_onnx, model_identity, onnx_cache_path
         except ImportError as exc:  # pragma: no cover - the convert extra is missing
             raise ValueError(
                 f"runtime='onnxruntime' needs onnx and onnxruntime: pip install 'dualclip[convert]' ({exc})"
             ) from exc
+        identity = model_identity(backbone)  # once: it hashes every weight
         path = config.onnx_file
         if path is None:
-            path = onnx_cache_path(backbone, config.cache_dir)
+            path = onnx_cache_path(backbone, config.cache_dir, identity)
             if not path.is_file():
                 path.parent.mkdir(parents=True, exist_ok=True)
-                export_onnx(backbone, path)
-        backbone = OnnxBackbone(backbone, path)
+                export_onnx(backbone, path, identity=identity)
+        backbone = OnnxBackbone(backbone, path, identity=identity)
     return backbone

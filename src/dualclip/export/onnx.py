@@ -34,8 +34,9 @@ def output_names(backbone: Backbone) -> list[str]:
     return names + [f"match_{i}" for i in range(len(backbone.feature_layers))]
 
 
-def _identity(backbone: Backbone) -> dict:
-    """What an exported graph must match to stand in for ``backbone``."""
+def model_identity(backbone: Backbone) -> dict:
+    """What an exported graph must match to stand in for ``backbone`` (hashes every weight and runs one
+    forward pass: compute it once and pass it on)."""
     from ..profile import weights_fingerprint
 
     return {
@@ -83,13 +84,14 @@ def _plain_attention():
         torch.backends.mha.set_fastpath_enabled(previous)
 
 
-def export_onnx(backbone: Backbone, path: str | os.PathLike, opset: int = OPSET) -> Path:
-    """Write ``backbone``'s image path to ``path`` as ONNX (dynamic batch size), with its identity in the
-    metadata; written to a temporary sibling and renamed into place, checked with ``onnx.checker``."""
+def export_onnx(backbone: Backbone, path: str | os.PathLike, opset: int = OPSET, identity: dict | None = None) -> Path:
+    """Write ``backbone``'s image path to ``path`` as ONNX (dynamic batch size), with its identity
+    (:func:`model_identity`) in the metadata; written to a temporary sibling and renamed into place, checked
+    with ``onnx.checker``."""
     import onnx
 
     path = Path(path)
-    identity = _identity(backbone)
+    identity = identity or model_identity(backbone)
     names = output_names(backbone)
     size = backbone.image_size
     example = torch.zeros(2, 3, size, size, device=_device(backbone))
@@ -136,11 +138,13 @@ def onnx_metadata(path: str | os.PathLike) -> dict:
     return json.loads(props["dualclip"])
 
 
-def onnx_cache_path(backbone: Backbone, cache_dir: str | os.PathLike | None = None) -> Path:
+def onnx_cache_path(
+    backbone: Backbone, cache_dir: str | os.PathLike | None = None, identity: dict | None = None
+) -> Path:
     """Where ``runtime="onnxruntime"`` keeps the export of ``backbone`` (keyed on its identity)."""
     from ..text.embeddings import default_cache_dir
 
-    identity = _identity(backbone)
+    identity = identity or model_identity(backbone)
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in backbone.name)
     return Path(cache_dir or default_cache_dir()) / "onnx" / f"{safe}-{backbone.image_size}-{key}.onnx"
@@ -160,6 +164,8 @@ class OnnxBackbone(Backbone):
         onnxruntime execution providers (default: CUDA where available and the backbone is on a GPU, else CPU).
     threads:
         Intra-op threads of the session (default: torch's thread count, so both runtimes use the same cores).
+    identity:
+        :func:`model_identity` of ``backbone``, if already computed.
     """
 
     def __init__(
@@ -168,12 +174,13 @@ class OnnxBackbone(Backbone):
         path: str | os.PathLike,
         providers: list[str] | None = None,
         threads: int | None = None,
+        identity: dict | None = None,
     ) -> None:
         import onnxruntime as ort
 
         super().__init__()
         meta = onnx_metadata(path)
-        want = _identity(backbone)
+        want = identity or model_identity(backbone)
         diff = [f"{k}: file {meta.get(k)!r}, model {want[k]!r}" for k in META_KEYS if meta.get(k) != want[k]]
         if diff:
             raise ValueError(f"{path} was exported for another model or settings ({'; '.join(diff)}): export again")
