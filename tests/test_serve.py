@@ -23,7 +23,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from dualclip import DetectorConfig  # noqa: E402
 from dualclip.detector import DualClipDetector  # noqa: E402
-from dualclip.serve import MicroBatcher, ServeSettings, create_app, service_scale  # noqa: E402
+from dualclip.serve import MicroBatcher, ServeSettings, create_app  # noqa: E402
+from dualclip.visualization import overlay, profile_scale  # noqa: E402
 
 
 def _png(img: Image.Image) -> bytes:
@@ -97,11 +98,9 @@ def test_heatmap_is_the_overlay_on_the_service_scale(profile_dir, texture_set):
     img = texture_set[0][-1]
     det = DualClipDetector.load(profile_dir)
     det.config.progress = False
-    scale = service_scale(det)
+    scale = profile_scale(det.profile_)
     assert scale.vmin == min(det.profile_.normal_scores)
     assert scale.vmax == det.threshold_.value
-    from dualclip.visualization import overlay
-
     expected = np.asarray(overlay(img, det.predict([img])[0].anomaly_map, scale))
     with _client(profile_dir) as c:
         r = c.post("/v1/score?heatmap=true", content=_png(img)).json()

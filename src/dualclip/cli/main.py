@@ -449,7 +449,7 @@ def fit(
     debug: bool = DEBUG,
 ) -> None:
     """Fit a profile on normal images: golden references, fixed score units, optional threshold."""
-    from ..data.images import ImageLoadError, expand_paths, load_images, mask_like
+    from ..data.images import expand_paths, load_images, mask_like
     from ..detector import DualClipDetector
     from ..profile import ProfileError
     from .predict import UsageError
@@ -486,10 +486,7 @@ def fit(
             found = expand_paths(patterns, exclude=[out], exclude_patterns=exclude or ())
             for p, reason in found.skipped:
                 typer.echo(f"skipped {p}: {reason}", err=True)
-            loaded = load_images(found.files, num_workers)
-            bad = next((x for x in loaded if isinstance(x, ImageLoadError)), None)
-            if bad is not None:
-                raise bad
+            loaded = load_images(found.files, num_workers, strict=True)
             masks = mask_like(found.files)
             if masks:
                 typer.echo(

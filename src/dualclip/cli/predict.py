@@ -62,6 +62,20 @@ def csv_cell(value) -> object:
     return value
 
 
+def predictions_csv(rows: list[dict], head: tuple[str, ...], tail: tuple[str, ...] = ()) -> str:
+    """predictions.csv: the ``head`` columns, one ``score_<branch>`` column per branch that any row has, then the
+    ``tail`` columns; text cells guarded by :func:`csv_cell`."""
+    branch_keys = sorted({k for r in rows for k in (r.get("branch_scores") or {})})
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow([*head, *[f"score_{k}" for k in branch_keys], *tail])
+    for r in rows:
+        bs = r.get("branch_scores") or {}
+        cells = [r.get(c) for c in head] + [bs.get(k) for k in branch_keys] + [r.get(c) for c in tail]
+        w.writerow([csv_cell(c) for c in cells])
+    return buf.getvalue()
+
+
 def _load_all(
     paths: list[Path], warn: Callable[[str], None], num_workers: int = 0
 ) -> tuple[list[tuple[Path, Image.Image]], list[dict]]:
@@ -92,6 +106,13 @@ def input_warnings(files: list[Path], class_name: str | None, det: DualClipDetec
             "text branch is off and the scores come from the visual reference alone"
         )
     return notes
+
+
+def _text_branch(det: DualClipDetector, config: DetectorConfig) -> str:
+    """Whether the text branch runs, and why not (recorded in predictions.json)."""
+    if not det.backbone.has_text:
+        return f"off: {det.backbone.name} is vision-only (no text tower)"
+    return "on" if config.use_text else "off: use_text=False"
 
 
 def decide_threshold(
@@ -194,13 +215,7 @@ def run_predict(
         "exit_codes": EXIT_CODES,
         "skipped": skipped,
         "warnings": notes,
-        "text_branch": "on"
-        if det.backbone.has_text and config.use_text
-        else (
-            f"off: {det.backbone.name} is vision-only (no text tower)"
-            if not det.backbone.has_text
-            else "off: use_text=False"
-        ),
+        "text_branch": _text_branch(det, config),
     }
     if not loaded:
         warn("error: no image could be read")
@@ -263,18 +278,10 @@ def _write_outputs(out: Path, doc: dict, rows: list[tuple[dict, Image.Image, Pre
         if p.get("error"):
             report_rows.append({**p, "image": None, "overlay": None})
     write_text(out / "predictions.json", dumps(doc) + "\n")
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    branch_keys = sorted({k for p in doc["predictions"] for k in (p.get("branch_scores") or {})})
-    w.writerow(
-        ["path", "score", "verdict", "threshold", *[f"score_{k}" for k in branch_keys], "heatmap", "mask", "error"]
+    write_text(
+        out / "predictions.csv",
+        predictions_csv(doc["predictions"], ("path", "score", "verdict", "threshold"), ("heatmap", "mask", "error")),
     )
-    for p in doc["predictions"]:
-        bs = p.get("branch_scores") or {}
-        cells = [p["path"], p.get("score"), p.get("verdict"), p.get("threshold")]
-        cells += [bs.get(k) for k in branch_keys] + [p.get("heatmap"), p.get("mask"), p.get("error")]
-        w.writerow([csv_cell(c) for c in cells])
-    write_text(out / "predictions.csv", buf.getvalue())
     meta = {k: doc.get(k) for k in ("class_name", "threshold", "heatmap_scale")}
     meta["backbone"] = doc["config"]["backbone"]
     meta["seed"] = doc["config"]["seed"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .images import IMAGE_SUFFIXES, ImageLoadError, load_images
+from .images import IMAGE_SUFFIXES, load_images
 
 
 class DatasetLayoutError(ValueError):
@@ -90,11 +90,7 @@ class Category:
 
     def images(self, num_workers: int = 0):
         """The test images, decoded in ``num_workers`` threads (0: in this thread); the first bad file raises."""
-        loaded = load_images([s.path for s in self.samples], num_workers)
-        bad = next((x for x in loaded if isinstance(x, ImageLoadError)), None)
-        if bad is not None:
-            raise bad
-        return loaded
+        return load_images([s.path for s in self.samples], num_workers, strict=True)
 
     def masks(self, size: int) -> np.ndarray:
         """``(N, size, size)`` boolean masks; normal samples without a mask, and anomalous samples without

@@ -110,10 +110,20 @@ def load_image(
 
 
 def load_images(
-    paths: list[str | os.PathLike], num_workers: int = 0, max_side: int | None = None
+    paths: list[str | os.PathLike], num_workers: int = 0, max_side: int | None = None, strict: bool = False
 ) -> list[Image.Image | ImageLoadError]:
     """:func:`load_image` over ``paths``, in ``num_workers`` threads (0: in this thread); in input order, each
-    entry the image or the :class:`ImageLoadError` it raised (decoders release the GIL, so threads overlap)."""
+    entry the image or the :class:`ImageLoadError` it raised (decoders release the GIL, so threads overlap).
+    ``strict``: raise the first error (in input order) instead."""
+    loaded = _load_images(paths, num_workers, max_side)
+    if strict:
+        bad = next((x for x in loaded if isinstance(x, ImageLoadError)), None)
+        if bad is not None:
+            raise bad
+    return loaded
+
+
+def _load_images(paths, num_workers: int, max_side: int | None) -> list[Image.Image | ImageLoadError]:
 
     def one(p) -> Image.Image | ImageLoadError:
         try:

@@ -9,9 +9,7 @@ scored again. A folder holding anything else is never used.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import os
 import time
@@ -19,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
-from ..atomic import dumps, write_json, write_text
+from ..atomic import dumps, write_bytes, write_json, write_text
 from ..data.images import OUTPUT_MARKER
 from .plan import Block, plan_blocks
 from .scorer import BLOCKS_DIR, ScorerSpec, load_block_result
@@ -195,8 +193,7 @@ def _write_predictions(out: Path, rows: list[dict], spec: ScorerSpec, blocks, en
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ..atomic import temp_sibling
-    from ..cli.predict import csv_cell
+    from ..cli.predict import predictions_csv
 
     doc = {
         "settings": spec.to_dict(),
@@ -208,26 +205,17 @@ def _write_predictions(out: Path, rows: list[dict], spec: ScorerSpec, blocks, en
         "predictions": rows,
     }
     write_text(out / "predictions.json", dumps(doc) + "\n")
+    write_text(out / "predictions.csv", predictions_csv(rows, COLUMNS))
     branch_keys = sorted({k for r in rows for k in (r.get("branch_scores") or {})})
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow([*COLUMNS, *[f"score_{k}" for k in branch_keys]])
-    for r in rows:
-        bs = r.get("branch_scores") or {}
-        w.writerow([csv_cell(r.get(c)) for c in COLUMNS] + [bs.get(k) for k in branch_keys])
-    write_text(out / "predictions.csv", buf.getvalue())
     table = pa.table(
         {
             **{c: [r.get(c) for r in rows] for c in COLUMNS},
             **{f"score_{k}": [(r.get("branch_scores") or {}).get(k) for r in rows] for k in branch_keys},
         }
     )
-    tmp = temp_sibling(out / "predictions.parquet")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, out / "predictions.parquet")
-    finally:
-        tmp.unlink(missing_ok=True)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_bytes(out / "predictions.parquet", sink.getvalue().to_pybytes())
     files = sorted(str(Path(d, f).relative_to(out)) for d, _, fs in os.walk(out) for f in fs if f != OUTPUT_MARKER)
     write_json(out / OUTPUT_MARKER, {"tool": "dualclip", "version": __version__, "files": files, "archive": True})
 

@@ -88,7 +88,7 @@ class BlockScorer:
             self.threshold = self.detector.threshold_ or NO_THRESHOLD
 
     def __call__(self, block: Block, decoded: list[Decoded] | None = None) -> dict:
-        from ..cli.predict import display_path, output_stem
+        from ..cli.predict import output_stem
         from ..visualization import binary_mask, overlay, profile_scale, run_scale
 
         decoded = decode_block(block) if decoded is None else decoded
@@ -97,20 +97,19 @@ class BlockScorer:
         rows: dict[int, dict] = {}
         for d in decoded:
             if d.array is None:
-                rows[d.index] = self._error_row(block, d, d.error)
+                rows[d.index] = _row(block, d, error=d.error)
         run = None
         scale = None
         if ok and det.profile_ is None and len(ok) < 2 and not det.backbone.has_text:
             for d in ok:
-                rows[d.index] = self._error_row(block, d, "the only readable image of its block: no reference")
+                rows[d.index] = _row(block, d, error="the only readable image of its block: no reference")
             ok = []
         if ok:
             images = [Image.fromarray(d.array) for d in ok]
             preds = det.predict(images, class_name=block.class_name if det.profile_ is None else None)
             run = det.run_info_.to_dict(with_references=False)
             if det.profile_ is not None:
-                p = det.profile_
-                scale = profile_scale(p.normal_scores, None if p.threshold is None else p.threshold.value)
+                scale = profile_scale(det.profile_)
             else:
                 scale = run_scale([pr.anomaly_map for pr in preds])
             for d, img, pred in zip(ok, images, preds, strict=True):
@@ -121,21 +120,18 @@ class BlockScorer:
                     save_image(overlay(img, pred.anomaly_map, scale), Path(self.spec.out) / heat)
                 if mask:
                     save_image(binary_mask(pred.anomaly_map, th.value), Path(self.spec.out) / mask)
-                rows[d.index] = {
-                    "index": d.index,
-                    "path": display_path(d.path),
-                    "class": block.class_name,
-                    "block": block.id,
-                    "score": pred.score,
-                    "verdict": th.verdict(pred.score),
-                    "threshold": th.value,
-                    "branch_scores": pred.branch_scores,
-                    "heatmap": heat,
-                    "mask": mask,
-                    "size": [img.width, img.height],
-                    "original_size": list(d.original_size) if d.original_size else None,
-                    "error": None,
-                }
+                rows[d.index] = _row(
+                    block,
+                    d,
+                    score=pred.score,
+                    verdict=th.verdict(pred.score),
+                    threshold=th.value,
+                    branch_scores=pred.branch_scores,
+                    heatmap=heat,
+                    mask=mask,
+                    size=[img.width, img.height],
+                    original_size=list(d.original_size) if d.original_size else None,
+                )
         result = {
             "block": block.to_dict(),
             "rows": [rows[i] for i in sorted(rows)],
@@ -146,25 +142,31 @@ class BlockScorer:
         write_text(block_result_path(self.spec.out, block.id), dumps(result) + "\n")
         return result
 
-    @staticmethod
-    def _error_row(block: Block, d: Decoded, error: str) -> dict:
-        from ..cli.predict import display_path
 
-        return {
-            "index": d.index,
-            "path": display_path(d.path),
-            "class": block.class_name,
-            "block": block.id,
-            "score": None,
-            "verdict": None,
-            "threshold": None,
-            "branch_scores": {},
-            "heatmap": None,
-            "mask": None,
-            "size": None,
-            "original_size": None,
-            "error": error,
-        }
+def _row(block: Block, d: Decoded, **values) -> dict:
+    """One prediction row of ``block`` for the image ``d``: ``values`` over the fields of a row that was not
+    scored (an error row when ``error`` is given)."""
+    from ..cli.predict import display_path
+
+    row = {
+        "index": d.index,
+        "path": display_path(d.path),
+        "class": block.class_name,
+        "block": block.id,
+        "score": None,
+        "verdict": None,
+        "threshold": None,
+        "branch_scores": {},
+        "heatmap": None,
+        "mask": None,
+        "size": None,
+        "original_size": None,
+        "error": None,
+    }
+    unknown = set(values) - set(row)
+    if unknown:
+        raise TypeError(f"unknown row fields: {sorted(unknown)}")
+    return row | values
 
 
 def pack(decoded: list[Decoded]) -> bytes:

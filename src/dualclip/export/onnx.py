@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..atomic import temp_sibling
+from ..atomic import temp_sibling, write_bytes
 from ..backbone.base import Backbone, BackboneOutput
 
 OPSET = 17
@@ -114,8 +114,7 @@ def export_onnx(backbone: Backbone, path: str | os.PathLike, opset: int = OPSET,
         meta["std"] = list(backbone.std)
         onnx.helper.set_model_props(model, {"dualclip": json.dumps(meta)})
         onnx.checker.check_model(model)
-        onnx.save(model, str(tmp))
-        os.replace(tmp, path)
+        write_bytes(path, model.SerializeToString())
     finally:
         tmp.unlink(missing_ok=True)
     return path

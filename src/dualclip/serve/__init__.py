@@ -1,6 +1,6 @@
 """The inspection service: ``dualclip serve --profile PROFILE`` (FastAPI + uvicorn, extra ``dualclip[serve]``)."""
 
-from .app import ServeSettings, create_app, service_scale
+from .app import ServeSettings, create_app
 from .batching import MicroBatcher
 
-__all__ = ["MicroBatcher", "ServeSettings", "create_app", "service_scale"]
+__all__ = ["MicroBatcher", "ServeSettings", "create_app"]

@@ -93,12 +93,6 @@ class ServeSettings:
         return d
 
 
-def service_scale(detector: DualClipDetector) -> HeatmapScale:
-    """The one colour scale of every heat map the service returns (:func:`~dualclip.visualization.profile_scale`)."""
-    profile = detector.profile_
-    return profile_scale(profile.normal_scores, None if profile.threshold is None else profile.threshold.value)
-
-
 def _png_base64(image: Image.Image, prediction: Prediction, scale: HeatmapScale) -> str:
     buf = io.BytesIO()
     overlay(image, prediction.anomaly_map, scale).save(buf, format="PNG")
@@ -151,7 +145,7 @@ def create_app(detector: DualClipDetector, settings: ServeSettings, profile_path
     if detector.profile_ is None:
         raise ValueError("the service scores against a saved profile: load one with DualClipDetector.load")
     detector.config.progress = False
-    scale = service_scale(detector)
+    scale = profile_scale(detector.profile_)
     threshold = detector.threshold_
     batcher: MicroBatcher[Image.Image, Prediction] = MicroBatcher(
         detector.predict, max_batch=settings.batch_size, max_wait_ms=settings.max_wait_ms

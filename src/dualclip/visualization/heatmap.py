@@ -44,10 +44,12 @@ def run_scale(maps: list[np.ndarray], low_pct: float = 1.0, high_pct: float = 99
     return HeatmapScale(float(vmin), float(vmax))
 
 
-def profile_scale(normal_scores, threshold: float | None) -> HeatmapScale:
+def profile_scale(profile) -> HeatmapScale:
     """The one colour scale of a saved profile's heat maps (service and archive runs): from the lowest normal
-    score of the profile (coolest) to its threshold (hottest), or to the highest normal score + 3 without one."""
-    normal = np.asarray(normal_scores, dtype=np.float64)
+    score of ``profile`` (a :class:`~dualclip.profile.Profile`; coolest) to its threshold (hottest), or to the
+    highest normal score + 3 without one."""
+    normal = np.asarray(profile.normal_scores, dtype=np.float64)
+    threshold = None if profile.threshold is None else profile.threshold.value
     vmin = float(normal.min())
     vmax = float(threshold) if threshold is not None and threshold > vmin else float(normal.max()) + 3.0
     return HeatmapScale(vmin, vmax)
