@@ -25,6 +25,8 @@ Distance = Literal["cosine", "euclidean", "layernorm", "hybrid"]
 DISTANCES: tuple[str, ...] = ("cosine", "euclidean", "layernorm", "hybrid")
 FusionNorm = Literal["zscore", "rank"]
 ImageScoreMode = Literal["max", "top1pct"]
+Centring = Literal["none", "ring", "position"]
+CENTRINGS: tuple[str, ...] = ("none", "ring", "position")
 TTAScope = Literal["category", "image"]
 Runtime = Literal["torch", "onnxruntime"]
 RUNTIMES: tuple[str, ...] = ("torch", "onnxruntime")
@@ -133,6 +135,13 @@ class DetectorConfig:
         Side of the square neighbourhood over which matching features are averaged (1 = off), or several
         sides, e.g. ``(1, 3, 5)``: one matching space each, scores averaged. ``None``: the backbone's
         default (see ``distance``).
+    centring:
+        Positional centring of the visual scores (:mod:`dualclip.scoring.position`): from each patch score the
+        typical score at that place is subtracted, the median over the run's images at the same grid
+        position (``"position"``) or at the same distance from the border (``"ring"``); a saved profile takes
+        it from its normal images, golden references from themselves. A response every image shows at a place
+        (the border, a fixture) is then no defect. ``"none"``: off. ``None``: the backbone's default, chosen
+        by the worst fold of five over three products (docs/results.md).
     k:
         References per image. 1 is the paper's dual-image setting; ``"all"`` is full mutual scoring.
     pairing:
@@ -208,6 +217,7 @@ class DetectorConfig:
     vv_start: int | None = None
     distance: Distance | None = None
     neighbourhood: int | tuple[int, ...] | None = None
+    centring: Centring | None = None
     k: int | Literal["all"] = 1
     pairing: Pairing = "random"
     duplicate_tolerance: float = 0.5
@@ -253,6 +263,10 @@ class DetectorConfig:
                 f"neighbourhood must be an odd number >= 1 or a tuple of them, got {self.neighbourhood!r}",
             )
             self.neighbourhood = sizes[0] if len(sizes) == 1 else sizes
+        _check(
+            self.centring is None or self.centring in CENTRINGS,
+            f"centring must be one of {CENTRINGS}, got {self.centring!r}",
+        )
         _check(
             self.k == "all" or (isinstance(self.k, int) and self.k >= 1),
             f"k must be an int >= 1 or 'all', got {self.k!r}",

@@ -34,6 +34,7 @@ from .data.images import array_to_rgb, load_image, thumbnails, to_rgb8
 from .profile import Moments, Profile, ProfileError, ScoreScale, build_bank, weights_fingerprint
 from .scoring import (
     bank_distances,
+    centre,
     combine_parts,
     distance_parts,
     fuse,
@@ -42,6 +43,7 @@ from .scoring import (
     match_spaces,
     near_duplicates,
     pair_references,
+    positional_offsets,
     reference_scores,
     resize_map,
     text_anomaly_scores,
@@ -109,6 +111,7 @@ class BranchScores:
     visual: torch.Tensor | None = None
     adapted: torch.Tensor | None = None
     duplicate_pairs: int = 0
+    centring: str = "none"
 
     def patch(self) -> dict[str, torch.Tensor]:
         """The patch branches that ran, by name: ``(N, P)`` each."""
@@ -142,6 +145,7 @@ class RunInfo:
     synthesis_bases: list[int] | None = None
     distance: str | None = None
     neighbourhood: list[int] | None = None
+    centring: str | None = None
     precision: str | None = None
 
     def to_dict(self, with_references: bool = True) -> dict:
@@ -176,6 +180,10 @@ class ScoreResult:
     run: RunInfo
 
 
+_RUN_FIELDS = ("duplicate_pairs", "centring")
+"""BranchScores fields that describe the run, not per-image scores."""
+
+
 def _concat(results: list[ScoreResult]) -> ScoreResult:
     """One result of the images of several single-image results (profile mode)."""
     first = results[0]
@@ -195,7 +203,8 @@ def _concat(results: list[ScoreResult]) -> ScoreResult:
         timings_s=timings,
     )
     branches = BranchScores(
-        **{f.name: cat(f.name) for f in dataclasses.fields(BranchScores) if f.name != "duplicate_pairs"}
+        **{f.name: cat(f.name) for f in dataclasses.fields(BranchScores) if f.name not in _RUN_FIELDS},
+        centring=first.branches.centring,
     )
     return ScoreResult(
         image_scores=torch.cat([r.image_scores for r in results]),
@@ -371,6 +380,7 @@ class DualClipDetector:
         if use_visual:
             run.distance, sizes = self.matching()
             run.neighbourhood = list(sizes)
+            run.centring = branches.centring
         self.run_info_ = run
         return ScoreResult(image_scores=image_scores, maps=maps, branches=branches, grid=feats.grid, run=run)
 
@@ -380,6 +390,10 @@ class DualClipDetector:
         distance = cfg.distance or backbone.default_distance
         sizes = cfg.neighbourhood or backbone.default_neighbourhood
         return distance, (sizes,) if isinstance(sizes, int) else tuple(sizes)
+
+    def centring(self) -> str:
+        """The visual branch's positional centring: the setting, or the backbone's default."""
+        return self.config.centring or self.backbone.default_centring
 
     def _branches_to_run(self, n: int, golden: list | None) -> tuple[bool, bool]:
         """(use_text, use_visual) for this run: the settings, limited by the backbone and the image count."""
@@ -450,30 +464,53 @@ class DualClipDetector:
         distance, sizes = self.matching()
         parts = distance_parts(distance)
         spaces = {p: match_spaces(feats.match_features, feats.grid, p, sizes) for p in parts}
+        centring = self.centring()
         if self.profile_ is not None:
             with clock("reference"):
                 bank, scale = self.profile_.bank, self.profile_.scale
                 scores = {
                     p: _mean(bank_distances(s, b, p) for s, b in zip(spaces[p], bank[p], strict=True)) for p in parts
                 }
-                out.visual = combine_parts(scores, scale.parts if len(parts) > 1 else None)
+                offsets = scale.position_offsets()
+                if offsets is not None and offsets.numel() != feats.grid[0] * feats.grid[1]:
+                    raise ProfileError(
+                        f"the profile's positional offsets cover {offsets.numel()} positions, this model's grid "
+                        f"{feats.grid[0]} x {feats.grid[1]}: the profile is damaged"
+                    )
+                out.visual = centre(combine_parts(scores, scale.parts if len(parts) > 1 else None), offsets)
+                out.centring = self.profile_.meta.get("centring", "none") if offsets is not None else "none"
             return [[] for _ in range(n)]
         if golden is not None:
             with clock("backbone"):
                 gfeats = self._extract(golden, keep_patch_embeddings=False, desc="references")
             with clock("reference"):
-                scores = {}
+                scores, normal = {}, {}
                 for p in parts:
                     gspaces = match_spaces(gfeats.match_features, gfeats.grid, p, sizes)
                     scores[p] = _mean(golden_reference_scores(s, g, p) for s, g in zip(spaces[p], gspaces, strict=True))
-                out.visual = combine_parts(scores)
+                    if centring != "none" and len(golden) > 1:  # the references' own leave-one-out scores
+                        ids = torch.arange(len(golden))
+                        owner = ids.repeat_interleave(gfeats.grid[0] * gfeats.grid[1])
+                        normal[p] = _mean(
+                            bank_distances(
+                                g, [t.reshape(-1, t.shape[-1]) for t in g], p, query_owner=ids, bank_owner=owner
+                            )
+                            for g in gspaces
+                        )
+                moments = {p: Moments.of(v) for p, v in scores.items()} if len(parts) > 1 else None
+                out.visual = combine_parts(scores, moments)
+                if normal:
+                    offsets = positional_offsets(combine_parts(normal, moments), feats.grid, centring)
+                    out.visual, out.centring = centre(out.visual, offsets), centring
             return [list(range(len(golden))) for _ in range(n)]
         with clock("reference"):
             dup = near_duplicates(thumbnails(images), cfg.duplicate_tolerance)
             refs = pair_references(n, cfg.k, cfg.pairing, cfg.seed, forbidden=dup)
-            out.visual = combine_parts(
+            visual = combine_parts(
                 {p: _mean(reference_scores(s, refs, cfg.k_aggregation, distance=p) for s in spaces[p]) for p in parts}
             )
+            out.visual = centre(visual, positional_offsets(visual, feats.grid, centring))
+            out.centring = centring
         out.duplicate_pairs = int(dup.sum()) // 2
         return refs
 
@@ -601,12 +638,17 @@ class DualClipDetector:
             }
             part_moments = {p: Moments.of(v) for p, v in loo.items()} if len(parts) > 1 else {}
             branches.visual = combine_parts(loo, part_moments or None)
+            offsets = positional_offsets(branches.visual, feats.grid, self.centring())
+            branches.visual = centre(branches.visual, offsets)
+        else:
+            offsets = None
         head = None
         if cfg.tta:
             head, _ = fit_head(backbone, rgb, text, temperature, cfg)
             branches.adapted = head_scores(head, feats, use_text)
         scale, normal_scores = self._normal_scale(branches, feats.grid)
         scale.parts = part_moments
+        scale.position = None if offsets is None else [float(v) for v in offsets]
         meta = {
             "config": cfg.to_dict(),
             "class_name": class_name,
@@ -616,6 +658,7 @@ class DualClipDetector:
             "image_size": backbone.image_size,
             "distance": distance,
             "neighbourhood": list(sizes),
+            "centring": self.centring() if offsets is not None else "none",
             "n_normal": len(rgb),
             "bank_patches": int(owner.numel()),
             "bank_patches_total": total,

@@ -75,12 +75,20 @@ class ScoreScale:
     parts:
         For the ``hybrid`` distance: moments of each part's (cosine, euclidean) normal patch scores, which
         standardise the parts before they are averaged into the visual score.
+    position:
+        Positional centring (:mod:`dualclip.scoring.position`): the offset of each grid position (row-major),
+        from the normal images' leave-one-out visual scores; ``None``: no centring.
     """
 
     patch: dict[str, Moments]
     image: dict[str, Moments] = field(default_factory=dict)
     score: Moments = Moments(0.0, 1.0)
     parts: dict[str, Moments] = field(default_factory=dict)
+    position: list[float] | None = None
+
+    def position_offsets(self) -> torch.Tensor | None:
+        """The positional offsets as a ``(P,)`` float32 tensor, or ``None``."""
+        return None if self.position is None else torch.tensor(self.position, dtype=torch.float32)
 
     def to_dict(self) -> dict:
         return {
@@ -88,6 +96,7 @@ class ScoreScale:
             "image": {k: v.to_dict() for k, v in self.image.items()},
             "score": self.score.to_dict(),
             "parts": {k: v.to_dict() for k, v in self.parts.items()},
+            "position": self.position,
         }
 
     @classmethod
@@ -97,6 +106,7 @@ class ScoreScale:
             image={k: Moments(**v) for k, v in d["image"].items()},
             score=Moments(**d["score"]),
             parts={k: Moments(**v) for k, v in d.get("parts", {}).items()},
+            position=_offsets(d.get("position")),
         )
 
 
@@ -229,6 +239,21 @@ class Profile:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProfileError(f"{path} is damaged: {exc!r} missing or invalid") from exc
+
+
+def _offsets(values) -> list[float] | None:
+    """A profile's positional offsets: ``None``, or a non-empty list of finite numbers."""
+    import math
+
+    if values is None:
+        return None
+    if (
+        not isinstance(values, list)
+        or not values
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+    ):
+        raise ValueError("scale.position must be null or a non-empty list of finite numbers")
+    return [float(v) for v in values]
 
 
 _DERIVED = {"scale", "normal_scores", "threshold", "parts", "spaces", "layers", "head"}

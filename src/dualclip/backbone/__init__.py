@@ -22,11 +22,11 @@ __all__ = [
 ]
 
 
-def matching_defaults(backbone: str) -> tuple[str, tuple[int, ...]]:
-    """The (distance, neighbourhood sizes) a backbone uses when the settings leave them at ``None`` (without
-    building it: eval fingerprints record them)."""
+def matching_defaults(backbone: str) -> tuple[str, tuple[int, ...], str]:
+    """The (distance, neighbourhood sizes, centring) a backbone uses when the settings leave them at ``None``
+    (without building it: eval fingerprints record them)."""
     cls = {DINOV2_NAME: DinoV2Backbone, EFFNET_NAME: EffNetLite0Backbone}.get(backbone, ClipBackbone)
-    return cls.default_distance, tuple(cls.default_neighbourhood)
+    return cls.default_distance, tuple(cls.default_neighbourhood), cls.default_centring
 
 
 def build_backbone(config) -> Backbone:

@@ -53,6 +53,8 @@ class Backbone(nn.Module, ABC):
     """The matching distance used when ``DetectorConfig.distance`` is ``None``."""
     default_neighbourhood: tuple[int, ...] = (3,)
     """The neighbourhood size(s) used when ``DetectorConfig.neighbourhood`` is ``None``."""
+    default_centring: str = "none"
+    """The positional centring used when ``DetectorConfig.centring`` is ``None``."""
 
     @abstractmethod
     def forward(self, images: torch.Tensor) -> BackboneOutput:

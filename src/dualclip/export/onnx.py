@@ -189,6 +189,7 @@ class OnnxBackbone(Backbone):
             setattr(self, attr, getattr(backbone, attr))
         self.default_distance = backbone.default_distance
         self.default_neighbourhood = backbone.default_neighbourhood
+        self.default_centring = backbone.default_centring
         self.grid = tuple(meta["grid"])
         self.outputs = list(meta["outputs"])
         if providers is None:

@@ -9,12 +9,15 @@ from .matching import (
     nearest_distances,
     to_match_space,
 )
+from .position import centre, positional_offsets
 from .reference import aggregate, golden_reference_scores, near_duplicates, pair_references, reference_scores
 from .text import text_anomaly_scores
 
 __all__ = [
     "aggregate",
     "bank_distances",
+    "centre",
+    "positional_offsets",
     "combine_parts",
     "distance_parts",
     "match_spaces",

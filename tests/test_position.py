@@ -1,0 +1,135 @@
+"""Positional centring of the visual scores: brute-force medians, and the detector's three modes (mutual
+pairs, golden references, a saved profile) against a plain recomputation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY
+from dualclip import DetectorConfig, DualClipDetector
+from dualclip.scoring import bank_distances, match_spaces, pair_references, reference_scores
+from dualclip.scoring.position import border_rings, centre, positional_offsets
+
+CFG = DetectorConfig(
+    backbone=TINY, pretrained=None, progress=False, use_text=False, memory_bank_size=None, distance="cosine"
+)
+
+
+def lower_median(x: np.ndarray, axis: int = 0) -> np.ndarray:
+    """The lower median (torch.median's), by sorting."""
+    return np.take(np.sort(x, axis=axis), (x.shape[axis] - 1) // 2, axis=axis)
+
+
+def test_border_rings_count_the_distance_to_the_nearest_edge():
+    want = np.array(
+        [
+            [0, 0, 0, 0, 0],
+            [0, 1, 1, 1, 0],
+            [0, 1, 2, 1, 0],
+            [0, 1, 1, 1, 0],
+            [0, 0, 0, 0, 0],
+        ]
+    )
+    np.testing.assert_array_equal(border_rings((5, 5)).reshape(5, 5).numpy(), want)
+    np.testing.assert_array_equal(border_rings((2, 3)).numpy(), np.zeros(6))
+
+
+def test_offsets_are_medians_per_position_and_per_ring():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(7, 4 * 5, generator=g)
+    s = scores.numpy()
+    np.testing.assert_allclose(positional_offsets(scores, (4, 5), "position").numpy(), lower_median(s))
+    rings = border_rings((4, 5)).numpy()
+    want = np.empty(20, dtype=np.float32)
+    for r in np.unique(rings):
+        values = np.sort(s[:, rings == r].reshape(-1))
+        want[rings == r] = values[(values.size - 1) // 2]  # the lower median, as documented
+    np.testing.assert_allclose(positional_offsets(scores, (4, 5), "ring").numpy(), want)
+    assert positional_offsets(scores, (4, 5), "none") is None
+    np.testing.assert_array_equal(centre(scores, None).numpy(), s)
+    with pytest.raises(ValueError, match="centring must be one of"):
+        positional_offsets(scores, (4, 5), "rows")
+    with pytest.raises(ValueError, match="grid 3 x 3 has 9"):
+        positional_offsets(scores, (3, 3), "position")
+
+
+def test_a_response_every_image_shows_at_one_place_is_removed_and_a_single_one_kept():
+    scores = torch.zeros(5, 9)
+    scores[:, 0] = 3.0  # every image is hot at position 0 (a border)
+    scores[2, 4] = 2.0  # one image has a defect at position 4
+    out = centre(scores, positional_offsets(scores, (3, 3), "position"))
+    assert torch.equal(out[:, 0], torch.zeros(5))
+    assert out[2, 4] == 2.0 and out.argmax() == 2 * 9 + 4
+
+
+def test_mutual_pairs_subtract_the_runs_median_at_each_position(tiny_backbone, texture_set):
+    images = texture_set[0]
+    det = DualClipDetector(dataclasses.replace(CFG, centring="position"), backbone=tiny_backbone)
+    got = det.score_images(images).branches.visual
+    feats = det.features(images)
+    refs = pair_references(len(images), 1, "random", 0)
+    (space,) = match_spaces(feats.match_features, feats.grid, "cosine", (3,))
+    raw = reference_scores(space, refs, distance="cosine")
+    want = raw.numpy() - lower_median(raw.numpy())
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-6)
+    assert det.run_info_.centring == "position"
+    off = DualClipDetector(dataclasses.replace(CFG, centring="none"), backbone=tiny_backbone)
+    np.testing.assert_allclose(off.score_images(images).branches.visual.numpy(), raw.numpy(), atol=1e-6)
+    assert off.run_info_.centring == "none"
+
+
+def test_golden_references_take_their_offsets_from_their_own_leave_one_out_scores(tiny_backbone, texture_set):
+    images = texture_set[0]
+    golden, test = images[:3], images[3:]
+    det = DualClipDetector(dataclasses.replace(CFG, centring="position"), backbone=tiny_backbone)
+    got = det.score_images(test, golden=golden).branches.visual
+    gf, tf = det.features(golden), det.features(test)
+    (gs,) = match_spaces(gf.match_features, gf.grid, "cosine", (3,))
+    (ts,) = match_spaces(tf.match_features, tf.grid, "cosine", (3,))
+    bank = [t.reshape(-1, t.shape[-1]) for t in gs]
+    p = gf.grid[0] * gf.grid[1]
+
+    def loo(i, layer):  # brute force: reference i against the other references' patches only
+        others = torch.cat([layer[j] for j in range(3) if j != i])
+        return torch.cdist(layer[i], others).pow(2).div(4).amin(dim=1)  # (1 - cos) / 2 on unit vectors
+
+    normal = np.stack([torch.stack([loo(i, layer) for layer in gs]).mean(0).numpy() for i in range(3)])
+    raw = bank_distances(ts, bank, "cosine")
+    want = raw.numpy() - lower_median(normal)
+    assert normal.shape == (3, p)
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
+
+
+def test_a_profile_keeps_its_normal_offsets_and_scores_an_image_alone_as_in_a_batch(
+    tmp_path, tiny_backbone, texture_set
+):
+    images = texture_set[0]
+    train, test = images[:4], images[4:]
+    det = DualClipDetector(dataclasses.replace(CFG, centring="ring"), backbone=tiny_backbone).fit(train)
+    offsets = det.profile_.scale.position_offsets()
+    assert det.profile_.meta["centring"] == "ring"
+    # the offsets are the ring medians of the normal images' leave-one-out visual scores
+    plain = DualClipDetector(dataclasses.replace(CFG, centring="none"), backbone=tiny_backbone).fit(train)
+    feats = plain.features(train)
+    (space,) = match_spaces(feats.match_features, feats.grid, "cosine", (3,))
+    loo = bank_distances(
+        space,
+        plain.profile_.bank["cosine"][0],
+        "cosine",
+        query_owner=torch.arange(4),
+        bank_owner=plain.profile_.bank_owner,
+    )
+    np.testing.assert_allclose(offsets.numpy(), positional_offsets(loo, feats.grid, "ring").numpy(), atol=1e-6)
+    # prediction subtracts them; an image alone scores as in a batch; a saved profile keeps them
+    together = det.predict(test)
+    want = plain.predict(test[:1])[0].branch_maps["visual"].reshape(-1) - offsets.numpy()
+    np.testing.assert_allclose(together[0].branch_maps["visual"].reshape(-1), want, atol=1e-5)
+    assert abs(det.predict(test[1:2])[0].score - together[1].score) <= 1e-5
+    det.save(tmp_path / "p")
+    again = DualClipDetector.load(tmp_path / "p", backbone=tiny_backbone)
+    assert abs(again.predict(test[:1])[0].score - together[0].score) <= 1e-5
+    assert again.run_info_.centring == "ring"
