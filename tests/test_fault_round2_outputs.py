@@ -10,7 +10,6 @@ import re
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -272,7 +271,9 @@ def test_onnx_file_with_changed_weights_or_another_graph_is_refused(tmp_path):
         OnnxBackbone(a, tmp_path / "zeroed.onnx")
     assert "graph_sha256" in str(err.value)
 
-    b = build_clip_backbone(TINY, pretrained=None, image_size=None)  # other weights, another graph
+    b = build_clip_backbone(TINY, pretrained=None, image_size=None)
+    with torch.no_grad():
+        b.model.visual.proj.add_(1e-3)  # other weights: another graph
     other = onnx.load(str(export_onnx(b, tmp_path / "b.onnx")))
     del other.metadata_props[:]
     other.metadata_props.extend(onnx.load(str(path)).metadata_props)  # under a's metadata
@@ -344,4 +345,3 @@ def test_export_and_fit_check_their_destination_before_the_work(tmp_path, textur
     assert r.exit_code == 2 and f"cannot write in {read_only} (permission denied)" in r.output, r.output
     assert calls == []  # refused before any export or fit
     assert (notes / "a.txt").read_text() == "mine"
-
