@@ -74,6 +74,21 @@ def test_forged_marker_listing_paths_outside_out_is_refused_and_never_deletes_th
     assert victim.read_bytes() == b"keep"
     assert (out / "predictions.json").is_file()
 
+    # an archive run's marker lists only what it wrote, never a file someone else put into its folder
+    pytest.importorskip("pyarrow", reason="the ray extra is not installed")
+    from dualclip.distributed import run_archive
+
+    items = [(str(p), None) for p in sorted(folder.glob("*.png"))[:4]]
+    config = DetectorConfig(backbone="effnet-lite0", image_size=64, device="cpu", progress=False).to_dict()
+    archive = tmp_path / "archive"
+    run_archive(items, archive, spec_config=config, engine="inline", block_size=2, progress=False)
+    (archive / "notes.txt").write_text("mine")
+    run_archive(items, archive, spec_config=config, engine="inline", block_size=2, progress=False)  # resumed
+    assert "notes.txt" not in json.loads((archive / OUTPUT_MARKER).read_text())["files"]
+    with pytest.raises(UsageError, match=r"1 file\(s\) dualclip did not write \(notes.txt\)"):
+        run_predict([str(folder)], archive, det.config, detector=det, overwrite=True)
+    assert (archive / "notes.txt").read_text() == "mine"
+
 
 # -- D4: request bodies held at once are bounded ---------------------------------------------------------------------
 def test_concurrent_bodies_over_the_byte_budget_get_503_and_the_budget_returns_to_zero(tiny_backbone, texture_set):
