@@ -152,11 +152,7 @@ class Profile:
         from safetensors.torch import save as save_tensors
 
         path = Path(path)
-        if path.exists() or path.is_symlink():
-            if not overwrite:
-                raise ProfileError(f"{path} exists: choose another path or overwrite it (--overwrite)")
-            if not _is_profile_folder(path):
-                raise ProfileError(f"{path} is not a profile folder: refusing to replace it")
+        check_destination(path, overwrite)
         tensors = {
             f"bank.{part}.{s}.{layer}": t.contiguous()
             for part, spaces in self.bank.items()
@@ -257,6 +253,18 @@ def _offsets(values) -> list[float] | None:
 
 
 _DERIVED = {"scale", "normal_scores", "threshold", "parts", "spaces", "layers", "head"}
+
+
+def check_destination(path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse, before any fitting, a ``path`` that :meth:`Profile.save` will not write: an existing path
+    without ``overwrite``, or one that is not a profile folder (a folder holding ``profile.json`` and
+    ``tensors.safetensors`` and nothing else)."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise ProfileError(f"{path} exists: choose another path or overwrite it (--overwrite)")
+        if not _is_profile_folder(path):
+            raise ProfileError(f"{path} is not a profile folder: refusing to replace it")
 
 
 def _is_profile_folder(path: Path) -> bool:

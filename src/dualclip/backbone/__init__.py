@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from .base import Backbone, BackboneOutput, extract_features
 from .clip import CLIP_PRESETS, ClipBackbone, WeightsUnavailableError, build_clip_backbone, load_open_clip
 from .dinov2 import DINOV2_NAME, DinoV2Backbone
@@ -67,11 +69,15 @@ def build_backbone(config) -> Backbone:
                 f"runtime='onnxruntime' needs onnx and onnxruntime: pip install 'dualclip[convert]' ({exc})"
             ) from exc
         identity = model_identity(backbone)  # once: it hashes every weight
-        path = config.onnx_file
-        if path is None:
-            path = onnx_cache_path(backbone, config.cache_dir, identity)
-            if not path.is_file():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                export_onnx(backbone, path, identity=identity)
+        if config.onnx_file is not None:
+            return OnnxBackbone(backbone, config.onnx_file, identity=identity)
+        path = onnx_cache_path(backbone, config.cache_dir, identity)
+        if path.is_file():
+            try:
+                return OnnxBackbone(backbone, path, identity=identity)
+            except ValueError as exc:  # an export of an earlier version, or a changed file: the cache is ours
+                warnings.warn(f"the cached ONNX export is not usable ({exc}); exporting it again", stacklevel=2)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        export_onnx(backbone, path, identity=identity)
         backbone = OnnxBackbone(backbone, path, identity=identity)
     return backbone

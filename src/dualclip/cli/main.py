@@ -59,10 +59,9 @@ def cli_errors(debug: bool) -> Iterator[None]:
         yield
     except KeyboardInterrupt as exc:
         term = isinstance(exc, _Terminated)
-        typer.echo(
-            f"interrupted ({'SIGTERM' if term else 'SIGINT'}): nothing written; earlier outputs are untouched",
-            err=True,
-        )
+        kept = exc.args[0] if exc.args and isinstance(exc.args[0], str) else None  # what an archive run kept
+        kept = kept or "nothing written; earlier outputs are untouched"
+        typer.echo(f"interrupted ({'SIGTERM' if term else 'SIGINT'}): {kept}", err=True)
         raise typer.Exit(EXIT_SIGTERM if term else EXIT_SIGINT) from None
     except (ValueError, OSError, WeightsUnavailableError, ImageLoadError, RuntimeError) as exc:
         if debug:
@@ -451,7 +450,8 @@ def fit(
     """Fit a profile on normal images: golden references, fixed score units, optional threshold."""
     from ..data.images import expand_paths, load_images, mask_like
     from ..detector import DualClipDetector
-    from ..profile import ProfileError
+    from ..profile import ProfileError, check_destination
+    from .output_folder import check_parent
     from .predict import UsageError
 
     for path, flag in misplaced_paths(ctx.meta.get("raw_args", []), ("--validation-normal", "--validation-anomalous")):
@@ -459,6 +459,8 @@ def fit(
     with cli_errors(debug):
         if out.exists() and not overwrite:
             raise UsageError(f"{out} exists: choose another --out or pass --overwrite")
+        check_destination(out, overwrite)  # where the profile goes, before any image is read
+        check_parent(out, created=True)
         sizes = None if neighbourhood is None else tuple(int(s) for s in neighbourhood.split(","))
         cfg = _config(
             backbone,
@@ -536,6 +538,9 @@ def serve(
     batch_size: int = typer.Option(8, help="Most concurrent requests scored in one batch."),
     max_wait_ms: float = typer.Option(5.0, help="Longest wait of a request for others to share its batch (ms)."),
     max_body_mb: float = typer.Option(32.0, help="Largest request body accepted (MiB); larger: 413."),
+    max_pending_mb: float = typer.Option(
+        256.0, help="Most MiB of request bodies held at once over all requests; beyond: 503 with Retry-After."
+    ),
     api_key_file: Path = typer.Option(
         None, help=f"A file holding the API key required in the X-API-Key header (or set ${API_KEY_ENV})."
     ),
@@ -566,6 +571,7 @@ def serve(
             batch_size=batch_size,
             max_wait_ms=max_wait_ms,
             max_body_bytes=int(max_body_mb * 2**20),
+            max_pending_bytes=int(max_pending_mb * 2**20),
             api_key=key,
         )
         detector = DualClipDetector.load(profile, device=device, runtime=runtime, onnx_file=onnx_file)
@@ -591,6 +597,8 @@ def export(
     debug: bool = DEBUG,
 ) -> None:
     """Export the one-pass image encoder (global embedding, V-V tokens, matching features) to ONNX."""
+    from .output_folder import check_parent
+
     with cli_errors(debug):
         if format != "onnx":
             raise ValueError(f"unknown --format {format!r}: onnx is the only export format")
@@ -598,6 +606,7 @@ def export(
             raise ValueError(f"{out} exists: choose another --out or pass --overwrite")
         if out.exists() and not out.is_file():
             raise ValueError(f"--out {out} is not a file")
+        check_parent(out)  # before the model is built and exported
         try:
             from ..export import export_onnx, onnx_metadata
         except ImportError as exc:
@@ -728,15 +737,22 @@ def demo(
         envvar=DEMO_DATA_ENV,
         help="The magnetic_tile dataset folder (MT_Free/Imgs, ...); default: generated textures with defects.",
     ),
+    overwrite: bool = typer.Option(
+        False, help="Replace the outputs of an earlier predict run in --out (an earlier demo's are always replaced)."
+    ),
     quiet: bool = QUIET,
     debug: bool = DEBUG,
 ) -> None:
     """Run the detector on an embedded default; falls back to effnet-lite0 where CLIP weights are unavailable."""
     from ..backbone import WeightsUnavailableError
     from ..detector import DualClipDetector
+    from .output_folder import check_output_folder, written_by
     from .predict import run_predict
 
     with cli_errors(debug):
+        overwrite = overwrite or written_by(out) == "demo"
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+        check_output_folder(out, [], overwrite)  # before any model is built
         cfg = DetectorConfig(progress=not quiet)
         typer.echo(f"trying the default CLIP weights of {cfg.backbone} (cache, then download) ...", err=True)
         try:
@@ -749,7 +765,9 @@ def demo(
             det = DualClipDetector(cfg)
         inputs, class_name = _demo_inputs(data, out.parent / f".{out.name}-inputs")
         typer.echo(f"scoring {len(inputs)} images ({class_name}) with {cfg.backbone} ...", err=True)
-        code, doc = run_predict(inputs, out, cfg, class_name=class_name, overwrite=True, detector=det, quiet=quiet)
+        code, doc = run_predict(
+            inputs, out, cfg, class_name=class_name, overwrite=overwrite, detector=det, quiet=quiet, command="demo"
+        )
     for p in doc["predictions"]:
         typer.echo(f"{p['score']:.4f}\t{p['path']}")
     typer.echo(f"heat maps in {out}/heatmaps, report {out}/report.html", err=True)

@@ -2,8 +2,10 @@
 swapped into place only when the run has succeeded.
 
 Guarantees: a file dualclip did not write is never deleted (an existing folder is replaced only if it holds
-the marker of an earlier dualclip run and nothing but the files that run listed in it); ``--out`` never is,
-nor lies above, an input; an interrupted or failed run leaves ``--out`` as it was.
+the marker of an earlier dualclip run and nothing but the files that run listed in it, each a plain path inside
+the folder); ``--out`` never is, nor lies above, an input; an interrupted or failed run leaves ``--out`` as it
+was; one run at a time writes a given ``--out`` (a lock file beside it); a file put into ``--out`` during a run
+stays there (or, when the new run took its name, the run says where it went).
 """
 
 from __future__ import annotations
@@ -14,33 +16,118 @@ import ctypes.util
 import json
 import os
 import shutil
+import stat
 import uuid
-from collections.abc import Iterable, Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path, PurePosixPath
 
 from .. import __version__
 from ..atomic import write_json
-from ..data.images import OUTPUT_MARKER
+from ..data.images import OUTPUT_LOCK_SUFFIX, OUTPUT_MARKER
 
 
 class OutputFolderError(ValueError):
     """The output folder cannot be used (a usage error)."""
 
 
-def _written_files(folder: Path) -> set[str] | None:
-    """The files an earlier dualclip run listed in its marker (relative paths), or None without a marker."""
+def lies_outside(folder: Path, entry: object) -> bool:
+    """True when a marker entry is not a plain relative path inside ``folder``: not text, absolute, with a
+    ``..``, or through a symbolic link (dualclip writes none of these)."""
+    if not isinstance(entry, str) or not entry:
+        return True
+    parts = PurePosixPath(entry).parts
+    if not parts or PurePosixPath(entry).is_absolute() or ".." in parts:
+        return True
+    here = folder
+    for part in parts:
+        here = here / part
+        if here.is_symlink():
+            return True
+    return False
+
+
+def _written_files(folder: Path, strict: bool = False) -> set[str] | None:
+    """The files an earlier dualclip run listed in its marker (relative paths), or None without a readable
+    marker. ``strict``: a marker listing a path outside ``folder`` is an :class:`OutputFolderError` (else such
+    entries are dropped)."""
     marker = folder / OUTPUT_MARKER
     if not marker.is_file():
         return None
     try:
-        doc = json.loads(marker.read_text(encoding="utf-8"))
-        return {str(f) for f in doc["files"]}
+        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    if not isinstance(files, list):
+        return None
+    bad = [f for f in files if lies_outside(folder, f)]
+    if bad and strict:
+        raise OutputFolderError(
+            f"--out {folder}: its {OUTPUT_MARKER} lists {bad[0]!r}, which lies outside the folder (an absolute "
+            "path, '..' or a symbolic link); dualclip never writes such a marker, so nothing is replaced: remove "
+            "the marker or choose another folder"
+        )
+    return {f for f in files if f not in bad}
+
+
+def written_by(folder: Path) -> str | None:
+    """The command whose output ``folder`` holds (``predict``, ``demo``; from its marker), or None."""
+    try:
+        doc = json.loads((folder / OUTPUT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc.get("command", "predict") if isinstance(doc, dict) else None
 
 
 def _files_under(folder: Path) -> set[str]:
-    return {str((Path(d) / f).relative_to(folder)) for d, _, files in os.walk(folder) for f in files} - {OUTPUT_MARKER}
+    """Every file under ``folder`` (relative paths), and every symbolic link to a folder (never followed)."""
+    found = set()
+    for d, dirs, files in os.walk(folder):
+        found |= {str((Path(d) / f).relative_to(folder)) for f in files}
+        found |= {str((Path(d) / f).relative_to(folder)) for f in dirs if (Path(d) / f).is_symlink()}
+    return found - {OUTPUT_MARKER}
+
+
+def check_parent(out: Path, flag: str = "--out", created: bool = False) -> None:
+    """Refuse an ``out`` whose folder does not exist or cannot be written (before any work). ``created``: a
+    missing folder will be made, so the nearest one that exists must be writable."""
+    parent = out.absolute().parent
+    if created:
+        parent = next(p for p in (parent, *parent.parents) if p.exists())
+    if not parent.is_dir():
+        raise OutputFolderError(f"the folder of {flag} ({parent}) does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputFolderError(f"cannot write in {parent} (permission denied)")
+
+
+def lock_path(out: Path) -> Path:
+    """The lock file of ``out`` (beside it; kept after a run, since removing a lock file races with a waiter)."""
+    out = Path(os.path.abspath(out))
+    return out.parent / f".{out.name[:100]}{OUTPUT_LOCK_SUFFIX}"
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold the lock of ``out`` for a whole run: a second run into the same folder is refused at once with an
+    :class:`OutputFolderError`. Where ``out``'s folder is missing or not writable nothing is locked (the
+    checks that follow refuse it)."""
+    from filelock import FileLock, Timeout
+
+    path = lock_path(out)
+    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK | os.X_OK):
+        yield
+        return
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise OutputFolderError(
+            f"another dualclip run is writing --out {out} (it holds {path}): wait for it to finish or "
+            "choose another folder"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def check_output_folder(out: Path, inputs: Iterable[Path], overwrite: bool) -> None:
@@ -61,13 +148,9 @@ def check_output_folder(out: Path, inputs: Iterable[Path], overwrite: bool) -> N
             raise OutputFolderError(
                 f"--out {out} is or contains the input {inp}: outputs must go to a folder of their own"
             )
-    parent = resolved.parent
-    if not parent.is_dir():
-        raise OutputFolderError(f"the parent folder of --out ({parent}) does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputFolderError(f"cannot write in {parent} (permission denied)")
+    check_parent(resolved)
     if out.is_dir() and any(out.iterdir()):
-        listed = _written_files(out)
+        listed = _written_files(out, strict=True)
         if listed is None:
             raise OutputFolderError(
                 f"--out {out} is not empty and was not written by dualclip (no {OUTPUT_MARKER}); "
@@ -99,18 +182,78 @@ def _exchange(a: Path, b: Path) -> bool:
     return rc == 0
 
 
+def _unlink_inside(folder: Path, entry: str) -> None:
+    """Delete the regular file ``entry`` under ``folder``, reached without following any symbolic link (so a
+    marker changed during the run cannot reach outside the folder); anything else is left alone."""
+    parts = PurePosixPath(entry).parts
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    try:
+        fd = os.open(folder, flags)
+    except OSError:
+        return
+    try:
+        for part in parts[:-1]:
+            inner = os.open(part, flags, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        if stat.S_ISREG(os.stat(parts[-1], dir_fd=fd, follow_symlinks=False).st_mode):
+            os.unlink(parts[-1], dir_fd=fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _remove_written(folder: Path) -> None:
-    """Delete what an earlier run listed in its marker, then the marker and the folders left empty; anything
-    else stays."""
+    """Delete what an earlier run listed in its marker (plain paths inside ``folder`` only), then the marker and
+    the folders those files were in, once empty; anything else stays."""
     listed = _written_files(folder) or set()
     for rel in listed:
-        p = folder / rel
-        if p.is_file() and not p.is_symlink():
-            p.unlink()
-    (folder / OUTPUT_MARKER).unlink(missing_ok=True)
-    for d, _, _ in sorted(os.walk(folder), key=lambda t: -len(t[0])):
+        _unlink_inside(folder, rel)
+    _unlink_inside(folder, OUTPUT_MARKER)
+    dirs = {folder / p for rel in listed for p in PurePosixPath(rel).parents if p != PurePosixPath(".")}
+    for d in sorted(dirs, key=lambda p: -len(p.parts)):
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only if empty
+
+
+def _keep_leftovers(previous: Path, out: Path, warn: Callable[[str], None]) -> None:
+    """What is left in ``previous`` (the folder ``out`` was before the swap) once the earlier run's files are
+    gone was put there by someone else during the run: move it back into ``out`` where the new run left its
+    name free; what cannot go back stays in a visible sibling, and ``warn`` says where."""
+    moved, clashed = [], []
+
+    def visit(rel: PurePosixPath) -> None:
+        for entry in sorted(os.scandir(previous / rel), key=lambda e: e.name):
+            r, dst = rel / entry.name, out / rel / entry.name
+            if not os.path.lexists(dst):
+                os.rename(entry.path, dst)
+                moved.append(str(r))
+            elif entry.is_dir(follow_symlinks=False) and dst.is_dir() and not dst.is_symlink():
+                visit(r)
+            else:
+                clashed.append(str(r))
+
+    visit(PurePosixPath())
+    for d, _, _ in sorted(os.walk(previous), key=lambda t: -len(t[0])):
         with contextlib.suppress(OSError):
             Path(d).rmdir()  # only if empty
+    if moved:
+        warn(
+            f"warning: {len(moved)} file(s) written into {out} during the run were kept in place "
+            f"({_shown(moved)}); dualclip did not write them, so it will not replace {out} while they are there"
+        )
+    if clashed:
+        kept = out.parent / f"{out.name}.kept-{uuid.uuid4().hex[:8]}"
+        os.rename(previous, kept)
+        warn(
+            f"warning: {len(clashed)} file(s) written into {out} during the run had names the new run wrote; "
+            f"they were moved to {kept} ({_shown(clashed)})"
+        )
+
+
+def _shown(names: list[str], most: int = 5) -> str:
+    return ", ".join(names[:most]) + (" ..." if len(names) > most else "")
 
 
 def _stale_staging(out: Path) -> Iterator[Path]:
@@ -139,10 +282,13 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def staged_output(out: Path) -> Iterator[Path]:
+def staged_output(
+    out: Path, warn: Callable[[str], None] = lambda msg: None, command: str = "predict"
+) -> Iterator[Path]:
     """Yield a fresh staging folder beside ``out``; on success its content replaces ``out`` in one step (the
-    earlier run's files removed afterwards), on any error or interrupt the staging folder is removed and
-    ``out`` is left as it was."""
+    earlier run's files removed afterwards; files others put into ``out`` meanwhile kept, see
+    :func:`_keep_leftovers`), on any error or interrupt the staging folder is removed and ``out`` is left as it
+    was. ``command`` is recorded in the marker."""
     for stale in _stale_staging(out):  # left by a killed run; made by dualclip (it holds the .staging tag)
         shutil.rmtree(stale, ignore_errors=True)
     staging = out.parent / f".{out.name[:100]}.dualclip-staging-{uuid.uuid4().hex[:8]}"
@@ -151,16 +297,17 @@ def staged_output(out: Path) -> Iterator[Path]:
     try:
         yield staging
         files = sorted(_files_under(staging) - {".staging"})
-        write_json(staging / OUTPUT_MARKER, {"tool": "dualclip", "version": __version__, "files": files})
+        marker = {"tool": "dualclip", "version": __version__, "command": command, "files": files}
+        write_json(staging / OUTPUT_MARKER, marker)
         (staging / ".staging").unlink()
-        _commit(staging, out)
+        _commit(staging, out, warn)
     except BaseException:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
-def _commit(staging: Path, out: Path) -> None:
+def _commit(staging: Path, out: Path, warn: Callable[[str], None]) -> None:
     if not out.exists():
         os.rename(staging, out)
         return
@@ -170,13 +317,19 @@ def _commit(staging: Path, out: Path) -> None:
         staging.rmdir()
         return
     if _exchange(staging, out):  # out is now the new run; staging holds the previous one
-        _remove_written(staging)
+        previous = staging
+    else:
+        previous = out.parent / f".{out.name[:100]}.dualclip-previous-{uuid.uuid4().hex[:8]}"
+        os.rename(out, previous)
+        try:
+            os.rename(staging, out)
+        except BaseException:
+            os.rename(previous, out)
+            raise
+    if previous.is_symlink() or not previous.is_dir():  # --out was replaced by a file or a link during the run
+        kept = out.parent / f"{out.name}.kept-{uuid.uuid4().hex[:8]}"
+        os.rename(previous, kept)
+        warn(f"warning: {out} was replaced during the run by something dualclip did not write; it is now {kept}")
         return
-    previous = out.parent / f".{out.name[:100]}.dualclip-previous-{uuid.uuid4().hex[:8]}"
-    os.rename(out, previous)
-    try:
-        os.rename(staging, out)
-    except BaseException:
-        os.rename(previous, out)
-        raise
     _remove_written(previous)
+    _keep_leftovers(previous, out, warn)

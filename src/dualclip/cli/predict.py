@@ -7,7 +7,10 @@ Exit codes (:data:`EXIT_CODES`): 0 every file scored; 1 some files failed (each 
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
+import inspect
 import io
 import os
 import re
@@ -24,7 +27,7 @@ from ..data.images import DEFAULT_MAX_SIDE, ImageLoadError, expand_paths, load_i
 from ..detector import DualClipDetector, Prediction
 from ..thresholds import NO_THRESHOLD, Threshold, fit_threshold, manual_threshold
 from ..visualization import binary_mask, outline, overlay, render_report, run_scale
-from .output_folder import OutputFolderError, check_output_folder, staged_output
+from .output_folder import OutputFolderError, check_output_folder, output_lock, staged_output
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_NOTHING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES = {
@@ -152,6 +155,35 @@ def _check_threshold_options(threshold: float | None, quantile: float | None) ->
         raise UsageError(f"--threshold-quantile must lie in [0, 1], got {quantile}")
 
 
+def _given_paths(inputs, references, validation) -> list[Path]:
+    """Every path the command line names as something to read."""
+    return [Path(os.fsdecode(p)) for group in (inputs, references or [], *(validation or ())) for p in group]
+
+
+def _holding_the_output_lock(run: Callable[..., tuple[int, dict]]) -> Callable[..., tuple[int, dict]]:
+    """``run`` holding the lock of its ``out`` throughout: a second run into the same folder is a usage error,
+    refused before it reads anything. The output folder is checked first, so that a refused run writes
+    nothing, not even the lock file; ``run`` checks it again, holding the lock."""
+    signature = inspect.signature(run)
+
+    @functools.wraps(run)
+    def locked(*args, **kwargs):
+        given = signature.bind(*args, **kwargs)
+        given.apply_defaults()
+        a = given.arguments
+        out = Path(a["out"])
+        with contextlib.ExitStack() as stack:
+            try:
+                check_output_folder(out, _given_paths(a["inputs"], a["references"], a["validation"]), a["overwrite"])
+                stack.enter_context(output_lock(out))
+            except OutputFolderError as exc:
+                raise UsageError(str(exc)) from exc
+            return run(*args, **kwargs)
+
+    return locked
+
+
+@_holding_the_output_lock
 def run_predict(
     inputs: list[str],
     out: Path,
@@ -166,18 +198,19 @@ def run_predict(
     detector: DualClipDetector | None = None,
     warn: Callable[[str], None] | None = None,
     exclude: list[str] | None = None,
+    command: str = "predict",
 ) -> tuple[int, dict]:
     """Run the whole command; returns (exit code, the predictions document).
 
     Everything that can be checked is checked before scoring (output folder, thresholds, inputs); outputs are
-    written in a staging folder and replace ``out`` only when complete.
+    written in a staging folder and replace ``out`` only when complete; ``out`` is locked meanwhile.
+    ``command``: the command recorded in the output marker (``demo`` replaces its own output).
     """
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out)
     _check_threshold_options(threshold, threshold_quantile)
-    given = [Path(os.fsdecode(p)) for group in (inputs, references or [], *(validation or ())) for p in group]
     try:
-        check_output_folder(out, given, overwrite)
+        check_output_folder(out, _given_paths(inputs, references, validation), overwrite)
     except OutputFolderError as exc:
         raise UsageError(str(exc)) from exc
     try:
@@ -220,7 +253,7 @@ def run_predict(
     if not loaded:
         warn("error: no image could be read")
         doc["predictions"] = [dict(e, score=None, verdict=None) for e in errors]
-        with staged_output(out) as stage:
+        with staged_output(out, warn, command) as stage:
             _write_outputs(stage, doc, [], None)
         return EXIT_NOTHING, doc
     images = [img for _, img in loaded]
@@ -260,7 +293,7 @@ def run_predict(
             row["original_size"] = list(img.info["original_size"])
         rows.append((row, img, pred))
     doc["predictions"] = [r for r, _, _ in rows] + [dict(e, score=None, verdict=None) for e in errors]
-    with staged_output(out) as stage:
+    with staged_output(out, warn, command) as stage:
         _write_outputs(stage, doc, rows, scale)
     return (EXIT_SOME_FAILED if errors else EXIT_OK), doc
 

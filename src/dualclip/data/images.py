@@ -22,6 +22,8 @@ DEFAULT_MAX_SIDE = 2048
 so that no image is held larger than needed; outputs are written at the reduced size."""
 OUTPUT_MARKER = ".dualclip-output.json"
 """The file that marks a folder written by dualclip (never read as input; see :func:`expand_paths`)."""
+OUTPUT_LOCK_SUFFIX = ".dualclip.lock"
+"""The lock file beside an output folder, ``.<name>.dualclip.lock`` (never read as input either)."""
 
 
 class ImageLoadError(ValueError):
@@ -226,7 +228,8 @@ def expand_paths(
     folder is expanded like any folder (also one named ``x.png``). Passed over, each with its reason in
     ``skipped``: files without an image suffix inside folders, unreadable sub-folders, the folders under
     ``exclude`` (e.g. the output folder), and folders dualclip wrote (:func:`is_dualclip_output`), so that no
-    output is ever read back as an input. A path that does not exist, or inputs that yield no file at all,
+    output is ever read back as an input. Links to folders are followed, each real folder read once (a link
+    to a folder already read, e.g. a loop, is passed over). A path that does not exist, or inputs that yield no file at all,
     raise ``FileNotFoundError``.
     """
     excluded = [Path(e).resolve() for e in exclude]
@@ -242,21 +245,32 @@ def expand_paths(
         def onerror(exc: OSError) -> None:
             skipped.append((str(exc.filename or folder), f"folder cannot be read: {exc.strerror or exc}"))
 
-        for dirpath, dirnames, filenames in os.walk(folder, onerror=onerror):
+        read = {os.path.realpath(folder): folder}  # folders read, by real path: each link followed once, no loop
+        for dirpath, dirnames, filenames in os.walk(folder, onerror=onerror, followlinks=True):
             here = Path(dirpath)
             keep = []
             for d in sorted(dirnames):
                 sub = here / d
+                try:
+                    written = is_dualclip_output(sub)
+                except OSError as exc:  # a folder this user may not enter
+                    skipped.append((str(sub), f"folder cannot be read: {exc.strerror or exc}"))
+                    continue
+                real = os.path.realpath(sub)
                 if is_excluded(sub):
                     skipped.append((str(sub), "the output folder (never read as input)"))
-                elif is_dualclip_output(sub):
+                elif written:
                     skipped.append((str(sub), "a folder written by dualclip (never read as input)"))
+                elif real in read:
+                    link = "a link to " if sub.is_symlink() else ""
+                    skipped.append((str(sub), f"{link}a folder already read ({read[real]})"))
                 else:
+                    read[real] = sub
                     keep.append(d)
             dirnames[:] = keep
             for name in sorted(filenames):
                 f = here / name
-                if name == OUTPUT_MARKER:
+                if name == OUTPUT_MARKER or (name.startswith(".") and name.endswith(OUTPUT_LOCK_SUFFIX)):
                     continue
                 if f.suffix.lower() in IMAGE_SUFFIXES:
                     out.append(f)
@@ -267,7 +281,12 @@ def expand_paths(
         s = os.fsdecode(item)
         p = Path(s)
         if p.is_dir():
-            if is_excluded(p) or is_dualclip_output(p):
+            try:
+                written = is_dualclip_output(p)
+            except OSError as exc:
+                skipped.append((str(p), f"folder cannot be read: {exc.strerror or exc}"))
+                continue
+            if is_excluded(p) or written:
                 skipped.append((str(p), "the output folder or a folder written by dualclip (never read as input)"))
             else:
                 walk(p)

@@ -39,13 +39,22 @@ def _decode_row(row: dict) -> dict:
     return {"block": row["block"], "decoded": pack(decode_block(block))}
 
 
+def check_pool(num_actors: int, cpus_per_actor: float, gpus_per_actor: float) -> None:
+    """Refuse pool settings that no cluster can run (checked before anything is written)."""
+    if num_actors < 1:
+        raise ValueError(f"num_actors must be >= 1, got {num_actors}")
+    if not cpus_per_actor > 0:
+        raise ValueError(f"cpus_per_actor must be > 0, got {cpus_per_actor}")
+    if not gpus_per_actor >= 0:
+        raise ValueError(f"gpus_per_actor must be >= 0, got {gpus_per_actor}")
+
+
 def check_resources(
     cluster: dict, num_actors: int, cpus_per_actor: float, gpus_per_actor: float, decode_cpus: float
 ) -> None:
     """Refuse, before anything runs, a pool that cannot start on ``cluster`` (``ray.cluster_resources()``):
     the actors and one decoding task must fit, else Ray Data would wait for resources forever."""
-    if num_actors < 1:
-        raise ValueError(f"num_actors must be >= 1, got {num_actors}")
+    check_pool(num_actors, cpus_per_actor, gpus_per_actor)
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     need_cpu = num_actors * cpus_per_actor + decode_cpus
     if need_cpu > cpus:
@@ -71,7 +80,9 @@ def run_ray(
     scorer_cls: type = BlockScorer,
     init: Callable[..., object] | None = None,
 ) -> Iterator[dict]:
-    """Score ``blocks`` on a Ray cluster with Ray Data; yields each block's result as it finishes.
+    """Score ``blocks`` on a Ray cluster with Ray Data; returns an iterator of each block's result as it
+    finishes. The cluster is joined and its resources checked when this is called, before any block runs
+    (so a pool that cannot start is refused before the caller writes anything).
 
     Decoding runs in CPU tasks (``decode_cpus`` each), scoring in ``num_actors`` actors (each with
     ``cpus_per_actor`` CPUs and ``gpus_per_actor`` GPUs, one detector each). Ray Data restarts an actor that
@@ -80,8 +91,9 @@ def run_ray(
     ``None`` joins the running instance or starts a local one."""
     import ray
 
+    check_pool(num_actors, cpus_per_actor, gpus_per_actor)
     if not blocks:
-        return
+        return iter(())
     if not ray.is_initialized():
         (init or ray.init)(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     context = ray.data.DataContext.get_current()
@@ -98,5 +110,4 @@ def run_ray(
         num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor,
     )
-    for row in ds.iter_rows():
-        yield json.loads(row["result"])
+    return (json.loads(row["result"]) for row in ds.iter_rows())

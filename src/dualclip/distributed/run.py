@@ -4,7 +4,8 @@ every block's rows into predictions.json / .csv / .parquet.
 The output folder holds ``run.json`` (the settings and the plan), ``blocks/<id>.json`` (each finished
 block, written atomically by whoever scored it), ``heatmaps/<block>/`` and ``masks/<block>/``, then the
 merged predictions. A rerun with the same inputs and settings resumes: finished blocks are read back, not
-scored again. A folder holding anything else is never used.
+scored again. A folder holding anything else is never used; one run at a time writes it (a lock file beside
+it), and pool settings and the cluster's resources are checked before anything is written there.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from pathlib import Path
 
 from .. import __version__
 from ..atomic import dumps, write_bytes, write_json, write_text
+from ..cli.output_folder import lies_outside, output_lock
 from ..data.images import OUTPUT_MARKER
+from .engines import check_pool
 from .plan import Block, plan_blocks
 from .scorer import BLOCKS_DIR, ScorerSpec, load_block_result
 
@@ -54,12 +57,12 @@ def _settings_key(spec: ScorerSpec, block_size: int, seed: int, blocks: list[Blo
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _prepare_folder(out: Path, key: str) -> bool:
-    """Create ``out`` or accept it for resumption; True when it holds an earlier run of the same plan."""
+def _check_folder(out: Path, key: str) -> bool:
+    """Accept ``out`` (writing nothing): True when it holds an earlier run of the same plan to resume, False
+    when it is missing or empty; anything else is an :class:`ArchiveFolderError`."""
     if out.exists() and not out.is_dir():
         raise ArchiveFolderError(f"--out {out} exists and is a file, not a folder")
     if not out.exists() or not any(out.iterdir()):
-        out.mkdir(parents=True, exist_ok=True)
         return False
     run_file = out / RUN_FILE
     try:
@@ -111,6 +114,8 @@ def run_archive(
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if (spec_config is None) == (profile is None):
         raise ValueError("give either a detector configuration or a profile")
+    if engine == "ray":
+        check_pool(num_actors, cpus_per_actor, gpus_per_actor)
     out = Path(out)
     start = time.perf_counter()
     blocks = plan_blocks(items, block_size=block_size, seed=seed)
@@ -125,54 +130,64 @@ def run_archive(
         where=where,
     )
     key = _settings_key(spec, block_size, seed, blocks)
-    resumed = _prepare_folder(out, key)
-    if not resumed:
-        write_json(out / OUTPUT_MARKER, {"tool": "dualclip", "version": __version__, "files": [], "archive": True})
-    write_json(
-        out / RUN_FILE,
-        {
-            "kind": "dualclip archive run",
-            "version": __version__,
-            "key": key,
-            "engine": engine,
-            "settings": spec.to_dict(),
-            "block_size": block_size,
-            "seed": seed,
-            "n_images": sum(len(b.paths) for b in blocks),
-            "blocks": [
-                {"id": b.id, "class": b.class_name, "n": len(b.paths), "fingerprint": b.fingerprint} for b in blocks
-            ],
-        },
-    )
-    results: dict[str, dict] = {}
-    for b in blocks:
-        saved = load_block_result(out, b)
-        if saved is not None:
-            results[b.id] = saved
-    todo = [b for b in blocks if b.id not in results]
-    scorer_cls = scorer_cls or BlockScorer
-    if engine == "ray":
-        stream = run_ray(
-            todo,
-            spec,
-            num_actors=num_actors,
-            cpus_per_actor=cpus_per_actor,
-            gpus_per_actor=gpus_per_actor,
-            address=ray_address,
-            scorer_cls=scorer_cls,
+    _check_folder(out, key)  # a refused run writes nothing, not even the lock file
+    with output_lock(out):
+        resumed = _check_folder(out, key)  # again, as the run holding the lock finds it
+        results: dict[str, dict] = {}
+        for b in blocks if resumed else []:
+            saved = load_block_result(out, b)
+            if saved is not None:
+                results[b.id] = saved
+        todo = [b for b in blocks if b.id not in results]
+        scorer_cls = scorer_cls or BlockScorer
+        if engine == "ray":  # joins the cluster and checks its resources now, before anything is written
+            stream = run_ray(
+                todo,
+                spec,
+                num_actors=num_actors,
+                cpus_per_actor=cpus_per_actor,
+                gpus_per_actor=gpus_per_actor,
+                address=ray_address,
+                scorer_cls=scorer_cls,
+            )
+        else:
+            stream = run_inline(todo, spec, scorer_cls=scorer_cls)
+        out.mkdir(parents=True, exist_ok=True)
+        if not resumed:
+            write_json(out / OUTPUT_MARKER, {"tool": "dualclip", "version": __version__, "files": [], "archive": True})
+        write_json(
+            out / RUN_FILE,
+            {
+                "kind": "dualclip archive run",
+                "version": __version__,
+                "key": key,
+                "engine": engine,
+                "settings": spec.to_dict(),
+                "block_size": block_size,
+                "seed": seed,
+                "n_images": sum(len(b.paths) for b in blocks),
+                "blocks": [
+                    {"id": b.id, "class": b.class_name, "n": len(b.paths), "fingerprint": b.fingerprint} for b in blocks
+                ],
+            },
         )
-    else:
-        stream = run_inline(todo, spec, scorer_cls=scorer_cls)
-    n_todo = sum(len(b.paths) for b in todo)
-    with tqdm(total=n_todo, desc=f"scoring ({engine})", unit="img", disable=not progress) as bar:
-        for result in stream:
-            results[result["block"]["id"]] = result
-            bar.update(len(result["block"]["paths"]))
-    missing = [b.id for b in blocks if b.id not in results]
-    if missing:
-        raise RuntimeError(f"{len(missing)} block(s) returned no result (first: {missing[0]}); rerun to resume")
-    rows = sorted((r for b in blocks for r in results[b.id]["rows"]), key=lambda r: r["index"])
-    _write_predictions(out, rows, spec, blocks, engine, key)
+        n_todo = sum(len(b.paths) for b in todo)
+        try:
+            with tqdm(total=n_todo, desc=f"scoring ({engine})", unit="img", disable=not progress) as bar:
+                for result in stream:
+                    results[result["block"]["id"]] = result
+                    bar.update(len(result["block"]["paths"]))
+        except KeyboardInterrupt as exc:  # say what is kept (the CLI prints it): finished blocks stay saved
+            exc.args = (
+                f"{len(results)} of {len(blocks)} block(s) finished and kept in {out / BLOCKS_DIR}; no predictions "
+                "merged yet: run the same command again to resume",
+            )
+            raise
+        missing = [b.id for b in blocks if b.id not in results]
+        if missing:
+            raise RuntimeError(f"{len(missing)} block(s) returned no result (first: {missing[0]}); rerun to resume")
+        rows = sorted((r for b in blocks for r in results[b.id]["rows"]), key=lambda r: r["index"])
+        _write_predictions(out, rows, spec, blocks, engine, key)
     return ArchiveRun(
         out=out,
         engine=engine,
@@ -216,7 +231,11 @@ def _write_predictions(out: Path, rows: list[dict], spec: ScorerSpec, blocks, en
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     write_bytes(out / "predictions.parquet", sink.getvalue().to_pybytes())
-    files = sorted(str(Path(d, f).relative_to(out)) for d, _, fs in os.walk(out) for f in fs if f != OUTPUT_MARKER)
+    # the marker lists what this run wrote (what a later --overwrite may remove), never anything else in out
+    wrote = {RUN_FILE, "predictions.json", "predictions.csv", "predictions.parquet"}
+    wrote |= {f"{BLOCKS_DIR}/{b.id}.json" for b in blocks}
+    wrote |= {r[k] for r in rows for k in ("heatmap", "mask") if isinstance(r.get(k), str)}
+    files = sorted(f for f in wrote if not lies_outside(out, f) and (out / f).is_file())
     write_json(out / OUTPUT_MARKER, {"tool": "dualclip", "version": __version__, "files": files, "archive": True})
 
 

@@ -2,8 +2,9 @@
 embeddings (CLIP) and every matching layer's raw tokens; and :class:`OnnxBackbone`, which runs that graph
 with onnxruntime in place of torch.
 
-The graph's metadata names the backbone, its weights fingerprint, size, layers and V-V start; a file made
-for other weights or settings is refused with the difference named. Text (CLIP's prompt embeddings) stays on
+The graph's metadata names the backbone, its weights fingerprint, size, layers and V-V start, and a hash of
+the graph itself (every node and weight); a file made for other weights or settings, or whose graph or
+weights were changed after export, is refused with the difference named. Text (CLIP's prompt embeddings) stays on
 the torch model: it runs once per class, not per image.
 """
 
@@ -48,6 +49,20 @@ def model_identity(backbone: Backbone) -> dict:
         "vv_start": getattr(backbone, "vv_start", None),
         "grid": list(_grid(backbone)),
     }
+
+
+def graph_sha256(graph) -> str:
+    """SHA-256 of an ONNX graph: every node, weight (initializer), input and output, in order (what the file
+    computes, apart from its metadata)."""
+    h = hashlib.sha256()
+    for field, value in graph.ListFields():
+        scalar = isinstance(value, str | bytes | int | float) or hasattr(value, "SerializeToString")
+        for item in [value] if scalar else value:
+            data = item.SerializeToString(deterministic=True) if hasattr(item, "SerializeToString") else repr(item)
+            data = data if isinstance(data, bytes) else data.encode()
+            h.update(field.name.encode() + len(data).to_bytes(8, "little"))
+            h.update(data)
+    return h.hexdigest()
 
 
 def _grid(backbone: Backbone) -> tuple[int, int]:
@@ -112,6 +127,7 @@ def export_onnx(backbone: Backbone, path: str | os.PathLike, opset: int = OPSET,
         model = onnx.load(str(tmp))
         meta = {**identity, "dualclip_version": __version__, "outputs": names, "mean": list(backbone.mean)}
         meta["std"] = list(backbone.std)
+        meta["graph_sha256"] = graph_sha256(model.graph)
         onnx.helper.set_model_props(model, {"dualclip": json.dumps(meta)})
         onnx.checker.check_model(model)
         write_bytes(path, model.SerializeToString())
@@ -120,21 +136,43 @@ def export_onnx(backbone: Backbone, path: str | os.PathLike, opset: int = OPSET,
     return path
 
 
-def onnx_metadata(path: str | os.PathLike) -> dict:
-    """The dualclip metadata of an exported file (``ValueError`` if it has none)."""
+def _read_model(path: str | os.PathLike):
+    """The bytes of an ONNX file and the model they hold (``ValueError`` if unreadable)."""
     import onnx
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ONNX file not found: {path}")
+    data = path.read_bytes()
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        return data, onnx.load_model_from_string(data)
     except Exception as exc:  # protobuf decode errors come in several types
         raise ValueError(f"{path} is not a readable ONNX file: {exc}") from exc
+
+
+def _dualclip_meta(path: str | os.PathLike, model) -> dict:
     props = {p.key: p.value for p in model.metadata_props}
     if "dualclip" not in props:
         raise ValueError(f"{path} was not exported by dualclip (no dualclip metadata)")
     return json.loads(props["dualclip"])
+
+
+def onnx_metadata(path: str | os.PathLike) -> dict:
+    """The dualclip metadata of an exported file (``ValueError`` if it has none)."""
+    return _dualclip_meta(path, _read_model(path)[1])
+
+
+def check_graph(path: str | os.PathLike, model, meta: dict) -> None:
+    """Refuse a file whose graph or weights are not the ones exported (the hash recorded at export)."""
+    recorded = meta.get("graph_sha256")
+    if recorded is None:
+        raise ValueError(f"{path} records no hash of its graph (exported by an earlier dualclip): export again")
+    actual = graph_sha256(model.graph)
+    if actual != recorded:
+        raise ValueError(
+            f"{path}: its graph or weights differ from the ones exported (graph_sha256: recorded {recorded[:16]}, "
+            f"file {actual[:16]}): the file was changed after export; export again"
+        )
 
 
 def onnx_cache_path(
@@ -178,11 +216,14 @@ class OnnxBackbone(Backbone):
         import onnxruntime as ort
 
         super().__init__()
-        meta = onnx_metadata(path)
+        data, model = _read_model(path)  # checked and run from the same bytes
+        meta = _dualclip_meta(path, model)
         want = identity or model_identity(backbone)
         diff = [f"{k}: file {meta.get(k)!r}, model {want[k]!r}" for k in META_KEYS if meta.get(k) != want[k]]
         if diff:
             raise ValueError(f"{path} was exported for another model or settings ({'; '.join(diff)}): export again")
+        check_graph(path, model, meta)
+        del model
         self.torch_backbone = backbone
         self.path = Path(path)
         for attr in ("name", "image_size", "mean", "std", "weights_id", "has_text", "logit_scale", "feature_layers"):
@@ -197,7 +238,7 @@ class OnnxBackbone(Backbone):
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
-        self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        self.session = ort.InferenceSession(data, options, providers=providers)
 
     def weights_module(self) -> nn.Module:
         return self.torch_backbone

@@ -13,7 +13,8 @@ import hmac
 import io
 import ipaddress
 import time
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,9 @@ class ServeSettings:
         Longest time a request waits for others to share its batch.
     max_body_bytes:
         Largest request body accepted (413 above).
+    max_pending_bytes:
+        Most bytes of request bodies held at once over all requests (at least ``max_body_bytes``); a request
+        that would pass it is refused with 503 and ``Retry-After`` (see :class:`ByteBudget`).
     max_pixels, max_side:
         The image loader's limits: more pixels than ``max_pixels`` is refused (422), a longer side than
         ``max_side`` is decoded reduced.
@@ -69,6 +73,7 @@ class ServeSettings:
     batch_size: int = 8
     max_wait_ms: float = 5.0
     max_body_bytes: int = 32 * 2**20
+    max_pending_bytes: int = 256 * 2**20
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_side: int = DEFAULT_MAX_SIDE
     api_key: str | None = field(default=None, repr=False)
@@ -79,9 +84,13 @@ class ServeSettings:
                 f"--host {self.host} can be reached from other machines: set an API key "
                 "(--api-key-file FILE or the DUALCLIP_API_KEY environment variable), or bind to 127.0.0.1"
             )
-        for name in ("batch_size", "max_body_bytes", "max_pixels", "max_side"):
+        for name in ("batch_size", "max_body_bytes", "max_pending_bytes", "max_pixels", "max_side"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_pending_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"max_pending_bytes ({self.max_pending_bytes}) must be at least max_body_bytes ({self.max_body_bytes})"
+            )
         if not 0 <= self.max_wait_ms <= 10_000:
             raise ValueError(f"max_wait_ms must lie in [0, 10000], got {self.max_wait_ms}")
         if not 0 < self.port < 65536:
@@ -99,16 +108,62 @@ def _png_base64(image: Image.Image, prediction: Prediction, scale: HeatmapScale)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it exceeds ``limit`` bytes (declared or streamed)."""
+@dataclass
+class ByteBudget:
+    """The bytes of request bodies held at once, over all requests: what uploads may take of the service's
+    memory. Each request takes its share through :meth:`hold` (its declared length before its body is read,
+    else each chunk as it arrives) and gives it back when it is answered; a request that would pass ``limit``
+    is refused with 503 and ``Retry-After``. Used from the event loop only (no lock needed)."""
+
+    limit: int
+    held: int = 0
+    refused: int = 0
+
+    @contextmanager
+    def hold(self) -> Iterator[Callable[[int], None]]:
+        """Yield ``take(n)``, which adds ``n`` bytes to this request's share (or raises the 503); the share is
+        given back on leaving."""
+        taken = 0
+
+        def take(n: int) -> None:
+            nonlocal taken
+            if self.held + n > self.limit:
+                self.refused += 1
+                raise HTTPException(
+                    503,
+                    f"busy: {self.held} bytes of request bodies are held (limit {self.limit}); retry shortly",
+                    headers={"Retry-After": "1"},
+                )
+            self.held += n
+            taken += n
+
+        try:
+            yield take
+        finally:
+            self.held -= taken
+
+    def to_dict(self) -> dict:
+        return {"held_bytes": self.held, "limit_bytes": self.limit, "refused": self.refused}
+
+
+async def _read_body(request: Request, limit: int, take: Callable[[int], None]) -> bytes:
+    """The request body, refused with 413 as soon as it exceeds ``limit`` bytes (declared or streamed); its
+    bytes are taken from the budget (``take``) before they are held."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
+    held = 0
+    if declared is not None and declared.isdigit():
+        if int(declared) > limit:
+            raise HTTPException(413, f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
+        take(int(declared))  # before reading: a refused body is never read
+        held = int(declared)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise HTTPException(413, f"request body exceeds the limit of {limit} bytes")
+        if size > held:
+            take(size - held)
+            held = size
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -159,8 +214,10 @@ def create_app(detector: DualClipDetector, settings: ServeSettings, profile_path
         finally:
             await batcher.stop()
 
+    budget = ByteBudget(settings.max_pending_bytes)
     app = FastAPI(title="dualclip inspection service", version=__version__, lifespan=lifespan)
     app.state.batcher = batcher
+    app.state.budget = budget
 
     @app.middleware("http")
     async def require_key(request: Request, call_next):
@@ -192,31 +249,37 @@ def create_app(detector: DualClipDetector, settings: ServeSettings, profile_path
             "config": detector.config.to_dict(),
             "service": settings.to_dict(),
             "batching": batcher.stats.to_dict(),
+            "memory": budget.to_dict(),
         }
 
     @app.post("/v1/score")
     async def score(request: Request, heatmap: bool = False) -> dict:
         start = time.perf_counter()
-        body = await _read_body(request, settings.max_body_bytes)
-        data, name = await _upload(request, body)
-        try:
-            image = await run_in_threadpool(decode_image, data, name, settings.max_pixels, settings.max_side)
-        except ImageLoadError as exc:
-            raise HTTPException(422, exc.reason) from exc
-        pred = await batcher.submit(image)
-        out = {
-            "score": pred.score,
-            "verdict": None if threshold is None else threshold.verdict(pred.score),
-            "threshold": None if threshold is None else threshold.value,
-            "branch_scores": pred.branch_scores,
-            "units": UNITS,
-            "filename": name,
-            "size": list(image.size),
-        }
-        if "original_size" in image.info:
-            out["original_size"] = list(image.info["original_size"])
-        if heatmap:
-            out["heatmap_png_base64"] = await run_in_threadpool(_png_base64, image, pred, scale)
+        with budget.hold() as take:  # the body's bytes count until the answer is sent
+            body = await _read_body(request, settings.max_body_bytes, take)
+            data, name = await _upload(request, body)
+            if data is not body:  # the file taken out of a multipart body: a second copy
+                take(len(data))
+            del body
+            try:
+                image = await run_in_threadpool(decode_image, data, name, settings.max_pixels, settings.max_side)
+            except ImageLoadError as exc:
+                raise HTTPException(422, exc.reason) from exc
+            del data
+            pred = await batcher.submit(image)
+            out = {
+                "score": pred.score,
+                "verdict": None if threshold is None else threshold.verdict(pred.score),
+                "threshold": None if threshold is None else threshold.value,
+                "branch_scores": pred.branch_scores,
+                "units": UNITS,
+                "filename": name,
+                "size": list(image.size),
+            }
+            if "original_size" in image.info:
+                out["original_size"] = list(image.info["original_size"])
+            if heatmap:
+                out["heatmap_png_base64"] = await run_in_threadpool(_png_base64, image, pred, scale)
         out["latency_ms"] = (time.perf_counter() - start) * 1000.0
         return out
 
