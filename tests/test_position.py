@@ -133,3 +133,63 @@ def test_a_profile_keeps_its_normal_offsets_and_scores_an_image_alone_as_in_a_ba
     again = DualClipDetector.load(tmp_path / "p", backbone=tiny_backbone)
     assert abs(again.predict(test[:1])[0].score - together[0].score) <= 1e-5
     assert again.run_info_.centring == "ring"
+
+
+def test_reflect_border_gives_a_flat_image_nearly_the_same_features_at_its_border_as_inside():
+    from dualclip.backbone.effnet import EffNetLite0Backbone
+
+    flat = torch.full((1, 3, 128, 128), 0.3)
+    zero = EffNetLite0Backbone(image_size=128, border="zero")  # the bundled ImageNet weights
+    reflect = EffNetLite0Backbone(image_size=128, border="reflect")
+    spreads = []
+    for layer_zero, layer_reflect in zip(zero(flat).match_features, reflect(flat).match_features, strict=True):
+        spreads.append(
+            (
+                float((layer_zero[0] - layer_zero[0].mean(0)).abs().max()),
+                float((layer_reflect[0] - layer_reflect[0].mean(0)).abs().max()),
+            )
+        )
+    # block 4 (receptive field inside the 32 px of mirror): the border patches of a flat image are the inner
+    # ones (measured 0.008 against 19.0); block 10 sees past the mirror to the network's own padding, and
+    # still differs less than half as much (4.4 against 10.5)
+    assert spreads[0][1] < 0.01 * spreads[0][0]
+    assert spreads[1][1] < 0.5 * spreads[1][0]
+    assert reflect(flat).grid == zero(flat).grid == (16, 16)
+
+
+def test_reflect_border_is_the_network_on_the_mirrored_image_cropped_back():
+    import torch.nn.functional as F
+
+    from dualclip.backbone.effnet import EffNetLite0Backbone
+
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    reflect = EffNetLite0Backbone(pretrained=None, image_size=96, border="reflect")
+    plain = EffNetLite0Backbone(pretrained=None, image_size=160, border="zero")  # same random weights
+    assert reflect.border_pad == 32
+    big = plain(F.pad(x, (32, 32, 32, 32), mode="reflect"))
+    h, w = big.grid
+    for got, full in zip(reflect(x).match_features, big.match_features, strict=True):
+        want = full.reshape(2, h, w, -1)[:, 4 : h - 4, 4 : w - 4].reshape(2, -1, full.shape[-1])
+        torch.testing.assert_close(got, want)
+
+
+def test_reflect_border_is_refused_for_a_transformer_and_old_profiles_keep_zero_padding(tmp_path, texture_set):
+    from dualclip.backbone import build_backbone
+
+    with pytest.raises(ValueError, match="border='reflect' pads a convolutional backbone"):
+        build_backbone(DetectorConfig(backbone=TINY, pretrained=None, border="reflect"))
+    cfg = DetectorConfig(backbone="effnet-lite0", pretrained=None, image_size=64, progress=False, border="zero")
+    det = DualClipDetector(cfg).fit(texture_set[0][:3])
+    assert det.profile_.meta["config"]["border"] == "zero"
+    assert det.profile_.meta["config"]["distance"] == det.matching()[0]  # the defaults it used are saved
+    det.save(tmp_path / "p")
+    doc = (tmp_path / "p" / "profile.json").read_text()
+    import json
+
+    saved = json.loads(doc)
+    del saved["config"]["border"]  # a profile made before the setting existed
+    saved["config"]["distance"] = None
+    (tmp_path / "p" / "profile.json").write_text(json.dumps(saved))
+    again = DualClipDetector.load(tmp_path / "p")
+    assert again.config.border == "zero" and again.backbone.border == "zero"
+    assert again.config.distance == saved["distance"]

@@ -25,6 +25,8 @@ Distance = Literal["cosine", "euclidean", "layernorm", "hybrid"]
 DISTANCES: tuple[str, ...] = ("cosine", "euclidean", "layernorm", "hybrid")
 FusionNorm = Literal["zscore", "rank"]
 ImageScoreMode = Literal["max", "top1pct"]
+Border = Literal["zero", "reflect"]
+BORDERS: tuple[str, ...] = ("zero", "reflect")
 Centring = Literal["none", "ring", "position"]
 CENTRINGS: tuple[str, ...] = ("none", "ring", "position")
 TTAScope = Literal["category", "image"]
@@ -135,6 +137,12 @@ class DetectorConfig:
         Side of the square neighbourhood over which matching features are averaged (1 = off), or several
         sides, e.g. ``(1, 3, 5)``: one matching space each, scores averaged. ``None``: the backbone's
         default (see ``distance``).
+    border:
+        How a convolutional backbone (effnet-lite0) sees the image's border: ``"reflect"`` pads the image by
+        mirroring before the network and crops the features back to the image, so that the zero padding of
+        the convolutions never reaches the border patches; ``"zero"``: the network's own zero padding.
+        ``None``: the backbone's default. Transformer backbones (CLIP, dinov2-vits14) have no padding:
+        ``"reflect"`` is refused for them.
     centring:
         Positional centring of the visual scores (:mod:`dualclip.scoring.position`): from each patch score the
         typical score at that place is subtracted, the median over the run's images at the same grid
@@ -217,6 +225,7 @@ class DetectorConfig:
     vv_start: int | None = None
     distance: Distance | None = None
     neighbourhood: int | tuple[int, ...] | None = None
+    border: Border | None = None
     centring: Centring | None = None
     k: int | Literal["all"] = 1
     pairing: Pairing = "random"
@@ -263,6 +272,7 @@ class DetectorConfig:
                 f"neighbourhood must be an odd number >= 1 or a tuple of them, got {self.neighbourhood!r}",
             )
             self.neighbourhood = sizes[0] if len(sizes) == 1 else sizes
+        _check(self.border is None or self.border in BORDERS, f"border must be one of {BORDERS}, got {self.border!r}")
         _check(
             self.centring is None or self.centring in CENTRINGS,
             f"centring must be one of {CENTRINGS}, got {self.centring!r}",

@@ -146,6 +146,7 @@ class RunInfo:
     distance: str | None = None
     neighbourhood: list[int] | None = None
     centring: str | None = None
+    border: str | None = None
     precision: str | None = None
 
     def to_dict(self, with_references: bool = True) -> dict:
@@ -242,6 +243,19 @@ class _StageClock:
             yield
         finally:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+def _saved_settings(profile: Profile) -> dict:
+    """A profile's settings, with what a profile saved before a setting existed computed with: the network's own
+    border padding, no centring (no offsets saved), the distance and neighbourhood it recorded."""
+    settings = dict(profile.meta["config"])
+    settings.setdefault("border", "zero")
+    if settings.get("centring") is None:
+        settings["centring"] = "none" if profile.scale.position is None else profile.meta.get("centring", "position")
+    for key in ("distance", "neighbourhood"):
+        if settings.get(key) is None and profile.meta.get(key) is not None:
+            settings[key] = profile.meta[key]
+    return settings
 
 
 class DualClipDetector:
@@ -369,6 +383,7 @@ class DualClipDetector:
             backbone=self.backbone.name,
             weights=self.backbone.weights_id,
             image_size=self.backbone.image_size,
+            border=self.backbone.border,
             timings_s=clock.seconds,
             k_effective=max((len(r) for r in refs), default=0) if use_visual else None,
             duplicate_pairs=branches.duplicate_pairs,
@@ -649,8 +664,11 @@ class DualClipDetector:
         scale, normal_scores = self._normal_scale(branches, feats.grid)
         scale.parts = part_moments
         scale.position = None if offsets is None else [float(v) for v in offsets]
+        # the defaults this fit resolved are saved as settings: a later default cannot change a saved profile
+        resolved = {"distance": distance, "neighbourhood": list(sizes), "border": backbone.border}
+        resolved["centring"] = self.centring() if offsets is not None else "none"
         meta = {
-            "config": cfg.to_dict(),
+            "config": {**cfg.to_dict(), **resolved},
             "class_name": class_name,
             "backbone": backbone.name,
             "weights": backbone.weights_id,
@@ -735,8 +753,8 @@ class DualClipDetector:
         """
         profile = Profile.load(path)
         try:
-            config = DetectorConfig(**profile.meta["config"])
-        except (TypeError, ValueError) as exc:
+            config = DetectorConfig(**_saved_settings(profile))
+        except (TypeError, ValueError, AttributeError) as exc:
             raise ProfileError(f"{path}: its settings are not valid for this dualclip: {exc}") from exc
         where = {
             "device": device,

@@ -24,11 +24,11 @@ __all__ = [
 ]
 
 
-def matching_defaults(backbone: str) -> tuple[str, tuple[int, ...], str]:
-    """The (distance, neighbourhood sizes, centring) a backbone uses when the settings leave them at ``None``
-    (without building it: eval fingerprints record them)."""
+def matching_defaults(backbone: str) -> tuple[str, tuple[int, ...], str, str]:
+    """The (distance, neighbourhood sizes, centring, border) a backbone uses when the settings leave them at
+    ``None`` (without building it: eval fingerprints and saved profiles record them)."""
     cls = {DINOV2_NAME: DinoV2Backbone, EFFNET_NAME: EffNetLite0Backbone}.get(backbone, ClipBackbone)
-    return cls.default_distance, tuple(cls.default_neighbourhood), cls.default_centring
+    return cls.default_distance, tuple(cls.default_neighbourhood), cls.default_centring, cls.default_border
 
 
 def build_backbone(config) -> Backbone:
@@ -36,6 +36,11 @@ def build_backbone(config) -> Backbone:
     from ..config import resolve_device
 
     device = resolve_device(config.device)
+    if config.border == "reflect" and config.backbone != EFFNET_NAME:
+        raise ValueError(
+            f"border='reflect' pads a convolutional backbone's input; {config.backbone!r} has no zero padding to "
+            "replace: leave border at None"
+        )
     if config.backbone == DINOV2_NAME:
         backbone: Backbone = DinoV2Backbone(
             pretrained=config.pretrained,
@@ -48,6 +53,7 @@ def build_backbone(config) -> Backbone:
             pretrained=config.pretrained,
             image_size=config.image_size,
             feature_layers=config.feature_layers,
+            border=config.border,
         )
     else:
         backbone = build_clip_backbone(

@@ -55,6 +55,10 @@ class Backbone(nn.Module, ABC):
     """The neighbourhood size(s) used when ``DetectorConfig.neighbourhood`` is ``None``."""
     default_centring: str = "none"
     """The positional centring used when ``DetectorConfig.centring`` is ``None``."""
+    default_border: str = "zero"
+    """How the image border is padded when ``DetectorConfig.border`` is ``None`` (only effnet-lite0 pads)."""
+    border: str = "zero"
+    """How this backbone pads the image border (``"zero"``: the network's own padding)."""
 
     @abstractmethod
     def forward(self, images: torch.Tensor) -> BackboneOutput:

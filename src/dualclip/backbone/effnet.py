@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import DEFAULT
+from ..config import BORDERS, DEFAULT
 from .base import Backbone, BackboneOutput, load_weights_file
 
 EFFNET_NAME = "effnet-lite0"
@@ -21,6 +21,15 @@ EFFNET_DEFAULT_SIZE = 320
 EFFNET_DEFAULT_LAYERS = (4, 10)
 _MEAN = (127.0 / 255, 127.0 / 255, 127.0 / 255)  # TF-Lite EfficientNet-Lite normalisation: (x - 127) / 128
 _STD = (128.0 / 255, 128.0 / 255, 128.0 / 255)
+
+
+def _stride(net, block: int) -> int:
+    """The total stride of MBConv block ``block``'s output (the stem's 2 times every block's own strides)."""
+    stride = 2
+    for b in net._blocks[: block + 1]:
+        s = b._block_args.stride
+        stride *= s[0] if isinstance(s, list | tuple) else s
+    return stride
 
 
 def _import_effnet():
@@ -51,18 +60,25 @@ class EffNetLite0Backbone(Backbone):
         Processing size S (default 320: stride-8 grid of 40 x 40).
     feature_layers:
         0-based MBConv block indices (0..15) whose outputs are matched (default ``(4, 10)``).
+    border:
+        ``"reflect"``: the image is reflect-padded by :attr:`border_pad` pixels before the network and the
+        feature maps are cropped back to the image, so that the convolutions' zero padding never reaches the
+        image's border patches (they would otherwise differ from every interior patch and light up in every
+        image); ``"zero"``: the network's own zero padding.
     """
 
     has_text = False
     # chosen by leave-one-defect-type-out on the shared data (README, "Matching"; benchmarks/matching_folds.py)
     default_distance = "hybrid"
     default_neighbourhood = (1,)
+    default_border = "zero"
 
     def __init__(
         self,
         pretrained: str | None = DEFAULT,
         image_size: int | None = None,
         feature_layers: tuple[int, ...] | None = None,
+        border: str | None = None,
     ) -> None:
         super().__init__()
         EfficientNet = _import_effnet()
@@ -83,10 +99,17 @@ class EffNetLite0Backbone(Backbone):
         self.name = EFFNET_NAME
         self.weights_id = None if path is None else ("bundled" if pretrained == DEFAULT else str(path.resolve()))
         self.image_size = int(image_size or EFFNET_DEFAULT_SIZE)
+        self.border = border or self.default_border
+        if self.border not in BORDERS:
+            raise ValueError(f"border must be one of {BORDERS}, got {self.border!r}")
+        # two cells of the coarsest block used: a whole number of cells at every chosen block's stride
+        self.border_pad = 2 * _stride(net, layers[-1]) if self.border == "reflect" else 0
         self.mean, self.std = _MEAN, _STD
 
     def forward(self, images: torch.Tensor) -> BackboneOutput:
-        net = self.net
+        net, pad = self.net, self.border_pad
+        if pad:
+            images = F.pad(images, (pad, pad, pad, pad), mode="reflect")
         x = net._swish(net._bn0(net._conv_stem(images)))
         maps = []
         for idx, block in enumerate(net._blocks):
@@ -97,11 +120,14 @@ class EffNetLite0Backbone(Backbone):
                 break
         h, w = maps[0].shape[-2:]
         global_embedding = F.normalize(x.mean(dim=(2, 3)), dim=-1)
+        # the padding's cells go after every map is on the finest grid: the maps cover the image again
+        c = pad * w // images.shape[-1]
         match = []
         for m in maps:
             if m.shape[-2:] != (h, w):
                 m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
-            match.append(m.flatten(2).transpose(1, 2))
+            match.append(m[..., c : h - c, c : w - c].flatten(2).transpose(1, 2))
+        h, w = h - 2 * c, w - 2 * c
         return BackboneOutput(
             global_embedding=global_embedding, patch_embeddings=None, match_features=match, grid=(h, w)
         )

@@ -26,7 +26,16 @@ from ..atomic import temp_sibling, write_bytes
 from ..backbone.base import Backbone, BackboneOutput
 
 OPSET = 17
-META_KEYS = ("backbone", "weights", "weights_fingerprint", "image_size", "feature_layers", "vv_start", "grid")
+META_KEYS = (
+    "backbone",
+    "weights",
+    "weights_fingerprint",
+    "image_size",
+    "feature_layers",
+    "vv_start",
+    "border",
+    "grid",
+)
 
 
 def output_names(backbone: Backbone) -> list[str]:
@@ -47,6 +56,7 @@ def model_identity(backbone: Backbone) -> dict:
         "image_size": int(backbone.image_size),
         "feature_layers": list(backbone.feature_layers),
         "vv_start": getattr(backbone, "vv_start", None),
+        "border": backbone.border,
         "grid": list(_grid(backbone)),
     }
 
@@ -226,7 +236,17 @@ class OnnxBackbone(Backbone):
         del model
         self.torch_backbone = backbone
         self.path = Path(path)
-        for attr in ("name", "image_size", "mean", "std", "weights_id", "has_text", "logit_scale", "feature_layers"):
+        for attr in (
+            "name",
+            "image_size",
+            "mean",
+            "std",
+            "weights_id",
+            "has_text",
+            "logit_scale",
+            "feature_layers",
+            "border",
+        ):
             setattr(self, attr, getattr(backbone, attr))
         self.default_distance = backbone.default_distance
         self.default_neighbourhood = backbone.default_neighbourhood
