@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -123,3 +124,26 @@ def test_hybrid_averages_the_standardised_cosine_and_euclidean_scores(tiny_backb
     torch.testing.assert_close(runs["hybrid"].branches.visual.double(), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="no matching space of its own"):
         to_match_space(torch.randn(1, 4, 3), (2, 2), "hybrid", 1)
+
+
+def test_robust_hybrid_parts_are_standardised_by_median_and_mad():
+    from dualclip.profile import Moments
+    from dualclip.scoring import combine_parts
+
+    g = torch.Generator().manual_seed(1)
+    cos, euc = torch.rand(5, 12, generator=g), 10 * torch.rand(5, 12, generator=g)
+    euc[0, :6] = 1000.0  # a run with a few huge defect responses: they must not set the units
+
+    def robust(x):
+        v = np.sort(x.numpy().astype(np.float64).reshape(-1))
+        med = v[(v.size - 1) // 2]  # the lower median
+        dev = np.sort(np.abs(v - med))
+        return (x.numpy().astype(np.float64) - med) / (1.4826 * dev[(dev.size - 1) // 2])
+
+    got = combine_parts({"cosine": cos, "euclidean": euc}, robust=True)
+    np.testing.assert_allclose(got.numpy(), (robust(cos) + robust(euc)) / 2, rtol=1e-5, atol=1e-5)
+    m = Moments.of(euc, robust=True)
+    np.testing.assert_allclose(m.standardize(euc).numpy(), robust(euc), rtol=1e-5, atol=1e-5)
+    # z-scores are still the default, and the huge responses squash the others there
+    z = combine_parts({"cosine": cos, "euclidean": euc})
+    assert float(z[1:].std()) < float(got[1:].std())

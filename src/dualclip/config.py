@@ -25,6 +25,8 @@ Distance = Literal["cosine", "euclidean", "layernorm", "hybrid"]
 DISTANCES: tuple[str, ...] = ("cosine", "euclidean", "layernorm", "hybrid")
 FusionNorm = Literal["zscore", "rank"]
 ImageScoreMode = Literal["max", "top1pct"]
+HybridNorm = Literal["zscore", "robust"]
+HYBRID_NORMS: tuple[str, ...] = ("zscore", "robust")
 Border = Literal["zero", "reflect"]
 BORDERS: tuple[str, ...] = ("zero", "reflect")
 Centring = Literal["none", "ring", "position"]
@@ -133,6 +135,11 @@ class DetectorConfig:
         the Euclidean scores, each standardised, averaged: direction and magnitude). ``None``: the backbone's
         default, chosen by leave-one-defect-type-out (README, "Matching"): ``hybrid`` at neighbourhood 1 for
         effnet-lite0; ``cosine`` at 3 for CLIP (no CLIP weights could be evaluated here).
+    hybrid_norm:
+        How the two parts of the ``hybrid`` distance are put on one scale before they are averaged: ``"zscore"``
+        (mean and standard deviation) or ``"robust"`` (median and 1.4826 x the median absolute deviation, which
+        the defects of a run that holds many cannot move), over the run's patches, or in a profile over its
+        normal images' leave-one-out patches. ``None``: the backbone's default.
     neighbourhood:
         Side of the square neighbourhood over which matching features are averaged (1 = off), or several
         sides, e.g. ``(1, 3, 5)``: one matching space each, scores averaged. ``None``: the backbone's
@@ -224,6 +231,7 @@ class DetectorConfig:
     feature_layers: tuple[int, ...] | None = None
     vv_start: int | None = None
     distance: Distance | None = None
+    hybrid_norm: HybridNorm | None = None
     neighbourhood: int | tuple[int, ...] | None = None
     border: Border | None = None
     centring: Centring | None = None
@@ -272,6 +280,10 @@ class DetectorConfig:
                 f"neighbourhood must be an odd number >= 1 or a tuple of them, got {self.neighbourhood!r}",
             )
             self.neighbourhood = sizes[0] if len(sizes) == 1 else sizes
+        _check(
+            self.hybrid_norm is None or self.hybrid_norm in HYBRID_NORMS,
+            f"hybrid_norm must be one of {HYBRID_NORMS}, got {self.hybrid_norm!r}",
+        )
         _check(self.border is None or self.border in BORDERS, f"border must be one of {BORDERS}, got {self.border!r}")
         _check(
             self.centring is None or self.centring in CENTRINGS,

@@ -145,6 +145,7 @@ class RunInfo:
     synthesis_bases: list[int] | None = None
     distance: str | None = None
     neighbourhood: list[int] | None = None
+    hybrid_norm: str | None = None
     centring: str | None = None
     border: str | None = None
     precision: str | None = None
@@ -250,6 +251,7 @@ def _saved_settings(profile: Profile) -> dict:
     border padding, no centring (no offsets saved), the distance and neighbourhood it recorded."""
     settings = dict(profile.meta["config"])
     settings.setdefault("border", "zero")
+    settings.setdefault("hybrid_norm", "zscore")
     if settings.get("centring") is None:
         settings["centring"] = "none" if profile.scale.position is None else profile.meta.get("centring", "position")
     for key in ("distance", "neighbourhood"):
@@ -396,6 +398,7 @@ class DualClipDetector:
             run.distance, sizes = self.matching()
             run.neighbourhood = list(sizes)
             run.centring = branches.centring
+            run.hybrid_norm = self.hybrid_norm() if run.distance == "hybrid" else None
         self.run_info_ = run
         return ScoreResult(image_scores=image_scores, maps=maps, branches=branches, grid=feats.grid, run=run)
 
@@ -405,6 +408,10 @@ class DualClipDetector:
         distance = cfg.distance or backbone.default_distance
         sizes = cfg.neighbourhood or backbone.default_neighbourhood
         return distance, (sizes,) if isinstance(sizes, int) else tuple(sizes)
+
+    def hybrid_norm(self) -> str:
+        """How the hybrid distance's parts are standardised: the setting, or the backbone's default."""
+        return self.config.hybrid_norm or self.backbone.default_hybrid_norm
 
     def centring(self) -> str:
         """The visual branch's positional centring: the setting, or the backbone's default."""
@@ -512,7 +519,8 @@ class DualClipDetector:
                             )
                             for g in gspaces
                         )
-                moments = {p: Moments.of(v) for p, v in scores.items()} if len(parts) > 1 else None
+                robust = self.hybrid_norm() == "robust"
+                moments = {p: Moments.of(v, robust) for p, v in scores.items()} if len(parts) > 1 else None
                 out.visual = combine_parts(scores, moments)
                 if normal:
                     offsets = positional_offsets(combine_parts(normal, moments), feats.grid, centring)
@@ -522,7 +530,8 @@ class DualClipDetector:
             dup = near_duplicates(thumbnails(images), cfg.duplicate_tolerance)
             refs = pair_references(n, cfg.k, cfg.pairing, cfg.seed, forbidden=dup)
             visual = combine_parts(
-                {p: _mean(reference_scores(s, refs, cfg.k_aggregation, distance=p) for s in spaces[p]) for p in parts}
+                {p: _mean(reference_scores(s, refs, cfg.k_aggregation, distance=p) for s in spaces[p]) for p in parts},
+                robust=self.hybrid_norm() == "robust",
             )
             out.visual = centre(visual, positional_offsets(visual, feats.grid, centring))
             out.centring = centring
@@ -651,7 +660,8 @@ class DualClipDetector:
                 )
                 for p in parts
             }
-            part_moments = {p: Moments.of(v) for p, v in loo.items()} if len(parts) > 1 else {}
+            robust = self.hybrid_norm() == "robust"
+            part_moments = {p: Moments.of(v, robust) for p, v in loo.items()} if len(parts) > 1 else {}
             branches.visual = combine_parts(loo, part_moments or None)
             offsets = positional_offsets(branches.visual, feats.grid, self.centring())
             branches.visual = centre(branches.visual, offsets)
@@ -666,6 +676,7 @@ class DualClipDetector:
         scale.position = None if offsets is None else [float(v) for v in offsets]
         # the defaults this fit resolved are saved as settings: a later default cannot change a saved profile
         resolved = {"distance": distance, "neighbourhood": list(sizes), "border": backbone.border}
+        resolved["hybrid_norm"] = self.hybrid_norm()
         resolved["centring"] = self.centring() if offsets is not None else "none"
         meta = {
             "config": {**cfg.to_dict(), **resolved},

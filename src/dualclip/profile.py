@@ -45,9 +45,12 @@ class Moments:
     std: float
 
     @classmethod
-    def of(cls, values: torch.Tensor) -> Moments:
-        v = values.double().reshape(-1)
-        return cls(float(v.mean()), float(v.std(unbiased=False)) if v.numel() > 1 else 0.0)
+    def of(cls, values: torch.Tensor, robust: bool = False) -> Moments:
+        """Mean and population standard deviation of all values, or (``robust``) their median and 1.4826 times
+        their median absolute deviation."""
+        from .scoring.matching import centre_and_spread
+
+        return cls(*centre_and_spread(values, robust))
 
     def standardize(self, x: torch.Tensor) -> torch.Tensor:
         """``(x - mean) / std`` (``std`` 0: ``x - mean``)."""

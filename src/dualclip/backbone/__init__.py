@@ -24,11 +24,17 @@ __all__ = [
 ]
 
 
-def matching_defaults(backbone: str) -> tuple[str, tuple[int, ...], str, str]:
-    """The (distance, neighbourhood sizes, centring, border) a backbone uses when the settings leave them at
-    ``None`` (without building it: eval fingerprints and saved profiles record them)."""
+def matching_defaults(backbone: str) -> tuple[str, tuple[int, ...], str, str, str]:
+    """The (distance, neighbourhood sizes, hybrid_norm, centring, border) a backbone uses when the settings leave
+    them at ``None`` (without building it: eval fingerprints record them)."""
     cls = {DINOV2_NAME: DinoV2Backbone, EFFNET_NAME: EffNetLite0Backbone}.get(backbone, ClipBackbone)
-    return cls.default_distance, tuple(cls.default_neighbourhood), cls.default_centring, cls.default_border
+    return (
+        cls.default_distance,
+        tuple(cls.default_neighbourhood),
+        cls.default_hybrid_norm,
+        cls.default_centring,
+        cls.default_border,
+    )
 
 
 def build_backbone(config) -> Backbone:

@@ -53,6 +53,8 @@ class Backbone(nn.Module, ABC):
     """The matching distance used when ``DetectorConfig.distance`` is ``None``."""
     default_neighbourhood: tuple[int, ...] = (3,)
     """The neighbourhood size(s) used when ``DetectorConfig.neighbourhood`` is ``None``."""
+    default_hybrid_norm: str = "zscore"
+    """How the hybrid parts are standardised when ``DetectorConfig.hybrid_norm`` is ``None``."""
     default_centring: str = "none"
     """The positional centring used when ``DetectorConfig.centring`` is ``None``."""
     default_border: str = "zero"

@@ -251,6 +251,7 @@ class OnnxBackbone(Backbone):
         self.default_distance = backbone.default_distance
         self.default_neighbourhood = backbone.default_neighbourhood
         self.default_centring = backbone.default_centring
+        self.default_hybrid_norm = backbone.default_hybrid_norm
         self.grid = tuple(meta["grid"])
         self.outputs = list(meta["outputs"])
         if providers is None:

@@ -43,10 +43,25 @@ def distance_parts(distance: Distance) -> tuple[str, ...]:
     return HYBRID_PARTS if distance == "hybrid" else (distance,)
 
 
-def combine_parts(parts: dict[str, torch.Tensor], moments: dict | None = None) -> torch.Tensor:
-    """One visual score from the parts' scores: a single part unchanged; several standardised (z-scores over
-    all their values, or by ``moments[part]``, a profile's fixed :class:`~dualclip.profile.Moments`) and
-    averaged."""
+MAD_TO_STD = 1.4826
+"""The median absolute deviation of a normal distribution times this is its standard deviation."""
+
+
+def centre_and_spread(x: torch.Tensor, robust: bool = False) -> tuple[float, float]:
+    """``(centre, spread)`` of all values of ``x``: mean and population standard deviation, or (``robust``)
+    the lower median and 1.4826 times the median absolute deviation, which a minority of defects cannot
+    move."""
+    flat = x.double().reshape(-1)
+    if robust:
+        med = flat.median()
+        return float(med), float((flat - med).abs().median() * MAD_TO_STD)
+    return float(flat.mean()), float(flat.std(unbiased=False)) if flat.numel() > 1 else 0.0
+
+
+def combine_parts(parts: dict[str, torch.Tensor], moments: dict | None = None, robust: bool = False) -> torch.Tensor:
+    """One visual score from the parts' scores: a single part unchanged; several standardised and averaged,
+    by ``moments[part]`` (a profile's fixed :class:`~dualclip.profile.Moments`), else over all their values
+    (:func:`centre_and_spread`: z-scores, or ``robust``: median and MAD)."""
     if len(parts) == 1:
         return next(iter(parts.values()))
     out = None
@@ -54,9 +69,8 @@ def combine_parts(parts: dict[str, torch.Tensor], moments: dict | None = None) -
         if moments is not None:
             z = moments[name].standardize(x)
         else:
-            flat = x.double()
-            std = flat.std(unbiased=False)
-            z = ((flat - flat.mean()) / std if std > 0 else flat - flat.mean()).to(x.dtype)
+            c, s = centre_and_spread(x, robust)
+            z = ((x.double() - c) / s if s > 0 else x.double() - c).to(x.dtype)
         out = z if out is None else out + z
     return out / len(parts)
 
