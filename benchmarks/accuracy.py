@@ -3,7 +3,7 @@ setting), k = 3, k = all (full mutual scoring) and golden normal references, eac
 adaptation; image AUROC, pixel AUROC, AUPRO as mean ± std over seeds.
 
 Data from ../shared/datasets (read in place; the section is skipped, with the reason, where it is absent):
-- magnetic_tile: 100 defect-free + 100 defective images (the README's subset); golden references: the next
+- magnetic_tile: 100 defect-free + 100 defective images (the subset of docs/results.md); golden references: the next
   4 defect-free images in name order (not in the test set);
 - mpdd_metal_plate: the ``test`` split (26 good + 21 defective); golden references: the first 4 defect-free
   images of the ``train`` split.

@@ -89,7 +89,7 @@ def main() -> None:
             "Generated 256 px textures (3/4 normal). Default budget: ceil(N/2) synthetic images, at least 8 and at "
             f"most 32, 60 AdamW steps, linear head. Median of {repeats}{'' if args.quick else ' after a warm-up'}. The last row per "
             "backbone is `scope='image'` (a fresh head per image on 8 synthetic copies of it), adaptation time "
-            "per image. Target (issue 3): on / off <= 2."
+            "per image. Target: on / off <= 2."
         ],
     }
     write_section(args.json, "adaptation_cost", [table], {"rows": raw})

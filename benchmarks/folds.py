@@ -1,11 +1,11 @@
-"""The README's accuracy tables, from one command: leave-one-defect-type-out matching (effnet-lite0,
+"""The fold tables of docs/results.md, from one command: leave-one-defect-type-out matching (effnet-lite0,
 dinov2-vits14), saved profiles and test-time adaptation, every fold, 3 seeds.
 
-    .venv/bin/python benchmarks/folds.py              # runs the three scripts, rewrites the README block
+    .venv/bin/python benchmarks/folds.py              # runs the scripts, rewrites the block in docs/results.md
     .venv/bin/python benchmarks/folds.py --no-run     # only rewrites the block from runs/bench/*.json
 
-Each script runs in its own process and writes its JSON under runs/bench/; the block between the README's
-``<!-- folds -->`` markers is then rewritten from those files (tables are never typed by hand).
+Each script runs in its own process and writes its JSON under runs/bench/; the block between the
+``<!-- folds -->`` markers of docs/results.md is then rewritten from those files (tables are never typed by hand).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def render(results: Path) -> str:
             continue
         cmd = " ".join(["python benchmarks/" + args[0], *args[1:]])
         parts.append(f"Made by `{cmd}` on {data['machine']['date']} ({data['machine']['cpu']}).\n")
-        # titles as bold lines, not headings: the README's table of contents stays short
+        # titles as bold lines, not headings: the page's table of contents stays short
         parts += [f"**{t['title']}**\n\n" + markdown_table({**t, "title": None}) for t in data["tables"]]
     parts.append(END)
     return "\n".join(parts)
@@ -61,8 +61,8 @@ def render(results: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, default=ROOT / "runs" / "bench")
-    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
-    ap.add_argument("--no-run", action="store_true", help="only rewrite the README block from existing results")
+    ap.add_argument("--page", type=Path, default=ROOT / "docs" / "results.md")
+    ap.add_argument("--no-run", action="store_true", help="only rewrite the block from existing results")
     args = ap.parse_args()
     if not SHARED.is_dir():
         print(f"folds: skipped, {SHARED} is absent", file=sys.stderr)
@@ -70,15 +70,15 @@ def main() -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     if not args.no_run:
         run(args.results)
-    text = args.readme.read_text()
+    text = args.page.read_text()
     if START not in text or END not in text:
-        raise SystemExit(f"{args.readme} has no {START} ... {END} block")
+        raise SystemExit(f"{args.page} has no {START} ... {END} block")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     from dualclip.atomic import write_text
 
-    write_text(args.readme, head + render(args.results) + tail)
-    print(f"rewrote the folds block of {args.readme}")
+    write_text(args.page, head + render(args.results) + tail)
+    print(f"rewrote the folds block of {args.page}")
 
 
 if __name__ == "__main__":

@@ -191,9 +191,9 @@ def main() -> None:
         ],
         "rows": rows,
         "notes": [
-            "Target (issue #11): predict k=1 within 1.5x of bf16 encode_image; full mutual ViT-L at 518 px, N=200, "
-            "<= 100 ms per image; adaptation adds at most 50%. Matching, fusion and adaptation still run on the "
-            "CPU in this version: the rows measure that.",
+            "Targets: predict k=1 within 1.5x of bf16 encode_image; full mutual ViT-L at 518 px, N=200, "
+            "<= 100 ms per image; adaptation adds at most 50%. Matching, fusion and adaptation run on the "
+            "CPU: the rows measure that.",
             "Skipped for the time budget or by design: " + ("; ".join(skipped) if skipped else "none"),
             f"Whole script: {time.perf_counter() - start_all:.0f} s.",
         ],

@@ -149,8 +149,8 @@ def main() -> None:
             "(one torch thread each); in-process: one process, torch's 2 threads.",
             "Score differences come from the thread count (one torch thread per actor against two in-process); "
             "with the same thread count the engines are bit-identical (tests/test_distributed.py).",
-            "Capacity estimate for a GPU cluster (not measured here: no GPU): issue #11 measured `predict` at k = 1 "
-            "on one H200 at 3.65 ms/image for ViT-B-16-plus-240 and 63.2 ms/image for ViT-L-14-336 at 518 px, "
+            "Capacity estimate for a GPU cluster (not measured by this script: it needs GPUs): `predict` at k = 1 "
+            "runs on one H200 at 3.65 ms/image for ViT-B-16-plus-240 and 63.2 ms/image for ViT-L-14-336 at 518 px, "
             "i.e. about 990,000 and 57,000 images per hour per GPU with one actor per GPU. Decoding a "
             "1-megapixel JPEG takes about 5-10 ms on one core, so a ViT-B actor needs 2-3 decoding CPUs to be "
             "kept busy (ViT-L: a fraction of one). Blocks are taken from one queue by whichever actor is free: "

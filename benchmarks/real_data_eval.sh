@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces the real-data tables of the README (needs ../shared/datasets).
+# Reproduces the real-data tables of docs/results.md (needs ../shared/datasets).
 set -euo pipefail
 MT=../shared/datasets/magnetic_tile
 MP=../shared/datasets/mpdd_metal_plate/data_supervised/metal_plate

@@ -1,5 +1,5 @@
 """The reliability line of BENCHMARKS.md: runs the fault-matrix tests (tests/test_faults.py) and counts the
-README's matrix cases tried and passing (a case passes when every ``test_row_NN_*`` test of it passes), plus
+matrix cases of docs/reliability.md tried and passing (a case passes when every ``test_row_NN_*`` test of it passes), plus
 the property and kill tests.
 
     python benchmarks/reliability.py --json runs/bench/reliability.json
@@ -61,7 +61,7 @@ def summarise(outcome: dict[str, bool]) -> tuple[dict, dict]:
     tried = len(rows)
     passing = sum(all(v) for v in rows.values())
     table = {
-        "title": "Reliability (README, Fault matrix)",
+        "title": "Reliability (docs/reliability.md, fault matrix)",
         "headers": ["matrix cases tried", "cases passing", "row tests passing", "property and kill tests passing"],
         "rows": [
             [

@@ -63,7 +63,7 @@ def run_section(name: str, quick: bool, results: Path, command: str) -> dict:
 
 
 def headline(data: dict[str, dict]) -> list[str]:
-    """The ratios the README quotes, computed from the results."""
+    """The ratios docs/results.md quotes, computed from the results."""
     lines = []
     tp = data.get("throughput", {}).get("raw", {}).get("rows", [])
     for r in tp:

@@ -1,4 +1,4 @@
-"""Headless Chromium for the HTML report (test and docs helper, not shipped): a PNG screenshot of it (README figure) and the browser test.
+"""Headless Chromium for the HTML report (test and docs helper, not shipped): a PNG screenshot of it (the figure of docs/cli.md) and the browser test.
 
 Uses the system's Chromium (Debian: ``apt-get install chromium``) driven by Playwright, which then downloads
 no browser of its own. Optional: needs ``pip install playwright`` (in the ``dev`` extra).

@@ -203,7 +203,24 @@ def test_eval_shots_uses_seeded_training_images_as_references_and_json(tmp_path,
     assert r.exit_code == 2 and "--shots 5 needs 5 normal training images" in r.output
 
 
-def test_license_matches_pyproject_and_readme_links_resolve_in_a_clone():
+def _anchors(page: Path) -> set[str]:
+    """The #anchors GitHub gives a Markdown page's headings: lower case, punctuation dropped, spaces to hyphens,
+    a repeated heading numbered (-1, -2, ...); fenced code is no heading."""
+    import re
+
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)
+    anchors: set[str] = set()
+    for heading in re.findall(r"^#{1,6} (.+)$", text, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        n, candidate = 0, slug
+        while candidate in anchors:
+            n += 1
+            candidate = f"{slug}-{n}"
+        anchors.add(candidate)
+    return anchors
+
+
+def test_license_matches_pyproject_and_doc_links_resolve_in_a_clone():
     import re
 
     root = Path(__file__).resolve().parents[1]
@@ -212,12 +229,17 @@ def test_license_matches_pyproject_and_readme_links_resolve_in_a_clone():
     declared = re.search(r'^license = "([^"]+)"$', pyproject, re.M)[1]
     assert re.search(r'^license-files = \["LICENSE"\]$', pyproject, re.M)
     assert declared == "Apache-2.0" and "Apache License" in license_text and "Version 2.0, January 2004" in license_text
-    readme = (root / "README.md").read_text()
-    links = re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", readme)
-    assert "docs/method.md" in links and "LICENSE" in links
-    missing = [link for link in links if not (root / link).exists()]
-    assert missing == []  # every relative link works in a clone (none points outside the repository)
-    assert not any(link.startswith("..") for link in links)
+    readme_links = re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", (root / "README.md").read_text())
+    assert "docs/method.md" in readme_links and "LICENSE" in readme_links
+    broken = []
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for target, anchor in re.findall(r"\]\(([^)#:\s]*)(?:#([^)\s]*))?\)", page.read_text()):
+            path = (page.parent / target).resolve() if target else page
+            if not path.exists() or root.resolve() not in [path, *path.parents]:
+                broken.append(f"{page.name}: {target}")  # every relative link works in a clone, inside it
+            elif anchor and path.suffix == ".md" and anchor not in _anchors(path):
+                broken.append(f"{page.name}: {target}#{anchor}")
+    assert broken == []
 
 
 def test_report_stays_small_per_image(tmp_path, folder):
@@ -250,7 +272,7 @@ def test_parallel_decoding_gives_the_same_images_in_order(tmp_path, folder):
 
 def test_bf16_backbone_keeps_the_pixel_ranking_within_the_documented_tolerance(texture_set):
     """precision="bf16": the backbone under autocast (CPU here), the rest in fp32. Documented tolerance
-    (README, GPU): maps rank pixels with Spearman >= 0.995 per image, image scores within 0.1 run spreads."""
+    (docs/cli.md, GPU): maps rank pixels with Spearman >= 0.995 per image, image scores within 0.1 run spreads."""
     from scipy.stats import spearmanr
 
     images = texture_set[0]

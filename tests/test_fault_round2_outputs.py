@@ -1,4 +1,4 @@
-"""The second fault round, output safety and messages (README, "Fault matrix", rows 16 on): one test per
+"""The second fault round, output safety and messages (docs/reliability.md, "Fault matrix", rows 16 on): one test per
 defect, named by the behaviour that now holds. Each fails on the code before its fix."""
 
 from __future__ import annotations

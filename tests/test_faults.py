@@ -1,4 +1,4 @@
-"""The fault and bad-input matrix of predict and eval (README, "Fault matrix"): one test per row, named
+"""The fault and bad-input matrix of predict and eval (docs/reliability.md, "Fault matrix"): one test per row, named
 ``test_row_NN_...``, and the property and kill tests.
 
 Each row's test fails on the code before the matrix was fixed and passes now.

@@ -14,7 +14,7 @@ pytest.importorskip("efficientnet_lite_pytorch")
 
 def magnetic_tile_200():
     """100 defect-free + 100 defective images (first in name order, defects taken in turn from the three
-    defect classes): the subset every magnetic_tile figure in the README uses."""
+    defect classes): the subset of the magnetic_tile figures in docs/results.md."""
     root = shared_dataset("magnetic_tile")
     (cat,) = D.folder(
         "magnetic_tile",
@@ -45,7 +45,7 @@ def _plain_nearest_neighbour(images, references):
 
 @pytest.mark.slow
 def test_magnetic_tile_default_beats_the_plain_nearest_neighbour():
-    """The effnet-lite0 default against the issue's plain baseline on the README's 200-image subset, with the
+    """The effnet-lite0 default against a plain nearest-neighbour baseline on the 200-image subset of docs/results.md, with the
     same partners (seed 0). Measured: default pixel AUROC 93.6, image 71.1, AUPRO 83.4; baseline 88.9, 67.8,
     80.8 (the issue quotes 94.0 / 61.4 for its own run of the baseline)."""
     from dualclip.metrics import aupro as pixel_aupro

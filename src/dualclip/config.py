@@ -17,7 +17,7 @@ AUTO_MAX_SYNTHETIC = 32
 Pairing = Literal["random"]
 REMOVED_SIMILAR = (
     "pairing 'similar' was removed: a defect that recurs across the images finds its match in a similar "
-    "partner and erases itself (README, 'Partner selection'); use pairing='random' (the default), "
+    "partner and erases itself (docs/results.md, 'Partner selection'); use pairing='random' (the default), "
     "more references (k=3) or full mutual scoring (k='all')"
 )
 Aggregation = Literal["min", "mean_low30"]
@@ -60,7 +60,7 @@ class AdaptationConfig:
         ``"image"``: the head is re-initialised and trained for every image on its own synthetic copies.
     rank:
         Rank of the residual adapter in front of the linear head. 0 (default): a linear head, which
-        generalised better than rank 16 on magnetic_tile (README, "Test-time adaptation").
+        generalised better than rank 16 on magnetic_tile (docs/results.md, "Test-time adaptation").
     dice_weight:
         Weight of the Dice term added to the BCE loss.
     anchor:
@@ -133,8 +133,9 @@ class DetectorConfig:
         L2-normalised features (the paper's), ``"euclidean"`` on raw features (layers concatenated),
         ``"layernorm"`` (MuSc: per-patch LayerNorm, then Euclidean per layer), or ``"hybrid"`` (the cosine and
         the Euclidean scores, each standardised, averaged: direction and magnitude). ``None``: the backbone's
-        default, chosen by leave-one-defect-type-out (README, "Matching"): ``hybrid`` at neighbourhood 1 for
-        effnet-lite0; ``cosine`` at 3 for CLIP (no CLIP weights could be evaluated here).
+        default, chosen by leave-one-defect-type-out (docs/results.md, "Matching"): ``hybrid`` at neighbourhood 1
+        for effnet-lite0, ``cosine`` at 1 for dinov2-vits14; ``cosine`` at 3 for CLIP (not chosen by the folds,
+        which ran without CLIP weights).
     hybrid_norm:
         How the two parts of the ``hybrid`` distance are put on one scale before they are averaged: ``"zscore"``
         (mean and standard deviation) or ``"robust"`` (median and 1.4826 x the median absolute deviation, which
@@ -164,7 +165,7 @@ class DetectorConfig:
         strategy offered: ``"similar"`` (partners by global-embedding similarity) was removed because
         defects that recur across a set are each other's nearest images and erase themselves; even drawn
         among the more similar half it lost 5.3 pixel-AUROC points to ``random`` on magnetic_tile's Fray
-        defects (README, "Partner selection"). More references (``k=3``, ``k="all"``) are the robust way to
+        defects (docs/results.md, "Partner selection"). More references (``k=3``, ``k="all"``) are the robust way to
         better scores.
     duplicate_tolerance:
         Near-exact duplicates are never each other's reference (a defect and its copy would erase each
@@ -173,6 +174,10 @@ class DetectorConfig:
         resolution by 0.12; the nearest distinct images differ by 1.9 (generated textures) and 6.6
         (metal_plate); magnetic_tile holds a few captures 0.36-0.5 apart that look the same. A negative
         value turns the check off.
+    k_aggregation:
+        How an image's distances to its k references are combined: ``"mean_low30"``, the mean of the lowest
+        ``ceil(0.3 k)`` (the minimum for k <= 3; for large k robust to references that carry the same defect),
+        or ``"min"``.
     use_text, use_visual:
         Switch the text branch (§4) and the visual-reference branch (§5) on or off (ablations).
     alpha:
@@ -190,10 +195,12 @@ class DetectorConfig:
         Softmax temperature tau of text scores; ``None``: the model's logit scale (100 for CLIP).
     tta:
         Test-time adaptation on synthesized anomalies (§7); settings in ``adaptation``.
+    adaptation:
+        The settings of test-time adaptation (:class:`AdaptationConfig`; a dict of them is accepted).
     memory_bank_size:
         Most golden patches a fitted profile keeps (:meth:`DualClipDetector.fit`): above it a greedy coreset
         (PatchCore) chooses this many; ``None`` keeps all. 16384 patches are about 10 images of effnet-lite0
-        at 320 px; measured in the README ("Saved profiles").
+        at 320 px; measured in docs/results.md ("Saved profiles").
     batch_size:
         Images per backbone forward pass.
     seed:
@@ -203,14 +210,14 @@ class DetectorConfig:
         (default): from the weights' open_clip pretrained config (``openai`` tags: True); a local checkpoint
         file of a preset is taken to hold the preset's weights.
     device:
-        Torch device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, or ``"auto"`` (``cuda`` where torch sees a GPU, else
-        ``cpu``; :func:`resolve_device`). A device torch cannot use is a ``ValueError`` naming it.
+        Torch device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``, or ``"auto"`` (``cuda`` where torch sees a
+        GPU, then ``mps``, else ``cpu``; :func:`resolve_device`). A device torch cannot use is a ``ValueError`` naming it.
     cache_dir:
         Where downloaded weights, text embeddings and ONNX exports are cached (default: the user cache dir).
     precision:
         The backbone's arithmetic: ``"fp32"``, or ``"bf16"`` / ``"fp16"`` (torch autocast; its outputs, and
         everything after the backbone, stay fp32). ``"auto"``: bf16 on a CUDA GPU that supports it, else
-        fp32. Measured on CPU (README, "GPU"): bf16 keeps the pixel ranking of the maps to Spearman 0.998.
+        fp32. Measured on CPU (docs/cli.md, "GPU"): bf16 keeps the pixel ranking of the maps to Spearman 0.998.
     num_workers:
         Threads that decode image files in parallel (``predict``, ``fit``, ``eval``); 0 decodes in the calling
         thread. The order and the images are the same either way.

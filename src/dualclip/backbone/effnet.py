@@ -68,7 +68,7 @@ class EffNetLite0Backbone(Backbone):
     """
 
     has_text = False
-    # chosen by leave-one-defect-type-out on the shared data (README, "Matching"; benchmarks/matching_folds.py)
+    # chosen by leave-one-defect-type-out on the shared data (docs/results.md, "Matching"; benchmarks/matching_folds.py)
     default_distance = "hybrid"
     default_neighbourhood = (1,)
     default_border = "zero"

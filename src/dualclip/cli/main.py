@@ -169,7 +169,7 @@ def predict(
     backbone: str = BACKBONE,
     pretrained: str = PRETRAINED,
     image_size: int = typer.Option(None, help="Processing size S."),
-    pairing: str = typer.Option("random", help="random (the only strategy: 'similar' was removed, see README)."),
+    pairing: str = typer.Option("random", help="random (the only strategy: 'similar' was removed, see docs/results.md)."),
     k: str = typer.Option("1", help="References per image (int, or 'all')."),
     tta: bool = typer.Option(False, "--tta/--no-tta", help="Test-time adaptation on synthesized anomalies."),
     seed: int = typer.Option(0),

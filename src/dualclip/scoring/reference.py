@@ -53,7 +53,7 @@ def pair_references(
     ``random`` with k = 1 is a seeded derangement made of pairs (a <-> b), plus, for odd n, one image that
     references a random other one; with k > 1 the images are put on a random cycle and each references its
     nearest k neighbours on it (both sides alternately), so most references are mutual. ``similar`` (research
-    only, not offered by the detector: see the README's "Partner selection") draws each image's k references
+    only, not offered by the detector: see docs/results.md, "Partner selection") draws each image's k references
     at random (seeded) from its ``ceil(similar_pool * (n - 1))`` most cosine-similar other images by global
     embedding; with a pool of one it is the nearest image, which for a defect that recurs across the set is
     an image with the same defect. ``k="all"`` (or k >= n - 1) gives every other
