@@ -453,11 +453,27 @@ def main() -> None:
     ap.add_argument("--stage", type=int, choices=(1, 2), default=None, help="run one stage only (default: both)")
     ap.add_argument("--features", default=",".join(FEATURES))
     ap.add_argument("--render-only", action="store_true")
+    ap.add_argument(
+        "--merge-from",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="first add the results of these runs (e.g. one per feature, run in parallel processes)",
+    )
     args = ap.parse_args()
     if not SHARED.is_dir():
         print(f"zero_shot_folds: skipped, {SHARED} is absent", file=sys.stderr)
         write_section(args.json, "zero_shot_folds", [], {"skipped": f"{SHARED} is absent"})
         return
+    if args.merge_from:
+        merged = json.loads(args.json.read_text())["raw"] if args.json.is_file() else {"results": {}, "timings": {}}
+        for path in args.merge_from:
+            other = json.loads(path.read_text())["raw"]
+            for fold, by in other["results"].items():
+                merged["results"].setdefault(fold, {}).update(by)
+            for feat, by in other.get("timings", {}).items():
+                merged.setdefault("timings", {}).setdefault(feat, {}).update(by)
+        write_section(args.json, "zero_shot_folds", [], merged)
     if args.render_only:
         raw = json.loads(args.json.read_text())["raw"]
     else:
