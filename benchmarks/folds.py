@@ -1,5 +1,6 @@
-"""The fold tables of docs/results.md, from one command: leave-one-defect-type-out matching (effnet-lite0,
-dinov2-vits14), saved profiles and test-time adaptation, every fold, 3 seeds.
+"""The fold tables of docs/results.md, from one command: the zero-shot defaults chosen for the worst of five folds
+over three products (``<!-- zero-shot-folds -->`` block), leave-one-defect-type-out matching (effnet-lite0,
+dinov2-vits14), saved profiles and test-time adaptation (``<!-- folds -->`` block), every fold, 3 seeds.
 
     .venv/bin/python benchmarks/folds.py              # runs the scripts, rewrites the block in docs/results.md
     .venv/bin/python benchmarks/folds.py --no-run     # only rewrites the block from runs/bench/*.json
@@ -21,8 +22,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import ROOT, SHARED, markdown_table  # noqa: E402
 
-START, END = "<!-- folds -->", "<!-- /folds -->"
+BLOCKS = {
+    "zero-shot-folds": ("zero_shot_folds",),
+    "folds": ("matching_folds", "matching_folds_dinov2", "profile_folds", "adaptation_folds"),
+}
+"""Each marked block of the page and the runs whose tables it holds."""
 RUNS = {
+    "zero_shot_folds": ["zero_shot_folds.py"],
     "matching_folds": ["matching_folds.py"],
     "matching_folds_dinov2": ["matching_folds.py", "--backbone", "dinov2-vits14"],
     "profile_folds": ["profile_folds.py"],
@@ -39,9 +45,10 @@ def run(results: Path) -> None:
         print(f"== {name}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def render(results: Path) -> str:
-    parts = [START, ""]
-    for name, args in RUNS.items():
+def render(results: Path, names: tuple[str, ...], start: str, end: str) -> str:
+    parts = [start, ""]
+    for name in names:
+        args = RUNS[name]
         path = results / f"{name}.json"
         if not path.is_file():
             parts.append(f"({name}: not run yet)\n")
@@ -54,7 +61,7 @@ def render(results: Path) -> str:
         parts.append(f"Made by `{cmd}` on {data['machine']['date']} ({data['machine']['cpu']}).\n")
         # titles as bold lines, not headings: the page's table of contents stays short
         parts += [f"**{t['title']}**\n\n" + markdown_table({**t, "title": None}) for t in data["tables"]]
-    parts.append(END)
+    parts.append(end)
     return "\n".join(parts)
 
 
@@ -70,15 +77,18 @@ def main() -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     if not args.no_run:
         run(args.results)
-    text = args.page.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{args.page} has no {START} ... {END} block")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
     from dualclip.atomic import write_text
 
-    write_text(args.page, head + render(args.results) + tail)
-    print(f"rewrote the folds block of {args.page}")
+    text = args.page.read_text()
+    for block, names in BLOCKS.items():
+        start, end = f"<!-- {block} -->", f"<!-- /{block} -->"
+        if start not in text or end not in text:
+            raise SystemExit(f"{args.page} has no {start} ... {end} block")
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = head + render(args.results, names, start, end) + tail
+    write_text(args.page, text)
+    print(f"rewrote the fold blocks of {args.page}")
 
 
 if __name__ == "__main__":
