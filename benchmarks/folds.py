@@ -36,8 +36,9 @@ RUNS = {
 }
 
 
-def run(results: Path) -> None:
-    for name, args in RUNS.items():
+def run(results: Path, names: list[str]) -> None:
+    for name in names:
+        args = RUNS[name]
         cmd = [sys.executable, str(HERE / args[0]), *args[1:], "--json", str(results / f"{name}.json")]
         print("==", " ".join(cmd), flush=True)
         start = time.perf_counter()
@@ -70,17 +71,19 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=ROOT / "runs" / "bench")
     ap.add_argument("--page", type=Path, default=ROOT / "docs" / "results.md")
     ap.add_argument("--no-run", action="store_true", help="only rewrite the block from existing results")
+    ap.add_argument("--blocks", default=",".join(BLOCKS), help="the blocks to run and rewrite (comma-separated)")
     args = ap.parse_args()
     if not SHARED.is_dir():
         print(f"folds: skipped, {SHARED} is absent", file=sys.stderr)
         return
     args.results.mkdir(parents=True, exist_ok=True)
+    blocks = {b: BLOCKS[b] for b in args.blocks.split(",")}
     if not args.no_run:
-        run(args.results)
+        run(args.results, [name for names in blocks.values() for name in names])
     from dualclip.atomic import write_text
 
     text = args.page.read_text()
-    for block, names in BLOCKS.items():
+    for block, names in blocks.items():
         start, end = f"<!-- {block} -->", f"<!-- /{block} -->"
         if start not in text or end not in text:
             raise SystemExit(f"{args.page} has no {start} ... {end} block")

