@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -85,11 +86,12 @@ def main() -> None:
     text = args.page.read_text()
     for block, names in blocks.items():
         start, end = f"<!-- {block} -->", f"<!-- /{block} -->"
-        if start not in text or end not in text:
-            raise SystemExit(f"{args.page} has no {start} ... {end} block")
-        head, rest = text.split(start, 1)
-        _, tail = rest.split(end, 1)
-        text = head + render(args.results, names, start, end) + tail
+        # the markers stand on lines of their own (the page may name them in its text)
+        block_re = re.compile(rf"^{re.escape(start)}$.*?^{re.escape(end)}$", re.S | re.M)
+        if not block_re.search(text):
+            raise SystemExit(f"{args.page} has no {start} ... {end} block (each marker on a line of its own)")
+        rendered = render(args.results, names, start, end)
+        text = block_re.sub(lambda _: rendered, text, count=1)
     write_text(args.page, text)
     print(f"rewrote the fold blocks of {args.page}")
 
