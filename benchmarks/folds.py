@@ -91,7 +91,8 @@ def main() -> None:
         if not block_re.search(text):
             raise SystemExit(f"{args.page} has no {start} ... {end} block (each marker on a line of its own)")
         rendered = render(args.results, names, start, end)
-        text = block_re.sub(lambda _: rendered, text, count=1)
+        m = block_re.search(text)
+        text = text[: m.start()] + rendered + text[m.end() :]
     write_text(args.page, text)
     print(f"rewrote the fold blocks of {args.page}")
 
