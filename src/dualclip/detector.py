@@ -261,7 +261,7 @@ def _reorder(result: ScoreResult, order: list[int]) -> ScoreResult:
     run = dataclasses.replace(
         run,
         references=refs,
-        synthesis_bases=None if run.synthesis_bases is None else [order[b] for b in run.synthesis_bases],
+        synthesis_bases=None if run.synthesis_bases is None else sorted(order[b] for b in run.synthesis_bases),
     )
     branches = dataclasses.replace(
         result.branches,

@@ -224,7 +224,7 @@ def run_archive(
     )
 
 
-COLUMNS = ("index", "path", "class", "block", "score", "verdict", "threshold", "heatmap", "mask", "error")
+COLUMNS = ("index", "path", "class", "block", "score", "verdict", "threshold", "heatmap", "mask", "reason", "error")
 
 
 def _write_predictions(out: Path, rows: list[dict], spec: ScorerSpec, blocks, engine: str, key: str) -> None:
