@@ -268,7 +268,7 @@ def _reorder(result: ScoreResult, order: list[int]) -> ScoreResult:
         **{
             f.name: back(getattr(result.branches, f.name))
             for f in dataclasses.fields(BranchScores)
-            if f.name != "duplicate_pairs"
+            if f.name not in _RUN_FIELDS
         },
     )
     return ScoreResult(
