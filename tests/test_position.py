@@ -11,6 +11,7 @@ import torch
 
 from conftest import TINY
 from dualclip import DetectorConfig, DualClipDetector
+from dualclip.data.images import pixel_digest
 from dualclip.scoring import bank_distances, match_spaces, pair_references, reference_scores
 from dualclip.scoring.position import border_rings, centre, positional_offsets
 
@@ -69,9 +70,13 @@ def test_a_response_every_image_shows_at_one_place_is_removed_and_a_single_one_k
 def test_mutual_pairs_subtract_the_runs_median_at_each_position(tiny_backbone, texture_set):
     images = texture_set[0]
     det = DualClipDetector(dataclasses.replace(CFG, centring="position"), backbone=tiny_backbone)
-    got = det.score_images(images).branches.visual
+    run = det.score_images(images)
+    got = run.branches.visual
     feats = det.features(images)
-    refs = pair_references(len(images), 1, "random", 0)
+    refs = run.run.references  # the partners of the run (seeded over the images' pixel-digest order)
+    order = sorted(range(len(images)), key=lambda i: pixel_digest(images[i]))
+    canonical = pair_references(len(images), 1, "random", 0)
+    assert refs == [[order[canonical[order.index(i)][0]]] for i in range(len(images))]
     (space,) = match_spaces(feats.match_features, feats.grid, "cosine", (3,))
     raw = reference_scores(space, refs, distance="cosine")
     want = raw.numpy() - lower_median(raw.numpy())

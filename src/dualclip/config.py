@@ -161,7 +161,8 @@ class DetectorConfig:
     k:
         References per image. 1 is the paper's dual-image setting; ``"all"`` is full mutual scoring.
     pairing:
-        ``"random"``: a seeded derangement (random pairs, each image the other's reference). The only
+        ``"random"``: a seeded derangement (random pairs, each image the other's reference), drawn over the
+        images ordered by their pixels' SHA-256: the same images get the same partners in any listing order. The only
         strategy offered: ``"similar"`` (partners by global-embedding similarity) was removed because
         defects that recur across a set are each other's nearest images and erase themselves; even drawn
         among the more similar half it lost 5.3 pixel-AUROC points to ``random`` on magnetic_tile's Fray

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import time
 import warnings
@@ -30,8 +31,17 @@ from .adaptation.adapt import AdaptationResult, fit_head, head_scores
 from .adaptation.head import AdaptationHead
 from .backbone import Backbone, BackboneOutput, build_backbone, extract_features
 from .config import DetectorConfig
-from .data.images import array_to_rgb, load_image, thumbnails, to_rgb8
-from .profile import Moments, Profile, ProfileError, ScoreScale, build_bank, weights_fingerprint
+from .data.images import array_to_rgb, grey_spread, load_image, pixel_digest, thumbnails, to_rgb8
+from .profile import (
+    BLANK_GREYS,
+    Moments,
+    OodGuard,
+    Profile,
+    ProfileError,
+    ScoreScale,
+    build_bank,
+    weights_fingerprint,
+)
 from .scoring import (
     bank_distances,
     centre,
@@ -74,6 +84,9 @@ class Prediction:
         Indices (into the run's images, or into the golden references) this image was compared with.
     source:
         The path the image came from, if any.
+    unusable:
+        Why the image is outside the profile's distribution (its verdict is then ``"unusable"``), or ``None``
+        (inside, or no profile guard: see :class:`~dualclip.profile.OodGuard`).
     """
 
     score: float
@@ -82,10 +95,12 @@ class Prediction:
     branch_maps: dict[str, np.ndarray] = field(default_factory=dict)
     references: list[int] = field(default_factory=list)
     source: str | None = None
+    unusable: str | None = None
 
     def __repr__(self) -> str:
         h, w = self.anomaly_map.shape
-        return f"Prediction(score={self.score:.4f}, map={h}x{w}, source={self.source!r})"
+        flag = "" if self.unusable is None else ", unusable"
+        return f"Prediction(score={self.score:.4f}, map={h}x{w}, source={self.source!r}{flag})"
 
 
 @dataclass
@@ -173,6 +188,8 @@ class ScoreResult:
         ``(h, w)`` patch grid, ``h * w == P``.
     run:
         :class:`RunInfo` of this run (``references[i]``: the indices image i was compared with).
+    unusable:
+        ``(N,)`` why each image is outside the profile's distribution, or ``None`` (see :class:`Prediction`).
     """
 
     image_scores: torch.Tensor
@@ -180,6 +197,7 @@ class ScoreResult:
     branches: BranchScores
     grid: tuple[int, int]
     run: RunInfo
+    unusable: list[str | None] = field(default_factory=list)
 
 
 _RUN_FIELDS = ("duplicate_pairs", "centring")
@@ -214,6 +232,52 @@ def _concat(results: list[ScoreResult]) -> ScoreResult:
         branches=branches,
         grid=first.grid,
         run=run,
+        unusable=[u for r in results for u in r.unusable],
+    )
+
+
+def _canonical_order(images: list[Image.Image]) -> list[int]:
+    """The images' positions sorted by their pixels' digest (equal images: input order): a zero-shot run scores
+    the images in this order, so partners depend on the set of images, not on how it was listed."""
+    digests = [pixel_digest(img) for img in images]
+    return sorted(range(len(images)), key=digests.__getitem__)
+
+
+def _reorder(result: ScoreResult, order: list[int]) -> ScoreResult:
+    """``result`` of ``[images[i] for i in order]`` back in the input order of ``images`` (reference indices
+    into the run renamed; golden reference indices kept)."""
+    inv = [0] * len(order)
+    for pos, i in enumerate(order):
+        inv[i] = pos
+    index = torch.tensor(inv)
+
+    def back(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[index]
+
+    run = result.run
+    refs = [run.references[inv[i]] for i in range(len(order))]
+    if run.pairing != "golden":
+        refs = [[order[j] for j in r] for r in refs]
+    run = dataclasses.replace(
+        run,
+        references=refs,
+        synthesis_bases=None if run.synthesis_bases is None else sorted(order[b] for b in run.synthesis_bases),
+    )
+    branches = dataclasses.replace(
+        result.branches,
+        **{
+            f.name: back(getattr(result.branches, f.name))
+            for f in dataclasses.fields(BranchScores)
+            if f.name not in _RUN_FIELDS
+        },
+    )
+    return ScoreResult(
+        image_scores=back(result.image_scores),
+        maps=back(result.maps),
+        branches=branches,
+        grid=result.grid,
+        run=run,
+        unusable=[result.unusable[inv[i]] for i in range(len(order))] if result.unusable else [],
     )
 
 
@@ -258,6 +322,25 @@ def _saved_settings(profile: Profile) -> dict:
         if settings.get(key) is None and profile.meta.get(key) is not None:
             settings[key] = profile.meta[key]
     return settings
+
+
+def _least_bank_size(grid: tuple[int, int]) -> int:
+    """More patches than one image has: no normal image can then own the whole bank."""
+    return grid[0] * grid[1] + 1
+
+
+def _check_normal_spread(scale: ScoreScale) -> None:
+    """A profile's units need normal scores that vary: refuse non-finite or degenerate moments (identical images)."""
+    for name, m in scale.named().items():
+        if not (math.isfinite(m.mean) and math.isfinite(m.std)):
+            raise ValueError(
+                f"the normal images' {name} statistics are not finite numbers (mean {m.mean}, std {m.std})"
+            )
+        if m.degenerate:
+            raise ValueError(
+                f"the normal images' scores do not vary ({name}: spread {m.std:.3g}): are they copies of one image? "
+                "fit needs normal images that differ"
+            )
 
 
 class DualClipDetector:
@@ -326,6 +409,7 @@ class DualClipDetector:
                 branch_maps={k: v[i].reshape(result.grid).numpy() for k, v in branch_patch.items()},
                 references=list(result.run.references[i]),
                 source=source,
+                unusable=result.unusable[i] if result.unusable else None,
             )
             for i, (img, source) in enumerate(loaded)
         ]
@@ -339,7 +423,9 @@ class DualClipDetector:
     ) -> ScoreResult:
         """Run the pipeline on RGB images: maps at S x S, image scores and every branch's scores.
 
-        A fitted detector scores image by image: the same arithmetic, hence the same score, in any batch."""
+        A fitted detector scores image by image: the same arithmetic, hence the same score, in any batch.
+        Without a profile the images are scored in an order of their pixels' digests (and the results given
+        back in input order): partners, hence scores, depend on the set of images, not on their order."""
         from tqdm.auto import tqdm
 
         if self.profile_ is not None:
@@ -347,7 +433,13 @@ class DualClipDetector:
             if len(images) > 1:
                 bar = tqdm(images, desc="scoring", unit="img", disable=not self.config.progress, leave=False)
                 return _concat([self._score([img], class_name, None, progress=False) for img in bar])
-        return self._score(images, class_name, golden, progress=self.config.progress)
+            return self._score(images, class_name, golden, progress=self.config.progress)
+        order = _canonical_order(images)
+        if order == list(range(len(order))):
+            return self._score(images, class_name, golden, progress=self.config.progress)
+        result = _reorder(self._score([images[i] for i in order], class_name, golden, self.config.progress), order)
+        self.run_info_ = result.run
+        return result
 
     def _score(
         self, images: list[Image.Image], class_name: str | None, golden: list[Image.Image] | None, progress: bool
@@ -400,7 +492,12 @@ class DualClipDetector:
             run.centring = branches.centring
             run.hybrid_norm = self.hybrid_norm() if run.distance == "hybrid" else None
         self.run_info_ = run
-        return ScoreResult(image_scores=image_scores, maps=maps, branches=branches, grid=feats.grid, run=run)
+        unusable: list[str | None] = [None] * len(images)
+        if profile is not None and profile.ood is not None:
+            unusable = profile.ood.check(feats.global_embedding, [grey_spread(img) for img in images])
+        return ScoreResult(
+            image_scores=image_scores, maps=maps, branches=branches, grid=feats.grid, run=run, unusable=unusable
+        )
 
     def matching(self) -> tuple[str, tuple[int, ...]]:
         """The visual branch's (distance, neighbourhood sizes): the settings, or the backbone's defaults."""
@@ -643,6 +740,13 @@ class DualClipDetector:
         self.profile_ = None
         use_text, use_visual = self._branches_to_run(len(rgb), golden=None)
         feats = self._extract(rgb, keep_patch_embeddings=use_text, desc="normal images")
+        least = _least_bank_size(feats.grid)
+        if use_visual and cfg.memory_bank_size is not None and cfg.memory_bank_size < least:
+            raise ValueError(
+                f"memory_bank_size={cfg.memory_bank_size} is too small: a bank must hold more than one image's "
+                f"{least - 1} patches, so that every normal image is compared with other images (leave-one-out); "
+                f"use at least {least}, or None to keep every patch"
+            )
         branches = BranchScores()
         temperature = cfg.temperature or backbone.logit_scale
         text = self._text(feats, class_name, use_text, temperature, branches)
@@ -678,6 +782,11 @@ class DualClipDetector:
         resolved = {"distance": distance, "neighbourhood": list(sizes), "border": backbone.border}
         resolved["hybrid_norm"] = self.hybrid_norm()
         resolved["centring"] = self.centring() if offsets is not None else "none"
+        _check_normal_spread(scale)
+        size = backbone.image_size
+        blanks = [Image.new("RGB", (size, size), (g, g, g)) for g in BLANK_GREYS]
+        blank_feats = self._extract(blanks, keep_patch_embeddings=False, desc="blank frames", progress=False)
+        ood = OodGuard.fit(feats.global_embedding, blank_feats.global_embedding, [grey_spread(img) for img in rgb])
         meta = {
             "config": {**cfg.to_dict(), **resolved},
             "class_name": class_name,
@@ -702,6 +811,7 @@ class DualClipDetector:
             threshold=None,
             meta=meta,
             head=None if head is None else head.tensors(),
+            ood=ood,
         )
         if threshold_quantile is not None:
             self.profile_.threshold = quantile_threshold(normal_scores.numpy(), threshold_quantile)
@@ -725,13 +835,30 @@ class DualClipDetector:
         scale.score = Moments.of(raw)
         return scale, scale.score.standardize(raw)
 
-    def _profile_class_name(self, class_name: str | None) -> str | None:
+    def profile_class(self, class_name: str | None) -> str | None:
+        """The class a fitted detector scores with: always its profile's. Another ``class_name`` is a
+        ``ValueError`` where the profile's text statistics depend on it; elsewhere it has no effect."""
         fitted = self.profile_.meta.get("class_name")
         if class_name is not None and class_name != fitted and self.backbone.has_text and self.config.use_text:
             raise ValueError(
                 f"this profile was fitted for class {fitted!r}: its text statistics do not apply to {class_name!r}"
             )
         return fitted
+
+    def _profile_class_name(self, class_name: str | None) -> str | None:
+        fitted = self.profile_class(class_name)
+        if class_name is not None and class_name != fitted:
+            warnings.warn(
+                f"class_name {class_name!r} has no effect: this profile uses no text and keeps its class {fitted!r}",
+                stacklevel=3,
+            )
+        return fitted
+
+    def min_bank_size(self) -> int:
+        """The smallest ``memory_bank_size`` :meth:`fit` accepts with this backbone: more than one image's patches,
+        so that every normal image keeps bank patches of other images (leave-one-out). One forward pass."""
+        probe = self._extract([Image.new("RGB", (8, 8))], keep_patch_embeddings=False, desc="grid", progress=False)
+        return _least_bank_size(probe.grid)
 
     @property
     def threshold_(self) -> Threshold | None:

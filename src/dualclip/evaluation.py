@@ -15,6 +15,7 @@ import platform
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from . import __version__
 from .atomic import write_json, write_text
 from .config import DetectorConfig
 from .data.datasets import Category
-from .data.images import load_image
+from .data.images import file_fingerprint, load_image
 from .detector import DualClipDetector
 from .metrics import all_metrics
 
@@ -42,7 +43,8 @@ def evaluate_category(config: DetectorConfig, category: Category, seeds: list[in
     """Metrics of one category for each seed, and their mean/std (against its golden references, if any).
 
     Anomalous images without a mask count in the image metrics and are left out of the pixel metrics
-    (``n_without_mask``); pixel metrics that are still undefined are reported under ``warnings``.
+    (``n_without_mask``); metrics that are still undefined (``nan``, ``null`` in JSON) are reported by one note
+    under ``warnings``, not as Python warnings.
     """
     images = category.images(config.num_workers)
     golden = [load_image(p) for p in category.references] or None
@@ -59,12 +61,14 @@ def evaluate_category(config: DetectorConfig, category: Category, seeds: list[in
         elapsed = time.perf_counter() - start
         detector_cache["backbone"] = det.backbone
         size = result.maps.shape[-1]
-        m = all_metrics(category.labels, result.image_scores.numpy())
-        if masks is None:
-            masks = category.masks(size)[with_mask]
-        m.update(pixel_metrics(masks, result.maps.numpy()[with_mask]))
-        for d in defects:  # the field's per-defect rows: every normal image with this defect type's images
-            per_defect_seed[d].append(_defect_metrics(category, d, result, masks, with_mask))
+        with warnings.catch_warnings():  # undefined metrics are nan, reported once below as a note
+            warnings.filterwarnings("ignore", message=r".* is undefined: ", category=RuntimeWarning)
+            m = all_metrics(category.labels, result.image_scores.numpy())
+            if masks is None:
+                masks = category.masks(size)[with_mask]
+            m.update(pixel_metrics(masks, result.maps.numpy()[with_mask]))
+            for d in defects:  # the field's per-defect rows: every normal image with this defect type's images
+                per_defect_seed[d].append(_defect_metrics(category, d, result, masks, with_mask))
         m["ms_per_image"] = 1000 * elapsed / len(images)
         m["peak_rss_mb"] = peak_rss_mb()
         per_seed.append(m)
@@ -84,12 +88,13 @@ def evaluate_category(config: DetectorConfig, category: Category, seeds: list[in
             d: {"n_anomalous": sum(1 for x in category.samples if x.defect == d), **mean_over_seeds(rows)}
             for d, rows in per_defect_seed.items()
         }
-    undefined = [k for k in METRICS if k.startswith("pixel") and not np.isfinite(out.get(k, np.nan))]
-    out["warnings"] = list(category.notes) + (
-        [f"pixel metrics undefined ({', '.join(undefined)}): no mask with a defect pixel among the scored images"]
-        if undefined
-        else []
-    )
+    undefined = [k for k in METRICS if not np.isfinite(out.get(k, np.nan))]
+    if not category.labels.any():
+        note = f"metrics undefined ({', '.join(undefined)}): every image is normal, there is nothing to detect"
+    else:
+        undefined = [k for k in undefined if k.startswith("pixel")]
+        note = f"pixel metrics undefined ({', '.join(undefined)}): no mask with a defect pixel among the scored images"
+    out["warnings"] = list(category.notes) + ([note] if undefined else [])
     return out
 
 
@@ -125,7 +130,8 @@ def mean_over_seeds(per_seed: list[dict[str, float]]) -> dict[str, float]:
 
 def fingerprint(config: DetectorConfig, category: Category, seeds: list[int]) -> str:
     """What a saved category result depends on: every setting that changes numbers, the weights (a local
-    file by path, size and modification time), the samples (paths, labels, masks, golden references), the
+    file by path, size and modification time), the data (paths, labels; every image, mask and golden reference
+    file's size, modification time and content hash: :func:`~dualclip.data.images.file_fingerprint`), the
     seeds and the dualclip version. A saved result is reused only under the same fingerprint."""
     cfg = config.to_dict()
     for key in ("progress", "cache_dir", "seed", "num_workers"):  # num_workers: how files are read, not numbers
@@ -144,9 +150,16 @@ def fingerprint(config: DetectorConfig, category: Category, seeds: list[int]) ->
         "version": __version__,
         "mask_threshold": category.mask_threshold,
         "samples": [
-            [str(s.path.resolve()), s.label, str(s.mask.resolve()) if s.mask else None] for s in category.samples
+            [
+                str(s.path.resolve()),
+                file_fingerprint(s.path),
+                s.label,
+                str(s.mask.resolve()) if s.mask else None,
+                file_fingerprint(s.mask) if s.mask else None,
+            ]
+            for s in category.samples
         ],
-        "references": [str(Path(p).resolve()) for p in category.references],
+        "references": [[str(Path(p).resolve()), file_fingerprint(p)] for p in category.references],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import torch
 
 from . import __version__
 from .atomic import dumps, write_bytes, write_text
+from .data.images import file_fingerprint
 from .thresholds import Threshold
 
 PROFILE_FORMAT = 1
@@ -33,8 +35,20 @@ PROFILE_JSON = "profile.json"
 PROFILE_TENSORS = "tensors.safetensors"
 
 
+MAX_MOMENT = 1e6
+"""The largest ``|mean|`` or ``std`` a profile's moments may hold: each describes a distance, a probability or
+a standardised score, all far below it (a larger one is a damaged profile)."""
+SPREAD_FLOOR = 1e-6
+"""A spread at or below ``SPREAD_FLOOR * max(1, |mean|)`` is none: dividing by it would turn float noise into
+scores of millions."""
+
+
 class ProfileError(ValueError):
     """A profile cannot be saved, read, or used with this model."""
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -52,13 +66,35 @@ class Moments:
 
         return cls(*centre_and_spread(values, robust))
 
+    @property
+    def degenerate(self) -> bool:
+        """No spread: ``std`` at or below :data:`SPREAD_FLOOR` relative to the mean (or not a number)."""
+        return not self.std > SPREAD_FLOOR * max(1.0, abs(self.mean))
+
     def standardize(self, x: torch.Tensor) -> torch.Tensor:
-        """``(x - mean) / std`` (``std`` 0: ``x - mean``)."""
+        """``(x - mean) / std``; without a spread (:attr:`degenerate`) ``x - mean``: never a division by (about)
+        zero."""
         d = x.double() - self.mean
-        return (d / self.std if self.std > 0 else d).to(x.dtype)
+        return (d if self.degenerate else d / self.std).to(x.dtype)
+
+    def problem(self) -> str | None:
+        """Why these moments cannot be a profile's units (``"std must ..."``), or ``None``."""
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if not _is_number(v) or not math.isfinite(v) or abs(v) > MAX_MOMENT:
+                return f"{name} must be a finite number of magnitude at most {MAX_MOMENT:g}, got {v!r}"
+        if self.degenerate:
+            return f"std must be a spread above {SPREAD_FLOOR:g} x max(1, |mean|), got {self.std!r}"
+        return None
 
     def to_dict(self) -> dict:
         return {"mean": self.mean, "std": self.std}
+
+    @classmethod
+    def from_dict(cls, d) -> Moments:
+        if not isinstance(d, dict) or set(d) != {"mean", "std"}:
+            raise ValueError(f"moments must be {{'mean': number, 'std': number}}, got {d!r}")
+        return cls(d["mean"], d["std"])
 
 
 @dataclass
@@ -102,15 +138,138 @@ class ScoreScale:
             "position": self.position,
         }
 
+    def named(self) -> dict[str, Moments]:
+        """Every moment by its place in the saved profile (``patch.visual``, ``image.map``, ``score``, ...)."""
+        out = {f"patch.{k}": v for k, v in self.patch.items()}
+        out.update({f"image.{k}": v for k, v in self.image.items()})
+        out["score"] = self.score
+        out.update({f"parts.{k}": v for k, v in self.parts.items()})
+        return out
+
     @classmethod
     def from_dict(cls, d: dict) -> ScoreScale:
+        def group(key: str) -> dict[str, Moments]:
+            g = d.get(key, {})
+            if not isinstance(g, dict):
+                raise ValueError(f"scale.{key} must be an object, got {g!r}")
+            return {k: Moments.from_dict(v) for k, v in g.items()}
+
+        if not isinstance(d, dict):
+            raise ValueError(f"scale must be an object, got {d!r}")
         return cls(
-            patch={k: Moments(**v) for k, v in d["patch"].items()},
-            image={k: Moments(**v) for k, v in d["image"].items()},
-            score=Moments(**d["score"]),
-            parts={k: Moments(**v) for k, v in d.get("parts", {}).items()},
+            patch=group("patch"),
+            image=group("image"),
+            score=Moments.from_dict(d["score"]),
+            parts=group("parts"),
             position=_offsets(d.get("position")),
         )
+
+
+TEXTURE_FRACTION = 0.1
+"""An image whose grey-level spread is below this fraction of the least textured normal image's has no
+texture (a blank frame)."""
+BLANK_GREYS = (0, 128, 255)
+"""The featureless frames (uniform grey levels) a profile measures its normal images against."""
+
+
+@dataclass
+class OodGuard:
+    """Whether an image belongs to a profile at all: outside, it gets the verdict ``unusable``, not a score verdict.
+
+    Two checks, fitted on the normal images: **texture** (an image whose grey-level spread is below
+    ``texture_floor``, :data:`TEXTURE_FRACTION` of the least textured normal image's, shows nothing to inspect)
+    and **embedding** (the cosine distance of its global embedding to the nearest normal image's above
+    ``limit``). ``limit`` lies halfway between ``normal_max``, the farthest any normal image is from its nearest
+    other normal image (leave-one-out), and ``blank_min``, the nearest a featureless frame (:data:`BLANK_GREYS`)
+    comes to a normal image; ``None`` where the two do not separate (the normal images look featureless
+    themselves), and then only the texture check runs. A defective part lies near its normal images; a blank,
+    covered or wrong frame does not.
+
+    Attributes
+    ----------
+    embeddings:
+        ``(N, D)`` L2-normalised global embeddings of the normal images.
+    """
+
+    embeddings: torch.Tensor
+    limit: float | None
+    normal_max: float
+    blank_min: float
+    texture_floor: float
+    normal_texture: float
+
+    @classmethod
+    def fit(cls, normal: torch.Tensor, blanks: torch.Tensor, textures: list[float]) -> OodGuard:
+        """From the normal images' global embeddings ``(N, D)``, the featureless frames' ``(B, D)`` and the normal
+        images' grey-level spreads."""
+        e = torch.nn.functional.normalize(normal.double(), dim=1)
+        sim = e @ e.T
+        sim.fill_diagonal_(-math.inf)
+        normal_max = float((1 - sim.amax(dim=1)).max())
+        b = torch.nn.functional.normalize(blanks.double(), dim=1)
+        blank_min = float((1 - (b @ e.T).amax(dim=1)).min())
+        limit = (normal_max + blank_min) / 2 if blank_min > normal_max else None
+        normal_texture = float(min(textures))
+        return cls(e.float(), limit, normal_max, blank_min, TEXTURE_FRACTION * normal_texture, normal_texture)
+
+    def check(self, embeddings: torch.Tensor, textures: list[float]) -> list[str | None]:
+        """For each image (global embedding, grey-level spread): why it is unusable, or ``None``."""
+        e = torch.nn.functional.normalize(embeddings.double(), dim=1)
+        nearest = 1 - (e @ self.embeddings.double().T).amax(dim=1)
+        out: list[str | None] = []
+        for d, t in zip(nearest.tolist(), textures, strict=True):
+            if t < self.texture_floor:
+                out.append(
+                    f"no texture: grey-level spread {t:.2f}, the normal images' at least {self.normal_texture:.2f} "
+                    "(a blank or covered frame?)"
+                )
+            elif self.limit is not None and d > self.limit:
+                out.append(
+                    f"unlike every normal image: embedding distance {d:.3f} to the nearest, above the limit "
+                    f"{self.limit:.3f} (normal images: at most {self.normal_max:.3f}; a blank frame: "
+                    f"{self.blank_min:.3f})"
+                )
+            else:
+                out.append(None)
+        return out
+
+    def describe(self) -> str:
+        """One line for outputs: what the guard checks."""
+        emb = "off" if self.limit is None else f"limit {self.limit:.3f}"
+        return f"on: texture floor {self.texture_floor:.2f} (grey-level spread), embedding distance {emb}"
+
+    def to_dict(self) -> dict:
+        return {
+            "limit": self.limit,
+            "normal_max": self.normal_max,
+            "blank_min": self.blank_min,
+            "texture_floor": self.texture_floor,
+            "normal_texture": self.normal_texture,
+        }
+
+    @classmethod
+    def from_dict(cls, d, embeddings: torch.Tensor, n_normal: int) -> OodGuard:
+        if not isinstance(d, dict) or set(d) != {"limit", "normal_max", "blank_min", "texture_floor", "normal_texture"}:
+            raise ValueError(f"ood must hold limit, normal_max, blank_min, texture_floor, normal_texture; got {d!r}")
+        for k, top in (("normal_max", 2.0), ("blank_min", 2.0), ("texture_floor", 255.0), ("normal_texture", 255.0)):
+            _need(_is_number(d[k]) and 0 <= d[k] <= top, f"ood.{k} must be a number in [0, {top:g}], got {d[k]!r}")
+        if d["limit"] is not None:
+            _need(
+                _is_number(d["limit"]) and 0 < d["limit"] <= 2,
+                f"ood.limit must be in (0, 2] or null, got {d['limit']!r}",
+            )
+        _need(
+            embeddings.is_floating_point() and embeddings.ndim == 2 and embeddings.shape[0] == n_normal,
+            f"tensor ood.embeddings must be floating point of shape (n_normal={n_normal}, D), got "
+            f"{embeddings.dtype} {tuple(embeddings.shape)}",
+        )
+        _need(bool(torch.isfinite(embeddings).all()), "tensor ood.embeddings holds values that are not finite")
+        return cls(embeddings, **d)
+
+
+def _need(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
 
 
 @dataclass
@@ -132,6 +291,8 @@ class Profile:
         The verdict threshold fitted at fit time, if any.
     head:
         The adaptation head's tensors (``tta``), trained at fit time on anomalies synthesized on the normal images.
+    ood:
+        The :class:`OodGuard` (``None``: a profile saved before it existed; no guard).
     meta:
         Identity and provenance: ``config`` (the DetectorConfig), ``class_name``, ``backbone``, ``weights``,
         ``weights_fingerprint``, ``image_size``, ``distance``, ``neighbourhood``, ``n_normal``,
@@ -145,6 +306,13 @@ class Profile:
     threshold: Threshold | None
     meta: dict
     head: dict[str, torch.Tensor] | None = None
+    ood: OodGuard | None = None
+
+    def guard(self) -> str:
+        """The out-of-distribution guard in one line (recorded in every output): on with its limits, or off."""
+        if self.ood is None:
+            return "off: this profile holds no out-of-distribution statistics (fit it again to add them)"
+        return self.ood.describe()
 
     # -- files ----------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -165,6 +333,8 @@ class Profile:
         tensors["bank_owner"] = self.bank_owner.to(torch.int64).contiguous()
         for k, v in (self.head or {}).items():
             tensors[f"head.{k}"] = v.detach().float().contiguous()
+        if self.ood is not None:
+            tensors["ood.embeddings"] = self.ood.embeddings.float().contiguous()
         doc = {
             **self.meta,
             "format": PROFILE_FORMAT,
@@ -176,6 +346,7 @@ class Profile:
             "spaces": len(next(iter(self.bank.values()), [])),
             "layers": len(next(iter(self.bank.values()), [[]])[0]),
             "head": sorted(self.head) if self.head else None,
+            "ood": None if self.ood is None else self.ood.to_dict(),
         }
         staging = path.parent / f".{path.name}.partial-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
@@ -196,7 +367,8 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Profile:
-        """Read a profile folder; a missing, damaged or other-format profile is a :class:`ProfileError`."""
+        """Read a profile folder; a missing, damaged or other-format profile is a :class:`ProfileError` (one line,
+        naming the field). Every field is checked: types, shapes, dtypes, finiteness and ranges."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -207,6 +379,8 @@ class Profile:
             doc = json.loads((path / PROFILE_JSON).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ProfileError(f"{path / PROFILE_JSON} cannot be read: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise ProfileError(f"{path} is damaged: {PROFILE_JSON} must hold an object, got a {type(doc).__name__}")
         if doc.get("format") != PROFILE_FORMAT:
             raise ProfileError(
                 f"{path} has profile format {doc.get('format')!r} (made by dualclip {doc.get('dualclip_version')}); "
@@ -217,27 +391,113 @@ class Profile:
         except (OSError, SafetensorError) as exc:
             raise ProfileError(f"{path / PROFILE_TENSORS} cannot be read: {exc}") from exc
         try:
-            bank = {
-                part: [
-                    [tensors[f"bank.{part}.{s}.{layer}"] for layer in range(doc["layers"])]
-                    for s in range(doc["spaces"])
-                ]
-                for part in doc["parts"]
-            }
-            head = {k: tensors[f"head.{k}"] for k in doc["head"]} if doc.get("head") else None
-            threshold = Threshold(**doc["threshold"]) if doc.get("threshold") else None
-            meta = {k: v for k, v in doc.items() if k not in _DERIVED}
-            return cls(
-                bank,
-                tensors["bank_owner"],
-                ScoreScale.from_dict(doc["scale"]),
-                doc["normal_scores"],
-                threshold,
-                meta,
-                head,
+            return cls._from_files(doc, tensors)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            what = f"{exc.args[0]!r} missing" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
+            raise ProfileError(f"{path} is damaged: {what}") from exc
+
+    @classmethod
+    def _from_files(cls, doc: dict, tensors: dict[str, torch.Tensor]) -> Profile:
+        """The profile of a parsed ``profile.json`` and its tensors; ``ValueError`` / ``KeyError`` name the first
+        field that is missing or invalid."""
+        for key, kind in (("config", dict), ("backbone", str), ("weights_fingerprint", str)):
+            _need(isinstance(doc[key], kind), f"{key} must be a {kind.__name__}, got {doc[key]!r}")
+        _need(doc.get("class_name") is None or isinstance(doc["class_name"], str), "class_name must be text or null")
+        n = doc["n_normal"]
+        _need(isinstance(n, int) and not isinstance(n, bool) and n >= 2, f"n_normal must be an integer >= 2, got {n!r}")
+        bank, owner = cls._bank_from_files(doc, tensors, n)
+        scale = ScoreScale.from_dict(doc["scale"])
+        _need(bool(scale.patch), "scale.patch must hold the moments of at least one branch")
+        for name, moments in scale.named().items():
+            problem = moments.problem()
+            _need(problem is None, f"scale.{name}.{problem}")
+        scores = doc["normal_scores"]
+        _need(
+            isinstance(scores, list) and len(scores) == n and all(_is_number(v) and math.isfinite(v) for v in scores),
+            f"normal_scores must be a list of n_normal={n} finite numbers, got {str(scores)[:80]}",
+        )
+        th = doc.get("threshold")
+        threshold = None
+        if th is not None:
+            _need(
+                isinstance(th, dict) and set(th) == {"value", "source"} and isinstance(th["source"], str),
+                f"threshold must be {{'value': number or null, 'source': text}}, got {th!r}",
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProfileError(f"{path} is damaged: {exc!r} missing or invalid") from exc
+            _need(
+                th["value"] is None or _is_number(th["value"]), f"threshold.value must be a number, got {th['value']!r}"
+            )
+            threshold = Threshold(**th)
+        head = None
+        if doc.get("head"):
+            _need(isinstance(doc["head"], list), f"head must be a list of tensor names, got {doc['head']!r}")
+            head = {k: tensors[f"head.{k}"] for k in doc["head"]}
+            for k, t in head.items():
+                _need(t.is_floating_point() and bool(torch.isfinite(t).all()), f"tensor head.{k} must be finite floats")
+            from .adaptation.head import AdaptationHead
+
+            try:
+                AdaptationHead.from_tensors(head)
+            except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+                raise ValueError(f"the head tensors do not make a head: {str(exc).splitlines()[0]}") from exc
+        ood = None
+        if doc.get("ood") is not None:
+            ood = OodGuard.from_dict(doc["ood"], tensors["ood.embeddings"], n)
+        meta = {k: v for k, v in doc.items() if k not in _DERIVED}
+        return cls(bank, owner.to(torch.int64), scale, [float(v) for v in scores], threshold, meta, head, ood)
+
+    @staticmethod
+    def _bank_from_files(
+        doc: dict, tensors: dict[str, torch.Tensor], n: int
+    ) -> tuple[dict[str, list[list[torch.Tensor]]], torch.Tensor]:
+        """The memory bank and its owners, checked against the settings (parts of the distance, one space per
+        neighbourhood size) and each other (finite floats, one row count, one owner per row)."""
+        from .scoring.matching import distance_parts
+
+        parts, spaces, layers = doc["parts"], doc["spaces"], doc["layers"]
+        if not doc["config"].get("use_visual", True):
+            _need(parts == [], f"parts must be empty without the visual branch, got {parts!r}")
+            return {}, torch.zeros(0, dtype=torch.int64)
+        want = list(distance_parts(doc["distance"]))
+        _need(parts == want, f"parts must be {want} for distance {doc['distance']!r}, got {parts!r}")
+        sizes = doc["neighbourhood"]
+        _need(
+            isinstance(sizes, list) and spaces == len(sizes), f"spaces must be {len(sizes)}, one per neighbourhood size"
+        )
+        _need(
+            isinstance(layers, int) and not isinstance(layers, bool) and layers >= 1,
+            f"layers must be >= 1, got {layers!r}",
+        )
+        bank: dict[str, list[list[torch.Tensor]]] = {}
+        rows = set()
+        for part in parts:
+            bank[part] = []
+            for s in range(spaces):
+                bank[part].append([])
+                for layer in range(layers):
+                    name = f"bank.{part}.{s}.{layer}"
+                    t = tensors[name]
+                    _need(
+                        t.is_floating_point() and t.ndim == 2 and t.shape[0] >= 1 and t.shape[1] >= 1,
+                        f"tensor {name} must be a non-empty 2-D floating point tensor, got {t.dtype} {tuple(t.shape)}",
+                    )
+                    _need(bool(torch.isfinite(t).all()), f"tensor {name} of the bank holds values that are not finite")
+                    rows.add(t.shape[0])
+                    bank[part][s].append(t)
+        _need(len(rows) == 1, f"the bank tensors have different row counts {sorted(rows)}")
+        (m,) = rows
+        owner = tensors["bank_owner"]
+        _need(
+            owner.ndim == 1 and not owner.is_floating_point() and not owner.is_complex() and owner.dtype != torch.bool,
+            f"tensor bank_owner must be a 1-D integer tensor, got {owner.dtype} {tuple(owner.shape)}",
+        )
+        _need(owner.numel() == m, f"tensor bank_owner has {owner.numel()} entries for {m} bank rows")
+        _need(
+            int(owner.min()) >= 0 and int(owner.max()) < n,
+            f"tensor bank_owner must hold image ids in [0, {n}), got {int(owner.min())}..{int(owner.max())}",
+        )
+        _need(len(owner.unique()) >= 2, "tensor bank_owner: the bank must hold patches of at least 2 normal images")
+        _need(doc["bank_patches"] == m, f"bank_patches is {doc['bank_patches']!r} for {m} bank rows")
+        return bank, owner
 
 
 def _offsets(values) -> list[float] | None:
@@ -255,7 +515,7 @@ def _offsets(values) -> list[float] | None:
     return [float(v) for v in values]
 
 
-_DERIVED = {"scale", "normal_scores", "threshold", "parts", "spaces", "layers", "head"}
+_DERIVED = {"scale", "normal_scores", "threshold", "parts", "spaces", "layers", "head", "ood"}
 
 
 def check_destination(path: str | os.PathLike, overwrite: bool = False) -> None:
@@ -274,6 +534,14 @@ def _is_profile_folder(path: Path) -> bool:
     return (
         path.is_dir() and not path.is_symlink() and {p.name for p in path.iterdir()} == {PROFILE_JSON, PROFILE_TENSORS}
     )
+
+
+def profile_digest(path: str | os.PathLike) -> str:
+    """SHA-256 (first 16 hex digits) of a profile folder's two files, their sizes, modification times and
+    contents: it changes when the profile is fitted again at the same path."""
+    path = Path(path)
+    parts = [file_fingerprint(path / name) for name in (PROFILE_JSON, PROFILE_TENSORS)]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:

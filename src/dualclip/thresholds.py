@@ -1,7 +1,8 @@
 """Verdict thresholds: manual, a quantile of normal images' scores, or F1-optimal on a labelled set.
 
 A threshold is never fitted on the images being judged. ``verdict`` is the one place a score becomes a
-verdict: ``"defective"`` where ``score >= threshold``.
+verdict: ``"defective"`` where ``score >= threshold``, ``"unusable"`` for an image a profile's
+out-of-distribution guard refused; a score that is not a finite number has no verdict (:func:`score_error`).
 """
 
 from __future__ import annotations
@@ -27,14 +28,32 @@ class Threshold:
         if self.value is not None and not math.isfinite(self.value):
             raise ValueError(f"a threshold must be a finite number, got {self.value}")
 
-    def verdict(self, score: float) -> str | None:
-        """``"defective"`` if ``score >= value``, else ``"ok"``; ``None`` without a threshold."""
+    def verdict(self, score: float, unusable: str | None = None) -> str | None:
+        """``"unusable"`` where the image is out of distribution (``unusable``: the reason), else ``"defective"``
+        if ``score >= value``, else ``"ok"``; ``None`` without a threshold. A score that is not a finite number
+        is a ``ValueError`` (see :func:`score_error`): it never becomes a verdict."""
+        problem = score_error(score)
+        if problem:
+            raise ValueError(problem)
+        if unusable:
+            return UNUSABLE
         if self.value is None:
             return None
         return "defective" if score >= self.value else "ok"
 
     def to_dict(self) -> dict:
         return {"value": self.value, "source": self.source}
+
+
+UNUSABLE = "unusable"
+"""The verdict of an image outside a profile's distribution (a blank frame, another product)."""
+
+
+def score_error(score: float) -> str | None:
+    """Why ``score`` cannot be judged (it is not a finite number), or ``None``: the error of that image."""
+    if score is not None and math.isfinite(score):
+        return None
+    return f"the score is not a finite number ({score}): no verdict (the profile or the image gives no usable score)"
 
 
 NO_THRESHOLD = Threshold(None, "none (no verdicts: give --threshold, --threshold-quantile or --validation)")

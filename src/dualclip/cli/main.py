@@ -502,6 +502,12 @@ def fit(
         val_n = load(validation_normal) if validation_normal else None
         val_a = load(validation_anomalous) if validation_anomalous else None
         det = DualClipDetector(cfg)
+        least = det.min_bank_size() if cfg.use_visual and cfg.memory_bank_size is not None else 0
+        if cfg.memory_bank_size is not None and cfg.memory_bank_size < least:
+            raise UsageError(
+                f"--memory-bank-size {cfg.memory_bank_size} is too small: a bank must hold more than one image's "
+                f"{least - 1} patches (leave-one-out); give at least {least}, or 0 to keep every patch"
+            )
         if class_name and not det.backbone.has_text:
             typer.echo(
                 f"warning: --class-name {class_name!r} is not used: {det.backbone.name} is vision-only (no text "

@@ -25,7 +25,7 @@ from ..atomic import dumps, save_image, write_text
 from ..config import DetectorConfig
 from ..data.images import DEFAULT_MAX_SIDE, ImageLoadError, expand_paths, load_images, mask_like
 from ..detector import DualClipDetector, Prediction
-from ..thresholds import NO_THRESHOLD, Threshold, fit_threshold, manual_threshold
+from ..thresholds import NO_THRESHOLD, Threshold, fit_threshold, manual_threshold, score_error
 from ..visualization import binary_mask, outline, overlay, render_report, run_scale
 from .output_folder import OutputFolderError, check_output_folder, output_lock, staged_output
 
@@ -94,7 +94,7 @@ def _load_all(
 
 def input_warnings(files: list[Path], class_name: str | None, det: DualClipDetector) -> list[str]:
     """What is worth a warning before scoring: inputs that look like masks, a class name that a vision-only
-    backbone cannot use (recorded in the outputs too)."""
+    backbone or a profile cannot use (recorded in the outputs too)."""
     notes = []
     masks = mask_like(files)
     if masks:
@@ -103,7 +103,13 @@ def input_warnings(files: list[Path], class_name: str | None, det: DualClipDetec
             f"{len(masks)} input file(s) look like ground-truth masks (e.g. {shown}): they are scored as images; "
             "leave them out with --exclude, e.g. --exclude '*_mask.png' or --exclude 'ground_truth/*'"
         )
-    if class_name and not det.backbone.has_text:
+    fitted = det.profile_class(class_name) if det.profile_ is not None else None
+    if det.profile_ is not None and class_name and class_name != fitted:
+        notes.append(
+            f"--class-name {class_name!r} has no effect: the profile was fitted for class {fitted!r}, which is "
+            "used and recorded"
+        )
+    elif class_name and not det.backbone.has_text:
         notes.append(
             f"--class-name {class_name!r} is not used: {det.backbone.name} is vision-only (no text tower), so the "
             "text branch is off and the scores come from the visual reference alone"
@@ -239,7 +245,7 @@ def run_predict(
         refs = [img for _, img in ref_loaded]
     val = (val_exp[0].files, val_exp[1].files) if val_exp else None
     th = decide_threshold(det, threshold, refs, threshold_quantile, val, class_name, warn)
-    if det.profile_ is not None and class_name is None:
+    if det.profile_ is not None:  # the profile's class (another one given was warned of, or refused, above)
         class_name = det.profile_.meta.get("class_name")
     doc: dict = {
         "config": config.to_dict(),
@@ -259,9 +265,23 @@ def run_predict(
     images = [img for _, img in loaded]
     preds = det.predict(images, class_name=class_name, references=refs)
     run = det.run_info_
-    if config.k != "all" and run.k_effective is not None and refs is None and run.k_effective < int(config.k):
+    if (
+        det.profile_ is None
+        and config.k != "all"
+        and run.k_effective is not None
+        and refs is None
+        and (run.k_effective < int(config.k))
+    ):
         warn(f"warning: k={config.k} asked for, but {len(images)} images allow at most k={run.k_effective}")
-    scale = run_scale([p.anomaly_map for p in preds])
+    scored = []
+    for i, ((path, img), pred) in enumerate(zip(loaded, preds, strict=True)):
+        problem = score_error(pred.score)
+        if problem:  # an error of that image, never a verdict
+            errors.append({"path": display_path(path), "error": problem})
+            warn(f"error: {display_path(path)}: {problem}")
+        else:
+            scored.append((i, path, img, pred))
+    scale = run_scale([pred.anomaly_map for *_, pred in scored])
     doc["heatmap_scale"] = scale.to_dict()
     doc["run"] = run.to_dict(with_references=False)
     if det.profile_ is not None:
@@ -269,14 +289,16 @@ def run_predict(
         doc["profile"] = {
             "units": "normal spreads above the normal mean (0: a typical normal image)",
             **{k: meta.get(k) for k in ("n_normal", "bank_patches", "weights_fingerprint", "created_by", "class_name")},
+            "ood_guard": det.profile_.guard(),
         }
     rows = []
-    for i, ((path, img), pred) in enumerate(zip(loaded, preds, strict=True)):
+    for i, path, img, pred in scored:
         stem = output_stem(i, path)
         row = {
             "path": display_path(path),
             "score": pred.score,
-            "verdict": th.verdict(pred.score),
+            "verdict": th.verdict(pred.score, pred.unusable),
+            "reason": pred.unusable,
             "threshold": th.value,
             "branch_scores": pred.branch_scores,
             "references": "profile"
@@ -313,7 +335,9 @@ def _write_outputs(out: Path, doc: dict, rows: list[tuple[dict, Image.Image, Pre
     write_text(out / "predictions.json", dumps(doc) + "\n")
     write_text(
         out / "predictions.csv",
-        predictions_csv(doc["predictions"], ("path", "score", "verdict", "threshold"), ("heatmap", "mask", "error")),
+        predictions_csv(
+            doc["predictions"], ("path", "score", "verdict", "threshold"), ("heatmap", "mask", "reason", "error")
+        ),
     )
     meta = {k: doc.get(k) for k in ("class_name", "threshold", "heatmap_scale")}
     meta["backbone"] = doc["config"]["backbone"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .images import IMAGE_SUFFIXES, load_images
+from .images import IMAGE_SUFFIXES, image_size, load_images
 
 
 class DatasetLayoutError(ValueError):
@@ -102,8 +102,9 @@ class Category:
         return out
 
     def check(self, require_masks: bool = False) -> list[str]:
-        """Validate before scoring: every image and mask file exists, every mask reads, and (where masks are
-        given) at least one of them marks a defect. Raises :class:`DatasetLayoutError` listing every
+        """Validate before scoring: every image and mask file exists, every mask reads and has its image's size
+        (a mask of another size, or turned, would be stretched onto it), and (where masks are given) at least
+        one of them marks a defect. Raises :class:`DatasetLayoutError` listing every
         problem at once; returns the warnings (anomalous images without a mask, counted).
         """
         problems, missing_mask = [], []
@@ -119,11 +120,19 @@ class Category:
                     problems.append(f"mask file not found: {s.mask} (for {s.path})")
                     continue
                 try:
-                    positive = bool(read_mask(s.mask, self.mask_threshold).any())
+                    mask = read_mask(s.mask, self.mask_threshold)
                 except OSError as exc:
                     problems.append(f"mask file cannot be read: {s.mask}: {exc}")
                     continue
-                any_defect_pixel |= positive
+                if not problem:
+                    (iw, ih), (mh, mw) = image_size(s.path), mask.shape
+                    if (mw, mh) != (iw, ih):
+                        problems.append(
+                            f"mask {s.mask} is {mw} x {mh} pixels but its image {s.path} is {iw} x {ih} (width x "
+                            "height): a mask must have its image's size"
+                        )
+                        continue
+                any_defect_pixel |= bool(mask.any())
             elif s.label == 1:
                 missing_mask.append(s.path)
         if require_masks:

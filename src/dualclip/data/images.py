@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import hashlib
 import io
 import os
 import warnings
@@ -87,6 +88,44 @@ def thumbnails(images: list[Image.Image], side: int = 32):
 
     arrs = [np.asarray(img.convert("L").resize((side, side), Image.BILINEAR), dtype=np.float32) for img in images]
     return torch.from_numpy(np.stack(arrs).reshape(len(images), -1))
+
+
+def pixel_digest(img: Image.Image) -> str:
+    """SHA-256 of an image's decoded pixels, mode and size: equal for equal images, whatever file or listing
+    they came from."""
+    h = hashlib.sha256(f"{img.mode} {img.width}x{img.height}".encode())
+    h.update(np.ascontiguousarray(np.asarray(img)).tobytes())
+    return h.hexdigest()
+
+
+def grey_spread(img: Image.Image) -> float:
+    """Standard deviation of an image's grey levels (0-255): 0 for a blank frame."""
+    return float(np.asarray(img.convert("L"), dtype=np.float32).std())
+
+
+def file_fingerprint(path: str | os.PathLike) -> list | None:
+    """``[size, mtime_ns, sha256 of the content]`` of a file (``None`` where it cannot be read): another file
+    at the same path gives another fingerprint, even with the same size and modification time."""
+    try:
+        st = os.stat(path)
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns, h.hexdigest()]
+
+
+_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` of an image file as :func:`load_image` returns it (EXIF orientation applied), from
+    its header alone."""
+    with Image.open(path) as img:
+        w, h = img.size
+        return (h, w) if img.getexif().get(0x0112) in _TRANSPOSED_ORIENTATIONS else (w, h)
 
 
 def load_image(

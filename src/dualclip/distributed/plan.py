@@ -30,12 +30,15 @@ class ManifestError(ValueError):
 class Block:
     """One unit of work: ``paths`` of one class, scored together.
 
-    ``index``: the position of each path in the whole run (output names use it, so they are unique)."""
+    ``index``: the position of each path in the whole run (output names use it, so they are unique).
+    ``content``: a digest of what the block is scored from (its files' contents, the profile's); a saved block
+    is reused only under the same fingerprint and the same content (see ``run.content_key``)."""
 
     id: str
     class_name: str | None
     paths: tuple[str, ...]
     index: tuple[int, ...]
+    content: str | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -48,7 +51,7 @@ class Block:
 
     @classmethod
     def from_dict(cls, d: dict) -> Block:
-        return cls(d["id"], d["class_name"], tuple(d["paths"]), tuple(d["index"]))
+        return cls(d["id"], d["class_name"], tuple(d["paths"]), tuple(d["index"]), d.get("content"))
 
 
 def read_manifest(path: str | os.PathLike) -> list[tuple[str, str | None]]:

@@ -4,23 +4,26 @@ every block's rows into predictions.json / .csv / .parquet.
 The output folder holds ``run.json`` (the settings and the plan), ``blocks/<id>.json`` (each finished
 block, written atomically by whoever scored it), ``heatmaps/<block>/`` and ``masks/<block>/``, then the
 merged predictions. A rerun with the same inputs and settings resumes: finished blocks are read back, not
-scored again. A folder holding anything else is never used; one run at a time writes it (a lock file beside
-it), and pool settings and the cluster's resources are checked before anything is written there.
+scored again, unless what they were scored from changed (an image replaced at the same path, the profile fitted
+again: :func:`content_key`). A folder holding anything else is never used; one run at a time writes it (a lock
+file beside it), and pool settings and the cluster's resources are checked before anything is written there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
 from ..atomic import dumps, write_bytes, write_json, write_text
 from ..cli.output_folder import lies_outside, output_lock
-from ..data.images import OUTPUT_MARKER
+from ..data.images import OUTPUT_MARKER, file_fingerprint
 from .engines import check_pool
 from .plan import Block, plan_blocks
 from .scorer import BLOCKS_DIR, ScorerSpec, load_block_result
@@ -55,6 +58,25 @@ def _settings_key(spec: ScorerSpec, block_size: int, seed: int, blocks: list[Blo
         settings["config"] = {k: v for k, v in settings["config"].items() if k not in how}
     payload = json.dumps([settings, [b.fingerprint for b in blocks], __version__], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def content_key(block: Block, fingerprints: dict[str, list | None], profile: str | None) -> str:
+    """What a block's scores are computed from: each of its files' fingerprint (size, modification time, SHA-256
+    of the content: :func:`~dualclip.data.images.file_fingerprint`) and the profile's digest (``None`` without
+    one). A saved block is reused only under the same key."""
+    payload = json.dumps([profile, [fingerprints[p] for p in block.paths]])
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _with_content(blocks: list[Block], profile: str | os.PathLike | None) -> list[Block]:
+    """``blocks`` with their :func:`content_key` (files read in a few threads)."""
+    from ..profile import profile_digest
+
+    digest = None if profile is None else profile_digest(profile)
+    paths = [p for b in blocks for p in b.paths]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        fingerprints = dict(zip(paths, pool.map(file_fingerprint, paths), strict=True))
+    return [dataclasses.replace(b, content=content_key(b, fingerprints, digest)) for b in blocks]
 
 
 def _check_folder(out: Path, key: str) -> bool:
@@ -133,6 +155,7 @@ def run_archive(
     _check_folder(out, key)  # a refused run writes nothing, not even the lock file
     with output_lock(out):
         resumed = _check_folder(out, key)  # again, as the run holding the lock finds it
+        blocks = _with_content(blocks, profile)
         results: dict[str, dict] = {}
         for b in blocks if resumed else []:
             saved = load_block_result(out, b)
@@ -201,7 +224,7 @@ def run_archive(
     )
 
 
-COLUMNS = ("index", "path", "class", "block", "score", "verdict", "threshold", "heatmap", "mask", "error")
+COLUMNS = ("index", "path", "class", "block", "score", "verdict", "threshold", "heatmap", "mask", "reason", "error")
 
 
 def _write_predictions(out: Path, rows: list[dict], spec: ScorerSpec, blocks, engine: str, key: str) -> None:

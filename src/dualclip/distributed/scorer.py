@@ -13,6 +13,7 @@ from PIL import Image
 
 from ..atomic import dumps, save_image, write_text
 from ..data.images import DEFAULT_MAX_SIDE, ImageLoadError, load_image
+from ..thresholds import score_error
 from .plan import Block
 
 BLOCKS_DIR = "blocks"
@@ -113,6 +114,10 @@ class BlockScorer:
             else:
                 scale = run_scale([pr.anomaly_map for pr in preds])
             for d, img, pred in zip(ok, images, preds, strict=True):
+                problem = score_error(pred.score)
+                if problem:  # an error of that image, never a verdict
+                    rows[d.index] = _row(block, d, error=problem)
+                    continue
                 stem = output_stem(d.index, Path(d.path))
                 heat = f"heatmaps/{block.id}/{stem}.png" if self.spec.heatmaps else None
                 mask = f"masks/{block.id}/{stem}.png" if self.spec.heatmaps and th.value is not None else None
@@ -124,7 +129,8 @@ class BlockScorer:
                     block,
                     d,
                     score=pred.score,
-                    verdict=th.verdict(pred.score),
+                    verdict=th.verdict(pred.score, pred.unusable),
+                    reason=pred.unusable,
                     threshold=th.value,
                     branch_scores=pred.branch_scores,
                     heatmap=heat,
@@ -155,6 +161,7 @@ def _row(block: Block, d: Decoded, **values) -> dict:
         "block": block.id,
         "score": None,
         "verdict": None,
+        "reason": None,
         "threshold": None,
         "branch_scores": {},
         "heatmap": None,
@@ -179,7 +186,8 @@ def unpack(data: bytes) -> list[Decoded]:
 
 
 def load_block_result(out: str | Path, block: Block) -> dict | None:
-    """A finished block's saved result, if it is there, readable, and for this very block (fingerprint)."""
+    """A finished block's saved result, if it is there, readable, and for this very block (fingerprint) scored
+    from the same content (the same files and profile: ``Block.content``)."""
     path = block_result_path(out, block.id)
     if not path.is_file():
         return None
@@ -187,6 +195,7 @@ def load_block_result(out: str | Path, block: Block) -> dict | None:
         result = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if (result.get("block") or {}).get("fingerprint") != block.fingerprint:
+    saved = result.get("block") or {}
+    if saved.get("fingerprint") != block.fingerprint or saved.get("content") != block.content:
         return None
     return result

@@ -27,6 +27,7 @@ from starlette.datastructures import UploadFile
 from .. import __version__
 from ..data.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageLoadError, decode_image
 from ..detector import DualClipDetector, Prediction
+from ..thresholds import NO_THRESHOLD, score_error
 from ..visualization import HeatmapScale, overlay, profile_scale
 from .batching import MicroBatcher
 
@@ -244,6 +245,7 @@ def create_app(detector: DualClipDetector, settings: ServeSettings, profile_path
                 **{k: meta.get(k) for k in ("class_name", "n_normal", "bank_patches", "created_by")},
             },
             "threshold": None if threshold is None else threshold.to_dict(),
+            "ood_guard": detector.profile_.guard(),
             "units": UNITS,
             "heatmap_scale": scale.to_dict() | {"note": "fixed for the service: lowest normal score to threshold"},
             "config": detector.config.to_dict(),
@@ -267,9 +269,13 @@ def create_app(detector: DualClipDetector, settings: ServeSettings, profile_path
                 raise HTTPException(422, exc.reason) from exc
             del data
             pred = await batcher.submit(image)
+            problem = score_error(pred.score)
+            if problem:  # never a verdict: the profile (or this image) gives no usable score
+                raise HTTPException(500, problem)
             out = {
                 "score": pred.score,
-                "verdict": None if threshold is None else threshold.verdict(pred.score),
+                "verdict": (threshold or NO_THRESHOLD).verdict(pred.score, pred.unusable),
+                "reason": pred.unusable,
                 "threshold": None if threshold is None else threshold.value,
                 "branch_scores": pred.branch_scores,
                 "units": UNITS,

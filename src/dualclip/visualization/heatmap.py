@@ -33,7 +33,11 @@ class HeatmapScale:
 
 def run_scale(maps: list[np.ndarray], low_pct: float = 1.0, high_pct: float = 99.9) -> HeatmapScale:
     """One scale for every map of a run: percentiles of all their pixels together, so a normal image looks
-    cool and a defect hot (per-image scaling would paint every image's maximum red)."""
+    cool and a defect hot (per-image scaling would paint every image's maximum red). Maps holding values that
+    are not finite (images without a usable score) are left out; with none left the scale is flat at 0."""
+    maps = [m for m in maps if np.isfinite(m).all()]
+    if not maps:
+        return HeatmapScale(0.0, 0.0, flat=True)
     sample = np.concatenate([m[:: max(1, m.shape[0] // 64), :: max(1, m.shape[1] // 64)].ravel() for m in maps])
     lo, hi = float(min(m.min() for m in maps)), float(max(m.max() for m in maps))
     if hi - lo <= 1e-6 * max(1.0, abs(hi), abs(lo)):

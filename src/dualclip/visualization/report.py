@@ -41,7 +41,8 @@ def _script_json(value) -> str:
 
 
 def summary_counts(rows: list[dict]) -> dict[str, int]:
-    """files, scored, flagged (verdict defective), ok, failed (an error) among the report's rows."""
+    """files, scored, flagged (verdict defective), ok, unusable (outside the profile's distribution), failed (an
+    error) among the report's rows."""
     verdicts = [r.get("verdict") for r in rows]
     failed = sum(1 for r in rows if r.get("error"))
     return {
@@ -49,6 +50,7 @@ def summary_counts(rows: list[dict]) -> dict[str, int]:
         "scored": len(rows) - failed,
         "flagged": verdicts.count("defective"),
         "ok": verdicts.count("ok"),
+        "unusable": verdicts.count("unusable"),
         "failed": failed,
     }
 
@@ -76,6 +78,9 @@ def render_report(rows: list[dict], meta: dict) -> str:
         if value is not None
         else ""
     )
+    if counts["unusable"]:
+        flagged += f'<span class="badge unusable">{counts["unusable"]} unusable</span> '
+
     head = (
         f'<p class="summary"><b>{counts["files"]}</b> files: {counts["scored"]} scored, {flagged}'
         f'<span class="badge {"error" if counts["failed"] else "none"}">{counts["failed"]} failed</span></p>'
@@ -94,7 +99,7 @@ def render_report(rows: list[dict], meta: dict) -> str:
         ov = f'<img src="{_data_uri(r["overlay"])}" alt="heat map">' if r.get("overlay") is not None else ""
         if ov and r.get("heatmap"):
             ov = f'<a href="{html.escape(r["heatmap"])}" title="full-size heat map">{ov}</a>'
-        err = html.escape(r.get("error") or "")
+        err = html.escape(r.get("error") or r.get("reason") or "")
         trs.append(
             f'<tr class="{html.escape(verdict)}"><td data-v="{html.escape(r["path"])}">{html.escape(r["path"])}'
             f'<div class="err">{err}</div></td><td>{img}</td><td>{ov}</td>'
@@ -111,10 +116,12 @@ th {{ cursor: pointer; background: #eee; }}
 tr.defective td.score, tr.defective td.verdict {{ color: #b00; font-weight: bold; }}
 tr.ok td.verdict {{ color: #070; }}
 tr.error {{ background: #fdd; }}
+tr.unusable td.verdict {{ color: #850; font-weight: bold; }}
 .badge {{ padding: 1px 6px; border-radius: 4px; }}
 .badge.defective {{ background: #fcc; color: #800; }}
 .badge.ok {{ background: #cfc; color: #050; }}
 .badge.error {{ background: #fdd; color: #800; }}
+.badge.unusable {{ background: #fe9; color: #640; }}
 .err {{ color: #b00; font-size: 90%; }}
 img {{ max-height: 160px; }}
 </style></head><body>
