@@ -25,6 +25,8 @@ from ..backbone.base import BackboneOutput
 from .onnx import OPSET, model_identity, write_graph
 
 MODEL_OUTPUTS = ["score", "anomaly_map"]
+MAX_GRAPH_BYTES = 2**31 - 2**26
+"""The most weight and constant bytes one graph may hold: an ONNX file is one protobuf message (2 GiB at most)."""
 UNITS = "profile units: 0 = the mean of the normal images' leave-one-out scores, 1 = their standard deviation"
 
 
@@ -107,6 +109,13 @@ def export_model(
     if next(graph.backbone.parameters()).device.type != "cpu":
         raise ValueError("export_model traces on the CPU, where the profile's memory bank is: load with device='cpu'")
     backbone, cfg = graph.backbone, detector.config
+    held = [*graph.state_dict().values(), *(t for sp in profile.bank.values() for space in sp for t in space)]
+    size_bytes = sum(t.numel() * t.element_size() for t in held)
+    if size_bytes > MAX_GRAPH_BYTES:
+        raise ValueError(
+            f"the model's weights and memory bank take {size_bytes / 2**30:.2f} GiB, over the 2 GiB one ONNX file "
+            "can hold: fit the profile with a smaller memory_bank_size, or export the encoder alone"
+        )
     identity = model_identity(backbone)
     size = identity["image_size"]
     threshold = profile.threshold
