@@ -112,15 +112,16 @@ def main() -> None:
             "predict --profile ms/img",
             "onnxruntime ms/img",
             "speed-up",
-            "max |score diff|",
-            "max |map diff|",
+            "max score diff",
+            "max map diff",
         ],
         "rows": rows,
         "notes": [
             f"Profile fitted on the first {N_FIT} magnetic_tile MT_Free images ({fit_s:.0f} s), exported in "
             f"{export_s:.1f} s ({size_mb:.1f} MiB, bank of {det.profile_.meta['bank_patches']} patches); scored: "
             f"the next {N_FIT} MT_Free images and 5 of each of {', '.join(DEFECTS)}. Scores in profile units "
-            f"(here {min(want.image_scores):.2f} to {max(want.image_scores):.2f}); maps compared at S x S. "
+            f"(here {min(want.image_scores):.2f} to {max(want.image_scores):.2f}); score and map diff: the largest "
+            "absolute difference, maps at S x S. "
             f"Both runtimes in one process with {torch.get_num_threads()} threads, from decoded images, median of "
             f"{repeats} repeats after a warm-up; predict scores a profile image by image at any batch size. The "
             f"machine was shared (load average {load:.1f} on {os.cpu_count()} cores at the start): the ratio, "

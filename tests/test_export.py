@@ -286,3 +286,35 @@ def test_whole_model_export_refuses_an_unfitted_detector_and_a_graph_over_2_gib(
     with pytest.raises(ValueError, match=r"weights and memory bank take 0.02 GiB, over the 2 GiB one ONNX file"):
         export_model(det, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_whole_model_export_matches_predict_profile_on_real_metal_plates(tmp_path):
+    """The real effnet-lite0 at its S = 320 on mpdd_metal_plate: hybrid distance on real features, a bank of
+    every fitted patch, position centring; 5 defect-free plates fitted, a good one and two defective scored."""
+    from PIL import Image
+
+    from conftest import shared_dataset
+    from dualclip.backbone.preprocess import to_tensor
+    from dualclip.data.images import load_image
+    from dualclip.export import export_model
+
+    root = shared_dataset("mpdd_metal_plate") / "data_supervised" / "metal_plate"
+
+    def split(name: str) -> tuple[list, list]:
+        good, bad = [], []
+        for mask in sorted((root / name / "masks").glob("*.png")):
+            (bad if np.asarray(Image.open(mask)).any() else good).append(root / name / "images" / mask.name)
+        return good, bad
+
+    train_good, _ = split("train")
+    test_good, test_bad = split("test")
+    cfg = DetectorConfig(backbone="effnet-lite0", centring="position", progress=False, device="cpu")
+    fitted = DualClipDetector(cfg).fit([load_image(p) for p in train_good[:5]], threshold_quantile=0.9)
+    det = DualClipDetector.load(fitted.save(tmp_path / "profile"))
+    path = export_model(det, tmp_path / "model.onnx")
+    test = [load_image(p) for p in [test_good[0], *test_bad[:2]]]
+    want = det.score_images(test)
+    bb = det.backbone
+    scores, maps = _run_model(path, to_tensor(test, bb.image_size, bb.mean, bb.std).numpy())
+    np.testing.assert_allclose(scores, want.image_scores.numpy(), atol=TOL, rtol=0)
+    np.testing.assert_allclose(maps, want.maps.numpy(), atol=TOL, rtol=0)
