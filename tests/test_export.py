@@ -275,13 +275,17 @@ def test_export_what_chooses_model_or_encoder_and_each_file_keeps_to_its_use(tmp
     assert not (tmp_path / "m2.onnx").exists() and not (tmp_path / "m3.onnx").exists()
 
 
-def test_whole_model_export_refuses_an_unfitted_detector_and_a_graph_over_2_gib(tmp_path, texture_set, monkeypatch):
+def test_whole_model_export_refuses_an_unfitted_detector_a_missing_folder_and_a_graph_over_2_gib(
+    tmp_path, texture_set, monkeypatch
+):
     from dualclip.export import export_model
     from dualclip.export import model as model_module
 
     with pytest.raises(ValueError, match="export_model needs a fitted detector"):
         export_model(DualClipDetector(DetectorConfig(backbone="effnet-lite0", image_size=96)), tmp_path / "m.onnx")
     det = DualClipDetector.load(_fitted_profile(tmp_path, texture_set, "effnet"))
+    with pytest.raises(FileNotFoundError, match=r"the folder of .*missing.*m.onnx \(.*\) does not exist"):
+        export_model(det, tmp_path / "missing" / "m.onnx")
     monkeypatch.setattr(model_module, "MAX_GRAPH_BYTES", 2**20)  # this model and bank take about 20 MiB
     with pytest.raises(ValueError, match=r"weights and memory bank take 0.02 GiB, over the 2 GiB one ONNX file"):
         export_model(det, tmp_path / "m.onnx")

@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import __version__
 from ..backbone.base import BackboneOutput
-from .onnx import OPSET, model_identity, write_graph
+from .onnx import OPSET, check_folder, model_identity, write_graph
 
 MODEL_OUTPUTS = ["score", "anomaly_map"]
 MAX_GRAPH_BYTES = 2**31 - 2**26
@@ -101,6 +101,7 @@ def export_model(
     profile = detector.profile_
     if profile is None:
         raise ValueError("export_model needs a fitted detector: fit it on normal images or load a profile")
+    check_folder(path)
     if detector.precision() != "fp32":
         raise ValueError(
             f"the detector computes in {detector.precision()}: the exported graph is fp32; load it with precision='fp32'"

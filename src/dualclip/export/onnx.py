@@ -113,11 +113,19 @@ def export_onnx(backbone: Backbone, path: str | os.PathLike, opset: int = OPSET,
     """Write ``backbone``'s image path to ``path`` as ONNX (dynamic batch size), with its identity
     (:func:`model_identity`) in the metadata; written to a temporary sibling and renamed into place, checked
     with ``onnx.checker``."""
+    check_folder(path)
     identity = identity or model_identity(backbone)
     names = output_names(backbone)
     meta = {**identity, "what": "encoder", "dualclip_version": __version__, "outputs": names}
     meta.update(mean=list(backbone.mean), std=list(backbone.std))
     return write_graph(_Flat(backbone), backbone.image_size, names, meta, path, opset)
+
+
+def check_folder(path: str | os.PathLike) -> None:
+    """Refuse, before any export work, a ``path`` whose folder does not exist (``FileNotFoundError``)."""
+    folder = Path(path).absolute().parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"the folder of {path} ({folder}) does not exist")
 
 
 def write_graph(
