@@ -210,15 +210,16 @@ def test_profile_fingerprint_is_kept_through_save_and_load_and_changes_with_the_
     assert loaded.fingerprint() != fitted.fingerprint()
 
 
-def _readme_block(marker: str) -> str:
+def _docs_block(marker: str) -> str:
+    """The ```python block after ``<!-- marker`` in docs/export.md (the README links it)."""
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    text = (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text(encoding="utf-8")
     after = text.split(f"<!-- {marker}", 1)[1]
     return after.split("```python\n", 1)[1].split("```", 1)[0]
 
 
-def test_readme_onnx_example_runs_the_exported_model_without_dualclip(tmp_path, texture_set):
+def test_docs_onnx_example_runs_the_exported_model_without_dualclip(tmp_path, texture_set):
     import json
     import subprocess
     import sys
@@ -233,7 +234,7 @@ def test_readme_onnx_example_runs_the_exported_model_without_dualclip(tmp_path, 
     part = test[1].resize((90, 70))  # not square: the example squashes it as dualclip does
     part.save(work / "part.png")
     part.save(work / "in" / "part.png")
-    code = _readme_block("onnx-model-example") + (
+    code = _docs_block("onnx-model-example") + (
         "\nimport sys\n"
         "assert not [m for m in sys.modules if m.split('.')[0] == 'dualclip'], 'the example imported dualclip'\n"
         "np.save('map.npy', anomaly_map)\n"

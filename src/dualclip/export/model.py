@@ -157,6 +157,7 @@ def export_model(
             "alpha": cfg.alpha,
             "beta": cfg.beta,
             "created_by": profile.meta.get("created_by"),
+            "config": profile.meta.get("config"),
         },
     }
     return write_graph(graph, size, MODEL_OUTPUTS, meta, path, opset)
