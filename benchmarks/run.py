@@ -30,6 +30,7 @@ SECTIONS = (
     "reliability",
     "serve_load",
     "onnx_speed",
+    "model_export",
     "ray_scale",
     "precision_parity",
     "gpu",
@@ -111,6 +112,11 @@ def headline(data: dict[str, dict]) -> list[str]:
                 f"- onnxruntime, {r['model']} batch 8: {r['torch_ms'] / r['ort_ms']:.2f}x torch's speed, outputs "
                 f"within {r['max_abs_diff']:.0e}"
             )
+    for r in data.get("model_export", {}).get("raw", {}).get("rows", []):
+        lines.append(
+            f"- whole-model ONNX export, effnet-lite0 batch {r['batch']}: {r['predict_ms'] / r['ort_ms']:.2f}x the "
+            f"speed of `predict --profile`, scores within {r['max_score_diff']:.0e}, maps within {r['max_map_diff']:.0e}"
+        )
     for r in data.get("ray_scale", {}).get("raw", {}).get("runs", []):
         lines.append(
             f"- `--engine ray`, {r['images']} images: {r['ray_s'] / r['inline_s']:.2f}x the in-process time"
@@ -123,6 +129,7 @@ def headline(data: dict[str, dict]) -> list[str]:
 HEADLINE_MARKS = {  # how a headline line names its section (to carry it over with the section)
     "serve_load": "`dualclip serve`",
     "onnx_speed": "- onnxruntime,",
+    "model_export": "- whole-model ONNX export,",
     "ray_scale": "`--engine ray`",
     "throughput": "plain `encode_image`",
     "side_by_side": ("WinCLIP", "`aupro`"),

@@ -117,3 +117,209 @@ def test_cli_export_writes_the_profile_model_and_refuses_to_overwrite(tmp_path, 
         app, ["predict", str(tmp_path), "-o", str(tmp_path / "o"), "--profile", str(profile), "--onnx-file", str(out)]
     )
     assert r.exit_code == 2 and "onnx_file is only used with runtime='onnxruntime'" in r.output
+
+
+# -- the whole model: image to score and anomaly map -------------------------------------------------------------
+
+MODEL_CASES = {
+    # random CLIP: text (prompt embeddings as constants), hybrid parts, two neighbourhood sizes, position
+    # centring, the top 1% image score
+    "clip-hybrid": dict(
+        backbone=TINY,
+        pretrained=None,
+        distance="hybrid",
+        neighbourhood=(1, 3),
+        centring="position",
+        image_score="top1pct",
+    ),
+    # random CLIP with the adaptation head trained at fit time, ring centring, cosine
+    "clip-head": dict(
+        backbone=TINY, pretrained=None, tta=True, centring="ring", adaptation={"num_images": 4, "steps": 5}
+    ),
+    # vision-only, the real bundled weights (random effnet-lite0 features are near zero: no test of anything)
+    "effnet": dict(backbone="effnet-lite0", image_size=96, centring="position"),
+}
+
+
+def _split(texture_set):
+    images, _, labels = texture_set
+    normal = [im for im, y in zip(images, labels, strict=True) if not y]
+    anomalous = [im for im, y in zip(images, labels, strict=True) if y]
+    return normal[:5], [normal[5], *anomalous[:2]]  # fitted on 5; scored: a held-out normal image, 2 defects
+
+
+def _fitted_profile(tmp_path, texture_set, case: str):
+    train, _ = _split(texture_set)
+    cfg = DetectorConfig(progress=False, device="cpu", **MODEL_CASES[case])
+    return DualClipDetector(cfg).fit(train, class_name="tile", threshold_quantile=0.9).save(tmp_path / "profile")
+
+
+def _run_model(path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return tuple(session.run(["score", "anomaly_map"], {"images": x}))
+
+
+@pytest.mark.parametrize("case", list(MODEL_CASES))
+def test_whole_model_export_scores_like_predict_profile_at_batch_1_and_3(case, tmp_path, texture_set):
+    from dualclip.backbone.preprocess import to_tensor
+    from dualclip.export import export_model
+
+    _, test = _split(texture_set)
+    profile = _fitted_profile(tmp_path, texture_set, case)
+    det = DualClipDetector.load(profile)  # what `predict --profile` scores with
+    path = export_model(det, tmp_path / "model.onnx", profile_path=profile)
+    want = det.score_images(test)  # maps at S x S, image scores in profile units
+    assert [p.score for p in det.predict(test)] == pytest.approx(want.image_scores.tolist(), abs=1e-6)
+    bb = det.backbone
+    x = to_tensor(test, bb.image_size, bb.mean, bb.std).numpy()
+    scores, maps = _run_model(path, x)  # batch 3
+    assert maps.shape == (3, bb.image_size, bb.image_size)
+    np.testing.assert_allclose(scores, want.image_scores.numpy(), atol=TOL, rtol=0)
+    np.testing.assert_allclose(maps, want.maps.numpy(), atol=TOL, rtol=0)
+    for i in range(3):  # batch 1
+        s1, m1 = _run_model(path, x[i : i + 1])
+        np.testing.assert_allclose(s1, want.image_scores.numpy()[i : i + 1], atol=TOL, rtol=0)
+        np.testing.assert_allclose(m1[0], want.maps.numpy()[i], atol=TOL, rtol=0)
+    meta = onnx_metadata(path)
+    assert meta["what"] == "model"
+    assert meta["threshold"] == det.threshold_.to_dict()
+    assert meta["profile"]["fingerprint"] == det.profile_.fingerprint()
+    assert meta["profile"]["centring"] == MODEL_CASES[case]["centring"]
+    assert meta["preprocess"]["resize"] == "bicubic" and meta["preprocess"]["mean"] == list(bb.mean)
+    want_branches = {"clip-hybrid": ["text", "visual"], "clip-head": ["adapted", "text", "visual"]}
+    assert meta["branches"] == want_branches.get(case, ["visual"])
+
+
+def test_profile_fingerprint_is_kept_through_save_and_load_and_changes_with_the_profile(tmp_path, texture_set):
+    from dualclip.profile import Profile
+    from dualclip.thresholds import manual_threshold
+
+    path = _fitted_profile(tmp_path, texture_set, "clip-hybrid")
+    loaded = Profile.load(path)
+    fitted = DualClipDetector.load(path).profile_
+    assert loaded.fingerprint() == fitted.fingerprint()
+    train, _ = _split(texture_set)
+    cfg = DetectorConfig(progress=False, device="cpu", **MODEL_CASES["clip-hybrid"])
+    refit = DualClipDetector(cfg).fit(train, class_name="tile", threshold_quantile=0.9).profile_
+    assert refit.fingerprint() == loaded.fingerprint()  # in memory, before any save
+    refit.threshold = manual_threshold(3.0)
+    assert refit.fingerprint() != loaded.fingerprint()
+    loaded.bank_owner = loaded.bank_owner.flip(0)
+    assert loaded.fingerprint() != fitted.fingerprint()
+
+
+def _docs_block(marker: str) -> str:
+    """The ```python block after ``<!-- marker`` in docs/export.md (the README links it)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text(encoding="utf-8")
+    after = text.split(f"<!-- {marker}", 1)[1]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_docs_onnx_example_runs_the_exported_model_without_dualclip(tmp_path, texture_set):
+    import json
+    import subprocess
+    import sys
+
+    profile = _fitted_profile(tmp_path, texture_set, "clip-hybrid")
+    work = tmp_path / "work"
+    (work / "in").mkdir(parents=True)
+    r = CliRunner().invoke(app, ["export", "--profile", str(profile), "-o", str(work / "model.onnx")])
+    assert r.exit_code == 0, r.output
+    assert "images -> score, anomaly_map (text, visual), threshold" in r.output
+    _, test = _split(texture_set)
+    part = test[1].resize((90, 70))  # not square: the example squashes it as dualclip does
+    part.save(work / "part.png")
+    part.save(work / "in" / "part.png")
+    code = _docs_block("onnx-model-example") + (
+        "\nimport sys\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] == 'dualclip'], 'the example imported dualclip'\n"
+        "np.save('map.npy', anomaly_map)\n"
+        "print(json.dumps({'score': float(score[0]), 'threshold': threshold, 'verdict': verdict}))\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    printed, result = run.stdout.strip().splitlines()[-2:]
+    got = json.loads(result)
+    assert printed.startswith(f"score {got['score']:.3f} (threshold {got['threshold']}): ")
+    # the same as `dualclip predict --profile` (score, verdict, threshold) and its map at S x S
+    r = CliRunner().invoke(app, ["predict", str(work / "in"), "--profile", str(profile), "-o", str(work / "o"), "-q"])
+    assert r.exit_code == 0, r.output
+    row = json.loads((work / "o" / "predictions.json").read_text())["predictions"][0]
+    assert got["score"] == pytest.approx(row["score"], abs=TOL)
+    assert got["threshold"] == row["threshold"] and got["verdict"] == row["verdict"]
+    det = DualClipDetector.load(profile)
+    want = det.score_images([part.convert("RGB")]).maps[0].numpy()
+    np.testing.assert_allclose(np.load(work / "map.npy")[0], want, atol=TOL, rtol=0)
+
+
+def test_export_what_chooses_model_or_encoder_and_each_file_keeps_to_its_use(tmp_path, texture_set):
+    profile = _fitted_profile(tmp_path, texture_set, "effnet")
+    enc, model = tmp_path / "enc.onnx", tmp_path / "model.onnx"
+    r = CliRunner().invoke(app, ["export", "--profile", str(profile), "--what", "encoder", "-o", str(enc)])
+    assert r.exit_code == 0, r.output
+    det = DualClipDetector.load(profile)
+    assert onnx_metadata(enc)["outputs"] == output_names(det.backbone)
+    assert isinstance(DualClipDetector.load(profile, runtime="onnxruntime", onnx_file=enc).backbone, OnnxBackbone)
+    r = CliRunner().invoke(app, ["export", "--profile", str(profile), "-o", str(model)])
+    assert r.exit_code == 0 and onnx_metadata(model)["what"] == "model", r.output
+    with pytest.raises(ValueError, match="is a whole-model export .*: onnx_file takes the encoder alone"):
+        DualClipDetector.load(profile, runtime="onnxruntime", onnx_file=model)
+    r = CliRunner().invoke(app, ["export", "--what", "model", "-o", str(tmp_path / "m2.onnx")])
+    assert r.exit_code == 2 and "error: --what model exports a fitted profile's scoring: give --profile" in r.output
+    r = CliRunner().invoke(app, ["export", "--what", "all", "--profile", str(profile), "-o", str(tmp_path / "m3.onnx")])
+    assert r.exit_code == 2 and "error: unknown --what 'all': choose model or encoder" in r.output
+    assert not (tmp_path / "m2.onnx").exists() and not (tmp_path / "m3.onnx").exists()
+
+
+def test_whole_model_export_refuses_an_unfitted_detector_a_missing_folder_and_a_graph_over_2_gib(
+    tmp_path, texture_set, monkeypatch
+):
+    from dualclip.export import export_model
+    from dualclip.export import model as model_module
+
+    with pytest.raises(ValueError, match="export_model needs a fitted detector"):
+        export_model(DualClipDetector(DetectorConfig(backbone="effnet-lite0", image_size=96)), tmp_path / "m.onnx")
+    det = DualClipDetector.load(_fitted_profile(tmp_path, texture_set, "effnet"))
+    with pytest.raises(FileNotFoundError, match=r"the folder of .*missing.*m.onnx \(.*\) does not exist"):
+        export_model(det, tmp_path / "missing" / "m.onnx")
+    monkeypatch.setattr(model_module, "MAX_GRAPH_BYTES", 2**20)  # this model and bank take about 20 MiB
+    with pytest.raises(ValueError, match=r"weights and memory bank take 0.02 GiB, over the 2 GiB one ONNX file"):
+        export_model(det, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_whole_model_export_matches_predict_profile_on_real_metal_plates(tmp_path):
+    """The real effnet-lite0 at its S = 320 on mpdd_metal_plate: hybrid distance on real features, a bank of
+    every fitted patch, position centring; 5 defect-free plates fitted, a good one and two defective scored."""
+    from PIL import Image
+
+    from conftest import shared_dataset
+    from dualclip.backbone.preprocess import to_tensor
+    from dualclip.data.images import load_image
+    from dualclip.export import export_model
+
+    root = shared_dataset("mpdd_metal_plate") / "data_supervised" / "metal_plate"
+
+    def split(name: str) -> tuple[list, list]:
+        good, bad = [], []
+        for mask in sorted((root / name / "masks").glob("*.png")):
+            (bad if np.asarray(Image.open(mask)).any() else good).append(root / name / "images" / mask.name)
+        return good, bad
+
+    train_good, _ = split("train")
+    test_good, test_bad = split("test")
+    cfg = DetectorConfig(backbone="effnet-lite0", centring="position", progress=False, device="cpu")
+    fitted = DualClipDetector(cfg).fit([load_image(p) for p in train_good[:5]], threshold_quantile=0.9)
+    det = DualClipDetector.load(fitted.save(tmp_path / "profile"))
+    path = export_model(det, tmp_path / "model.onnx")
+    test = [load_image(p) for p in [test_good[0], *test_bad[:2]]]
+    want = det.score_images(test)
+    bb = det.backbone
+    scores, maps = _run_model(path, to_tensor(test, bb.image_size, bb.mean, bb.std).numpy())
+    np.testing.assert_allclose(scores, want.image_scores.numpy(), atol=TOL, rtol=0)
+    np.testing.assert_allclose(maps, want.maps.numpy(), atol=TOL, rtol=0)

@@ -281,6 +281,13 @@ def _reorder(result: ScoreResult, order: list[int]) -> ScoreResult:
     )
 
 
+def text_scores(feats: BackboneOutput, text: torch.Tensor, temperature: float, out: BranchScores) -> None:
+    """METHOD §4: fills ``out.text`` (each patch) and ``out.text_global`` (each global embedding) from the
+    ``(2, D)`` text embeddings ``[t_n, t_a]``."""
+    out.text = text_anomaly_scores(feats.patch_embeddings, text, temperature)
+    out.text_global = text_anomaly_scores(feats.global_embedding, text, temperature)
+
+
 def _mean(tensors) -> torch.Tensor:
     """Mean of equally shaped tensors (one, returned unchanged)."""
     tensors = list(tensors)
@@ -565,8 +572,7 @@ class DualClipDetector:
             return None
         text = text_embeddings(backbone, readable_class_name(class_name), cfg.cache_dir)
         if use_text:
-            out.text = text_anomaly_scores(feats.patch_embeddings, text, temperature)
-            out.text_global = text_anomaly_scores(feats.global_embedding, text, temperature)
+            text_scores(feats, text, temperature, out)
         return text
 
     def _visual(
@@ -586,18 +592,7 @@ class DualClipDetector:
         centring = self.centring()
         if self.profile_ is not None:
             with clock("reference"):
-                bank, scale = self.profile_.bank, self.profile_.scale
-                scores = {
-                    p: _mean(bank_distances(s, b, p) for s, b in zip(spaces[p], bank[p], strict=True)) for p in parts
-                }
-                offsets = scale.position_offsets()
-                if offsets is not None and offsets.numel() != feats.grid[0] * feats.grid[1]:
-                    raise ProfileError(
-                        f"the profile's positional offsets cover {offsets.numel()} positions, this model's grid "
-                        f"{feats.grid[0]} x {feats.grid[1]}: the profile is damaged"
-                    )
-                out.visual = centre(combine_parts(scores, scale.parts if len(parts) > 1 else None), offsets)
-                out.centring = self.profile_.meta.get("centring", "none") if offsets is not None else "none"
+                out.visual, out.centring = self.profile_visual(spaces, feats.grid)
             return [[] for _ in range(n)]
         if golden is not None:
             with clock("backbone"):
@@ -634,6 +629,25 @@ class DualClipDetector:
             out.centring = centring
         out.duplicate_pairs = int(dup.sum()) // 2
         return refs
+
+    def profile_visual(
+        self, spaces: dict[str, list[list[torch.Tensor]]], grid: tuple[int, int], nearest=bank_distances
+    ) -> tuple[torch.Tensor, str]:
+        """The fitted visual score ``(N, P)`` of images in their matching ``spaces`` (``spaces[part][s][l]``)
+        and the centring it applied: each part's distance to its nearest bank patch (``nearest(query, bank,
+        part)``, :func:`~dualclip.scoring.bank_distances`, or the exported graph's batched form), averaged over
+        the neighbourhood sizes, parts standardised by the profile's moments and combined, the profile's
+        positional offsets subtracted."""
+        bank, scale = self.profile_.bank, self.profile_.scale
+        scores = {p: _mean(nearest(s, b, p) for s, b in zip(spaces[p], bank[p], strict=True)) for p in spaces}
+        offsets = scale.position_offsets()
+        if offsets is not None and offsets.numel() != grid[0] * grid[1]:
+            raise ProfileError(
+                f"the profile's positional offsets cover {offsets.numel()} positions, this model's grid "
+                f"{grid[0]} x {grid[1]}: the profile is damaged"
+            )
+        visual = centre(combine_parts(scores, scale.parts if len(spaces) > 1 else None), offsets)
+        return visual, self.profile_.meta.get("centring", "none") if offsets is not None else "none"
 
     def _adapt(
         self,

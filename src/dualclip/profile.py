@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .atomic import dumps, write_bytes, write_text
+from .atomic import dumps, finite, write_bytes, write_text
 from .data.images import file_fingerprint
 from .thresholds import Threshold
 
@@ -314,6 +314,29 @@ class Profile:
             return "off: this profile holds no out-of-distribution statistics (fit it again to add them)"
         return self.ood.describe()
 
+    def fingerprint(self) -> str:
+        """SHA-256 (first 16 hex digits) of everything the profile scores with and records: bank, owners, head,
+        scale, normal scores, threshold and settings. The same for the fitted profile and for it saved and
+        loaded; what an export of the profile names it by."""
+        h = hashlib.sha256()
+        tensors = {
+            f"bank.{part}.{s}.{layer}": t
+            for part, sp in self.bank.items()
+            for s, space in enumerate(sp)
+            for layer, t in enumerate(space)
+        }
+        tensors["bank_owner"] = self.bank_owner
+        tensors.update({f"head.{k}": v for k, v in (self.head or {}).items()})
+        _hash_tensors(h, tensors)
+        doc = {
+            "meta": {k: v for k, v in self.meta.items() if k not in ("format", "dualclip_version")},
+            "scale": self.scale.to_dict(),
+            "normal_scores": self.normal_scores,
+            "threshold": None if self.threshold is None else self.threshold.to_dict(),
+        }
+        h.update(json.dumps(finite(doc), sort_keys=True, allow_nan=False).encode())
+        return h.hexdigest()[:16]
+
     # -- files ----------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the profile folder atomically: a complete profile appears at ``path``, or nothing changes.
@@ -550,11 +573,16 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     if hasattr(module, "weights_module"):
         module = module.weights_module()
     h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
+    _hash_tensors(h, module.state_dict())
+    return h.hexdigest()[:16]
+
+
+def _hash_tensors(h, tensors: dict[str, torch.Tensor]) -> None:
+    """Feed every tensor's name, shape and bytes, in name order, to the hash ``h``."""
+    for name, t in sorted(tensors.items()):
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def build_bank(

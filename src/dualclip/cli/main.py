@@ -593,44 +593,62 @@ def serve(
 
 @app.command("export")
 def export(
-    out: Path = typer.Option(..., "--out", "-o", help="The file to write (e.g. encoder.onnx)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The file to write (e.g. model.onnx)."),
     format: str = typer.Option("onnx", "--format", help="onnx (the only format)."),
     profile: Path = typer.Option(None, help="Export the model of this profile (instead of the model options)."),
+    what: str = typer.Option(
+        None,
+        help="model: the profile's whole scoring, image to score and anomaly map (default with --profile); "
+        "encoder: the backbone's image path alone, for --runtime onnxruntime (default without).",
+    ),
     backbone: str = BACKBONE,
     pretrained: str = PRETRAINED,
     image_size: int = typer.Option(None, help="Processing size S (fixed in the graph)."),
     overwrite: bool = typer.Option(False, help="Replace an existing file at --out."),
     debug: bool = DEBUG,
 ) -> None:
-    """Export the one-pass image encoder (global embedding, V-V tokens, matching features) to ONNX."""
+    """Export a profile's whole model (image to score and anomaly map), or the one-pass image encoder, to ONNX."""
     from .output_folder import check_parent
 
     with cli_errors(debug):
         if format != "onnx":
             raise ValueError(f"unknown --format {format!r}: onnx is the only export format")
+        what = what or ("model" if profile is not None else "encoder")
+        if what not in ("model", "encoder"):
+            raise ValueError(f"unknown --what {what!r}: choose model or encoder")
+        if what == "model" and profile is None:
+            raise ValueError("--what model exports a fitted profile's scoring: give --profile (dualclip fit makes one)")
         if out.exists() and not overwrite:
             raise ValueError(f"{out} exists: choose another --out or pass --overwrite")
         if out.exists() and not out.is_file():
             raise ValueError(f"--out {out} is not a file")
         check_parent(out)  # before the model is built and exported
         try:
-            from ..export import export_onnx, onnx_metadata
+            from ..export import export_model, export_onnx, onnx_metadata
         except ImportError as exc:
             raise ValueError(f"export needs onnx: pip install 'dualclip[convert]' ({exc})") from exc
         from ..detector import DualClipDetector
 
         if profile is not None:
-            model = DualClipDetector.load(profile, device="cpu").backbone
+            det = DualClipDetector.load(profile, device="cpu", runtime="torch", precision="fp32")
         else:
-            model = DualClipDetector(
+            det = DualClipDetector(
                 _config(backbone, pretrained, image_size, "random", "1", False, 0, True, device="cpu")
-            ).backbone
-        export_onnx(model, out)
+            )
+        if what == "model":
+            export_model(det, out, profile_path=profile)
+        else:
+            export_onnx(det.backbone, out)
         meta = onnx_metadata(out)
-    typer.echo(
-        f"wrote {out}: {meta['backbone']} at {meta['image_size']} px, weights {meta['weights']} "
-        f"(fingerprint {meta['weights_fingerprint']}), outputs {', '.join(meta['outputs'])}"
-    )
+    head = f"wrote {out}: {meta['backbone']} at {meta['image_size']} px, weights {meta['weights']} "
+    if what == "model":
+        threshold = "none" if meta["threshold"] is None else f"{meta['threshold']['value']:.4g}"
+        typer.echo(
+            head + f"(fingerprint {meta['weights_fingerprint']}), profile {meta['profile']['fingerprint']}; "
+            f"images -> score, anomaly_map ({', '.join(meta['branches'])}), threshold {threshold}"
+        )
+    else:
+        typer.echo(head + f"(fingerprint {meta['weights_fingerprint']}), outputs {', '.join(meta['outputs'])}")
 
 
 @app.command("eval")

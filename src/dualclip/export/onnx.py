@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..atomic import temp_sibling, write_bytes
+from ..atomic import dumps, temp_sibling, write_bytes
 from ..backbone.base import Backbone, BackboneOutput
 
 OPSET = 17
@@ -113,19 +113,37 @@ def export_onnx(backbone: Backbone, path: str | os.PathLike, opset: int = OPSET,
     """Write ``backbone``'s image path to ``path`` as ONNX (dynamic batch size), with its identity
     (:func:`model_identity`) in the metadata; written to a temporary sibling and renamed into place, checked
     with ``onnx.checker``."""
+    check_folder(path)
+    identity = identity or model_identity(backbone)
+    names = output_names(backbone)
+    meta = {**identity, "what": "encoder", "dualclip_version": __version__, "outputs": names}
+    meta.update(mean=list(backbone.mean), std=list(backbone.std))
+    return write_graph(_Flat(backbone), backbone.image_size, names, meta, path, opset)
+
+
+def check_folder(path: str | os.PathLike) -> None:
+    """Refuse, before any export work, a ``path`` whose folder does not exist (``FileNotFoundError``)."""
+    folder = Path(path).absolute().parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"the folder of {path} ({folder}) does not exist")
+
+
+def write_graph(
+    module: nn.Module, size: int, names: list[str], meta: dict, path: str | os.PathLike, opset: int
+) -> Path:
+    """Trace ``module`` (input ``images``: ``B x 3 x size x size``, dynamic batch; outputs ``names``) into an
+    ONNX file at ``path`` with ``meta`` and the graph's hash (``graph_sha256``) as its ``dualclip`` metadata;
+    written to a temporary sibling, checked with ``onnx.checker`` and put in place atomically."""
     import onnx
 
     path = Path(path)
-    identity = identity or model_identity(backbone)
-    names = output_names(backbone)
-    size = backbone.image_size
-    example = torch.zeros(2, 3, size, size, device=_device(backbone))
+    example = torch.zeros(2, 3, size, size, device=_device(module))
     tmp = temp_sibling(path)
     try:
         with _plain_attention(), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the tracer's notes on Python-side shape arithmetic
             torch.onnx.export(
-                _Flat(backbone).eval(),
+                module.eval(),
                 (example,),
                 str(tmp),
                 dynamo=False,
@@ -135,10 +153,8 @@ def export_onnx(backbone: Backbone, path: str | os.PathLike, opset: int = OPSET,
                 opset_version=opset,
             )
         model = onnx.load(str(tmp))
-        meta = {**identity, "dualclip_version": __version__, "outputs": names, "mean": list(backbone.mean)}
-        meta["std"] = list(backbone.std)
-        meta["graph_sha256"] = graph_sha256(model.graph)
-        onnx.helper.set_model_props(model, {"dualclip": json.dumps(meta)})
+        meta = {**meta, "graph_sha256": graph_sha256(model.graph)}
+        onnx.helper.set_model_props(model, {"dualclip": dumps(meta, indent=None)})
         onnx.checker.check_model(model)
         write_bytes(path, model.SerializeToString())
     finally:
@@ -228,6 +244,11 @@ class OnnxBackbone(Backbone):
         super().__init__()
         data, model = _read_model(path)  # checked and run from the same bytes
         meta = _dualclip_meta(path, model)
+        if meta.get("what", "encoder") != "encoder":
+            raise ValueError(
+                f"{path} is a whole-model export (image to score and anomaly map): onnx_file takes the encoder "
+                "alone (export_onnx; CLI: dualclip export --what encoder)"
+            )
         want = identity or model_identity(backbone)
         diff = [f"{k}: file {meta.get(k)!r}, model {want[k]!r}" for k in META_KEYS if meta.get(k) != want[k]]
         if diff:

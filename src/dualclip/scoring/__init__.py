@@ -3,6 +3,7 @@
 from .fusion import fuse, gaussian_blur, map_scores, normalize_branch, resize_map, upsample
 from .matching import (
     bank_distances,
+    bank_distances_batched,
     combine_parts,
     distance_parts,
     match_spaces,
@@ -16,6 +17,7 @@ from .text import text_anomaly_scores
 __all__ = [
     "aggregate",
     "bank_distances",
+    "bank_distances_batched",
     "centre",
     "positional_offsets",
     "combine_parts",

@@ -82,7 +82,7 @@ def map_scores(maps: torch.Tensor, mode: ImageScoreMode = "max") -> torch.Tensor
     if mode == "max":
         return flat.amax(dim=1)
     if mode == "top1pct":
-        m = max(1, int(round(0.01 * flat.shape[1])))
+        m = max(1, round(0.01 * int(flat.shape[1])))  # int(): a fixed count also in a traced graph (S is fixed)
         return flat.topk(m, dim=1).values.mean(dim=1)
     raise ValueError(f"unknown image score mode {mode!r}")
 

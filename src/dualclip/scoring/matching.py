@@ -198,3 +198,26 @@ def _nearest_in_bank(
     if cosine:
         return (1 - best) / 2
     return (best + _sq_norms(q)).clamp_min(0).sqrt()
+
+
+def bank_distances_batched(
+    query: Sequence[torch.Tensor], bank: Sequence[torch.Tensor], distance: Distance, chunk: int = 4096
+) -> torch.Tensor:
+    """:func:`bank_distances` (no owners) of a whole batch at once: one product per bank chunk of ``(N, P, C)``
+    queries, no per-image loop, no in-place writes, so that a traced graph (the whole-model ONNX export) runs
+    it at any batch size. The same formula; its sums may be rounded differently (about 1e-7 relative)."""
+    p = query[0].shape[1]
+    chunk = max(1, min(chunk, _MAX_BLOCK_ELEMENTS // p))
+    cosine = distance == "cosine"
+    per_group = []
+    for q, g in zip(_groups(query, distance), _groups(bank, distance), strict=True):
+        best = None
+        for s in range(0, g.shape[0], chunk):
+            b = g[s : s + chunk]
+            if cosine:
+                m = (q @ b.T).amax(dim=-1)
+            else:  # |b|^2 - 2ab; |a|^2 is added after the minimum (it is the same along a row)
+                m = (_sq_norms(b) - 2 * (q @ b.T)).amin(dim=-1)
+            best = m if best is None else torch.maximum(best, m) if cosine else torch.minimum(best, m)
+        per_group.append((1 - best) / 2 if cosine else (best + _sq_norms(q)).clamp_min(0).sqrt())
+    return torch.stack(per_group).mean(dim=0)
