@@ -198,3 +198,24 @@ def test_reflect_border_is_refused_for_a_transformer_and_old_profiles_keep_zero_
     again = DualClipDetector.load(tmp_path / "p")
     assert again.config.border == "zero" and again.backbone.border == "zero"
     assert again.config.distance == saved["distance"]
+
+
+def test_cli_fit_takes_the_matching_settings_and_refuses_unknown_values(tmp_path, texture_set):
+    from typer.testing import CliRunner
+
+    from dualclip.cli.main import app
+
+    d = tmp_path / "normal"
+    d.mkdir()
+    for i, img in enumerate(texture_set[0][:3]):
+        img.save(d / f"{i}.png")
+    common = ["fit", str(d), "--backbone", "effnet-lite0", "--pretrained", "none", "--image-size", "64", "-q"]
+    bad = CliRunner().invoke(app, [*common, "-o", str(tmp_path / "bad"), "--centring", "rows"])
+    assert bad.exit_code == 2 and "centring must be one of" in bad.output
+    ok = CliRunner().invoke(
+        app,
+        [*common, "-o", str(tmp_path / "p"), "--centring", "ring", "--border", "zero", "--hybrid-norm", "robust"],
+    )
+    assert ok.exit_code == 0, ok.output
+    config = DualClipDetector.load(tmp_path / "p").config
+    assert (config.centring, config.border, config.hybrid_norm) == ("ring", "zero", "robust")
