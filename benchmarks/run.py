@@ -31,6 +31,7 @@ SECTIONS = (
     "serve_load",
     "onnx_speed",
     "model_export",
+    "zero_shot_cost",
     "ray_scale",
     "precision_parity",
     "gpu",

@@ -23,7 +23,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--n", type=int, default=N)
+    ap.add_argument("--quick", action="store_true", help="40 images")
     args = ap.parse_args()
+    if args.quick:
+        args.n = 40
     from dualclip import DetectorConfig, DualClipDetector
     from dualclip.data.images import load_image
 
