@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
@@ -91,6 +91,43 @@ def test_exclude_leaves_out_matching_files_and_masks_are_warned_of(tmp_path, wit
     )
     assert r.exit_code == 0, r.output
     assert len(json.loads(r.stdout)["predictions"]) == 5  # the 5 images outside sub/
+
+
+@pytest.fixture
+def magnetic_tile_like(tmp_path, texture_set):
+    """Each image x.jpg beside its ground-truth mask x.png (anti-aliased 0/255, as magnetic_tile keeps them),
+    and one pair of two photographs of the same name (no mask: both kept)."""
+    d = tmp_path / "Imgs"
+    d.mkdir()
+    images, masks, _ = texture_set
+    for i, (img, m) in enumerate(zip(images, masks, strict=True)):
+        img.save(d / f"{i:02d}.jpg")
+        edge = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).filter(ImageFilter.SMOOTH))
+        Image.fromarray(edge).save(d / f"{i:02d}.png")  # a few grey levels on the boundary
+    images[0].save(d / "photo.jpg")
+    images[1].save(d / "photo.png")
+    return d
+
+
+def test_masks_beside_their_images_are_left_out_with_a_warning(tmp_path, magnetic_tile_like):
+    det = DualClipDetector(DetectorConfig(**EFFNET))
+    warned = []
+    _, doc = run_predict([str(magnetic_tile_like)], tmp_path / "o", det.config, detector=det, warn=warned.append)
+    d = magnetic_tile_like
+    want = sorted([str(d / f"{i:02d}.jpg") for i in range(10)] + [str(d / "photo.jpg"), str(d / "photo.png")])
+    assert sorted(p["path"] for p in doc["predictions"]) == want
+    assert {s["path"]: s["reason"] for s in doc["skipped"]} == {
+        str(d / f"{i:02d}.png"): f"the ground-truth mask of {i:02d}.jpg beside it (same name, binary)" for i in range(10)
+    }
+    note = f"10 input file(s) are ground-truth masks beside an image of the same name (binary pictures, e.g. {d / '00.png'} beside 00.jpg): left out"
+    assert doc["warnings"] == [note] and warned == [f"warning: {note}"]
+    # fit: the profile is made of the images alone
+    r = CliRunner().invoke(
+        app, ["fit", str(d), "-o", str(tmp_path / "p"), "--backbone", "effnet-lite0", "--image-size", "64", "-q"]
+    )
+    assert r.exit_code == 0, r.output
+    assert f"warning: {note}" in r.output and "skipped" not in r.output
+    assert json.loads((tmp_path / "p" / "profile.json").read_text())["n_normal"] == 12
 
 
 def test_class_name_with_a_vision_only_backbone_is_warned_of_and_recorded(tmp_path, folder):

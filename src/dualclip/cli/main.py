@@ -349,7 +349,7 @@ def _predict_archive(
     import math
 
     from ..data.images import expand_paths
-    from .predict import EXIT_NOTHING, EXIT_OK, EXIT_SOME_FAILED, UsageError
+    from .predict import EXIT_NOTHING, EXIT_OK, EXIT_SOME_FAILED, UsageError, mask_warnings
 
     if engine != "ray":
         raise UsageError("--manifest is read by --engine ray")
@@ -370,6 +370,8 @@ def _predict_archive(
         items += read_manifest(ray["manifest"])
     if paths:
         found = expand_paths(paths, exclude=[out], exclude_patterns=exclude or ())
+        for note in mask_warnings(found):
+            typer.echo(f"warning: {note}", err=True)
         items += [(str(p), class_name) for p in found.files]
     if not items:
         raise UsageError("no input: give image paths or --manifest")
@@ -448,11 +450,11 @@ def fit(
     debug: bool = DEBUG,
 ) -> None:
     """Fit a profile on normal images: golden references, fixed score units, optional threshold."""
-    from ..data.images import expand_paths, load_images, mask_like
+    from ..data.images import expand_paths, load_images
     from ..detector import DualClipDetector
     from ..profile import ProfileError, check_destination
     from .output_folder import check_parent
-    from .predict import UsageError
+    from .predict import UsageError, mask_warnings
 
     for path, flag in misplaced_paths(ctx.meta.get("raw_args", []), ("--validation-normal", "--validation-anomalous")):
         typer.echo(f"warning: {path} follows the value of {flag}: it is used as a normal image", err=True)
@@ -486,17 +488,13 @@ def fit(
 
         def load(patterns: list[str]) -> list:
             found = expand_paths(patterns, exclude=[out], exclude_patterns=exclude or ())
+            summed_up = {str(m) for m, _ in found.masks}  # one warning for all of them
             for p, reason in found.skipped:
-                typer.echo(f"skipped {p}: {reason}", err=True)
-            loaded = load_images(found.files, num_workers, strict=True)
-            masks = mask_like(found.files)
-            if masks:
-                typer.echo(
-                    f"warning: {len(masks)} file(s) look like ground-truth masks (e.g. {masks[0]}): leave them out "
-                    "with --exclude, e.g. --exclude '*_mask.png'",
-                    err=True,
-                )
-            return loaded
+                if p not in summed_up:
+                    typer.echo(f"skipped {p}: {reason}", err=True)
+            for note in mask_warnings(found):
+                typer.echo(f"warning: {note}", err=True)
+            return load_images(found.files, num_workers, strict=True)
 
         normal = load(paths)
         val_n = load(validation_normal) if validation_normal else None
