@@ -163,7 +163,7 @@ def test_memory_bank_is_bounded_and_keeps_owners(tiny_backbone, split):
     assert owner.tolist() == (keep // 16).tolist() and total == 64
 
 
-def test_cli_fit_then_predict_with_the_profile(tmp_path, texture_set):
+def test_cli_fit_records_its_sources_then_predict_with_the_profile(tmp_path, texture_set):
     from typer.testing import CliRunner
 
     from dualclip.cli.main import app
@@ -182,6 +182,8 @@ def test_cli_fit_then_predict_with_the_profile(tmp_path, texture_set):
     )
     assert res.exit_code == 0, res.output
     assert "4 normal images" in res.output
+    saved = json.loads((tmp_path / "p" / "profile.json").read_text())
+    assert saved["sources"] == [str(good / f"{i:02d}.png") for i in range(4)]  # the paths, as the API records
     profile = DualClipDetector.load(tmp_path / "p")
     res = runner.invoke(app, ["predict", "--profile", str(tmp_path / "p"), str(test), "-o", str(tmp_path / "o"), "-q"])
     assert res.exit_code == 0, res.output

@@ -454,7 +454,7 @@ def fit(
     from ..detector import DualClipDetector
     from ..profile import ProfileError, check_destination
     from .output_folder import check_parent
-    from .predict import UsageError, mask_warnings
+    from .predict import UsageError, display_path, mask_warnings
 
     for path, flag in misplaced_paths(ctx.meta.get("raw_args", []), ("--validation-normal", "--validation-anomalous")):
         typer.echo(f"warning: {path} follows the value of {flag}: it is used as a normal image", err=True)
@@ -486,7 +486,7 @@ def fit(
         if bool(validation_normal) != bool(validation_anomalous):
             raise UsageError("give both --validation-normal and --validation-anomalous")
 
-        def load(patterns: list[str]) -> list:
+        def load(patterns: list[str]) -> tuple[list, list[Path]]:
             found = expand_paths(patterns, exclude=[out], exclude_patterns=exclude or ())
             summed_up = {str(m) for m, _ in found.masks}  # one warning for all of them
             for p, reason in found.skipped:
@@ -494,11 +494,11 @@ def fit(
                     typer.echo(f"skipped {p}: {reason}", err=True)
             for note in mask_warnings(found):
                 typer.echo(f"warning: {note}", err=True)
-            return load_images(found.files, num_workers, strict=True)
+            return load_images(found.files, num_workers, strict=True), found.files
 
-        normal = load(paths)
-        val_n = load(validation_normal) if validation_normal else None
-        val_a = load(validation_anomalous) if validation_anomalous else None
+        normal, normal_files = load(paths)
+        val_n = load(validation_normal)[0] if validation_normal else None
+        val_a = load(validation_anomalous)[0] if validation_anomalous else None
         det = DualClipDetector(cfg)
         if class_name and not det.backbone.has_text:
             typer.echo(
@@ -513,6 +513,7 @@ def fit(
             validation_normal=val_n,
             validation_anomalous=val_a,
         )
+        det.profile_.meta["sources"] = [display_path(p) for p in normal_files]  # read here, handed over decoded
         try:
             det.save(out, overwrite=overwrite)
         except ProfileError as exc:
