@@ -304,3 +304,12 @@ def test_bf16_backbone_keeps_the_pixel_ranking_within_the_documented_tolerance(t
     from dualclip.config import resolve_precision
 
     assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("bf16", "cpu", "onnxruntime") == "fp32"
+
+
+def test_demo_warns_of_no_class_name_the_user_did_not_pass(tmp_path, monkeypatch):
+    monkeypatch.delenv("DUALCLIP_DEMO_DATA", raising=False)
+    r = CliRunner().invoke(app, ["demo", "-o", str(tmp_path / "demo"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert "Running the dual-image visual branch with effnet-lite0 instead." in r.output
+    assert "--class-name" not in r.output and "warning" not in r.output
+    assert len(json.loads((tmp_path / "demo" / "predictions.json").read_text())["predictions"]) == 9

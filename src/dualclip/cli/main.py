@@ -764,6 +764,8 @@ def demo(
             det = DualClipDetector(cfg)
         inputs, class_name = _demo_inputs(data, out.parent / f".{out.name}-inputs")
         typer.echo(f"scoring {len(inputs)} images ({class_name}) with {cfg.backbone} ...", err=True)
+        if not det.backbone.has_text:
+            class_name = None  # the demo chose it, not the user: nothing to warn of
         code, doc = run_predict(
             inputs, out, cfg, class_name=class_name, overwrite=overwrite, detector=det, quiet=quiet, command="demo"
         )
