@@ -313,3 +313,14 @@ def test_demo_warns_of_no_class_name_the_user_did_not_pass(tmp_path, monkeypatch
     assert "Running the dual-image visual branch with effnet-lite0 instead." in r.output
     assert "--class-name" not in r.output and "warning" not in r.output
     assert len(json.loads((tmp_path / "demo" / "predictions.json").read_text())["predictions"]) == 9
+
+
+def test_quiet_hides_progress_bars_but_not_the_scores_or_where_they_were_written(tmp_path, folder):
+    out = tmp_path / "o"
+    args = ["predict", str(folder), "-o", str(out), "--backbone", "effnet-lite0", "--image-size", "64", "-q"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    doc = json.loads((out / "predictions.json").read_text())
+    lines = r.stdout.splitlines()
+    assert sorted(lines) == sorted(f"{p['score']:.4f} \t{p['path']}" for p in doc["predictions"])
+    assert f"wrote {out}/report.html" in r.stderr and "%|" not in r.stderr  # no bar

@@ -316,7 +316,7 @@ def predict(
         )
     if json_out:
         typer.echo(dumps(doc))
-    elif not quiet:
+    else:  # --quiet silences progress bars only, never the results
         for p in doc["predictions"]:
             s = "error: " + p["error"] if p.get("error") else f"{p['score']:.4f} {p.get('verdict') or ''}"
             typer.echo(f"{s}\t{p['path']}")
