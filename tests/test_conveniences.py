@@ -324,3 +324,41 @@ def test_quiet_hides_progress_bars_but_not_the_scores_or_where_they_were_written
     lines = r.stdout.splitlines()
     assert sorted(lines) == sorted(f"{p['score']:.4f} \t{p['path']}" for p in doc["predictions"])
     assert f"wrote {out}/report.html" in r.stderr and "%|" not in r.stderr  # no bar
+
+
+HELP_CHILD = """
+import sys
+from dualclip.cli.main import app
+try:
+    app(args=sys.argv[1:], prog_name="dualclip")
+except SystemExit as exc:
+    assert exc.code == 0, exc.code
+heavy = sorted(m for m in ("torch", "open_clip", "torchvision", "timm", "scipy", "sklearn", "matplotlib") if m in sys.modules)
+print("heavy:", heavy)
+"""
+
+
+@pytest.mark.parametrize("command", [[], ["predict"], ["fit"], ["eval"], ["serve"], ["export"], ["demo"]])
+def test_help_starts_without_importing_torch_or_open_clip(command):
+    r = subprocess.run(
+        [sys.executable, "-c", HELP_CHILD, *command, "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    assert "Usage: dualclip" in r.stdout and r.stdout.rstrip().endswith("heavy: []")
+
+
+def test_help_cuts_no_option_at_any_width_and_names_every_backbone():
+    from typer.main import get_command
+
+    from dualclip.backbone import DINOV2_NAME, EFFNET_NAME
+
+    group = get_command(app)
+    for name, command in group.commands.items():
+        for width in (40, 80):
+            r = CliRunner().invoke(app, [name, "--help"], terminal_width=width)
+            assert r.exit_code == 0, r.output
+            flags = [o for p in command.params for o in p.opts + p.secondary_opts if o.startswith("--")]
+            assert flags and all(f in r.output.split() or f"{f}," in r.output for f in flags), (name, width)
+            assert "…" not in r.output
+    text = CliRunner().invoke(app, ["fit", "--help"], terminal_width=200).output
+    assert f"{EFFNET_NAME} or {DINOV2_NAME} (vision-only)" in text

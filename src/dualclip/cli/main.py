@@ -20,7 +20,9 @@ from ..config import DEFAULT, DetectorConfig
 
 app = typer.Typer(
     help="Zero-shot visual anomaly detection and localization with CLIP.",
-    context_settings={"help_option_names": ["-h", "--help"]},
+    # click's plain help: option names are never cut, the text wraps to the terminal (80 columns in a pipe)
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
 )
 
 EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 2, 130, 143
@@ -133,7 +135,9 @@ def misplaced_paths(raw_args: list[str], flags: tuple[str, ...] = PATH_LIST_FLAG
     return found
 
 
-BACKBONE = typer.Option("ViT-B-16-plus-240", help="open_clip model name, or effnet-lite0 (vision-only).")
+BACKBONE = typer.Option(
+    "ViT-B-16-plus-240", help="open_clip model name, or effnet-lite0 or dinov2-vits14 (vision-only)."
+)
 PRETRAINED = typer.Option(
     None, help="open_clip tag, a local checkpoint file, or 'random'. Default: the preset's weights."
 )
