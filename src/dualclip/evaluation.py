@@ -174,7 +174,7 @@ def results_table(results: dict, fmt: str) -> str:
         return "" if v is None or not np.isfinite(v) else format(v, fmt)
 
     body = [
-        [f"&nbsp;&nbsp;↳ {d}" if d else name, *[cell(r, k) for k in METRICS], ms(r, ".0f") or ("" if d else "n/a")]
+        [f"↳ {d}" if d else name, *[cell(r, k) for k in METRICS], ms(r, ".0f") or ("" if d else "n/a")]
         for (name, d), r in rows
     ]
     if fmt == "csv":
