@@ -363,3 +363,69 @@ def test_help_cuts_no_option_at_any_width_and_names_every_backbone():
             assert "…" not in r.output
     text = CliRunner().invoke(app, ["fit", "--help"], terminal_width=200).output
     assert f"{EFFNET_NAME} or {DINOV2_NAME} (vision-only)" in text
+
+
+def test_eval_with_a_profile_counts_its_verdicts_at_its_threshold(tmp_path, two_defects):
+    runner = CliRunner()
+    model = ["--backbone", "effnet-lite0", "--image-size", "64", "-q"]
+    train = two_defects / "bottle" / "train" / "good"
+    r = runner.invoke(app, ["fit", str(train), "-o", str(tmp_path / "p"), "--threshold-quantile", "0.5", *model])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(
+        app, ["eval", "--dataset", "mvtec", "--root", str(two_defects), "--profile", str(tmp_path / "p"), "-o", str(tmp_path / "e"), "-q"]
+    )
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "e" / "results.json").read_text())["categories"]["bottle"]
+    # by hand: the loaded profile's own scores of the same files, judged at its threshold
+    (cat,) = D.mvtec(two_defects)
+    det = DualClipDetector.load(tmp_path / "p")
+    det.config.progress = False
+    scores = np.array([p.score for p in det.predict([str(s.path) for s in cat.samples])])
+    labels, th = cat.labels, det.threshold_.value
+    np.testing.assert_allclose([i["score"] for i in res["images"]], scores, atol=1e-5)
+    assert res["image_auroc"] == pytest.approx(roc_auc_score(labels, scores))
+
+    def by_hand(t):
+        flagged = scores >= t
+        defect = np.array([s.defect for s in cat.samples])
+        return {
+            "n_normal": 6,
+            "n_anomalous": 4,
+            "defects_caught": int(flagged[labels == 1].sum()),
+            "defects_missed": int((~flagged[labels == 1]).sum()),
+            "false_alarms": int(flagged[labels == 0].sum()),
+            "normal_passed": int((~flagged[labels == 0]).sum()),
+            "per_defect": {
+                d: {"n_anomalous": 2, "caught": int(flagged[defect == d].sum()), "missed": int((~flagged[defect == d]).sum())}
+                for d in ("broken", "scratch")
+            },
+        }
+
+    got = res["at_threshold"]
+    assert got["value"] == th and got["source"] == det.threshold_.source
+    assert {k: got[k] for k in by_hand(th)} == by_hand(th)
+    assert [i["verdict"] for i in res["images"]] == ["defective" if s >= th else "ok" for s in scores]
+    md = (tmp_path / "e" / "results.md").read_text()
+    want = by_hand(th)
+    assert (
+        f"| bottle | {th:.4g} | {want['defects_caught']} of 4 | {want['defects_missed']} | "
+        f"{want['false_alarms']} of 6 | {want['normal_passed']} |" in md
+    )
+    assert f"| ↳ scratch | | {want['per_defect']['scratch']['caught']} of 2 |" in md
+    # --threshold judges at another value (the median score: some caught, some passed); a new fingerprint
+    t = float(np.median(scores))
+    r = runner.invoke(
+        app,
+        ["eval", "--dataset", "mvtec", "--root", str(two_defects), "--profile", str(tmp_path / "p"), "-o", str(tmp_path / "e"), "-q"]
+        + ["--threshold", str(t)],
+    )
+    assert r.exit_code == 0, r.output
+    got = json.loads((tmp_path / "e" / "results.json").read_text())["categories"]["bottle"]["at_threshold"]
+    assert got["source"] == "manual" and {k: got[k] for k in by_hand(t)} == by_hand(t)
+    # the profile carries the model; --threshold needs a profile
+    r = runner.invoke(
+        app, ["eval", "--dataset", "mvtec", "--root", str(two_defects), "--profile", str(tmp_path / "p"), "-o", str(tmp_path / "x"), "--backbone", "b", "--seeds", "1"]
+    )
+    assert r.exit_code == 2 and "error: --profile carries the model, settings and references: drop --backbone, --seeds" in r.output
+    r = runner.invoke(app, ["eval", "--dataset", "mvtec", "--root", str(two_defects), "-o", str(tmp_path / "x"), "--threshold", "1"])
+    assert r.exit_code == 2 and "error: --threshold judges a profile's verdicts: give --profile too" in r.output

@@ -632,6 +632,7 @@ def export(
 
 @app.command("eval")
 def eval_(
+    ctx: typer.Context,
     dataset: str = typer.Option(..., help="mvtec | visa | mpdd | btad | folder"),
     root: Path = typer.Option(None, help="Dataset root (not for folder)."),
     out: Path = typer.Option(..., "--out", "-o"),
@@ -652,6 +653,10 @@ def eval_(
     ),
     shots_seed: int = typer.Option(0, help="Seeds the choice of the --shots images (recorded in the results)."),
     json_out: bool = typer.Option(False, "--json", help="Print results.json on stdout instead of the table."),
+    profile: Path = typer.Option(
+        None, help="Test a profile made by `dualclip fit`: its scores, and its verdicts counted at its threshold."
+    ),
+    threshold: float = typer.Option(None, help="With --profile: count the verdicts at this threshold instead."),
     quiet: bool = QUIET,
     name: str = typer.Option("folder", help="folder layout: the category name."),
     normal: list[str] = typer.Option(None, help="folder layout: normal image folders/globs."),
@@ -690,28 +695,63 @@ def eval_(
             raise ValueError(f"unknown dataset {dataset!r}; choose mvtec, visa, mpdd, btad or folder")
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} exists and is a file, not a folder")
-        cfg = _config(
-            backbone,
-            pretrained,
-            image_size,
-            pairing,
-            k,
-            tta,
-            0,
-            quiet,
-            device=device,
-            batch_size=batch_size,
-            runtime=runtime,
-            onnx_file=onnx_file,
-            precision=precision,
-            num_workers=num_workers,
-        )
-        seed_list = [int(s) for s in seeds.split(",")]
         extra = {"dataset": dataset, "root": str(root) if root else None}
+        fitted = verdicts = None
+        if profile is not None:
+            given = _model_options_given(ctx) + [
+                f for f, v in (("--seeds", seeds != "0"), ("--shots", shots > 0)) if v
+            ]
+            if given:
+                raise ValueError(f"--profile carries the model, settings and references: drop {', '.join(given)}")
+            from ..detector import DualClipDetector
+            from ..thresholds import manual_threshold
+
+            fitted = DualClipDetector.load(
+                profile,
+                device=device,
+                runtime=runtime,
+                onnx_file=onnx_file,
+                precision=precision,
+                num_workers=num_workers,
+            )
+            fitted.config.progress, fitted.config.batch_size = not quiet, batch_size
+            cfg, seed_list = fitted.config, [fitted.config.seed]
+            verdicts = None if threshold is None else manual_threshold(threshold)
+            extra["profile"] = str(profile)
+        else:
+            if threshold is not None:
+                raise ValueError("--threshold judges a profile's verdicts: give --profile too")
+            cfg = _config(
+                backbone,
+                pretrained,
+                image_size,
+                pairing,
+                k,
+                tta,
+                0,
+                quiet,
+                device=device,
+                batch_size=batch_size,
+                runtime=runtime,
+                onnx_file=onnx_file,
+                precision=precision,
+                num_workers=num_workers,
+            )
+            seed_list = [int(s) for s in seeds.split(",")]
         if shots:
             cats = D.with_shots(cats, shots, shots_seed)
             extra.update(shots=shots, shots_seed=shots_seed)
-        run_eval(cfg, cats, seed_list, out, force=force, extra=extra, require_masks=require_masks)
+        run_eval(
+            cfg,
+            cats,
+            seed_list,
+            out,
+            force=force,
+            extra=extra,
+            require_masks=require_masks,
+            fitted=fitted,
+            threshold=verdicts,
+        )
     typer.echo((out / ("results.json" if json_out else "results.md")).read_text())
 
 
