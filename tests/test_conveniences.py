@@ -429,3 +429,26 @@ def test_eval_with_a_profile_counts_its_verdicts_at_its_threshold(tmp_path, two_
     assert r.exit_code == 2 and "error: --profile carries the model, settings and references: drop --backbone, --seeds" in r.output
     r = runner.invoke(app, ["eval", "--dataset", "mvtec", "--root", str(two_defects), "-o", str(tmp_path / "x"), "--threshold", "1"])
     assert r.exit_code == 2 and "error: --threshold judges a profile's verdicts: give --profile too" in r.output
+
+
+def test_every_phase_of_fit_predict_and_eval_shows_a_progress_bar(tmp_path, capsys, texture_set, two_defects):
+    images, _, labels = texture_set
+    normal = [img for img, y in zip(images, labels, strict=True) if not y]
+    cfg = DetectorConfig(**{**EFFNET, "progress": True}, memory_bank_size=100)
+    fitted = DualClipDetector(cfg).fit(normal)
+    err = capsys.readouterr().err
+    for phase in ("normal images", "coreset", "leave-one-out (cosine)", "leave-one-out (euclidean)"):
+        assert f"\r{phase}: " in err, phase
+    run_predict([str(p) for p in sorted((two_defects / "bottle" / "test").rglob("*.png"))], tmp_path / "o", cfg)
+    err = capsys.readouterr().err
+    for phase in ("features", "matching", "writing"):
+        assert f"\r{phase}: " in err, phase
+    fitted.predict(images[:3])
+    assert "\rscoring: " in capsys.readouterr().err
+    run_eval(cfg, D.mvtec(two_defects), [0], tmp_path / "e", warn=lambda m: None)
+    err = capsys.readouterr().err
+    for phase in ("categories", "features", "matching"):
+        assert f"\r{phase}: " in err, phase
+    DualClipDetector(DetectorConfig(**EFFNET, memory_bank_size=100)).fit(normal).predict(images[:3])
+    run_predict([str(two_defects)], tmp_path / "q", DetectorConfig(**EFFNET), quiet=True)
+    assert "%|" not in capsys.readouterr().err  # progress=False / --quiet: no bar

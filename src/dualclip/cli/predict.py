@@ -307,13 +307,17 @@ def run_predict(
         rows.append((row, img, pred))
     doc["predictions"] = [r for r, _, _ in rows] + [dict(e, score=None, verdict=None) for e in errors]
     with staged_output(out, warn, command) as stage:
-        _write_outputs(stage, doc, rows, scale)
+        _write_outputs(stage, doc, rows, scale, progress=not quiet)
     return (EXIT_SOME_FAILED if errors else EXIT_OK), doc
 
 
-def _write_outputs(out: Path, doc: dict, rows: list[tuple[dict, Image.Image, Prediction]], scale) -> None:
+def _write_outputs(
+    out: Path, doc: dict, rows: list[tuple[dict, Image.Image, Prediction]], scale, progress: bool = False
+) -> None:
+    from tqdm.auto import tqdm
+
     report_rows = []
-    for row, img, pred in rows:
+    for row, img, pred in tqdm(rows, desc="writing", unit="img", disable=not progress, leave=False):
         ov = overlay(img, pred.anomaly_map, scale)
         save_image(ov, out / row["heatmap"])
         if row["mask"]:
