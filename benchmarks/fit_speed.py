@@ -8,6 +8,8 @@ checkout of it: ``python benchmarks/fit_speed.py --json runs/bench/fit_speed_mai
 these; default ``runs/bench/fit_speed_main.json`` where it exists.
 
     python benchmarks/fit_speed.py --json runs/bench/fit_speed.json [--n 50,150] [--quick]
+    python benchmarks/fit_speed.py --json runs/bench/fit_speed.json --measured runs/bench/fit_speed.json
+        (no measuring: the table again from a results file, e.g. once the --before file exists)
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ import argparse
 import json
 import time
 from pathlib import Path
-
-import numpy as np
 
 from common import ROOT, SHARED, write_section
 
@@ -75,10 +75,13 @@ def main() -> None:
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--n", default="50,150", help="comma-separated numbers of normal images to fit")
     ap.add_argument("--before", type=Path, default=ROOT / "runs" / "bench" / "fit_speed_main.json")
+    ap.add_argument("--measured", type=Path, help="take the rows from this results file instead of measuring")
     args = ap.parse_args()
-    ns = [50] if args.quick else [int(x) for x in args.n.split(",")]
-    test = test_category()
-    rows = [measure(n, test) for n in ns]
+    if args.measured:
+        rows = json.loads(args.measured.read_text())["raw"]["rows"]
+    else:
+        test = test_category()
+        rows = [measure(n, test) for n in ([50] if args.quick else [int(x) for x in args.n.split(",")])]
     before = {}
     if args.before.is_file() and args.before.resolve() != args.json.resolve():
         before = {r["n"]: r for r in json.loads(args.before.read_text())["raw"]["rows"]}

@@ -117,7 +117,8 @@ def test_masks_beside_their_images_are_left_out_with_a_warning(tmp_path, magneti
     want = sorted([str(d / f"{i:02d}.jpg") for i in range(10)] + [str(d / "photo.jpg"), str(d / "photo.png")])
     assert sorted(p["path"] for p in doc["predictions"]) == want
     assert {s["path"]: s["reason"] for s in doc["skipped"]} == {
-        str(d / f"{i:02d}.png"): f"the ground-truth mask of {i:02d}.jpg beside it (same name, binary)" for i in range(10)
+        str(d / f"{i:02d}.png"): f"the ground-truth mask of {i:02d}.jpg beside it (same name, binary)"
+        for i in range(10)
     }
     note = f"10 input file(s) are ground-truth masks beside an image of the same name (binary pictures, e.g. {d / '00.png'} beside 00.jpg): left out"
     assert doc["warnings"] == [note] and warned == [f"warning: {note}"]
@@ -372,7 +373,19 @@ def test_eval_with_a_profile_counts_its_verdicts_at_its_threshold(tmp_path, two_
     r = runner.invoke(app, ["fit", str(train), "-o", str(tmp_path / "p"), "--threshold-quantile", "0.5", *model])
     assert r.exit_code == 0, r.output
     r = runner.invoke(
-        app, ["eval", "--dataset", "mvtec", "--root", str(two_defects), "--profile", str(tmp_path / "p"), "-o", str(tmp_path / "e"), "-q"]
+        app,
+        [
+            "eval",
+            "--dataset",
+            "mvtec",
+            "--root",
+            str(two_defects),
+            "--profile",
+            str(tmp_path / "p"),
+            "-o",
+            str(tmp_path / "e"),
+            "-q",
+        ],
     )
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "e" / "results.json").read_text())["categories"]["bottle"]
@@ -396,7 +409,11 @@ def test_eval_with_a_profile_counts_its_verdicts_at_its_threshold(tmp_path, two_
             "false_alarms": int(flagged[labels == 0].sum()),
             "normal_passed": int((~flagged[labels == 0]).sum()),
             "per_defect": {
-                d: {"n_anomalous": 2, "caught": int(flagged[defect == d].sum()), "missed": int((~flagged[defect == d]).sum())}
+                d: {
+                    "n_anomalous": 2,
+                    "caught": int(flagged[defect == d].sum()),
+                    "missed": int((~flagged[defect == d]).sum()),
+                }
                 for d in ("broken", "scratch")
             },
         }
@@ -416,7 +433,18 @@ def test_eval_with_a_profile_counts_its_verdicts_at_its_threshold(tmp_path, two_
     t = float(np.median(scores))
     r = runner.invoke(
         app,
-        ["eval", "--dataset", "mvtec", "--root", str(two_defects), "--profile", str(tmp_path / "p"), "-o", str(tmp_path / "e"), "-q"]
+        [
+            "eval",
+            "--dataset",
+            "mvtec",
+            "--root",
+            str(two_defects),
+            "--profile",
+            str(tmp_path / "p"),
+            "-o",
+            str(tmp_path / "e"),
+            "-q",
+        ]
         + ["--threshold", str(t)],
     )
     assert r.exit_code == 0, r.output
@@ -424,10 +452,30 @@ def test_eval_with_a_profile_counts_its_verdicts_at_its_threshold(tmp_path, two_
     assert got["source"] == "manual" and {k: got[k] for k in by_hand(t)} == by_hand(t)
     # the profile carries the model; --threshold needs a profile
     r = runner.invoke(
-        app, ["eval", "--dataset", "mvtec", "--root", str(two_defects), "--profile", str(tmp_path / "p"), "-o", str(tmp_path / "x"), "--backbone", "b", "--seeds", "1"]
+        app,
+        [
+            "eval",
+            "--dataset",
+            "mvtec",
+            "--root",
+            str(two_defects),
+            "--profile",
+            str(tmp_path / "p"),
+            "-o",
+            str(tmp_path / "x"),
+            "--backbone",
+            "b",
+            "--seeds",
+            "1",
+        ],
     )
-    assert r.exit_code == 2 and "error: --profile carries the model, settings and references: drop --backbone, --seeds" in r.output
-    r = runner.invoke(app, ["eval", "--dataset", "mvtec", "--root", str(two_defects), "-o", str(tmp_path / "x"), "--threshold", "1"])
+    assert (
+        r.exit_code == 2
+        and "error: --profile carries the model, settings and references: drop --backbone, --seeds" in r.output
+    )
+    r = runner.invoke(
+        app, ["eval", "--dataset", "mvtec", "--root", str(two_defects), "-o", str(tmp_path / "x"), "--threshold", "1"]
+    )
     assert r.exit_code == 2 and "error: --threshold judges a profile's verdicts: give --profile too" in r.output
 
 

@@ -55,7 +55,9 @@ def _client(profile_dir, **settings) -> TestClient:
     return TestClient(create_app(det, ServeSettings(**settings), profile_path=profile_dir))
 
 
-def test_raw_and_multipart_uploads_score_like_the_detector_and_info_resolves_the_settings(profile_dir, texture_set, reference_scores):
+def test_raw_and_multipart_uploads_score_like_the_detector_and_info_resolves_the_settings(
+    profile_dir, texture_set, reference_scores
+):
     images = texture_set[0]
     det = DualClipDetector.load(profile_dir)
     th = det.threshold_

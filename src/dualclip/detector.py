@@ -533,7 +533,9 @@ class DualClipDetector:
             with tqdm(total=total, desc="matching", unit="pair", disable=not progress, leave=False) as bar:
                 visual = combine_parts(
                     {
-                        p: _mean(reference_scores(s, refs, cfg.k_aggregation, bar.update, distance=p) for s in spaces[p])
+                        p: _mean(
+                            reference_scores(s, refs, cfg.k_aggregation, bar.update, distance=p) for s in spaces[p]
+                        )
                         for p in parts
                     }
                 )
@@ -660,7 +662,12 @@ class DualClipDetector:
             loo = {
                 p: _mean(
                     bank_distances(
-                        s, b, p, query_owner=ids, bank_owner=owner, progress=f"leave-one-out ({p})" if cfg.progress else None
+                        s,
+                        b,
+                        p,
+                        query_owner=ids,
+                        bank_owner=owner,
+                        progress=f"leave-one-out ({p})" if cfg.progress else None,
                     )
                     for s, b in zip(spaces[p], bank[p], strict=True)
                 )

@@ -292,7 +292,8 @@ def _threshold_table(results: dict) -> list[str]:
         )
         if len(t["per_defect"]) > 1:
             lines += [
-                f"| ↳ {d} | | {c['caught']} of {c['n_anomalous']} | {c['missed']} | | |" for d, c in t["per_defect"].items()
+                f"| ↳ {d} | | {c['caught']} of {c['n_anomalous']} | {c['missed']} | | |"
+                for d, c in t["per_defect"].items()
             ]
     return lines
 

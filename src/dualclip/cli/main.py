@@ -698,9 +698,7 @@ def eval_(
         extra = {"dataset": dataset, "root": str(root) if root else None}
         fitted = verdicts = None
         if profile is not None:
-            given = _model_options_given(ctx) + [
-                f for f, v in (("--seeds", seeds != "0"), ("--shots", shots > 0)) if v
-            ]
+            given = _model_options_given(ctx) + [f for f, v in (("--seeds", seeds != "0"), ("--shots", shots > 0)) if v]
             if given:
                 raise ValueError(f"--profile carries the model, settings and references: drop {', '.join(given)}")
             from ..detector import DualClipDetector

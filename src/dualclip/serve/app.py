@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
 from typing import Literal
 
 from fastapi import FastAPI, HTTPException, Query, Request, Security
