@@ -450,6 +450,11 @@ def test_eval_with_a_profile_counts_its_verdicts_at_its_threshold(tmp_path, two_
     assert r.exit_code == 0, r.output
     got = json.loads((tmp_path / "e" / "results.json").read_text())["categories"]["bottle"]["at_threshold"]
     assert got["source"] == "manual" and {k: got[k] for k in by_hand(t)} == by_hand(t)
+    # a profile without a threshold: scores and metrics, no verdicts, and a warning that says why
+    det.profile_.threshold = None
+    res = run_eval(det.config, [cat], [0], tmp_path / "e2", warn=lambda m: None, fitted=det)["categories"]["bottle"]
+    assert "at_threshold" not in res and {i["verdict"] for i in res["images"]} == {None}
+    assert "the profile has no threshold: no confusion counts" in res["warnings"][-1]
     # the profile carries the model; --threshold needs a profile
     r = runner.invoke(
         app,

@@ -120,8 +120,8 @@ def evaluate_category(
         ]
         if threshold is None:
             out["warnings"].append(
-                "the profile has no threshold: no confusion counts (fit it with --threshold-quantile or "
-                "--validation-*, or give --threshold)"
+                "the profile has no threshold: no confusion counts (fit it with a threshold quantile or a "
+                "validation set, or give a threshold)"
             )
         else:
             out["at_threshold"] = threshold_counts(category, scores, threshold)

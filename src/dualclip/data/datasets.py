@@ -113,7 +113,7 @@ class Category:
         elif not any(s.label == 0 for s in self.samples):
             problems.append(
                 "no normal (defect-free) test image: the metrics compare normal with anomalous images "
-                "(MVTec/MPDD: test/good, BTAD: test/ok, folder: --normal or all-zero masks)"
+                "(MVTec/MPDD: test/good, BTAD: test/ok, folder layout: normal images or all-zero masks)"
             )
         for s in self.samples:
             problem = _image_problem(s.path)
@@ -217,8 +217,9 @@ def mvtec(root: str | Path, categories: list[str] | None = None) -> list[Categor
             images = [d.name for d in sorted(test.iterdir()) if d.is_dir() and d not in mask_dirs]
             raise DatasetLayoutError(
                 f"{test} holds {', '.join(f'{d}/' for d in images) or 'no image folder'} and the mask folder "
-                f"{mask_dirs[0].name}/, not {expected}: for images labelled by masks of the same name use "
-                f"--dataset folder --images {test / (images[0] if images else 'images')} --masks {mask_dirs[0]}"
+                f"{mask_dirs[0].name}/, not {expected}: images labelled by masks of the same name are read by the "
+                f"folder layout (dualclip eval --dataset folder --images {test / (images[0] if images else 'images')} "
+                f"--masks {mask_dirs[0]})"
             )
         train = root / name / "train" / "good"
         cat.train = _images_in(train) if train.is_dir() else []
