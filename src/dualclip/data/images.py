@@ -345,6 +345,8 @@ def looks_binary(path: Path) -> bool:
     value (:data:`BINARY_FRACTION`; an all-black mask too). Read at most 256 px wide; unreadable: False."""
     try:
         with Image.open(path) as img:
+            if img.width * img.height > DEFAULT_MAX_PIXELS:  # never decoded (load_image refuses it too)
+                return False
             if img.format == "JPEG":
                 img.draft("L", (256, 256))
             grey = img.convert("L")
