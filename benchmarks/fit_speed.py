@@ -80,8 +80,10 @@ def main() -> None:
     if args.measured:
         rows = json.loads(args.measured.read_text())["raw"]["rows"]
     else:
-        test = test_category()
-        rows = [measure(n, test) for n in ([50] if args.quick else [int(x) for x in args.n.split(",")])]
+        test, rows = test_category(), []
+        for n in [50] if args.quick else [int(x) for x in args.n.split(",")]:
+            rows.append(measure(n, test))
+            write_section(args.json, "fit_speed", [], {"rows": rows})  # each N kept as soon as it is measured
     before = {}
     if args.before.is_file() and args.before.resolve() != args.json.resolve():
         before = {r["n"]: r for r in json.loads(args.before.read_text())["raw"]["rows"]}
