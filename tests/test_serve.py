@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -74,16 +75,15 @@ def test_raw_and_multipart_uploads_score_like_the_detector_and_info_resolves_the
             assert part.json()["filename"] == "tile.png"
         info = c.get("/v1/info").json()
     assert info["weights_fingerprint"] == det.profile_.meta["weights_fingerprint"]
-    # the settings as resolved (the profile leaves them to the backbone's defaults)
-    assert det.config.distance is None and det.config.neighbourhood is None
-    assert {k: info["config"][k] for k in ("image_size", "distance", "neighbourhood")} == {
-        "image_size": 128,
-        "distance": "hybrid",
-        "neighbourhood": [1],
-    }
     assert info["threshold"]["value"] == th.value
     assert info["batching"]["items"] == 4
     assert info["service"]["api_key"] is None
+    # settings left to the backbone's defaults (as in a profile saved before fit recorded them): shown resolved
+    resolved = {"image_size": 128, "distance": "hybrid", "neighbourhood": [1]}
+    assert {k: info["config"][k] for k in resolved} == resolved
+    det.config = dataclasses.replace(det.config, image_size=None, distance=None, neighbourhood=None)
+    with TestClient(create_app(det, ServeSettings())) as c:
+        assert {k: c.get("/v1/info").json()["config"][k] for k in resolved} == resolved
 
 
 def test_concurrent_requests_share_batches_and_keep_their_own_scores(profile_dir, texture_set, reference_scores):
