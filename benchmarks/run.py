@@ -35,6 +35,7 @@ SECTIONS = (
     "ray_scale",
     "precision_parity",
     "gpu",
+    "fit_speed",
 )
 ANOMALIB_PY = HERE / ".venv-anomalib" / "bin" / "python"
 sys.path.insert(0, str(HERE))
@@ -124,6 +125,16 @@ def headline(data: dict[str, dict]) -> list[str]:
             + (", one actor killed and its block retried" if r["killed_actor_pids"] else "")
             + ("; every image exactly once" if r["rows_unique"] else "; ROWS LOST OR DUPLICATED")
         )
+    fs = data.get("fit_speed", {}).get("raw", {})
+    before = {r["n"]: r for r in fs.get("before", [])}
+    for r in fs.get("rows", []):
+        b = before.get(r["n"])
+        lines.append(
+            f"- `fit`, {r['n']} magnetic_tile images: {r['ratio']:.1f}x the feature extraction"
+            + (f" (before: {b['ratio']:.1f}x)" if b else "")
+            + f"; AUPRO {100 * r['aupro']:.2f}"
+            + (f" (before: {100 * b['aupro']:.2f})" if b else "")
+        )
     return lines
 
 
@@ -137,6 +148,7 @@ HEADLINE_MARKS = {  # how a headline line names its section (to carry it over wi
     "scaling": "reference matching at",
     "adaptation_cost": "- adaptation,",
     "metrics_speed": "all seven metrics",
+    "fit_speed": "- `fit`,",
 }
 
 

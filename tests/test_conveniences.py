@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
@@ -93,6 +93,44 @@ def test_exclude_leaves_out_matching_files_and_masks_are_warned_of(tmp_path, wit
     assert len(json.loads(r.stdout)["predictions"]) == 5  # the 5 images outside sub/
 
 
+@pytest.fixture
+def magnetic_tile_like(tmp_path, texture_set):
+    """Each image x.jpg beside its ground-truth mask x.png (anti-aliased 0/255, as magnetic_tile keeps them),
+    and one pair of two photographs of the same name (no mask: both kept)."""
+    d = tmp_path / "Imgs"
+    d.mkdir()
+    images, masks, _ = texture_set
+    for i, (img, m) in enumerate(zip(images, masks, strict=True)):
+        img.save(d / f"{i:02d}.jpg")
+        edge = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).filter(ImageFilter.SMOOTH))
+        Image.fromarray(edge).save(d / f"{i:02d}.png")  # a few grey levels on the boundary
+    images[0].save(d / "photo.jpg")
+    images[1].save(d / "photo.png")
+    return d
+
+
+def test_masks_beside_their_images_are_left_out_with_a_warning(tmp_path, magnetic_tile_like):
+    det = DualClipDetector(DetectorConfig(**EFFNET))
+    warned = []
+    _, doc = run_predict([str(magnetic_tile_like)], tmp_path / "o", det.config, detector=det, warn=warned.append)
+    d = magnetic_tile_like
+    want = sorted([str(d / f"{i:02d}.jpg") for i in range(10)] + [str(d / "photo.jpg"), str(d / "photo.png")])
+    assert sorted(p["path"] for p in doc["predictions"]) == want
+    assert {s["path"]: s["reason"] for s in doc["skipped"]} == {
+        str(d / f"{i:02d}.png"): f"the ground-truth mask of {i:02d}.jpg beside it (same name, binary)"
+        for i in range(10)
+    }
+    note = f"10 input file(s) are ground-truth masks beside an image of the same name (binary pictures, e.g. {d / '00.png'} beside 00.jpg): left out"
+    assert doc["warnings"] == [note] and warned == [f"warning: {note}"]
+    # fit: the profile is made of the images alone
+    r = CliRunner().invoke(
+        app, ["fit", str(d), "-o", str(tmp_path / "p"), "--backbone", "effnet-lite0", "--image-size", "64", "-q"]
+    )
+    assert r.exit_code == 0, r.output
+    assert f"warning: {note}" in r.output and "skipped" not in r.output
+    assert json.loads((tmp_path / "p" / "profile.json").read_text())["n_normal"] == 12
+
+
 def test_class_name_with_a_vision_only_backbone_is_warned_of_and_recorded(tmp_path, folder):
     det = DualClipDetector(DetectorConfig(**EFFNET))
     warned = []
@@ -160,7 +198,7 @@ def two_defects(tmp_path, texture_set):
     return root
 
 
-def test_eval_reports_each_defect_type_against_every_normal_image(tmp_path, two_defects):
+def test_eval_reports_each_defect_type_against_every_normal_image_in_plain_text(tmp_path, two_defects):
     (cat,) = D.mvtec(two_defects)
     assert cat.defects == ["broken", "scratch"]
     cfg = DetectorConfig(**EFFNET)
@@ -173,7 +211,8 @@ def test_eval_reports_each_defect_type_against_every_normal_image(tmp_path, two_
         assert res["per_defect"][d]["n_anomalous"] == 2
     assert res["image_auroc"] == pytest.approx(roc_auc_score(labels, scores))
     md = (tmp_path / "out" / "results.md").read_text()
-    assert "↳ broken" in md and "↳ scratch" in md
+    assert "\n| ↳ broken | " in md and "\n| ↳ scratch | " in md
+    assert "&" not in md  # printed in a terminal by `dualclip eval`: no HTML entities
     csv = (tmp_path / "out" / "results.csv").read_text().splitlines()
     assert [line.split(",")[:2] for line in csv] == [
         ["category", "defect"],
@@ -289,3 +328,202 @@ def test_bf16_backbone_keeps_the_pixel_ranking_within_the_documented_tolerance(t
     from dualclip.config import resolve_precision
 
     assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("bf16", "cpu", "onnxruntime") == "fp32"
+
+
+def test_demo_warns_of_no_class_name_the_user_did_not_pass(tmp_path, monkeypatch):
+    monkeypatch.delenv("DUALCLIP_DEMO_DATA", raising=False)
+    r = CliRunner().invoke(app, ["demo", "-o", str(tmp_path / "demo"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert "Running the dual-image visual branch with effnet-lite0 instead." in r.output
+    assert "--class-name" not in r.output and "warning" not in r.output
+    assert len(json.loads((tmp_path / "demo" / "predictions.json").read_text())["predictions"]) == 9
+
+
+def test_quiet_hides_progress_bars_but_not_the_scores_or_where_they_were_written(tmp_path, folder):
+    out = tmp_path / "o"
+    args = ["predict", str(folder), "-o", str(out), "--backbone", "effnet-lite0", "--image-size", "64", "-q"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    doc = json.loads((out / "predictions.json").read_text())
+    lines = r.stdout.splitlines()
+    assert sorted(lines) == sorted(f"{p['score']:.4f} \t{p['path']}" for p in doc["predictions"])
+    assert f"wrote {out}/report.html" in r.stderr and "%|" not in r.stderr  # no bar
+
+
+HELP_CHILD = """
+import sys
+from dualclip.cli.main import app
+try:
+    app(args=sys.argv[1:], prog_name="dualclip")
+except SystemExit as exc:
+    assert exc.code == 0, exc.code
+heavy = sorted(m for m in ("torch", "open_clip", "torchvision", "timm", "scipy", "sklearn", "matplotlib") if m in sys.modules)
+print("heavy:", heavy)
+"""
+
+
+@pytest.mark.parametrize("command", [[], ["predict"], ["fit"], ["eval"], ["serve"], ["export"], ["demo"]])
+def test_help_starts_without_importing_torch_or_open_clip(command):
+    r = subprocess.run(
+        [sys.executable, "-c", HELP_CHILD, *command, "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    assert "Usage: dualclip" in r.stdout and r.stdout.rstrip().endswith("heavy: []")
+
+
+def test_help_cuts_no_option_at_any_width_and_names_every_backbone():
+    from typer.main import get_command
+
+    from dualclip.backbone import DINOV2_NAME, EFFNET_NAME
+
+    group = get_command(app)
+    for name, command in group.commands.items():
+        for width in (40, 80):
+            r = CliRunner().invoke(app, [name, "--help"], terminal_width=width)
+            assert r.exit_code == 0, r.output
+            flags = [o for p in command.params for o in p.opts + p.secondary_opts if o.startswith("--")]
+            assert flags and all(f in r.output.split() or f"{f}," in r.output for f in flags), (name, width)
+            assert "…" not in r.output
+    text = CliRunner().invoke(app, ["fit", "--help"], terminal_width=200).output
+    assert f"{EFFNET_NAME} or {DINOV2_NAME} (vision-only)" in text
+
+
+def test_eval_with_a_profile_counts_its_verdicts_at_its_threshold(tmp_path, two_defects):
+    runner = CliRunner()
+    model = ["--backbone", "effnet-lite0", "--image-size", "64", "-q"]
+    train = two_defects / "bottle" / "train" / "good"
+    r = runner.invoke(app, ["fit", str(train), "-o", str(tmp_path / "p"), "--threshold-quantile", "0.5", *model])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            "--dataset",
+            "mvtec",
+            "--root",
+            str(two_defects),
+            "--profile",
+            str(tmp_path / "p"),
+            "-o",
+            str(tmp_path / "e"),
+            "-q",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "e" / "results.json").read_text())["categories"]["bottle"]
+    # by hand: the loaded profile's own scores of the same files, judged at its threshold
+    (cat,) = D.mvtec(two_defects)
+    det = DualClipDetector.load(tmp_path / "p")
+    det.config.progress = False
+    scores = np.array([p.score for p in det.predict([str(s.path) for s in cat.samples])])
+    labels, th = cat.labels, det.threshold_.value
+    np.testing.assert_allclose([i["score"] for i in res["images"]], scores, atol=1e-5)
+    assert res["image_auroc"] == pytest.approx(roc_auc_score(labels, scores))
+
+    def by_hand(t):
+        flagged = scores >= t
+        defect = np.array([s.defect for s in cat.samples])
+        return {
+            "n_normal": 6,
+            "n_anomalous": 4,
+            "defects_caught": int(flagged[labels == 1].sum()),
+            "defects_missed": int((~flagged[labels == 1]).sum()),
+            "false_alarms": int(flagged[labels == 0].sum()),
+            "normal_passed": int((~flagged[labels == 0]).sum()),
+            "per_defect": {
+                d: {
+                    "n_anomalous": 2,
+                    "caught": int(flagged[defect == d].sum()),
+                    "missed": int((~flagged[defect == d]).sum()),
+                }
+                for d in ("broken", "scratch")
+            },
+        }
+
+    got = res["at_threshold"]
+    assert got["value"] == th and got["source"] == det.threshold_.source
+    assert {k: got[k] for k in by_hand(th)} == by_hand(th)
+    assert [i["verdict"] for i in res["images"]] == ["defective" if s >= th else "ok" for s in scores]
+    md = (tmp_path / "e" / "results.md").read_text()
+    want = by_hand(th)
+    assert (
+        f"| bottle | {th:.4g} | {want['defects_caught']} of 4 | {want['defects_missed']} | "
+        f"{want['false_alarms']} of 6 | {want['normal_passed']} |" in md
+    )
+    assert f"| ↳ scratch | | {want['per_defect']['scratch']['caught']} of 2 |" in md
+    # --threshold judges at another value (the median score: some caught, some passed); a new fingerprint
+    t = float(np.median(scores))
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            "--dataset",
+            "mvtec",
+            "--root",
+            str(two_defects),
+            "--profile",
+            str(tmp_path / "p"),
+            "-o",
+            str(tmp_path / "e"),
+            "-q",
+        ]
+        + ["--threshold", str(t)],
+    )
+    assert r.exit_code == 0, r.output
+    got = json.loads((tmp_path / "e" / "results.json").read_text())["categories"]["bottle"]["at_threshold"]
+    assert got["source"] == "manual" and {k: got[k] for k in by_hand(t)} == by_hand(t)
+    # a profile without a threshold: scores and metrics, no verdicts, and a warning that says why
+    det.profile_.threshold = None
+    res = run_eval(det.config, [cat], [0], tmp_path / "e2", warn=lambda m: None, fitted=det)["categories"]["bottle"]
+    assert "at_threshold" not in res and {i["verdict"] for i in res["images"]} == {None}
+    assert "the profile has no threshold: no confusion counts" in res["warnings"][-1]
+    # the profile carries the model; --threshold needs a profile
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            "--dataset",
+            "mvtec",
+            "--root",
+            str(two_defects),
+            "--profile",
+            str(tmp_path / "p"),
+            "-o",
+            str(tmp_path / "x"),
+            "--backbone",
+            "b",
+            "--seeds",
+            "1",
+        ],
+    )
+    assert (
+        r.exit_code == 2
+        and "error: --profile carries the model, settings and references: drop --backbone, --seeds" in r.output
+    )
+    r = runner.invoke(
+        app, ["eval", "--dataset", "mvtec", "--root", str(two_defects), "-o", str(tmp_path / "x"), "--threshold", "1"]
+    )
+    assert r.exit_code == 2 and "error: --threshold judges a profile's verdicts: give --profile too" in r.output
+
+
+def test_every_phase_of_fit_predict_and_eval_shows_a_progress_bar(tmp_path, capsys, texture_set, two_defects):
+    images, _, labels = texture_set
+    normal = [img for img, y in zip(images, labels, strict=True) if not y]
+    cfg = DetectorConfig(**{**EFFNET, "progress": True}, memory_bank_size=100)
+    fitted = DualClipDetector(cfg).fit(normal)
+    err = capsys.readouterr().err
+    for phase in ("normal images", "coreset", "leave-one-out (cosine)", "leave-one-out (euclidean)"):
+        assert f"\r{phase}: " in err, phase
+    run_predict([str(p) for p in sorted((two_defects / "bottle" / "test").rglob("*.png"))], tmp_path / "o", cfg)
+    err = capsys.readouterr().err
+    for phase in ("features", "matching", "writing"):
+        assert f"\r{phase}: " in err, phase
+    fitted.predict(images[:3])
+    assert "\rscoring: " in capsys.readouterr().err
+    run_eval(cfg, D.mvtec(two_defects), [0], tmp_path / "e", warn=lambda m: None)
+    err = capsys.readouterr().err
+    for phase in ("categories", "features", "matching"):
+        assert f"\r{phase}: " in err, phase
+    DualClipDetector(DetectorConfig(**EFFNET, memory_bank_size=100)).fit(normal).predict(images[:3])
+    run_predict([str(two_defects)], tmp_path / "q", DetectorConfig(**EFFNET), quiet=True)
+    assert "%|" not in capsys.readouterr().err  # progress=False / --quiet: no bar

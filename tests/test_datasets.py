@@ -232,3 +232,47 @@ def test_eval_counts_images_without_masks_and_reports_undefined_pixel_metrics(tm
     assert any("pixel metrics undefined" in w for w in saved["warnings"]["tex"])
     md = (tmp_path / "out2" / "results.md").read_text()
     assert "**Warnings (2)**" in md and "pixel metrics undefined" in md
+
+
+def _images_and_masks_tree(root):
+    """An images/ + masks/ split under test/ (as MPDD's data_supervised copy): no good/ folder."""
+    test = root / "plate" / "test"
+    for i in range(4):
+        for sub in ("images", "masks"):
+            (test / sub).mkdir(parents=True, exist_ok=True)
+        _image(test / "images" / f"{i:03d}.png")
+        Image.fromarray((_square(i) if i >= 2 else np.zeros((SIZE, SIZE), bool)).astype(np.uint8) * 255).save(
+            test / "masks" / f"{i:03d}.png"
+        )
+    return root
+
+
+def test_mvtec_layout_never_reads_a_mask_folder_and_points_to_the_folder_layout(tmp_path):
+    root = _images_and_masks_tree(tmp_path)
+    with pytest.raises(D.DatasetLayoutError) as err:
+        D.mvtec(root)
+    test = root / "plate" / "test"
+    assert f"{test} holds images/ and the mask folder masks/" in str(err.value)
+    assert f"--dataset folder --images {test / 'images'} --masks {test / 'masks'}" in str(err.value)
+    # the folder layout the message points to reads it: labels from the masks
+    (cat,) = D.folder("plate", images=[str(test / "images")], mask_dirs=[str(test / "masks")])
+    assert cat.labels.tolist() == [0, 0, 1, 1] and cat.check() == []
+    # beside a good/ folder, a stray masks/ folder is left out with a note, never scored as a defect type
+    root = _mvtec_like(tmp_path / "b", "0/255")
+    (root / "screw" / "test" / "masks").mkdir()
+    Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(root / "screw" / "test" / "masks" / "000.png")
+    (cat,) = D.mvtec(root)
+    assert cat.defects == ["scratch"] and len(cat.samples) == 6
+    assert cat.check() == [f"{root / 'screw' / 'test' / 'masks'} is a mask folder: not read as images"]
+
+
+def test_a_category_without_normal_images_is_refused_before_scoring(tmp_path):
+    root = _mvtec_like(tmp_path, "0/255")
+    for f in (root / "screw" / "test" / "good").iterdir():
+        f.unlink()
+    (cat,) = D.mvtec(root)
+    with pytest.raises(D.DatasetLayoutError, match=r"category 'screw': no normal \(defect-free\) test image"):
+        cat.check()
+    (cat,) = D.folder("f", anomalous=[str(root / "screw" / "test" / "scratch")])
+    with pytest.raises(D.DatasetLayoutError, match="no normal"):
+        cat.check()

@@ -73,6 +73,24 @@ def test_bank_distances_match_brute_force_in_chunks(distance):
         torch.testing.assert_close(got[i], want[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("distance", ["cosine", "euclidean", "layernorm"])
+def test_chunked_leave_one_out_equals_the_brute_force(distance):
+    """Each query image against the bank without its own patches: bank owners in any order, runs of one owner
+    cut by the chunk boundaries (chunk 5), an owner with no patch left in the bank."""
+    query = _space(_layers(4, 6, seed=9), distance)
+    keep = torch.randperm(18, generator=torch.Generator().manual_seed(1))[:15]  # image 3: no patch kept
+    bank = [q.reshape(-1, q.shape[-1])[keep] for q in query]  # 15 of the images' own patches, shuffled
+    owner = keep // 6
+    got = bank_distances(query, bank, distance, chunk=5, query_owner=torch.arange(4), bank_owner=owner)
+    for i in range(4):
+        others = [b[owner != i] for b in bank]
+        want, _ = nearest_distances([q[i : i + 1] for q in query], [b[None] for b in others], distance)
+        torch.testing.assert_close(got[i], want[0], rtol=1e-5, atol=1e-5)
+        assert (got[i] > 1e-4).all()  # no patch found itself
+    whole = bank_distances(query, bank, distance, chunk=5)
+    assert (whole < got + 1e-6).all() and (whole[:3] < got[:3] - 1e-4).any()
+
+
 def test_neighbourhood_sizes_are_averaged():
     layers = _layers(4, 9, seed=9)
     refs = [[1], [0], [3], [2]]

@@ -87,6 +87,18 @@ def test_mpdd_metal_plate_layout_labels_from_masks():
     assert cat.masks(64)[cat.labels == 1].any(axis=(1, 2)).all()
 
 
+def test_eval_of_mpdds_images_and_masks_split_as_mvtec_is_refused_with_the_folder_command():
+    from typer.testing import CliRunner
+
+    from dualclip.cli.main import app
+
+    root = shared_dataset("mpdd_metal_plate") / "data_supervised"
+    r = CliRunner().invoke(app, ["eval", "--dataset", "mpdd", "--root", str(root), "-o", "unused", "-q"])
+    test = root / "metal_plate" / "test"
+    assert r.exit_code == 2 and "holds images/ and the mask folder masks/" in r.output
+    assert f"--dataset folder --images {test / 'images'} --masks {test / 'masks'}" in r.output
+
+
 @pytest.mark.slow
 def test_random_partners_keep_a_recurring_defect_type_on_real_data():
     """magnetic_tile's Crack images (57, several captures of the same cracks) beside 100 defect-free ones:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -55,7 +56,9 @@ def _client(profile_dir, **settings) -> TestClient:
     return TestClient(create_app(det, ServeSettings(**settings), profile_path=profile_dir))
 
 
-def test_raw_and_multipart_uploads_score_like_the_detector(profile_dir, texture_set, reference_scores):
+def test_raw_and_multipart_uploads_score_like_the_detector_and_info_resolves_the_settings(
+    profile_dir, texture_set, reference_scores
+):
     images = texture_set[0]
     det = DualClipDetector.load(profile_dir)
     th = det.threshold_
@@ -75,6 +78,12 @@ def test_raw_and_multipart_uploads_score_like_the_detector(profile_dir, texture_
     assert info["threshold"]["value"] == th.value
     assert info["batching"]["items"] == 4
     assert info["service"]["api_key"] is None
+    # settings left to the backbone's defaults (as in a profile saved before fit recorded them): shown resolved
+    resolved = {"image_size": 128, "distance": "hybrid", "neighbourhood": [1]}
+    assert {k: info["config"][k] for k in resolved} == resolved
+    det.config = dataclasses.replace(det.config, image_size=None, distance=None, neighbourhood=None)
+    with TestClient(create_app(det, ServeSettings())) as c:
+        assert {k: c.get("/v1/info").json()["config"][k] for k in resolved} == resolved
 
 
 def test_concurrent_requests_share_batches_and_keep_their_own_scores(profile_dir, texture_set, reference_scores):
@@ -142,9 +151,58 @@ def test_api_key_is_required_when_set_and_off_loopback():
         assert ServeSettings(host=host).api_key is None
 
 
-def test_api_key_guards_every_endpoint_but_health(profile_dir, texture_set):
+def test_openapi_documents_the_upload_and_a_typed_answer(profile_dir):
+    with _client(profile_dir) as c:
+        api = c.get("/openapi.json").json()
+    op = api["paths"]["/v1/score"]["post"]
+    body = op["requestBody"]
+    assert body["required"] is True
+    assert body["content"]["image/*"]["schema"] == {"type": "string", "format": "binary"}
+    form = body["content"]["multipart/form-data"]["schema"]
+    assert form["properties"]["image"] == {"type": "string", "format": "binary"} and form["required"] == ["image"]
+    assert [p["name"] for p in op["parameters"]] == ["heatmap", "filename"]
+    ok = op["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ok == {"$ref": "#/components/schemas/ScoreResponse"}
+    score = api["components"]["schemas"]["ScoreResponse"]
+    assert {"score", "verdict", "threshold", "size", "latency_ms"} <= set(score["required"])
+    assert score["properties"]["score"]["type"] == "number"
+    assert {"enum": ["defective", "ok"], "type": "string"} in score["properties"]["verdict"]["anyOf"]
+    for code in ("400", "413", "422"):
+        assert op["responses"][code]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    info = api["paths"]["/v1/info"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert info == {"$ref": "#/components/schemas/InfoResponse"}
+
+
+def test_docs_page_works_offline(profile_dir):
+    import re
+
+    with _client(profile_dir, api_key="k") as c:  # the documentation needs no key (it holds no data)
+        page = c.get("/docs")
+        assert page.status_code == 200 and "SwaggerUIBundle" in page.text
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]", page.text, re.I), "the page names another host"
+        assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+        assert sorted(assets) == [
+            "/docs/assets/favicon-32x32.png",
+            "/docs/assets/swagger-ui-bundle.js",
+            "/docs/assets/swagger-ui.css",
+        ]
+        for a in assets:
+            r = c.get(a)
+            assert r.status_code == 200 and len(r.content) > 500, a
+        assert "url: '/openapi.json'" in page.text and c.get("/openapi.json").status_code == 200
+        assert '"validatorUrl": null' in page.text
+
+
+def test_api_key_guards_every_endpoint_but_health_and_the_docs(profile_dir, texture_set):
     with _client(profile_dir, api_key="s3cret") as c:
         assert c.get("/healthz").status_code == 200
+        schemes = c.get("/openapi.json").json()["components"]["securitySchemes"]
+        assert schemes["APIKeyHeader"] == {
+            "type": "apiKey",
+            "in": "header",
+            "name": "X-API-Key",
+            "description": "required when the service has a key",
+        }
         assert c.get("/v1/info").status_code == 401
         assert c.post("/v1/score", content=_png(texture_set[0][0])).status_code == 401
         assert c.get("/v1/info", headers={"X-API-Key": "wrong"}).status_code == 401

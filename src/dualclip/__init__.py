@@ -7,6 +7,17 @@ with V-V attention, dual-image visual reference, joint scoring and test-time ada
 __version__ = "0.3.0"  # first: submodules read it
 
 from .config import AdaptationConfig, DetectorConfig  # noqa: E402
-from .detector import DualClipDetector, Prediction, ScoreResult  # noqa: E402
 
 __all__ = ["AdaptationConfig", "DetectorConfig", "DualClipDetector", "Prediction", "ScoreResult", "__version__"]
+
+_DETECTOR = ("DualClipDetector", "Prediction", "ScoreResult")
+
+
+def __getattr__(name: str):
+    """The detector's names, imported on first use (PEP 562): ``import dualclip`` and ``dualclip --help`` stay
+    free of torch and open_clip."""
+    if name in _DETECTOR:
+        from . import detector
+
+        return getattr(detector, name)
+    raise AttributeError(f"module 'dualclip' has no attribute {name!r}")

@@ -463,7 +463,7 @@ class DualClipDetector:
             text = self._text(feats, class_name, use_text, temperature, branches)
         refs: list[list[int]] = [[] for _ in images]
         if use_visual:
-            refs = self._visual(images, feats, golden, clock, branches)
+            refs = self._visual(images, feats, golden, clock, branches, progress)
         adaptation = None
         if cfg.tta and profile is not None and profile.head is not None:
             with clock("adaptation"):
@@ -582,8 +582,12 @@ class DualClipDetector:
         golden: list[Image.Image] | None,
         clock: _StageClock,
         out: BranchScores,
+        progress: bool = False,
     ) -> list[list[int]]:
-        """METHOD §5: fills ``out.visual``; returns each image's reference indices."""
+        """METHOD §5: fills ``out.visual``; returns each image's reference indices. ``progress``: a bar over the
+        matching."""
+        from tqdm.auto import tqdm
+
         cfg = self.config
         n = feats.global_embedding.shape[0]
         distance, sizes = self.matching()
@@ -601,7 +605,10 @@ class DualClipDetector:
                 scores, normal = {}, {}
                 for p in parts:
                     gspaces = match_spaces(gfeats.match_features, gfeats.grid, p, sizes)
-                    scores[p] = _mean(golden_reference_scores(s, g, p) for s, g in zip(spaces[p], gspaces, strict=True))
+                    scores[p] = _mean(
+                        golden_reference_scores(s, g, p, progress=f"matching ({p})" if progress else None)
+                        for s, g in zip(spaces[p], gspaces, strict=True)
+                    )
                     if centring != "none" and len(golden) > 1:  # the references' own leave-one-out scores
                         ids = torch.arange(len(golden))
                         owner = ids.repeat_interleave(gfeats.grid[0] * gfeats.grid[1])
@@ -621,10 +628,18 @@ class DualClipDetector:
         with clock("reference"):
             dup = near_duplicates(thumbnails(images), cfg.duplicate_tolerance)
             refs = pair_references(n, cfg.k, cfg.pairing, cfg.seed, forbidden=dup)
-            visual = combine_parts(
-                {p: _mean(reference_scores(s, refs, cfg.k_aggregation, distance=p) for s in spaces[p]) for p in parts},
-                robust=self.hybrid_norm() == "robust",
-            )
+            pairs = len({(min(a, b), max(a, b)) for a, r in enumerate(refs) for b in r})
+            total = pairs * len(sizes) * len(parts)
+            with tqdm(total=total, desc="matching", unit="pair", disable=not progress, leave=False) as bar:
+                visual = combine_parts(
+                    {
+                        p: _mean(
+                            reference_scores(s, refs, cfg.k_aggregation, bar.update, distance=p) for s in spaces[p]
+                        )
+                        for p in parts
+                    },
+                    robust=self.hybrid_norm() == "robust",
+                )
             out.visual = centre(visual, positional_offsets(visual, feats.grid, centring))
             out.centring = centring
         out.duplicate_pairs = int(dup.sum()) // 2
@@ -769,11 +784,18 @@ class DualClipDetector:
         if use_visual:
             parts = distance_parts(distance)
             spaces = {p: match_spaces(feats.match_features, feats.grid, p, sizes) for p in parts}
-            bank, owner, total = build_bank(spaces, cfg.memory_bank_size, cfg.seed)
+            bank, owner, total = build_bank(spaces, cfg.memory_bank_size, cfg.seed, progress=cfg.progress)
             ids = torch.arange(len(rgb))
             loo = {
                 p: _mean(
-                    bank_distances(s, b, p, query_owner=ids, bank_owner=owner)
+                    bank_distances(
+                        s,
+                        b,
+                        p,
+                        query_owner=ids,
+                        bank_owner=owner,
+                        progress=f"leave-one-out ({p})" if cfg.progress else None,
+                    )
                     for s, b in zip(spaces[p], bank[p], strict=True)
                 )
                 for p in parts

@@ -29,6 +29,7 @@ from .data.datasets import Category
 from .data.images import file_fingerprint, load_image
 from .detector import DualClipDetector
 from .metrics import all_metrics
+from .thresholds import Threshold
 
 METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
 
@@ -39,12 +40,24 @@ def peak_rss_mb() -> float:
     return r / 1024 / 1024 if sys.platform == "darwin" else r / 1024
 
 
-def evaluate_category(config: DetectorConfig, category: Category, seeds: list[int], detector_cache: dict) -> dict:
+def evaluate_category(
+    config: DetectorConfig,
+    category: Category,
+    seeds: list[int],
+    detector_cache: dict,
+    fitted: DualClipDetector | None = None,
+    threshold: Threshold | None = None,
+) -> dict:
     """Metrics of one category for each seed, and their mean/std (against its golden references, if any).
 
     Anomalous images without a mask count in the image metrics and are left out of the pixel metrics
     (``n_without_mask``); metrics that are still undefined (``nan``, ``null`` in JSON) are reported by one note
     under ``warnings``, not as Python warnings.
+
+    ``fitted``: a detector with a profile (:meth:`DualClipDetector.load`) that scores every image against its
+    profile (one run: ``seeds`` are not used); the result then lists every image's score and verdict
+    (``images``) and, at ``threshold`` (default: the profile's), the confusion counts (``at_threshold``,
+    :func:`threshold_counts`).
     """
     images = category.images(config.num_workers)
     golden = [load_image(p) for p in category.references] or None
@@ -54,10 +67,12 @@ def evaluate_category(config: DetectorConfig, category: Category, seeds: list[in
     defects = category.defects if len(category.defects) > 1 else []
     per_defect_seed: dict[str, list[dict]] = {d: [] for d in defects}
     for seed in seeds:
-        cfg = dataclasses.replace(config, seed=seed)
-        det = DualClipDetector(cfg, backbone=detector_cache.get("backbone"))
+        if fitted is not None:
+            det = fitted
+        else:
+            det = DualClipDetector(dataclasses.replace(config, seed=seed), backbone=detector_cache.get("backbone"))
         start = time.perf_counter()
-        result = det.score_images(images, class_name=category.name, golden=golden)
+        result = det.score_images(images, class_name=None if fitted else category.name, golden=golden)
         elapsed = time.perf_counter() - start
         detector_cache["backbone"] = det.backbone
         size = result.maps.shape[-1]
@@ -95,7 +110,58 @@ def evaluate_category(config: DetectorConfig, category: Category, seeds: list[in
         undefined = [k for k in undefined if k.startswith("pixel")]
         note = f"pixel metrics undefined ({', '.join(undefined)}): no mask with a defect pixel among the scored images"
     out["warnings"] = list(category.notes) + ([note] if undefined else [])
+    if fitted is not None:
+        threshold = threshold or fitted.threshold_
+        scores = result.image_scores.numpy()
+        out["images"] = [
+            {
+                "path": str(s.path),
+                "label": s.label,
+                "defect": s.defect,
+                "score": float(v),
+                "verdict": None if threshold is None else threshold.verdict(float(v)),
+            }
+            for s, v in zip(category.samples, scores, strict=True)
+        ]
+        if threshold is None:
+            out["warnings"].append(
+                "the profile has no threshold: no confusion counts (fit it with a threshold quantile or a "
+                "validation set, or give a threshold)"
+            )
+        else:
+            out["at_threshold"] = threshold_counts(category, scores, threshold)
     return out
+
+
+def threshold_counts(category: Category, scores: np.ndarray, threshold: Threshold) -> dict:
+    """What a threshold does on a labelled category: images flagged ``defective`` (``score >= value``, as
+    :meth:`Threshold.verdict`) among the anomalous ones (``defects_caught``) and the normal ones
+    (``false_alarms``), with the rates, and per defect type (``per_defect``: caught and missed)."""
+    flagged = np.array([threshold.verdict(float(v)) == "defective" for v in scores], dtype=bool)
+    labels = category.labels
+    n_anomalous, n_normal = int(labels.sum()), int((labels == 0).sum())
+    caught, alarms = int(flagged[labels == 1].sum()), int(flagged[labels == 0].sum())
+    per_defect = {}
+    for d in category.defects:
+        of_d = np.array([s.label == 1 and s.defect == d for s in category.samples])
+        per_defect[d] = {
+            "n_anomalous": int(of_d.sum()),
+            "caught": int(flagged[of_d].sum()),
+            "missed": int((~flagged[of_d]).sum()),
+        }
+    return {
+        **threshold.to_dict(),
+        "n_normal": n_normal,
+        "n_anomalous": n_anomalous,
+        "defects_caught": caught,
+        "defects_missed": n_anomalous - caught,
+        "false_alarms": alarms,
+        "normal_passed": n_normal - alarms,
+        "recall": caught / n_anomalous if n_anomalous else None,
+        "false_alarm_rate": alarms / n_normal if n_normal else None,
+        "precision": caught / (caught + alarms) if caught + alarms else None,
+        "per_defect": per_defect,
+    }
 
 
 def _defect_metrics(category: Category, defect: str, result, masks: np.ndarray, with_mask: np.ndarray) -> dict:
@@ -128,11 +194,12 @@ def mean_over_seeds(per_seed: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def fingerprint(config: DetectorConfig, category: Category, seeds: list[int]) -> str:
+def fingerprint(config: DetectorConfig, category: Category, seeds: list[int], fitted: dict | None = None) -> str:
     """What a saved category result depends on: every setting that changes numbers, the weights (a local
     file by path, size and modification time), the data (paths, labels; every image, mask and golden reference
     file's size, modification time and content hash: :func:`~dualclip.data.images.file_fingerprint`), the
-    seeds and the dualclip version. A saved result is reused only under the same fingerprint."""
+    seeds and the dualclip version. ``fitted``: the tested profile's
+    identity and threshold. A saved result is reused only under the same fingerprint."""
     cfg = config.to_dict()
     for key in ("progress", "cache_dir", "seed", "num_workers"):  # num_workers: how files are read, not numbers
         cfg.pop(key, None)
@@ -161,6 +228,8 @@ def fingerprint(config: DetectorConfig, category: Category, seeds: list[int]) ->
         ],
         "references": [[str(Path(p).resolve()), file_fingerprint(p)] for p in category.references],
     }
+    if fitted is not None:
+        payload["fitted"] = fitted
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -187,7 +256,7 @@ def results_table(results: dict, fmt: str) -> str:
         return "" if v is None or not np.isfinite(v) else format(v, fmt)
 
     body = [
-        [f"&nbsp;&nbsp;↳ {d}" if d else name, *[cell(r, k) for k in METRICS], ms(r, ".0f") or ("" if d else "n/a")]
+        [f"↳ {d}" if d else name, *[cell(r, k) for k in METRICS], ms(r, ".0f") or ("" if d else "n/a")]
         for (name, d), r in rows
     ]
     if fmt == "csv":
@@ -213,10 +282,33 @@ def results_table(results: dict, fmt: str) -> str:
     shots = results["config"].get("shots")
     if shots:
         lines += [f"Few-shot: {shots} golden references per category from its normal training images."]
+    lines += _threshold_table(results)
     notes = [f"- {name}: {w}" for name, ws in results.get("warnings", {}).items() for w in ws]
     if notes:
         lines += ["", f"**Warnings ({len(notes)})**", "", *notes]
     return "\n".join(lines) + "\n"
+
+
+def _threshold_table(results: dict) -> list[str]:
+    """results.md lines for a tested profile: per category (and defect type) what its threshold flags."""
+    judged = {n: r["at_threshold"] for n, r in results["categories"].items() if r.get("at_threshold")}
+    if not judged:
+        return []
+    sources = sorted({t["source"] for t in judged.values()})
+    lines = ["", f"**Verdicts** at the threshold ({'; '.join(sources)}): defective iff score >= threshold.", ""]
+    lines += ["| category | threshold | defects caught | defects missed | false alarms | normal passed |"]
+    lines.append("|---|---|---|---|---|---|")
+    for name, t in judged.items():
+        lines.append(
+            f"| {name} | {t['value']:.4g} | {t['defects_caught']} of {t['n_anomalous']} | {t['defects_missed']} | "
+            f"{t['false_alarms']} of {t['n_normal']} | {t['normal_passed']} |"
+        )
+        if len(t["per_defect"]) > 1:
+            lines += [
+                f"| ↳ {d} | | {c['caught']} of {c['n_anomalous']} | {c['missed']} | | |"
+                for d, c in t["per_defect"].items()
+            ]
+    return lines
 
 
 def run_eval(
@@ -228,13 +320,15 @@ def run_eval(
     extra: dict | None = None,
     require_masks: bool = False,
     warn=None,
+    fitted: DualClipDetector | None = None,
+    threshold: Threshold | None = None,
 ) -> dict:
     """Evaluate every category and write ``results.json``, ``results.md`` and ``results.csv``.
 
     Every category is checked (:meth:`Category.check`) before any is scored. A category saved under ``out``
     is reused only when its settings fingerprint (:func:`fingerprint`) matches; otherwise, or with
     ``force``, it is recomputed. ``warn`` (default: stderr) receives one line per recomputed category and
-    per warning.
+    per warning. ``fitted``, ``threshold``: test a profile (:func:`evaluate_category`).
     """
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out)
@@ -256,14 +350,14 @@ def run_eval(
     for cat in bar:
         bar.set_postfix_str(cat.name)
         saved = cat_dir / f"{cat.name}.json"
-        key = fingerprint(config, cat, seeds)
+        key = fingerprint(config, cat, seeds, None if fitted is None else _profile_identity(fitted, threshold))
         previous = _load_saved(saved)
         if previous is not None and not force:
             if previous.get("fingerprint") == key:
                 results["categories"][cat.name] = previous
                 continue
             warn(f"{cat.name}: saved with other settings, data or version (fingerprint differs): recomputing")
-        res = {"fingerprint": key, **evaluate_category(config, cat, seeds, cache)}
+        res = {"fingerprint": key, **evaluate_category(config, cat, seeds, cache, fitted, threshold)}
         res["warnings"] = list(dict.fromkeys(checked[cat.name] + res["warnings"]))
         write_json(saved, res)
         results["categories"][cat.name] = res
@@ -277,6 +371,14 @@ def run_eval(
     write_text(out / "results.md", results_table(results, "md"))
     write_text(out / "results.csv", results_table(results, "csv"))
     return results
+
+
+def _profile_identity(fitted: DualClipDetector, threshold: Threshold | None) -> dict:
+    """What a tested profile's results depend on beyond its settings: its statistics and the threshold."""
+    p = fitted.profile_
+    th = threshold or p.threshold
+    stats = json.dumps([p.meta, p.scale.to_dict(), p.normal_scores], sort_keys=True, default=str)
+    return {"profile": hashlib.sha256(stats.encode()).hexdigest()[:16], "threshold": th and th.to_dict()}
 
 
 def macro_mean(rows: list[dict]) -> dict[str, float]:

@@ -586,14 +586,15 @@ def _hash_tensors(h, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def build_bank(
-    spaces: dict[str, list[list[torch.Tensor]]], size: int | None, seed: int = 0
+    spaces: dict[str, list[list[torch.Tensor]]], size: int | None, seed: int = 0, progress: bool = False
 ) -> tuple[dict[str, list[list[torch.Tensor]]], torch.Tensor, int]:
     """The memory bank of ``N`` normal images' patches: ``(bank, owner, total)``.
 
     ``spaces[part][s][l]``: ``(N, P, C_l)`` features. Every patch is kept up to ``size`` patches in all; above
     it a greedy coreset (:func:`~dualclip.scoring.coreset.greedy_coreset`, on the first part's first space,
     layers concatenated) chooses ``size`` of them, the same patches in every part, space and layer. ``owner``:
-    the image of each kept patch; ``total``: the patch count before subsampling.
+    the image of each kept patch; ``total``: the patch count before subsampling. ``progress``: the coreset's
+    progress bar.
     """
     from .scoring.coreset import greedy_coreset
 
@@ -603,7 +604,7 @@ def build_bank(
     flat = {part: [[t.reshape(total, -1) for t in space] for space in sp] for part, sp in spaces.items()}
     owner = torch.arange(n).repeat_interleave(p)
     if size is not None and total > size:
-        keep = greedy_coreset(torch.cat(next(iter(flat.values()))[0], dim=-1), size, seed)
+        keep = greedy_coreset(torch.cat(next(iter(flat.values()))[0], dim=-1), size, seed, progress=progress)
         flat = {part: [[t[keep].contiguous() for t in space] for space in sp] for part, sp in flat.items()}
         owner = owner[keep]
     return flat, owner, total

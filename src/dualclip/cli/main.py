@@ -20,7 +20,9 @@ from ..config import DEFAULT, DetectorConfig
 
 app = typer.Typer(
     help="Zero-shot visual anomaly detection and localization with CLIP.",
-    context_settings={"help_option_names": ["-h", "--help"]},
+    # click's plain help: option names are never cut, the text wraps to the terminal (80 columns in a pipe)
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
 )
 
 EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 2, 130, 143
@@ -133,7 +135,9 @@ def misplaced_paths(raw_args: list[str], flags: tuple[str, ...] = PATH_LIST_FLAG
     return found
 
 
-BACKBONE = typer.Option("ViT-B-16-plus-240", help="open_clip model name, or effnet-lite0 (vision-only).")
+BACKBONE = typer.Option(
+    "ViT-B-16-plus-240", help="open_clip model name, or effnet-lite0 or dinov2-vits14 (vision-only)."
+)
 PRETRAINED = typer.Option(
     None, help="open_clip tag, a local checkpoint file, or 'random'. Default: the preset's weights."
 )
@@ -318,7 +322,7 @@ def predict(
         )
     if json_out:
         typer.echo(dumps(doc))
-    elif not quiet:
+    else:  # --quiet silences progress bars only, never the results
         for p in doc["predictions"]:
             s = "error: " + p["error"] if p.get("error") else f"{p['score']:.4f} {p.get('verdict') or ''}"
             typer.echo(f"{s}\t{p['path']}")
@@ -351,7 +355,7 @@ def _predict_archive(
     import math
 
     from ..data.images import expand_paths
-    from .predict import EXIT_NOTHING, EXIT_OK, EXIT_SOME_FAILED, UsageError
+    from .predict import EXIT_NOTHING, EXIT_OK, EXIT_SOME_FAILED, UsageError, mask_warnings
 
     if engine != "ray":
         raise UsageError("--manifest is read by --engine ray")
@@ -372,6 +376,8 @@ def _predict_archive(
         items += read_manifest(ray["manifest"])
     if paths:
         found = expand_paths(paths, exclude=[out], exclude_patterns=exclude or ())
+        for note in mask_warnings(found):
+            typer.echo(f"warning: {note}", err=True)
         items += [(str(p), class_name) for p in found.files]
     if not items:
         raise UsageError("no input: give image paths or --manifest")
@@ -453,11 +459,11 @@ def fit(
     debug: bool = DEBUG,
 ) -> None:
     """Fit a profile on normal images: golden references, fixed score units, optional threshold."""
-    from ..data.images import expand_paths, load_images, mask_like
+    from ..data.images import expand_paths, load_images
     from ..detector import DualClipDetector
     from ..profile import ProfileError, check_destination
     from .output_folder import check_parent
-    from .predict import UsageError
+    from .predict import UsageError, display_path, mask_warnings
 
     for path, flag in misplaced_paths(ctx.meta.get("raw_args", []), ("--validation-normal", "--validation-anomalous")):
         typer.echo(f"warning: {path} follows the value of {flag}: it is used as a normal image", err=True)
@@ -492,23 +498,19 @@ def fit(
         if bool(validation_normal) != bool(validation_anomalous):
             raise UsageError("give both --validation-normal and --validation-anomalous")
 
-        def load(patterns: list[str]) -> list:
+        def load(patterns: list[str]) -> tuple[list, list[Path]]:
             found = expand_paths(patterns, exclude=[out], exclude_patterns=exclude or ())
+            summed_up = {str(m) for m, _ in found.masks}  # one warning for all of them
             for p, reason in found.skipped:
-                typer.echo(f"skipped {p}: {reason}", err=True)
-            loaded = load_images(found.files, num_workers, strict=True)
-            masks = mask_like(found.files)
-            if masks:
-                typer.echo(
-                    f"warning: {len(masks)} file(s) look like ground-truth masks (e.g. {masks[0]}): leave them out "
-                    "with --exclude, e.g. --exclude '*_mask.png'",
-                    err=True,
-                )
-            return loaded
+                if p not in summed_up:
+                    typer.echo(f"skipped {p}: {reason}", err=True)
+            for note in mask_warnings(found):
+                typer.echo(f"warning: {note}", err=True)
+            return load_images(found.files, num_workers, strict=True), found.files
 
-        normal = load(paths)
-        val_n = load(validation_normal) if validation_normal else None
-        val_a = load(validation_anomalous) if validation_anomalous else None
+        normal, normal_files = load(paths)
+        val_n = load(validation_normal)[0] if validation_normal else None
+        val_a = load(validation_anomalous)[0] if validation_anomalous else None
         det = DualClipDetector(cfg)
         least = det.min_bank_size() if cfg.use_visual and cfg.memory_bank_size is not None else 0
         if cfg.memory_bank_size is not None and cfg.memory_bank_size < least:
@@ -529,6 +531,7 @@ def fit(
             validation_normal=val_n,
             validation_anomalous=val_a,
         )
+        det.profile_.meta["sources"] = [display_path(p) for p in normal_files]  # read here, handed over decoded
         try:
             det.save(out, overwrite=overwrite)
         except ProfileError as exc:
@@ -661,6 +664,7 @@ def export(
 
 @app.command("eval")
 def eval_(
+    ctx: typer.Context,
     dataset: str = typer.Option(..., help="mvtec | visa | mpdd | btad | folder"),
     root: Path = typer.Option(None, help="Dataset root (not for folder)."),
     out: Path = typer.Option(..., "--out", "-o"),
@@ -681,6 +685,10 @@ def eval_(
     ),
     shots_seed: int = typer.Option(0, help="Seeds the choice of the --shots images (recorded in the results)."),
     json_out: bool = typer.Option(False, "--json", help="Print results.json on stdout instead of the table."),
+    profile: Path = typer.Option(
+        None, help="Test a profile made by `dualclip fit`: its scores, and its verdicts counted at its threshold."
+    ),
+    threshold: float = typer.Option(None, help="With --profile: count the verdicts at this threshold instead."),
     quiet: bool = QUIET,
     name: str = typer.Option("folder", help="folder layout: the category name."),
     normal: list[str] = typer.Option(None, help="folder layout: normal image folders/globs."),
@@ -719,28 +727,61 @@ def eval_(
             raise ValueError(f"unknown dataset {dataset!r}; choose mvtec, visa, mpdd, btad or folder")
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} exists and is a file, not a folder")
-        cfg = _config(
-            backbone,
-            pretrained,
-            image_size,
-            pairing,
-            k,
-            tta,
-            0,
-            quiet,
-            device=device,
-            batch_size=batch_size,
-            runtime=runtime,
-            onnx_file=onnx_file,
-            precision=precision,
-            num_workers=num_workers,
-        )
-        seed_list = [int(s) for s in seeds.split(",")]
         extra = {"dataset": dataset, "root": str(root) if root else None}
+        fitted = verdicts = None
+        if profile is not None:
+            given = _model_options_given(ctx) + [f for f, v in (("--seeds", seeds != "0"), ("--shots", shots > 0)) if v]
+            if given:
+                raise ValueError(f"--profile carries the model, settings and references: drop {', '.join(given)}")
+            from ..detector import DualClipDetector
+            from ..thresholds import manual_threshold
+
+            fitted = DualClipDetector.load(
+                profile,
+                device=device,
+                runtime=runtime,
+                onnx_file=onnx_file,
+                precision=precision,
+                num_workers=num_workers,
+            )
+            fitted.config.progress, fitted.config.batch_size = not quiet, batch_size
+            cfg, seed_list = fitted.config, [fitted.config.seed]
+            verdicts = None if threshold is None else manual_threshold(threshold)
+            extra["profile"] = str(profile)
+        else:
+            if threshold is not None:
+                raise ValueError("--threshold judges a profile's verdicts: give --profile too")
+            cfg = _config(
+                backbone,
+                pretrained,
+                image_size,
+                pairing,
+                k,
+                tta,
+                0,
+                quiet,
+                device=device,
+                batch_size=batch_size,
+                runtime=runtime,
+                onnx_file=onnx_file,
+                precision=precision,
+                num_workers=num_workers,
+            )
+            seed_list = [int(s) for s in seeds.split(",")]
         if shots:
             cats = D.with_shots(cats, shots, shots_seed)
             extra.update(shots=shots, shots_seed=shots_seed)
-        run_eval(cfg, cats, seed_list, out, force=force, extra=extra, require_masks=require_masks)
+        run_eval(
+            cfg,
+            cats,
+            seed_list,
+            out,
+            force=force,
+            extra=extra,
+            require_masks=require_masks,
+            fitted=fitted,
+            threshold=verdicts,
+        )
     typer.echo((out / ("results.json" if json_out else "results.md")).read_text())
 
 
@@ -797,6 +838,8 @@ def demo(
             det = DualClipDetector(cfg)
         inputs, class_name = _demo_inputs(data, out.parent / f".{out.name}-inputs")
         typer.echo(f"scoring {len(inputs)} images ({class_name}) with {cfg.backbone} ...", err=True)
+        if not det.backbone.has_text:
+            class_name = None  # the demo chose it, not the user: nothing to warn of
         code, doc = run_predict(
             inputs, out, cfg, class_name=class_name, overwrite=overwrite, detector=det, quiet=quiet, command="demo"
         )

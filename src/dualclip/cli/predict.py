@@ -23,7 +23,7 @@ from PIL import Image
 
 from ..atomic import dumps, save_image, write_text
 from ..config import DetectorConfig
-from ..data.images import DEFAULT_MAX_SIDE, ImageLoadError, expand_paths, load_images, mask_like
+from ..data.images import DEFAULT_MAX_SIDE, Expanded, ImageLoadError, expand_paths, load_images, mask_like
 from ..detector import DualClipDetector, Prediction
 from ..thresholds import NO_THRESHOLD, Threshold, fit_threshold, manual_threshold, score_error
 from ..visualization import binary_mask, outline, overlay, render_report, run_scale
@@ -92,17 +92,30 @@ def _load_all(
     return ok, errors
 
 
-def input_warnings(files: list[Path], class_name: str | None, det: DualClipDetector) -> list[str]:
-    """What is worth a warning before scoring: inputs that look like masks, a class name that a vision-only
-    backbone or a profile cannot use (recorded in the outputs too)."""
+def mask_warnings(found: Expanded) -> list[str]:
+    """Inputs that are ground-truth masks: those beside their image (left out by :func:`expand_paths`), and
+    those that look like masks by name (read as images: ``--exclude`` leaves them out)."""
     notes = []
-    masks = mask_like(files)
+    if found.masks:
+        mask, image = found.masks[0]
+        notes.append(
+            f"{len(found.masks)} input file(s) are ground-truth masks beside an image of the same name "
+            f"(binary pictures, e.g. {display_path(mask)} beside {display_path(image.name)}): left out"
+        )
+    masks = mask_like(found.files)
     if masks:
         shown = display_path(masks[0])
         notes.append(
-            f"{len(masks)} input file(s) look like ground-truth masks (e.g. {shown}): they are scored as images; "
+            f"{len(masks)} input file(s) look like ground-truth masks (e.g. {shown}): they are read as images; "
             "leave them out with --exclude, e.g. --exclude '*_mask.png' or --exclude 'ground_truth/*'"
         )
+    return notes
+
+
+def input_warnings(found: Expanded, class_name: str | None, det: DualClipDetector) -> list[str]:
+    """What is worth a warning before scoring: inputs that are or look like masks, a class name that a
+    vision-only backbone or a profile cannot use (recorded in the outputs too)."""
+    notes = mask_warnings(found)
     fitted = det.profile_class(class_name) if det.profile_ is not None else None
     if det.profile_ is not None and class_name and class_name != fitted:
         notes.append(
@@ -233,7 +246,7 @@ def run_predict(
     skipped = [{"path": display_path(p), "reason": r} for e in (expanded, ref_exp) if e for p, r in e.skipped]
     det = detector or DualClipDetector(config)
     _ = det.backbone  # weights first: a bad backbone or checkpoint fails before any image is read
-    notes = input_warnings(expanded.files, class_name, det)
+    notes = input_warnings(expanded, class_name, det)
     for note in notes:
         warn(f"warning: {note}")
     loaded, errors = _load_all(expanded.files, warn, config.num_workers)
@@ -316,13 +329,17 @@ def run_predict(
         rows.append((row, img, pred))
     doc["predictions"] = [r for r, _, _ in rows] + [dict(e, score=None, verdict=None) for e in errors]
     with staged_output(out, warn, command) as stage:
-        _write_outputs(stage, doc, rows, scale)
+        _write_outputs(stage, doc, rows, scale, progress=not quiet)
     return (EXIT_SOME_FAILED if errors else EXIT_OK), doc
 
 
-def _write_outputs(out: Path, doc: dict, rows: list[tuple[dict, Image.Image, Prediction]], scale) -> None:
+def _write_outputs(
+    out: Path, doc: dict, rows: list[tuple[dict, Image.Image, Prediction]], scale, progress: bool = False
+) -> None:
+    from tqdm.auto import tqdm
+
     report_rows = []
-    for row, img, pred in rows:
+    for row, img, pred in tqdm(rows, desc="writing", unit="img", disable=not progress, leave=False):
         ov = overlay(img, pred.anomaly_map, scale)
         save_image(ov, out / row["heatmap"])
         if row["mask"]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .images import IMAGE_SUFFIXES, image_size, load_images
+from .images import IMAGE_SUFFIXES, MASK_FOLDERS, image_size, load_images
 
 
 class DatasetLayoutError(ValueError):
@@ -111,6 +111,11 @@ class Category:
         any_defect_pixel = False
         if not self.samples:
             problems.append("no test image in this category")
+        elif not any(s.label == 0 for s in self.samples):
+            problems.append(
+                "no normal (defect-free) test image: the metrics compare normal with anomalous images "
+                "(MVTec/MPDD: test/good, BTAD: test/ok, folder layout: normal images or all-zero masks)"
+            )
         for s in self.samples:
             problem = _image_problem(s.path)
             if problem:
@@ -200,8 +205,13 @@ def mvtec(root: str | Path, categories: list[str] | None = None) -> list[Categor
     out = []
     for name in _pick(found, categories, root, expected):
         cat = Category(name)
+        mask_dirs = []
         for defect_dir in sorted((root / name / "test").iterdir()):
             if not defect_dir.is_dir():
+                continue
+            if defect_dir.name.lower() in MASK_FOLDERS:  # masks live in ground_truth/, never read as images
+                mask_dirs.append(defect_dir)
+                cat.notes.append(f"{defect_dir} is a mask folder: not read as images")
                 continue
             for img in _images_in(defect_dir):
                 if defect_dir.name == "good":
@@ -211,6 +221,15 @@ def mvtec(root: str | Path, categories: list[str] | None = None) -> list[Categor
                 cands = [gt_dir / f"{img.stem}_mask.png", gt_dir / f"{img.stem}.png", gt_dir / f"{img.stem}.bmp"]
                 mask = next((c for c in cands if c.is_file()), None)  # None: image-level only (Category.check)
                 cat.samples.append(Sample(img, 1, mask, defect_dir.name))
+        if mask_dirs and not any(s.label == 0 for s in cat.samples):
+            test = root / name / "test"
+            images = [d.name for d in sorted(test.iterdir()) if d.is_dir() and d not in mask_dirs]
+            raise DatasetLayoutError(
+                f"{test} holds {', '.join(f'{d}/' for d in images) or 'no image folder'} and the mask folder "
+                f"{mask_dirs[0].name}/, not {expected}: images labelled by masks of the same name are read by the "
+                f"folder layout (dualclip eval --dataset folder --images {test / (images[0] if images else 'images')} "
+                f"--masks {mask_dirs[0]})"
+            )
         train = root / name / "train" / "good"
         cat.train = _images_in(train) if train.is_dir() else []
         out.append(cat)

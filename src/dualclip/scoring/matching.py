@@ -151,39 +151,59 @@ def bank_distances(
     query: Sequence[torch.Tensor],
     bank: Sequence[torch.Tensor],
     distance: Distance,
-    chunk: int = 4096,
+    chunk: int = 1024,
     query_owner: torch.Tensor | None = None,
     bank_owner: torch.Tensor | None = None,
+    progress: str | None = None,
 ) -> torch.Tensor:
     """Distance of every query patch to its nearest patch of a memory bank.
 
     ``query[l]``: ``(N, P, C_l)``; ``bank[l]``: ``(M, C_l)`` (the same M patches in every layer). Returns
     ``(N, P)``. The bank is visited ``chunk`` patches at a time, so memory stays ``P * chunk`` floats.
     With ``query_owner`` (``(N,)``) and ``bank_owner`` (``(M,)``) image ids, a query image never matches
-    bank patches of its own id (leave-one-out scores of the bank's own images).
+    bank patches of its own id (leave-one-out scores of the bank's own images): the bank is ordered by owner
+    once, and each image's own patches, one run of columns, are set out of reach in the chunks they fall in.
+    ``progress``: the label of a progress bar over the query images (``None``: no bar).
     """
+    from tqdm.auto import tqdm
+
     n, p = query[0].shape[:2]
+    owned = None
+    if query_owner is not None:
+        order = torch.argsort(bank_owner, stable=True)
+        bank = [b[order] for b in bank]
+        sorted_owner = bank_owner[order].contiguous()
+        ids = query_owner.to(sorted_owner.dtype)
+        owned = zip(
+            torch.searchsorted(sorted_owner, ids, side="left").tolist(),
+            torch.searchsorted(sorted_owner, ids, side="right").tolist(),
+            strict=True,
+        )
     groups = _groups(bank, distance)
     queries = _groups(query, distance)
     norms = [None if distance == "cosine" else _sq_norms(g) for g in groups]
     chunk = max(1, min(chunk, _MAX_BLOCK_ELEMENTS // p))
     # one image at a time: the same shapes, hence the same arithmetic, whatever the batch holds
     out = torch.empty(n, p)
-    for i in range(n):
-        same = None if query_owner is None else bank_owner == query_owner[i]
+    for i in tqdm(range(n), desc=progress, unit="img", disable=progress is None, leave=False):
+        own = None if owned is None else next(owned)
         per_group = [
-            _nearest_in_bank(q[i], g, nb, distance, chunk, same)
-            for q, g, nb in zip(queries, groups, norms, strict=True)
+            _nearest_in_bank(q[i], g, nb, distance, chunk, own) for q, g, nb in zip(queries, groups, norms, strict=True)
         ]
         out[i] = torch.stack(per_group).mean(dim=0)
     return out
 
 
 def _nearest_in_bank(
-    q: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None, distance: Distance, chunk: int, same
+    q: torch.Tensor,
+    bank: torch.Tensor,
+    bank_sq: torch.Tensor | None,
+    distance: Distance,
+    chunk: int,
+    own: tuple[int, int] | None,
 ) -> torch.Tensor:
-    """``(P,)`` distances of one image's ``(P, C)`` features to their nearest of ``(M, C)`` bank rows; ``same``:
-    ``(M,)`` bank rows it may not match, or ``None``."""
+    """``(P,)`` distances of one image's ``(P, C)`` features to their nearest of ``(M, C)`` bank rows; ``own``:
+    the ``[start, stop)`` bank rows it may not match, or ``None``."""
     cosine = distance == "cosine"
     best = torch.full((q.shape[0],), -torch.inf if cosine else torch.inf)
     for s in range(0, bank.shape[0], chunk):
@@ -192,8 +212,8 @@ def _nearest_in_bank(
             m = q @ b.T
         else:  # |b|^2 - 2ab; |a|^2 is added after the minimum (it is the same along a row)
             m = torch.addmm(bank_sq[s : s + chunk].unsqueeze(0), q, b.T, alpha=-2)
-        if same is not None:
-            m.masked_fill_(same[None, s : s + chunk], -torch.inf if cosine else torch.inf)
+        if own is not None and own[0] < s + b.shape[0] and own[1] > s:
+            m[:, max(own[0] - s, 0) : own[1] - s] = -torch.inf if cosine else torch.inf
         best = torch.maximum(best, m.amax(dim=1)) if cosine else torch.minimum(best, m.amin(dim=1))
     if cosine:
         return (1 - best) / 2

@@ -179,12 +179,15 @@ def reference_scores(
 
 
 def golden_reference_scores(
-    features: Sequence[torch.Tensor], golden: Sequence[torch.Tensor], distance: Distance = "cosine"
+    features: Sequence[torch.Tensor],
+    golden: Sequence[torch.Tensor],
+    distance: Distance = "cosine",
+    progress: str | None = None,
 ) -> torch.Tensor:
     """Score every image against a bank of normal reference images (golden-reference mode).
 
     ``features`` and ``golden`` hold one ``(N, P, C_l)`` / ``(R, Pr, C_l)`` tensor per layer, in the matching
     space of ``distance``; every patch is scored by its distance to the nearest patch of all references
-    (:func:`~dualclip.scoring.matching.bank_distances`): ``(N, P)``.
+    (:func:`~dualclip.scoring.matching.bank_distances`): ``(N, P)``. ``progress``: a progress bar's label.
     """
-    return bank_distances(features, [g.reshape(-1, g.shape[-1]) for g in golden], distance)
+    return bank_distances(features, [g.reshape(-1, g.shape[-1]) for g in golden], distance, progress=progress)

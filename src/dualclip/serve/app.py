@@ -1,7 +1,9 @@
 """The HTTP inspection service over a fitted profile (FastAPI).
 
 Endpoints: ``POST /v1/score`` (one image: multipart field ``image``, or the raw file as the body),
-``GET /v1/info`` (model, weights, profile, settings, version, batching), ``GET /healthz``.
+``GET /v1/info`` (model, weights, profile, resolved settings, version, batching), ``GET /healthz``, and the
+documentation: ``GET /docs`` (Swagger UI, its assets served by the service itself from the
+``swagger-ui-bundle`` package, so it works offline) and ``GET /openapi.json``.
 Concurrent requests are micro-batched (:class:`~dualclip.serve.batching.MicroBatcher`); a profile scores
 every image on its own, so a response does not depend on which requests shared its batch.
 """
@@ -17,11 +19,16 @@ from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Query, Request, Security
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import APIKeyHeader
+from fastapi.staticfiles import StaticFiles
 from PIL import Image
+from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 
 from .. import __version__
@@ -31,8 +38,78 @@ from ..thresholds import NO_THRESHOLD, score_error
 from ..visualization import HeatmapScale, overlay, profile_scale
 from .batching import MicroBatcher
 
+try:
+    from swagger_ui_bundle import swagger_ui_path
+except ImportError as exc:  # pragma: no cover - the serve extra installs it
+    raise ImportError("the service's offline /docs needs swagger-ui-bundle (the serve extra)") from exc
+
 API_KEY_HEADER = "X-API-Key"
 UNITS = "normal spreads above the normal mean of the profile (0: a typical normal image)"
+DOCS_ASSETS = "/docs/assets"
+OPEN_PATHS = ("/healthz", "/docs", "/openapi.json")
+"""Reachable without the API key: the health check and the documentation (no data, no model)."""
+
+
+class ScoreResponse(BaseModel):
+    """The verdict on one image (``POST /v1/score``)."""
+
+    score: float = Field(description=f"image anomaly score, in {UNITS}")
+    verdict: Literal["defective", "ok"] | None = Field(
+        description="defective iff score >= threshold; null when the profile has no threshold"
+    )
+    threshold: float | None = Field(description="the profile's verdict threshold (null: none)")
+    branch_scores: dict[str, float] = Field(description="image score of each branch that ran, in its own units")
+    units: str = Field(description="what the score's units are")
+    filename: str = Field(description="the upload's file name (multipart), the ?filename= value, or <request body>")
+    size: list[int] = Field(description="[width, height] the image was scored at", min_length=2, max_length=2)
+    original_size: list[int] | None = Field(
+        None, description="[width, height] of the file, when it was decoded reduced (longer side above max_side)"
+    )
+    heatmap_png_base64: str | None = Field(
+        None, description="with ?heatmap=true: the heat-map overlay as a base64 PNG, on the service's fixed scale"
+    )
+    latency_ms: float = Field(description="time from the request to the answer, in ms")
+
+
+class ErrorResponse(BaseModel):
+    """A refused request: why, in one line."""
+
+    detail: str
+
+
+class InfoResponse(BaseModel):
+    """What the service runs (``GET /v1/info``)."""
+
+    version: str
+    backbone: str | None
+    weights: str | None
+    weights_fingerprint: str | None
+    profile: dict = Field(description="path, class name, normal images, memory-bank size, who made it")
+    threshold: dict | None = Field(description="value and source of the verdict threshold")
+    units: str
+    heatmap_scale: dict = Field(description="the fixed colour scale of the heat maps")
+    config: dict = Field(description="every detector setting, defaults resolved (image_size, distance, neighbourhood)")
+    service: dict = Field(description="the service's settings (the API key shown as set or null)")
+    batching: dict = Field(description="micro-batching counters")
+    memory: dict = Field(description="request-body bytes held at once, against their bound")
+
+
+UPLOAD = {
+    "required": True,
+    "description": "The image file: the raw body (any image type), or multipart/form-data with the file field "
+    "`image` (or a single file field).",
+    "content": {
+        "image/*": {"schema": {"type": "string", "format": "binary"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"image": {"type": "string", "format": "binary"}},
+                "required": ["image"],
+            }
+        },
+    },
+}
 
 
 def is_loopback(host: str) -> bool:
@@ -169,12 +246,12 @@ async def _read_body(request: Request, limit: int, take: Callable[[int], None]) 
     return b"".join(chunks)
 
 
-async def _upload(request: Request, body: bytes) -> tuple[bytes, str]:
+async def _upload(request: Request, body: bytes, filename: str | None) -> tuple[bytes, str]:
     """The image bytes and a name for them: the multipart field ``image`` (or the only file field), else the
-    body itself."""
+    body itself (named ``filename``)."""
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
-        return body, request.query_params.get("filename") or "<request body>"
+        return body, filename or "<request body>"
     sent = False
 
     async def replay() -> dict:
@@ -216,13 +293,35 @@ def create_app(detector: DualClipDetector, settings: ServeSettings, profile_path
             await batcher.stop()
 
     budget = ByteBudget(settings.max_pending_bytes)
-    app = FastAPI(title="dualclip inspection service", version=__version__, lifespan=lifespan)
+    app = FastAPI(
+        title="dualclip inspection service",
+        version=__version__,
+        description=f"Scores images against a fitted profile. Scores are in {UNITS}.",
+        lifespan=lifespan,
+        docs_url=None,  # served below from local assets: the default page loads them from a CDN
+        redoc_url=None,
+    )
     app.state.batcher = batcher
     app.state.budget = budget
+    key_scheme = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="required when the service has a key")
+    guarded = [Security(key_scheme)] if settings.api_key else []  # documents the key (the middleware checks it)
+    app.mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title=f"{app.title} - docs",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+            swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from swagger.io
+        )
 
     @app.middleware("http")
     async def require_key(request: Request, call_next):
-        if settings.api_key and request.url.path != "/healthz":
+        path = request.url.path
+        if settings.api_key and path not in OPEN_PATHS and not path.startswith(DOCS_ASSETS + "/"):
             given = request.headers.get(API_KEY_HEADER, "")
             if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
                 return JSONResponse({"detail": f"missing or wrong API key (header {API_KEY_HEADER})"}, status_code=401)
@@ -232,7 +331,10 @@ def create_app(detector: DualClipDetector, settings: ServeSettings, profile_path
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/v1/info")
+    distance, sizes = detector.matching()
+    resolved = {"image_size": detector.backbone.image_size, "distance": distance, "neighbourhood": list(sizes)}
+
+    @app.get("/v1/info", response_model=InfoResponse, dependencies=guarded)
     async def info() -> dict:
         meta = detector.profile_.meta
         return {
@@ -248,18 +350,38 @@ def create_app(detector: DualClipDetector, settings: ServeSettings, profile_path
             "ood_guard": detector.profile_.guard(),
             "units": UNITS,
             "heatmap_scale": scale.to_dict() | {"note": "fixed for the service: lowest normal score to threshold"},
-            "config": detector.config.to_dict(),
+            "config": detector.config.to_dict() | resolved,
             "service": settings.to_dict(),
             "batching": batcher.stats.to_dict(),
             "memory": budget.to_dict(),
         }
 
-    @app.post("/v1/score")
-    async def score(request: Request, heatmap: bool = False) -> dict:
+    refusals = {
+        400: "a multipart body without the file field `image`",
+        401: "a missing or wrong API key",
+        413: "a body over the size limit",
+        422: "not a readable image, or over the pixel limit",
+        503: "the bodies held at once would pass their bound (retry after Retry-After seconds)",
+    }
+
+    @app.post(
+        "/v1/score",
+        response_model=ScoreResponse,
+        response_model_exclude_unset=True,
+        openapi_extra={"requestBody": UPLOAD},
+        responses={code: {"model": ErrorResponse, "description": why} for code, why in refusals.items()},
+        dependencies=guarded,
+    )
+    async def score(
+        request: Request,
+        heatmap: bool = Query(False, description="add the heat-map overlay (base64 PNG) to the answer"),
+        filename: str | None = Query(None, description="a name for a raw-body upload (echoed back)"),
+    ) -> ScoreResponse:
+        """Score one image against the profile: its score, verdict and, on request, its heat map."""
         start = time.perf_counter()
         with budget.hold() as take:  # the body's bytes count until the answer is sent
             body = await _read_body(request, settings.max_body_bytes, take)
-            data, name = await _upload(request, body)
+            data, name = await _upload(request, body, filename)
             if data is not body:  # the file taken out of a multipart body: a second copy
                 take(len(data))
             del body
@@ -287,7 +409,7 @@ def create_app(detector: DualClipDetector, settings: ServeSettings, profile_path
             if heatmap:
                 out["heatmap_png_base64"] = await run_in_threadpool(_png_base64, image, pred, scale)
         out["latency_ms"] = (time.perf_counter() - start) * 1000.0
-        return out
+        return ScoreResponse(**out)
 
     return app
 
