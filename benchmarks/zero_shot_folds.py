@@ -80,22 +80,13 @@ BAND = 1 / 16  # border band for the border share: this fraction of the side, on
 
 
 def folds():
+    """The five folds: magnetic_tile's three (as in pairing_folds.py), all of metal_plate, ball_screw's test."""
     from dualclip.data import datasets as D
+    from pairing_folds import folds as magnetic_tile_and_plate_test
 
-    mt = SHARED / "magnetic_tile"
     mp = SHARED / "mpdd_metal_plate" / "data_supervised" / "metal_plate"
     bs = SHARED / "bsdata" / "ball_screw"
-    out = []
-    for defect in ("MT_Blowhole", "MT_Crack", "MT_Fray"):
-        (cat,) = D.folder(
-            f"magnetic_tile/{defect[3:]}",
-            normal=[str(mt / "MT_Free" / "Imgs" / "*.jpg")],
-            anomalous=[str(mt / defect / "Imgs" / "*.jpg")],
-            mask_suffix=".png",
-            max_normal=100,
-            mask_threshold=127,
-        )
-        out.append(cat)
+    out = magnetic_tile_and_plate_test()[:3]
     (plate,) = D.folder(
         "metal_plate",
         images=[str(mp / s / "images") for s in ("train", "val", "test")],
@@ -166,40 +157,18 @@ def extract(backbone, images, pad: int):
     return [torch.cat(layer) for layer in zip(*layers, strict=True)], grid
 
 
-# -- scoring pieces (research variants; the library's own pieces where they exist) -----------------------
-def robust_z(x):
-
-    flat = x.double().flatten()
-    med = flat.median()
-    mad = (flat - med).abs().median() * 1.4826
-    return ((x.double() - med) / (mad if mad > 0 else 1.0)).float() if mad > 0 else (x - med.float())
-
-
+# -- scoring pieces: the library's own (combine_parts with robust=..., positional_offsets + centre) -----------
 def combine(parts: dict, robust: bool):
     from dualclip.scoring import combine_parts
 
-    if not robust or len(parts) == 1:
-        return combine_parts(parts)
-    return sum(robust_z(v) for v in parts.values()) / len(parts)
+    return combine_parts(parts, robust=robust)
 
 
 def centre(scores, grid, how: str):
-    """Subtract the run's positional median: per grid position, or per distance from the border (ring)."""
-    import torch
+    from dualclip.scoring import centre as subtract
+    from dualclip.scoring import positional_offsets
 
-    if how == "none":
-        return scores
-    n, p = scores.shape
-    if how == "position":
-        return scores - scores.median(dim=0).values[None]
-    h, w = grid
-    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    ring = torch.minimum(torch.minimum(yy, h - 1 - yy), torch.minimum(xx, w - 1 - xx)).flatten()
-    out = scores.clone()
-    for r in ring.unique():
-        sel = ring == r
-        out[:, sel] -= scores[:, sel].median()
-    return out
+    return subtract(scores, positional_offsets(scores, grid, how))
 
 
 def evaluate_maps(cat, labels, regions, maps):
