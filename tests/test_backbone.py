@@ -171,13 +171,13 @@ def test_download_failure_names_model_tag_file_and_flag(tmp_path):
 
 def test_effnet_backbone_features():
     pytest.importorskip("efficientnet_lite_pytorch")
-    bb = EffNetLite0Backbone(image_size=128)
+    bb = EffNetLite0Backbone(image_size=128, border="zero")
     images = torch.randn(2, 3, 128, 128)
     out = bb(images)
     assert out.patch_embeddings is None and not bb.has_text
     assert out.grid == (16, 16)
     assert [f.shape[-1] for f in out.match_features] == [40, 112]
-    # raw block outputs (magnitude kept): block 4's output at its own stride-8 grid, as the network computes it
+    # raw block outputs (magnitude kept), with the network's own zero padding: block 4 at its stride-8 grid
     net = bb.net
     with torch.no_grad():
         x = net._swish(net._bn0(net._conv_stem(images)))
