@@ -219,3 +219,30 @@ def test_cli_fit_takes_the_matching_settings_and_refuses_unknown_values(tmp_path
     assert ok.exit_code == 0, ok.output
     config = DualClipDetector.load(tmp_path / "p").config
     assert (config.centring, config.border, config.hybrid_norm) == ("ring", "zero", "robust")
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        (lambda d: d["scale"].update(position=[1.0, 2.0]), "cover 2 positions"),
+        (lambda d: d["scale"].update(position=None), "holds no positional offsets"),
+        (lambda d: d.update(image_size=-5), "records image_size -5"),
+    ],
+    ids=["offsets-of-another-grid", "centring-without-offsets", "image-size"],
+)
+def test_a_profile_whose_offsets_or_size_do_not_fit_its_model_is_refused_at_load(
+    tmp_path, tiny_backbone, texture_set, tamper, message
+):
+    import json
+
+    from dualclip.profile import ProfileError
+
+    det = DualClipDetector(dataclasses.replace(CFG, centring="position"), backbone=tiny_backbone).fit(
+        texture_set[0][:3]
+    )
+    det.save(tmp_path / "p")
+    doc = json.loads((tmp_path / "p" / "profile.json").read_text())
+    tamper(doc)
+    (tmp_path / "p" / "profile.json").write_text(json.dumps(doc))
+    with pytest.raises(ProfileError, match=message):
+        DualClipDetector.load(tmp_path / "p", backbone=tiny_backbone)

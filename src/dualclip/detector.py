@@ -317,10 +317,36 @@ class _StageClock:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
+def _check_profile_geometry(path, profile: Profile, backbone: Backbone) -> None:
+    """A profile's image size and positional offsets must fit the model it is loaded with (one forward pass
+    of a blank image gives the grid)."""
+    if profile.meta.get("image_size") != backbone.image_size:
+        raise ProfileError(
+            f"{path} is damaged: it records image_size {profile.meta.get('image_size')!r}, its settings give "
+            f"{backbone.image_size}"
+        )
+    offsets = profile.scale.position
+    if offsets is None:
+        return
+    size = backbone.image_size
+    with torch.inference_mode():
+        grid = backbone(torch.zeros(1, 3, size, size, device=next(backbone.parameters()).device)).grid
+    if len(offsets) != grid[0] * grid[1]:
+        raise ProfileError(
+            f"{path} is damaged: its positional offsets (scale.position) cover {len(offsets)} positions, the "
+            f"model's grid {grid[0]} x {grid[1]} has {grid[0] * grid[1]}"
+        )
+
+
 def _saved_settings(profile: Profile) -> dict:
     """A profile's settings, with what a profile saved before a setting existed computed with: the network's own
     border padding, no centring (no offsets saved), the distance and neighbourhood it recorded."""
     settings = dict(profile.meta["config"])
+    centring = settings.get("centring")
+    if centring not in (None, "none") and profile.scale.position is None:
+        raise ProfileError(f"its settings centre by {centring!r} but it holds no positional offsets (scale.position)")
+    if centring == "none" and profile.scale.position is not None:
+        raise ProfileError("it holds positional offsets (scale.position) but its settings do not centre")
     settings.setdefault("border", "zero")
     settings.setdefault("hybrid_norm", "zscore")
     if settings.get("centring") is None:
@@ -952,6 +978,7 @@ class DualClipDetector:
                 f"(fingerprint {want}); this model is {det.backbone.name!r} with weights {det.backbone.weights_id!r} "
                 f"(fingerprint {got}): load it with the same model and weights, or fit a new profile"
             )
+        _check_profile_geometry(path, profile, det.backbone)
         return det
 
     def features(self, images: Sequence[ImageInput]) -> BackboneOutput:
