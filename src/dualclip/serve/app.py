@@ -54,9 +54,11 @@ class ScoreResponse(BaseModel):
     """The verdict on one image (``POST /v1/score``)."""
 
     score: float = Field(description=f"image anomaly score, in {UNITS}")
-    verdict: Literal["defective", "ok"] | None = Field(
-        description="defective iff score >= threshold; null when the profile has no threshold"
+    verdict: Literal["defective", "ok", "unusable"] | None = Field(
+        description="defective iff score >= threshold; unusable when the image lies outside what the profile's "
+        "normal images cover (see reason); null when the profile has no threshold"
     )
+    reason: str | None = Field(None, description="why the image is unusable (null otherwise)")
     threshold: float | None = Field(description="the profile's verdict threshold (null: none)")
     branch_scores: dict[str, float] = Field(description="image score of each branch that ran, in its own units")
     units: str = Field(description="what the score's units are")
