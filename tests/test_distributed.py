@@ -111,7 +111,11 @@ def test_ray_engine_equals_the_in_process_engine(tmp_path, archive, ray_cluster)
         torch.set_num_threads(threads)
     run = run_archive(archive, tmp_path / "ray", spec_config=CONFIG, engine="ray", block_size=5, progress=False)
     assert (run.engine, run.scored_blocks, run.failed) == ("ray", 5, 0)
-    assert _scores(tmp_path / "ray") == _scores(tmp_path / "inline")
+    ray, inline = _scores(tmp_path / "ray"), _scores(tmp_path / "inline")
+    assert [p for p, _ in ray] == [p for p, _ in inline]
+    # the same images, partners and settings; the scores agree to float rounding (the reflect-padded effnet
+    # in an actor's process: up to 6e-5 relative measured), no longer bit for bit
+    np.testing.assert_allclose([s for _, s in ray], [s for _, s in inline], rtol=1e-4)
 
 
 def test_a_worker_killed_mid_block_is_retried_without_losing_or_duplicating_rows(tmp_path, archive, ray_cluster):

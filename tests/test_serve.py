@@ -166,7 +166,7 @@ def test_openapi_documents_the_upload_and_a_typed_answer(profile_dir):
     score = api["components"]["schemas"]["ScoreResponse"]
     assert {"score", "verdict", "threshold", "size", "latency_ms"} <= set(score["required"])
     assert score["properties"]["score"]["type"] == "number"
-    assert {"enum": ["defective", "ok"], "type": "string"} in score["properties"]["verdict"]["anyOf"]
+    assert {"enum": ["defective", "ok", "unusable"], "type": "string"} in score["properties"]["verdict"]["anyOf"]
     for code in ("400", "413", "422"):
         assert op["responses"][code]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
     info = api["paths"]["/v1/info"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]

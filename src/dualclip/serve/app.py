@@ -88,6 +88,7 @@ class InfoResponse(BaseModel):
     weights_fingerprint: str | None
     profile: dict = Field(description="path, class name, normal images, memory-bank size, who made it")
     threshold: dict | None = Field(description="value and source of the verdict threshold")
+    ood_guard: str = Field(description="the profile's out-of-distribution guard: on with its limits, or off")
     units: str
     heatmap_scale: dict = Field(description="the fixed colour scale of the heat maps")
     config: dict = Field(description="every detector setting, defaults resolved (image_size, distance, neighbourhood)")
