@@ -203,7 +203,8 @@ def predict(
     debug: bool = DEBUG,
 ) -> None:
     """Score images; write predictions.json/.csv, heatmaps/, masks/ and report.html under --out."""
-    from .predict import UsageError, run_predict
+    with cli_errors(debug):  # the first import of torch takes seconds: an interrupt there is clean too
+        from .predict import UsageError, run_predict
 
     if engine == "ray" or manifest is not None:
         with cli_errors(debug):
