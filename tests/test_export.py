@@ -155,11 +155,11 @@ def _fitted_profile(tmp_path, texture_set, case: str):
     return DualClipDetector(cfg).fit(train, class_name="tile", threshold_quantile=0.9).save(tmp_path / "profile")
 
 
-def _run_model(path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _run_model(path, x: np.ndarray, outputs=("score", "anomaly_map")) -> tuple[np.ndarray, ...]:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return tuple(session.run(["score", "anomaly_map"], {"images": x}))
+    return tuple(session.run(list(outputs), {"images": x}))
 
 
 @pytest.mark.parametrize("case", list(MODEL_CASES))
@@ -183,7 +183,15 @@ def test_whole_model_export_scores_like_predict_profile_at_batch_1_and_3(case, t
         s1, m1 = _run_model(path, x[i : i + 1])
         np.testing.assert_allclose(s1, want.image_scores.numpy()[i : i + 1], atol=TOL, rtol=0)
         np.testing.assert_allclose(m1[0], want.maps.numpy()[i], atol=TOL, rtol=0)
+    # the out-of-distribution guard's distance, and the verdicts it gives, as predict's
+    (ood,) = _run_model(path, x, ["ood_distance"])
+    guard = det.profile_.ood
+    np.testing.assert_allclose(ood, guard.distances(det.features(test).global_embedding).numpy(), atol=1e-6)
+    unusable = [guard.limit is not None and d > guard.limit for d in ood]  # the textured test images
+    assert unusable == [u is not None for u in want.unusable]
     meta = onnx_metadata(path)
+    assert meta["ood"] == {**guard.to_dict(), "rule": meta["ood"]["rule"]} and "texture_floor" in meta["ood"]["rule"]
+    assert list(meta["outputs"]) == ["score", "anomaly_map", "ood_distance"]
     assert meta["what"] == "model"
     assert meta["threshold"] == det.threshold_.to_dict()
     assert meta["profile"]["fingerprint"] == det.profile_.fingerprint()
@@ -221,41 +229,58 @@ def _docs_block(marker: str) -> str:
 
 
 def test_docs_onnx_example_runs_the_exported_model_without_dualclip(tmp_path, texture_set):
+    """The docs' example, as written, on a product image and on a blank frame: the score, map, threshold and
+    verdict (``unusable`` for the blank frame, by the profile's guard) of `dualclip predict --profile`."""
     import json
+    import os
+    import shutil
     import subprocess
     import sys
 
+    from PIL import Image
+
     profile = _fitted_profile(tmp_path, texture_set, "clip-hybrid")
-    work = tmp_path / "work"
-    (work / "in").mkdir(parents=True)
-    r = CliRunner().invoke(app, ["export", "--profile", str(profile), "-o", str(work / "model.onnx")])
+    model = tmp_path / "model.onnx"
+    r = CliRunner().invoke(app, ["export", "--profile", str(profile), "-o", str(model)])
     assert r.exit_code == 0, r.output
-    assert "images -> score, anomaly_map (text, visual), threshold" in r.output
+    assert "images -> score, anomaly_map, ood_distance (text, visual), threshold" in r.output
+    det = DualClipDetector.load(profile)
     _, test = _split(texture_set)
-    part = test[1].resize((90, 70))  # not square: the example squashes it as dualclip does
-    part.save(work / "part.png")
-    part.save(work / "in" / "part.png")
     code = _docs_block("onnx-model-example") + (
         "\nimport sys\n"
         "assert not [m for m in sys.modules if m.split('.')[0] == 'dualclip'], 'the example imported dualclip'\n"
         "np.save('map.npy', anomaly_map)\n"
         "print(json.dumps({'score': float(score[0]), 'threshold': threshold, 'verdict': verdict}))\n"
     )
-    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
-    run = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, env=env, timeout=120)
-    assert run.returncode == 0, run.stderr
-    printed, result = run.stdout.strip().splitlines()[-2:]
-    got = json.loads(result)
-    assert printed.startswith(f"score {got['score']:.3f} (threshold {got['threshold']}): ")
-    # the same as `dualclip predict --profile` (score, verdict, threshold) and its map at S x S
-    r = CliRunner().invoke(app, ["predict", str(work / "in"), "--profile", str(profile), "-o", str(work / "o"), "-q"])
-    assert r.exit_code == 0, r.output
-    row = json.loads((work / "o" / "predictions.json").read_text())["predictions"][0]
-    assert got["score"] == pytest.approx(row["score"], abs=TOL)
-    assert got["threshold"] == row["threshold"] and got["verdict"] == row["verdict"]
-    det = DualClipDetector.load(profile)
-    want = det.score_images([part.convert("RGB")]).maps[0].numpy()
-    np.testing.assert_allclose(np.load(work / "map.npy")[0], want, atol=TOL, rtol=0)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # not square: the example squashes it as dualclip does
+    images = {"part": test[1].resize((90, 70)), "blank": Image.new("RGB", (90, 70), (128, 128, 128))}
+    verdicts = {}
+    for name, image in images.items():
+        work = tmp_path / name
+        (work / "in").mkdir(parents=True)
+        shutil.copy(model, work / "model.onnx")
+        image.save(work / "part.png")
+        image.save(work / "in" / "part.png")
+        run = subprocess.run(
+            [sys.executable, "-c", code], cwd=work, capture_output=True, text=True, env=env, timeout=120
+        )
+        assert run.returncode == 0, run.stderr
+        printed, result = run.stdout.strip().splitlines()[-2:]
+        got = json.loads(result)
+        assert printed.startswith(f"score {got['score']:.3f} (threshold {got['threshold']}): {got['verdict']}; ")
+        # the same as `dualclip predict --profile` (score, verdict, threshold) and its map at S x S
+        r = CliRunner().invoke(
+            app, ["predict", str(work / "in"), "--profile", str(profile), "-o", str(work / "o"), "-q"]
+        )
+        assert r.exit_code == 0, r.output
+        row = json.loads((work / "o" / "predictions.json").read_text())["predictions"][0]
+        assert got["score"] == pytest.approx(row["score"], abs=TOL)
+        assert got["threshold"] == row["threshold"] and got["verdict"] == row["verdict"]
+        want = det.score_images([image]).maps[0].numpy()
+        np.testing.assert_allclose(np.load(work / "map.npy")[0], want, atol=TOL, rtol=0)
+        verdicts[name] = got["verdict"]
+    assert verdicts["part"] in ("ok", "defective") and verdicts["blank"] == "unusable"
 
 
 def test_export_what_chooses_model_or_encoder_and_each_file_keeps_to_its_use(tmp_path, texture_set):

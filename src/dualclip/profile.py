@@ -212,10 +212,14 @@ class OodGuard:
         normal_texture = float(min(textures))
         return cls(e.float(), limit, normal_max, blank_min, TEXTURE_FRACTION * normal_texture, normal_texture)
 
+    def distances(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` cosine distance of each global embedding ``(N, D)`` to its nearest normal image's (float64)."""
+        e = torch.nn.functional.normalize(embeddings.double(), dim=1)
+        return 1 - (e @ self.embeddings.double().T).amax(dim=1)
+
     def check(self, embeddings: torch.Tensor, textures: list[float]) -> list[str | None]:
         """For each image (global embedding, grey-level spread): why it is unusable, or ``None``."""
-        e = torch.nn.functional.normalize(embeddings.double(), dim=1)
-        nearest = 1 - (e @ self.embeddings.double().T).amax(dim=1)
+        nearest = self.distances(embeddings)
         out: list[str | None] = []
         for d, t in zip(nearest.tolist(), textures, strict=True):
             if t < self.texture_floor:

@@ -657,7 +657,7 @@ def export(
         threshold = "none" if meta["threshold"] is None else f"{meta['threshold']['value']:.4g}"
         typer.echo(
             head + f"(fingerprint {meta['weights_fingerprint']}), profile {meta['profile']['fingerprint']}; "
-            f"images -> score, anomaly_map ({', '.join(meta['branches'])}), threshold {threshold}"
+            f"images -> {', '.join(meta['outputs'])} ({', '.join(meta['branches'])}), threshold {threshold}"
         )
     else:
         typer.echo(head + f"(fingerprint {meta['weights_fingerprint']}), outputs {', '.join(meta['outputs'])}")

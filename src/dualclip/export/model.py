@@ -30,10 +30,17 @@ MAX_GRAPH_BYTES = 2**31 - 2**26
 UNITS = "profile units: 0 = the mean of the normal images' leave-one-out scores, 1 = their standard deviation"
 
 
+OOD_RULE = (
+    "unusable (no score verdict) if the grey-level spread (standard deviation of the decoded image's 8-bit grey "
+    "levels, PIL mode L) is below texture_floor, or if limit is not null and ood_distance is above limit"
+)
+
+
 class ProfileGraph(nn.Module):
     """A fitted ``detector``'s scoring of ``(B, 3, S, S)`` normalised images: ``(score (B,), anomaly_map
     (B, S, S))``, each image on its own, in profile units (what :meth:`DualClipDetector.score_images`
-    returns for the same images)."""
+    returns for the same images), and, where the profile has an out-of-distribution guard, ``ood_distance (B,)``:
+    each global embedding's cosine distance to the nearest normal image's (:meth:`OodGuard.distances`)."""
 
     def __init__(self, detector) -> None:
         super().__init__()
@@ -58,7 +65,11 @@ class ProfileGraph(nn.Module):
         named = {"text": self.use_text, "visual": self.use_visual, "adapted": self.head is not None}
         return sorted(k for k, on in named.items() if on)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def output_names(self) -> list[str]:
+        """``score``, ``anomaly_map``, and ``ood_distance`` where the profile has an out-of-distribution guard."""
+        return MODEL_OUTPUTS + (["ood_distance"] if self.detector.profile_.ood is not None else [])
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         from ..adaptation.adapt import head_scores
         from ..detector import BranchScores, text_scores
         from ..scoring import bank_distances_batched, distance_parts, match_spaces
@@ -81,7 +92,9 @@ class ProfileGraph(nn.Module):
         if self.head is not None:
             branches.adapted = head_scores(self.head, feats, self.use_text)
         maps, scores = det._fuse(branches, feats.grid, det.profile_.scale)
-        return scores, maps
+        if det.profile_.ood is None:
+            return scores, maps
+        return scores, maps, det.profile_.ood.distances(feats.global_embedding).float()
 
 
 def export_model(
@@ -126,7 +139,8 @@ def export_model(
         "what": "model",
         "dualclip_version": __version__,
         "inputs": {"images": ["batch", 3, size, size]},
-        "outputs": {"score": ["batch"], "anomaly_map": ["batch", size, size]},
+        "outputs": {"score": ["batch"], "anomaly_map": ["batch", size, size]}
+        | ({"ood_distance": ["batch"]} if profile.ood is not None else {}),
         "preprocess": {
             "decode": "8-bit RGB, EXIF orientation applied",
             "resize": "bicubic",
@@ -140,6 +154,7 @@ def export_model(
         "mean": list(backbone.mean),
         "std": list(backbone.std),
         "threshold": None if threshold is None or threshold.value is None else threshold.to_dict(),
+        "ood": None if profile.ood is None else {**profile.ood.to_dict(), "rule": OOD_RULE},
         "units": UNITS,
         "image_score": cfg.image_score,
         "branches": graph.branches(),
@@ -160,4 +175,4 @@ def export_model(
             "config": profile.meta.get("config"),
         },
     }
-    return write_graph(graph, size, MODEL_OUTPUTS, meta, path, opset)
+    return write_graph(graph, size, graph.output_names(), meta, path, opset)
