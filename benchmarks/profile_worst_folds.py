@@ -18,6 +18,13 @@ nearest neighbour: EfficientNet-Lite0 blocks 4 + 10 at 224 px, a 3 x 3 average c
 Euclidean distance to the nearest patch of all N fitting images (no coreset), image score = max of the
 unsmoothed map. Metrics at 160 x 160 as in ``zero_shot_folds.py``.
 
+Selection (fixed before the runs below): the rule of ``zero_shot_folds.py``, over the ten (fold, N) cells x
+{image AUROC, pixel AUROC, AUPRO}: the largest smallest margin over the golden baseline of the same N and seed
+(means over seeds), ties within 0.5 points to the best mean. Two stages as there: every candidate on seed 0,
+then the best two on seeds 1 and 2. Candidates: the zero-shot default
+(``effnet-320-reflect / hybrid-robust / 1 / none``), its Euclidean variant (the distance of the baseline and of
+PatchCore) and its positional centring (profiles estimate the positional offsets from N normal images).
+
     .venv/bin/python benchmarks/profile_worst_folds.py --json runs/bench/profile_worst_folds.json \
         --candidates "effnet-320-reflect / hybrid-robust / 1 / none" "effnet-320 / hybrid / 1 / none"
 """
