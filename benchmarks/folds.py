@@ -1,5 +1,6 @@
 """The fold tables of docs/results.md, from one command: the zero-shot defaults chosen for the worst of five folds
-over three products (``<!-- zero-shot-folds -->`` block), leave-one-defect-type-out matching (effnet-lite0,
+over three products (``<!-- zero-shot-folds -->`` block), the profile default chosen the same way against a
+plain golden-reference nearest neighbour of the same N (``<!-- profile-folds -->``), leave-one-defect-type-out matching (effnet-lite0,
 dinov2-vits14), saved profiles and test-time adaptation (``<!-- folds -->`` block), every fold, 3 seeds.
 
     .venv/bin/python benchmarks/folds.py              # runs the scripts, rewrites the block in docs/results.md
@@ -25,11 +26,13 @@ from common import ROOT, SHARED, markdown_table  # noqa: E402
 
 BLOCKS = {
     "zero-shot-folds": ("zero_shot_folds",),
+    "profile-folds": ("profile_worst_folds",),
     "folds": ("matching_folds", "matching_folds_dinov2", "profile_folds", "adaptation_folds"),
 }
 """Each marked block of the page and the runs whose tables it holds."""
 RUNS = {
     "zero_shot_folds": ["zero_shot_folds.py"],
+    "profile_worst_folds": ["profile_worst_folds.py"],
     "matching_folds": ["matching_folds.py"],
     "matching_folds_dinov2": ["matching_folds.py", "--backbone", "dinov2-vits14"],
     "profile_folds": ["profile_folds.py"],

