@@ -29,8 +29,10 @@ class RecordingScorer:
         self.spec = spec
 
     def __call__(self, block, decoded=None) -> dict:
-        rows = [{"index": i, "path": p, "class": block.class_name, "block": block.id, "score": 0.5}
-                for i, p in zip(block.index, block.paths, strict=True)]
+        rows = [
+            {"index": i, "path": p, "class": block.class_name, "block": block.id, "score": 0.5}
+            for i, p in zip(block.index, block.paths, strict=True)
+        ]
         result = {"block": block.to_dict(), "rows": rows}
         path = block_result_path(self.spec.out, block.id)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,9 +150,9 @@ def test_a_profile_saves_the_method_only_and_loads_with_the_callers_execution(tm
     assert not set(saved) & set(C.EXECUTION_FIELDS)
     det.save(tmp_path / "p")
     loaded = DualClipDetector.load(tmp_path / "p", device="cpu", batch_size=2, progress=False)
-    assert loaded.config.method == dataclasses.replace(det.config.method, **{k: saved[k] for k in
-                                                                              ("distance", "neighbourhood", "border",
-                                                                               "hybrid_norm", "centring")})
+    assert loaded.config.method == dataclasses.replace(
+        det.config.method, **{k: saved[k] for k in ("distance", "neighbourhood", "border", "hybrid_norm", "centring")}
+    )
     assert (loaded.config.batch_size, loaded.config.num_workers, loaded.config.progress) == (2, 0, False)
 
 
@@ -159,8 +161,14 @@ def test_an_older_profile_that_saved_how_it_ran_still_loads(tmp_path, texture_se
     det.save(tmp_path / "p")
     doc = json.loads((tmp_path / "p" / "profile.json").read_text())
     doc["config"].update(  # what profiles saved before the split: the fitting machine's execution settings
-        device="cuda:3", cache_dir="/nowhere", precision="bf16", batch_size=3, num_workers=5, runtime="torch",
-        onnx_file=None, progress=True,
+        device="cuda:3",
+        cache_dir="/nowhere",
+        precision="bf16",
+        batch_size=3,
+        num_workers=5,
+        runtime="torch",
+        onnx_file=None,
+        progress=True,
     )
     (tmp_path / "p" / "profile.json").write_text(json.dumps(doc))
     loaded = DualClipDetector.load(tmp_path / "p", device="cpu")
@@ -172,22 +180,36 @@ def test_an_older_profile_that_saved_how_it_ran_still_loads(tmp_path, texture_se
 def _literals() -> dict[str, tuple]:
     """Every ``Literal`` alias of the config module, by name, with its values."""
     return {
-        name: typing.get_args(value)
-        for name, value in vars(C).items()
-        if typing.get_origin(value) is typing.Literal
+        name: typing.get_args(value) for name, value in vars(C).items() if typing.get_origin(value) is typing.Literal
     }
 
 
 def test_every_allowed_value_set_is_declared_once():
     literals = _literals()
     assert set(literals) == {
-        "Pairing", "Aggregation", "Distance", "FusionNorm", "ImageScoreMode", "HybridNorm", "Border", "Centring",
-        "TTAScope", "Runtime", "Precision",
+        "Pairing",
+        "Aggregation",
+        "Distance",
+        "FusionNorm",
+        "ImageScoreMode",
+        "HybridNorm",
+        "Border",
+        "Centring",
+        "TTAScope",
+        "Runtime",
+        "Precision",
     }
     derived = {
-        "Aggregation": C.AGGREGATIONS, "Distance": C.DISTANCES, "FusionNorm": C.FUSION_NORMS,
-        "ImageScoreMode": C.IMAGE_SCORES, "HybridNorm": C.HYBRID_NORMS, "Border": C.BORDERS,
-        "Centring": C.CENTRINGS, "TTAScope": C.TTA_SCOPES, "Runtime": C.RUNTIMES, "Precision": C.PRECISIONS,
+        "Aggregation": C.AGGREGATIONS,
+        "Distance": C.DISTANCES,
+        "FusionNorm": C.FUSION_NORMS,
+        "ImageScoreMode": C.IMAGE_SCORES,
+        "HybridNorm": C.HYBRID_NORMS,
+        "Border": C.BORDERS,
+        "Centring": C.CENTRINGS,
+        "TTAScope": C.TTA_SCOPES,
+        "Runtime": C.RUNTIMES,
+        "Precision": C.PRECISIONS,
     }
     for name, values in derived.items():
         assert values == literals[name], name
@@ -199,8 +221,14 @@ def test_every_allowed_value_set_is_declared_once():
         C.AdaptationConfig(scope="run")
 
 
-FLAG_OF = {"Distance": "distance", "HybridNorm": "hybrid_norm", "Border": "border", "Centring": "centring",
-           "Runtime": "runtime", "Precision": "precision"}
+FLAG_OF = {
+    "Distance": "distance",
+    "HybridNorm": "hybrid_norm",
+    "Border": "border",
+    "Centring": "centring",
+    "Runtime": "runtime",
+    "Precision": "precision",
+}
 """The Literals the CLI sets by a flag (the others: library settings without a flag)."""
 
 

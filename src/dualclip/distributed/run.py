@@ -22,8 +22,8 @@ from pathlib import Path
 
 from .. import __version__
 from ..atomic import dumps, write_bytes, write_json, write_text
-from ..config import DetectorConfig, ExecutionSettings
 from ..cli.output_folder import lies_outside, output_lock
+from ..config import DetectorConfig, ExecutionSettings
 from ..data.images import OUTPUT_MARKER, file_fingerprint
 from .engines import check_pool
 from .plan import Block, plan_blocks
