@@ -142,6 +142,7 @@ def test_flat_keywords_and_parts_build_the_same_settings():
     assert flat == parts
     assert (flat.k, flat.neighbourhood, flat.adaptation.steps, flat.device) == (3, 3, 5, "cpu")
     assert flat.to_dict() == {**flat.method.to_dict(), **flat.execution.to_dict()}
+    assert DetectorConfig(**flat.to_dict()) == flat  # a recorded config builds the same settings again
 
 
 def test_a_profile_saves_the_method_only_and_loads_with_the_callers_execution(tmp_path, texture_set):
