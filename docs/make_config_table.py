@@ -1,7 +1,8 @@
 """Writes the settings tables of docs/configuration.md from the settings classes' own docstrings.
 
-Each table lists a dataclass's fields with their defaults and the text of its ``Parameters`` docstring section,
-so the page never drifts from the code (``tests/test_readme.py`` checks that the page holds what this script
+Each table lists a dataclass's fields with their defaults, their allowed values (from the ``Literal`` of the
+field's type, the one declaration validation and the CLI use as well) and the text of its ``Parameters``
+docstring section, so the page never drifts from the code (``tests/test_readme.py`` checks that the page holds what this script
 writes). Run it after changing a setting or its docstring:
 
     .venv/bin/python docs/make_config_table.py
@@ -12,13 +13,15 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import types
+import typing
 from pathlib import Path
 
-from dualclip.config import AdaptationConfig, DetectorConfig
+from dualclip.config import AdaptationConfig, ExecutionSettings, MethodSettings
 
 PAGE = Path(__file__).resolve().parent / "configuration.md"
 START, END = "<!-- settings -->", "<!-- /settings -->"
-CLASSES = (DetectorConfig, AdaptationConfig)
+CLASSES = (MethodSettings, ExecutionSettings, AdaptationConfig)
 
 
 def parameter_docs(cls: type) -> dict[str, str]:
@@ -52,11 +55,30 @@ def default(f: dataclasses.Field) -> str:
     return f"`{f.default!r}`"
 
 
+def allowed(hint: object) -> str:
+    """The values a ``Literal`` type (or a union holding Literals) allows, e.g. ```"zero"`, `"reflect"`, `None```;
+    empty for other types."""
+    parts = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    values = [v for p in parts if typing.get_origin(p) is typing.Literal for v in typing.get_args(p)]
+    if not values:
+        return ""
+    others = [p for p in parts if typing.get_origin(p) is not typing.Literal]
+    names = [f"`{v!r}`" for v in values] + [("`None`" if p is type(None) else f"any `{p.__name__}`") for p in others]
+    return ", ".join(names).replace("'", '"')
+
+
 def table(cls: type) -> str:
     docs = parameter_docs(cls)
-    rows = [f"**`{cls.__name__}`** (`{cls.__module__}`)", "", "| setting | default | meaning |", "|---|---|---|"]
+    hints = typing.get_type_hints(cls)
+    rows = [
+        f"**`{cls.__name__}`** (`{cls.__module__}`)",
+        "",
+        "| setting | default | values | meaning |",
+        "|---|---|---|---|",
+    ]
     for f in dataclasses.fields(cls):
-        rows.append(f"| `{f.name}` | {markdown(default(f))} | {markdown(docs.get(f.name, ''))} |")
+        values = markdown(allowed(hints[f.name]))
+        rows.append(f"| `{f.name}` | {markdown(default(f))} | {values} | {markdown(docs.get(f.name, ''))} |")
     return "\n".join(rows)
 
 

@@ -413,8 +413,7 @@ def test_eval_with_a_profile_counts_its_verdicts_at_its_threshold(tmp_path, two_
     res = json.loads((tmp_path / "e" / "results.json").read_text())["categories"]["bottle"]
     # by hand: the loaded profile's own scores of the same files, judged at its threshold
     (cat,) = D.mvtec(two_defects)
-    det = DualClipDetector.load(tmp_path / "p")
-    det.config.progress = False
+    det = DualClipDetector.load(tmp_path / "p", progress=False)
     scores = np.array([p.score for p in det.predict([str(s.path) for s in cat.samples])])
     labels, th = cat.labels, det.threshold_.value
     np.testing.assert_allclose([i["score"] for i in res["images"]], scores, atol=1e-5)

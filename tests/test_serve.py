@@ -46,8 +46,7 @@ def profile_dir(tmp_path_factory, texture_set):
 @pytest.fixture(scope="module")
 def reference_scores(profile_dir, texture_set):
     """Each test image scored alone by the library: what the service must answer."""
-    det = DualClipDetector.load(profile_dir)
-    det.config.progress = False
+    det = DualClipDetector.load(profile_dir, progress=False)
     return [det.predict([img])[0].score for img in texture_set[0]]
 
 
@@ -105,8 +104,7 @@ def test_concurrent_requests_share_batches_and_keep_their_own_scores(profile_dir
 
 def test_heatmap_is_the_overlay_on_the_service_scale(profile_dir, texture_set):
     img = texture_set[0][-1]
-    det = DualClipDetector.load(profile_dir)
-    det.config.progress = False
+    det = DualClipDetector.load(profile_dir, progress=False)
     scale = profile_scale(det.profile_)
     assert scale.vmin == min(det.profile_.normal_scores)
     assert scale.vmax == det.threshold_.value

@@ -6,9 +6,18 @@ with V-V attention, dual-image visual reference, joint scoring and test-time ada
 
 __version__ = "0.3.0"  # first: submodules read it
 
-from .config import AdaptationConfig, DetectorConfig  # noqa: E402
+from .config import AdaptationConfig, DetectorConfig, ExecutionSettings, MethodSettings  # noqa: E402
 
-__all__ = ["AdaptationConfig", "DetectorConfig", "DualClipDetector", "Prediction", "ScoreResult", "__version__"]
+__all__ = [
+    "AdaptationConfig",
+    "DetectorConfig",
+    "DualClipDetector",
+    "ExecutionSettings",
+    "MethodSettings",
+    "Prediction",
+    "ScoreResult",
+    "__version__",
+]
 
 _DETECTOR = ("DualClipDetector", "Prediction", "ScoreResult")
 

@@ -1,11 +1,21 @@
-"""Every setting of the detector, in one typed, validated dataclass (METHOD.md §1-§7)."""
+"""The detector's settings, in two frozen, validated kinds (docs/method.md §1-§7).
+
+:class:`MethodSettings` is what is computed: saved in a profile, and the part of the resume key of an archive
+run and of the fingerprint of an evaluation result. :class:`ExecutionSettings` is how it runs (device,
+arithmetic, batch size, decoding threads, runtime, progress): the caller's, never saved in a profile.
+:class:`DetectorConfig` holds one of each and takes every setting of both as a flat keyword. All three are
+frozen after validation: ``dataclasses.replace`` gives a changed, validated copy.
+
+Every set of allowed values is one ``Literal`` below; its runtime tuple (``get_args``) is what validation, the
+CLI's help and docs/configuration.md use.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 DEFAULT = "default"
 """Sentinel for ``pretrained``: the preset's weights (an open_clip tag, or the bundled EfficientNet file)."""
@@ -21,24 +31,28 @@ REMOVED_SIMILAR = (
     "more references (k=3) or full mutual scoring (k='all')"
 )
 Aggregation = Literal["min", "mean_low30"]
+AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 Distance = Literal["cosine", "euclidean", "layernorm", "hybrid"]
-DISTANCES: tuple[str, ...] = ("cosine", "euclidean", "layernorm", "hybrid")
+DISTANCES: tuple[str, ...] = get_args(Distance)
 FusionNorm = Literal["zscore", "rank"]
+FUSION_NORMS: tuple[str, ...] = get_args(FusionNorm)
 ImageScoreMode = Literal["max", "top1pct"]
+IMAGE_SCORES: tuple[str, ...] = get_args(ImageScoreMode)
 HybridNorm = Literal["zscore", "robust"]
-HYBRID_NORMS: tuple[str, ...] = ("zscore", "robust")
+HYBRID_NORMS: tuple[str, ...] = get_args(HybridNorm)
 Border = Literal["zero", "reflect"]
-BORDERS: tuple[str, ...] = ("zero", "reflect")
+BORDERS: tuple[str, ...] = get_args(Border)
 Centring = Literal["none", "ring", "position"]
-CENTRINGS: tuple[str, ...] = ("none", "ring", "position")
+CENTRINGS: tuple[str, ...] = get_args(Centring)
 TTAScope = Literal["category", "image"]
+TTA_SCOPES: tuple[str, ...] = get_args(TTAScope)
 Runtime = Literal["torch", "onnxruntime"]
-RUNTIMES: tuple[str, ...] = ("torch", "onnxruntime")
+RUNTIMES: tuple[str, ...] = get_args(Runtime)
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
-@dataclass
+@dataclass(frozen=True)
 class AdaptationConfig:
     """Test-time adaptation on synthesized anomalies (METHOD.md §7).
 
@@ -89,9 +103,7 @@ class AdaptationConfig:
         _check(self.num_images is None or self.num_images >= 1, "adaptation.num_images must be None or >= 1")
         _check(self.steps >= 0, "adaptation.steps must be >= 0")
         _check(self.lr > 0, "adaptation.lr must be > 0")
-        _check(
-            self.scope in ("category", "image"), f"adaptation.scope must be 'category' or 'image', got {self.scope!r}"
-        )
+        _one_of("adaptation.scope", self.scope, TTA_SCOPES)
         _check(self.rank >= 0, "adaptation.rank must be >= 0")
         _check(0.0 < self.base_fraction <= 1.0, "adaptation.base_fraction must lie in (0, 1]")
         _check(self.anchor >= 0, "adaptation.anchor must be >= 0")
@@ -105,9 +117,12 @@ class AdaptationConfig:
         return int(min(AUTO_MAX_SYNTHETIC, max(AUTO_MIN_SYNTHETIC, math.ceil(n_test / 2))))
 
 
-@dataclass
-class DetectorConfig:
-    """Settings of :class:`dualclip.DualClipDetector`.
+@dataclass(frozen=True)
+class MethodSettings:
+    """What the detector computes: the model, matching, fusion and adaptation settings and the seed.
+
+    A fitted profile saves them; they (with the arithmetic, see :meth:`DetectorConfig.numbers_key`) make
+    the resume key of an archive run and the fingerprint of an evaluation result. Frozen once validated.
 
     Parameters
     ----------
@@ -202,35 +217,12 @@ class DetectorConfig:
         Most golden patches a fitted profile keeps (:meth:`DualClipDetector.fit`): above it a greedy coreset
         (PatchCore) chooses this many; ``None`` keeps all. 16384 patches are about 10 images of effnet-lite0
         at 320 px; measured in docs/results.md ("Saved profiles").
-    batch_size:
-        Images per backbone forward pass.
     seed:
         Seeds pairing, synthesis and adaptation; recorded in every output.
     quick_gelu:
         Build the CLIP model with QuickGELU (the activation OpenAI's weights were trained with). ``None``
         (default): from the weights' open_clip pretrained config (``openai`` tags: True); a local checkpoint
         file of a preset is taken to hold the preset's weights.
-    device:
-        Torch device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``, or ``"auto"`` (``cuda`` where torch sees a
-        GPU, then ``mps``, else ``cpu``; :func:`resolve_device`). A device torch cannot use is a ``ValueError`` naming it.
-    cache_dir:
-        Where downloaded weights, text embeddings and ONNX exports are cached (default: the user cache dir).
-    precision:
-        The backbone's arithmetic: ``"fp32"``, or ``"bf16"`` / ``"fp16"`` (torch autocast; its outputs, and
-        everything after the backbone, stay fp32). ``"auto"``: bf16 on a CUDA GPU that supports it, else
-        fp32. Measured on CPU (docs/cli.md, "GPU"): bf16 keeps the pixel ranking of the maps to Spearman 0.998.
-    num_workers:
-        Threads that decode image files in parallel (``predict``, ``fit``, ``eval``); 0 decodes in the calling
-        thread. The order and the images are the same either way.
-    runtime:
-        What runs the backbone's image path: ``"torch"``, or ``"onnxruntime"`` (the ONNX export of the same
-        model and weights, :class:`dualclip.export.OnnxBackbone`; made once into the cache unless
-        ``onnx_file`` is given). Text prompts are always embedded by torch.
-    onnx_file:
-        With ``runtime="onnxruntime"``: a file made by ``dualclip export`` (refused if it was exported for
-        other weights or settings).
-    progress:
-        Show progress bars.
     """
 
     backbone: str = "ViT-B-16-plus-240"
@@ -258,68 +250,100 @@ class DetectorConfig:
     tta: bool = False
     adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
     memory_bank_size: int | None = 16384
-    batch_size: int = 8
     seed: int = 0
     quick_gelu: bool | None = None
-    device: str = "auto"
-    cache_dir: str | None = None
-    precision: Precision = "auto"
-    num_workers: int = 0
-    runtime: Runtime = "torch"
-    onnx_file: str | None = None
-    progress: bool = True
 
     def __post_init__(self) -> None:
+        # normalised forms, set once while the object is built (frozen afterwards)
         if isinstance(self.adaptation, dict):
-            self.adaptation = AdaptationConfig(**self.adaptation)
+            object.__setattr__(self, "adaptation", AdaptationConfig(**self.adaptation))
         if self.feature_layers is not None:
-            self.feature_layers = tuple(int(i) for i in self.feature_layers)
+            object.__setattr__(self, "feature_layers", tuple(int(i) for i in self.feature_layers))
             _check(len(self.feature_layers) > 0, "feature_layers must not be empty")
         _check(self.image_size is None or self.image_size >= 32, "image_size must be >= 32 pixels")
         _check(self.vv_start is None or self.vv_start >= 0, "vv_start is 1-based (0: no V-V path) and must be >= 0")
-        _check(
-            self.distance is None or self.distance in DISTANCES,
-            f"distance must be one of {DISTANCES}, got {self.distance!r}",
-        )
+        _one_of("distance", self.distance, DISTANCES, optional=True)
         if self.neighbourhood is not None:
             sizes = (self.neighbourhood,) if isinstance(self.neighbourhood, int) else tuple(self.neighbourhood)
             _check(
                 len(sizes) > 0 and all(isinstance(r, int) and r >= 1 and r % 2 == 1 for r in sizes),
                 f"neighbourhood must be an odd number >= 1 or a tuple of them, got {self.neighbourhood!r}",
             )
-            self.neighbourhood = sizes[0] if len(sizes) == 1 else sizes
-        _check(
-            self.hybrid_norm is None or self.hybrid_norm in HYBRID_NORMS,
-            f"hybrid_norm must be one of {HYBRID_NORMS}, got {self.hybrid_norm!r}",
-        )
-        _check(self.border is None or self.border in BORDERS, f"border must be one of {BORDERS}, got {self.border!r}")
-        _check(
-            self.centring is None or self.centring in CENTRINGS,
-            f"centring must be one of {CENTRINGS}, got {self.centring!r}",
-        )
+            object.__setattr__(self, "neighbourhood", sizes[0] if len(sizes) == 1 else sizes)
+        _one_of("hybrid_norm", self.hybrid_norm, HYBRID_NORMS, optional=True)
+        _one_of("border", self.border, BORDERS, optional=True)
+        _one_of("centring", self.centring, CENTRINGS, optional=True)
         _check(
             self.k == "all" or (isinstance(self.k, int) and self.k >= 1),
             f"k must be an int >= 1 or 'all', got {self.k!r}",
         )
         _check(self.pairing != "similar", REMOVED_SIMILAR)
         _check(self.pairing == "random", f"pairing must be 'random', got {self.pairing!r}")
-        _check(
-            self.k_aggregation in ("min", "mean_low30"),
-            f"k_aggregation must be 'min' or 'mean_low30', got {self.k_aggregation!r}",
-        )
+        _one_of("k_aggregation", self.k_aggregation, AGGREGATIONS)
         _check(self.use_text or self.use_visual or self.tta, "at least one branch (text, visual or tta) must be on")
         _check(0.0 <= self.alpha <= 1.0, "alpha must lie in [0, 1]")
         _check(0.0 <= self.beta <= 1.0, "beta must lie in [0, 1]")
-        _check(
-            self.fusion_norm in ("zscore", "rank"), f"fusion_norm must be 'zscore' or 'rank', got {self.fusion_norm!r}"
-        )
-        _check(
-            self.image_score in ("max", "top1pct"), f"image_score must be 'max' or 'top1pct', got {self.image_score!r}"
-        )
+        _one_of("fusion_norm", self.fusion_norm, FUSION_NORMS)
+        _one_of("image_score", self.image_score, IMAGE_SCORES)
         _check(self.sigma >= 0, "sigma must be >= 0")
+        _check(self.memory_bank_size is None or self.memory_bank_size >= 1, "memory_bank_size must be None or >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain JSON-able values, tuples as lists: what a profile saves."""
+        d = dataclasses.asdict(self)
+        for key in ("feature_layers", "neighbourhood"):
+            if isinstance(d[key], tuple):
+                d[key] = list(d[key])
+        return d
+
+
+@dataclass(frozen=True)
+class ExecutionSettings:
+    """How the detector runs: where, in what arithmetic, how many images at once, what decodes and what shows.
+
+    Never saved in a profile (loading one takes the caller's); apart from ``precision`` (see
+    :meth:`DetectorConfig.numbers_key`) they change no score beyond rounding. Frozen once validated.
+
+    Parameters
+    ----------
+    device:
+        Torch device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``, or ``"auto"`` (``cuda`` where torch sees a
+        GPU, then ``mps``, else ``cpu``; :func:`resolve_device`). A device torch cannot use is a ``ValueError`` naming it.
+    cache_dir:
+        Where downloaded weights, text embeddings and ONNX exports are cached (default: the user cache dir).
+    precision:
+        The backbone's arithmetic: ``"fp32"``, or ``"bf16"`` / ``"fp16"`` (torch autocast; its outputs, and
+        everything after the backbone, stay fp32). ``"auto"``: bf16 on a CUDA GPU that supports it, else
+        fp32. Measured on CPU (docs/cli.md, "GPU"): bf16 keeps the pixel ranking of the maps to Spearman 0.998.
+    batch_size:
+        Images per backbone forward pass.
+    num_workers:
+        Threads that decode image files in parallel (``predict``, ``fit``, ``eval``); 0 decodes in the calling
+        thread. The order and the images are the same either way.
+    runtime:
+        What runs the backbone's image path: ``"torch"``, or ``"onnxruntime"`` (the ONNX export of the same
+        model and weights, :class:`dualclip.export.OnnxBackbone`; made once into the cache unless
+        ``onnx_file`` is given). Text prompts are always embedded by torch.
+    onnx_file:
+        With ``runtime="onnxruntime"``: a file made by ``dualclip export`` (refused if it was exported for
+        other weights or settings).
+    progress:
+        Show progress bars.
+    """
+
+    device: str = "auto"
+    cache_dir: str | None = None
+    precision: Precision = "auto"
+    batch_size: int = 8
+    num_workers: int = 0
+    runtime: Runtime = "torch"
+    onnx_file: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "batch_size must be >= 1")
-        _check(self.runtime in RUNTIMES, f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
-        _check(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        _one_of("runtime", self.runtime, RUNTIMES)
+        _one_of("precision", self.precision, PRECISIONS)
         _check(self.num_workers >= 0, "num_workers must be >= 0")
         _check(
             self.precision in ("auto", "fp32") or self.runtime == "torch",
@@ -328,15 +352,81 @@ class DetectorConfig:
         _check(
             self.onnx_file is None or self.runtime == "onnxruntime", "onnx_file is only used with runtime='onnxruntime'"
         )
-        _check(self.memory_bank_size is None or self.memory_bank_size >= 1, "memory_bank_size must be None or >= 1")
 
     def to_dict(self) -> dict[str, Any]:
-        """All settings as plain JSON-able values (recorded in every output)."""
-        d = dataclasses.asdict(self)
-        for key in ("feature_layers", "neighbourhood"):
-            if isinstance(d[key], tuple):
-                d[key] = list(d[key])
-        return d
+        return dataclasses.asdict(self)
+
+    def arithmetic(self) -> dict[str, Any]:
+        """The settings among these that change the scores beyond rounding (:data:`ARITHMETIC_FIELDS`)."""
+        return {k: getattr(self, k) for k in ARITHMETIC_FIELDS}
+
+
+METHOD_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MethodSettings))
+EXECUTION_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ExecutionSettings))
+ARITHMETIC_FIELDS: tuple[str, ...] = ("precision",)
+"""The execution settings that change the scores beyond rounding (bf16/fp16 arithmetic): part of the keys."""
+
+
+@dataclass(frozen=True, init=False)
+class DetectorConfig:
+    """Settings of :class:`dualclip.DualClipDetector`: the method (:class:`MethodSettings`, what is computed) and
+    the execution (:class:`ExecutionSettings`, how it runs).
+
+    Every setting of either is accepted as a flat keyword and read as an attribute
+    (``DetectorConfig(backbone="effnet-lite0", k=3, device="cpu").k``); ``method=`` and ``execution=`` take
+    whole objects (or dicts of them), which flat keywords then change. Frozen: ``dataclasses.replace(config,
+    seed=1)`` returns a validated copy.
+    """
+
+    method: MethodSettings
+    execution: ExecutionSettings
+
+    def __init__(
+        self,
+        method: MethodSettings | dict | None = None,
+        execution: ExecutionSettings | dict | None = None,
+        **settings: Any,
+    ) -> None:
+        unknown = sorted(set(settings) - set(METHOD_FIELDS) - set(EXECUTION_FIELDS))
+        if unknown:
+            raise TypeError(f"DetectorConfig got unknown setting(s): {', '.join(unknown)}")
+        m = _build(MethodSettings, method, {k: v for k, v in settings.items() if k in METHOD_FIELDS})
+        e = _build(ExecutionSettings, execution, {k: v for k, v in settings.items() if k in EXECUTION_FIELDS})
+        object.__setattr__(self, "method", m)
+        object.__setattr__(self, "execution", e)
+
+    def __getattr__(self, name: str) -> Any:
+        # only called when normal lookup fails: a flat setting name reads from its part
+        if name in METHOD_FIELDS:
+            return getattr(self.method, name)
+        if name in EXECUTION_FIELDS:
+            return getattr(self.execution, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def method_key(self) -> dict[str, Any]:
+        """The method settings as canonical JSON-able values: what a profile saves and a worker rebuilds."""
+        return self.method.to_dict()
+
+    def numbers_key(self) -> dict[str, Any]:
+        """What the numbers depend on among the settings: the method settings and the arithmetic
+        (``precision``); hashed into an archive run's resume key and an evaluation result's fingerprint.
+        Device, batch size, decoding threads, runtime, cache and progress are left out."""
+        return {"method": self.method_key(), **self.execution.arithmetic()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """All settings, flat, as plain JSON-able values (recorded in every output)."""
+        return {**self.method.to_dict(), **self.execution.to_dict()}
+
+
+def _build(cls: type, base: Any, changes: dict[str, Any]) -> Any:
+    """``cls`` from ``base`` (an instance, a dict of its fields, or None: the defaults) with ``changes``."""
+    if base is None:
+        return cls(**changes)
+    if isinstance(base, dict):
+        return cls(**{**base, **changes})
+    if not isinstance(base, cls):
+        raise TypeError(f"expected {cls.__name__}, a dict of its settings or None, got {type(base).__name__}")
+    return dataclasses.replace(base, **changes) if changes else base
 
 
 def resolve_precision(precision: str, device: str, runtime: str = "torch") -> str:
@@ -380,3 +470,10 @@ def resolve_device(device: str) -> str:
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def _one_of(name: str, value: Any, allowed: tuple[str, ...], optional: bool = False) -> None:
+    _check(
+        (optional and value is None) or value in allowed,
+        f"{name} must be one of {', '.join(allowed)}, got {value!r}",
+    )

@@ -30,7 +30,7 @@ from PIL import Image
 from .adaptation.adapt import AdaptationResult, fit_head, head_scores
 from .adaptation.head import AdaptationHead
 from .backbone import Backbone, BackboneOutput, build_backbone, extract_features
-from .config import DetectorConfig
+from .config import EXECUTION_FIELDS, DetectorConfig, MethodSettings
 from .data.images import array_to_rgb, grey_spread, load_image, pixel_digest, thumbnails, to_rgb8
 from .profile import (
     BLANK_GREYS,
@@ -339,9 +339,10 @@ def _check_profile_geometry(path, profile: Profile, backbone: Backbone) -> None:
 
 
 def _saved_settings(profile: Profile) -> dict:
-    """A profile's settings, with what a profile saved before a setting existed computed with: the network's own
-    border padding, no centring (no offsets saved), the distance and neighbourhood it recorded."""
-    settings = dict(profile.meta["config"])
+    """A profile's method settings, with what a profile saved before a setting existed computed with: the network's
+    own border padding, no centring (no offsets saved), the distance and neighbourhood it recorded. The execution
+    settings that older profiles saved along (device, batch size, ...) are the caller's and left out."""
+    settings = {k: v for k, v in profile.meta["config"].items() if k not in EXECUTION_FIELDS}
     centring = settings.get("centring")
     if centring not in (None, "none") and profile.scale.position is None:
         raise ProfileError(f"its settings centre by {centring!r} but it holds no positional offsets (scale.position)")
@@ -850,7 +851,7 @@ class DualClipDetector:
         blank_feats = self._extract(blanks, keep_patch_embeddings=False, desc="blank frames", progress=False)
         ood = OodGuard.fit(feats.global_embedding, blank_feats.global_embedding, [grey_spread(img) for img in rgb])
         meta = {
-            "config": {**cfg.to_dict(), **resolved},
+            "config": {**cfg.method_key(), **resolved},
             "class_name": class_name,
             "backbone": backbone.name,
             "weights": backbone.weights_id,
@@ -943,32 +944,37 @@ class DualClipDetector:
         onnx_file: str | os.PathLike | None = None,
         precision: str | None = None,
         num_workers: int | None = None,
+        batch_size: int | None = None,
+        progress: bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
     ) -> DualClipDetector:
         """A detector with the settings, weights and statistics of a saved profile.
 
-        The model is built from the profile's settings (or ``backbone`` is used) and must compute with the
+        The model is built from the profile's method settings (or ``backbone`` is used) and must compute with the
         same weights as the one the profile was fitted with (weights fingerprint), else :class:`ProfileError`.
-        ``device``, ``runtime``, ``onnx_file``, ``precision`` and ``num_workers`` replace the profile's (where
-        and how it runs, not what it compares with).
+        ``device``, ``runtime``, ``onnx_file``, ``precision``, ``num_workers``, ``batch_size``, ``progress`` and
+        ``cache_dir`` are how it runs (:class:`~dualclip.config.ExecutionSettings`; ``None``: the default); a
+        profile never carries them.
         """
         profile = Profile.load(path)
         try:
-            config = DetectorConfig(**_saved_settings(profile))
+            method = MethodSettings(**_saved_settings(profile))
         except (TypeError, ValueError, AttributeError) as exc:
             raise ProfileError(f"{path}: its settings are not valid for this dualclip: {exc}") from exc
-        where = {
+        execution = {
             "device": device,
             "runtime": runtime,
             "onnx_file": None if onnx_file is None else str(onnx_file),
             "precision": precision,
             "num_workers": num_workers,
+            "batch_size": batch_size,
+            "progress": progress,
+            "cache_dir": None if cache_dir is None else str(cache_dir),
         }
-        where = {k: v for k, v in where.items() if v is not None}
-        if where:
-            try:
-                config = dataclasses.replace(config, **where)
-            except ValueError as exc:
-                raise ValueError(f"{path}: {exc}") from exc
+        try:
+            config = DetectorConfig(method=method, **{k: v for k, v in execution.items() if v is not None})
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
         det = cls(config, backbone=backbone, profile=profile)
         want = profile.meta.get("weights_fingerprint")
         got = weights_fingerprint(det.backbone)

@@ -195,15 +195,15 @@ def mean_over_seeds(per_seed: list[dict[str, float]]) -> dict[str, float]:
 
 
 def fingerprint(config: DetectorConfig, category: Category, seeds: list[int], fitted: dict | None = None) -> str:
-    """What a saved category result depends on: every setting that changes numbers, the weights (a local
+    """What a saved category result depends on: the settings that change numbers
+    (:meth:`~dualclip.config.DetectorConfig.numbers_key`), the weights (a local
     file by path, size and modification time), the data (paths, labels; every image, mask and golden reference
     file's size, modification time and content hash: :func:`~dualclip.data.images.file_fingerprint`), the
     seeds and the dualclip version. ``fitted``: the tested profile's
     identity and threshold. A saved result is reused only under the same fingerprint."""
-    cfg = config.to_dict()
-    for key in ("progress", "cache_dir", "seed", "num_workers"):  # num_workers: how files are read, not numbers
-        cfg.pop(key, None)
-    weights = cfg.get("pretrained")
+    cfg = config.numbers_key()  # the method and the arithmetic: how it runs changes no saved number
+    cfg["method"].pop("seed")  # the seeds are listed on their own
+    weights = config.pretrained
     if isinstance(weights, str) and Path(weights).is_file():
         st = Path(weights).stat()
         weights = [str(Path(weights).resolve()), st.st_size, st.st_mtime_ns]

@@ -16,7 +16,7 @@ from typer.core import TyperCommand
 
 from .. import __version__
 from ..atomic import dumps
-from ..config import DEFAULT, DetectorConfig
+from ..config import BORDERS, CENTRINGS, DEFAULT, DISTANCES, HYBRID_NORMS, PRECISIONS, RUNTIMES, DetectorConfig
 
 app = typer.Typer(
     help="Zero-shot visual anomaly detection and localization with CLIP.",
@@ -135,6 +135,11 @@ def misplaced_paths(raw_args: list[str], flags: tuple[str, ...] = PATH_LIST_FLAG
     return found
 
 
+def choices(values: tuple[str, ...]) -> str:
+    """The metavar of a flag whose value is one of ``values`` (a settings ``Literal``'s; the library checks it)."""
+    return "[" + "|".join(values) + "]"
+
+
 BACKBONE = typer.Option(
     "ViT-B-16-plus-240", help="open_clip model name, or effnet-lite0 or dinov2-vits14 (vision-only)."
 )
@@ -145,10 +150,14 @@ DEBUG = typer.Option(False, "--debug", help="Show the full traceback of an error
 DEVICE = typer.Option("auto", help="cpu, cuda, cuda:N, or auto (cuda where torch sees a GPU, else cpu).")
 BATCH_SIZE = typer.Option(8, help="Images per backbone forward pass.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
-PRECISION = typer.Option("auto", help="fp32, bf16, fp16, or auto (bf16 on a CUDA GPU that supports it, else fp32).")
+PRECISION = typer.Option(
+    "auto", metavar=choices(PRECISIONS), help="auto: bf16 on a CUDA GPU that supports it, else fp32."
+)
 NUM_WORKERS = typer.Option(0, help="Threads decoding image files in parallel (0: none).")
 RUNTIME = typer.Option(
-    "torch", help="torch, or onnxruntime (the backbone's ONNX export: made once into the cache, or --onnx-file)."
+    "torch",
+    metavar=choices(RUNTIMES),
+    help="onnxruntime: the backbone's ONNX export (made once into the cache, or --onnx-file).",
 )
 ONNX_FILE = typer.Option(None, help="With --runtime onnxruntime: a file made by `dualclip export`.")
 EXCLUDE = typer.Option(
@@ -281,9 +290,9 @@ def predict(
                 onnx_file=onnx_file,
                 precision=precision,
                 num_workers=num_workers,
+                batch_size=batch_size,
+                progress=not quiet,
             )
-            detector.config.progress = not quiet
-            detector.config.batch_size = batch_size
             cfg = detector.config
         else:
             cfg = _config(
@@ -405,7 +414,7 @@ def _predict_archive(
         gpus_per_actor=ray["gpus_per_actor"],
         ray_address=ray["ray_address"],
         progress=not quiet,
-        where={k: model[k] for k in ("device", "runtime", "onnx_file", "precision")} if profile is not None else None,
+        where={k: model[k] for k in ("device", "runtime", "onnx_file", "precision", "batch_size", "num_workers")},
     )
     typer.echo(
         f"scored {run.images - run.failed} of {run.images} images in {run.blocks} blocks "
@@ -437,11 +446,15 @@ def fit(
     backbone: str = BACKBONE,
     pretrained: str = PRETRAINED,
     image_size: int = typer.Option(None, help="Processing size S."),
-    distance: str = typer.Option(None, help="cosine | euclidean | layernorm (default: the backbone's)."),
+    distance: str = typer.Option(None, metavar=choices(DISTANCES), help="Patch distance (default: the backbone's)."),
     neighbourhood: str = typer.Option(None, help="Neighbourhood size(s), e.g. 3 or 1,3,5 (default: the backbone's)."),
-    hybrid_norm: str = typer.Option(None, help="zscore | robust: how the hybrid distance's parts are scaled."),
-    border: str = typer.Option(None, help="zero | reflect: effnet-lite0's padding of the image border."),
-    centring: str = typer.Option(None, help="none | ring | position: subtract the normal images' score per place."),
+    hybrid_norm: str = typer.Option(
+        None, metavar=choices(HYBRID_NORMS), help="How the hybrid distance's parts are scaled."
+    ),
+    border: str = typer.Option(None, metavar=choices(BORDERS), help="effnet-lite0's padding of the image border."),
+    centring: str = typer.Option(
+        None, metavar=choices(CENTRINGS), help="Subtract the normal images' score per place (none: off)."
+    ),
     memory_bank_size: int = typer.Option(16384, help="Most golden patches kept (greedy coreset above); 0: all."),
     tta: bool = typer.Option(False, "--tta/--no-tta", help="Train the adaptation head on the normal images."),
     seed: int = typer.Option(0),
@@ -592,8 +605,9 @@ def serve(
             max_pending_bytes=int(max_pending_mb * 2**20),
             api_key=key,
         )
-        detector = DualClipDetector.load(profile, device=device, runtime=runtime, onnx_file=onnx_file)
-        detector.config.batch_size = batch_size
+        detector = DualClipDetector.load(
+            profile, device=device, runtime=runtime, onnx_file=onnx_file, batch_size=batch_size, progress=False
+        )
         app_ = create_app(detector, settings, profile_path=profile)
         typer.echo(
             f"serving {profile} ({detector.config.backbone}, {runtime}) on http://{host}:{port} "
@@ -744,8 +758,9 @@ def eval_(
                 onnx_file=onnx_file,
                 precision=precision,
                 num_workers=num_workers,
+                batch_size=batch_size,
+                progress=not quiet,
             )
-            fitted.config.progress, fitted.config.batch_size = not quiet, batch_size
             cfg, seed_list = fitted.config, [fitted.config.seed]
             verdicts = None if threshold is None else manual_threshold(threshold)
             extra["profile"] = str(profile)

@@ -23,6 +23,7 @@ from pathlib import Path
 from .. import __version__
 from ..atomic import dumps, write_bytes, write_json, write_text
 from ..cli.output_folder import lies_outside, output_lock
+from ..config import DetectorConfig, ExecutionSettings
 from ..data.images import OUTPUT_MARKER, file_fingerprint
 from .engines import check_pool
 from .plan import Block, plan_blocks
@@ -52,10 +53,10 @@ class ArchiveRun:
 
 
 def _settings_key(spec: ScorerSpec, block_size: int, seed: int, blocks: list[Block]) -> str:
-    settings = spec.to_dict() | {"out": None, "where": None, "block_size": block_size, "seed": seed}
-    if settings.get("config"):
-        how = ("progress", "batch_size", "device", "runtime", "onnx_file")  # how it runs, not what it computes
-        settings["config"] = {k: v for k, v in settings["config"].items() if k not in how}
+    """What the run computes: the method and the arithmetic (:meth:`DetectorConfig.numbers_key`; with a profile,
+    its path and the arithmetic), the threshold, the outputs and the plan. How the workers run is left out."""
+    numbers = {"method": spec.config, **ExecutionSettings(**spec.where).arithmetic()}  # numbers_key's form
+    settings = spec.to_dict() | {"config": numbers, "out": None, "where": None, "block_size": block_size, "seed": seed}
     payload = json.dumps([settings, [b.fingerprint for b in blocks], __version__], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -126,7 +127,10 @@ def run_archive(
     ``spec_config``: :meth:`DetectorConfig.to_dict` for zero-shot runs (each block one run, seeded by
     ``seed``), or ``profile``: a saved profile (every image scored on its own). ``engine``: ``"ray"`` or
     ``"inline"`` (this process). See :func:`~dualclip.distributed.engines.run_ray` for the Ray settings.
-    ``where``: ``device``, ``runtime``, ``onnx_file`` for the workers (also with a profile)."""
+    ``where``: execution settings for the workers (:class:`~dualclip.config.ExecutionSettings`: ``device``,
+    ``runtime``, ``precision``, ...; also with a profile), over those in ``spec_config``. Only the method settings
+    and the arithmetic make the resume key: a run resumed with another device, batch size or decoding threads
+    reuses its finished blocks."""
     from tqdm.auto import tqdm
 
     from .engines import run_inline, run_ray
@@ -141,15 +145,20 @@ def run_archive(
     out = Path(out)
     start = time.perf_counter()
     blocks = plan_blocks(items, block_size=block_size, seed=seed)
-    if spec_config is not None:
-        spec_config = {**spec_config, "seed": seed, "progress": False}
+    where = {k: (str(v) if k == "onnx_file" else v) for k, v in (where or {}).items() if v is not None}
+    where["progress"] = False  # the run's own bar counts the images
+    if spec_config is None:
+        execution, method = ExecutionSettings(**where), None
+    else:  # the flat settings, split: what the workers compute, and how they run
+        config = DetectorConfig(**{**spec_config, "seed": seed, **where})
+        execution, method = config.execution, config.method_key()
     spec = ScorerSpec(
         out=str(out),
-        config=spec_config,
+        config=method,
         profile=None if profile is None else str(profile),
         threshold=threshold,
         heatmaps=heatmaps,
-        where=where,
+        where=execution.to_dict(),
     )
     key = _settings_key(spec, block_size, seed, blocks)
     _check_folder(out, key)  # a refused run writes nothing, not even the lock file

@@ -23,9 +23,9 @@ BLOCKS_DIR = "blocks"
 class ScorerSpec:
     """What every worker needs to build the same detector and write the same outputs.
 
-    ``config``: :meth:`DetectorConfig.to_dict` (zero-shot), or ``profile``: a profile folder (its settings);
-    ``threshold``: a manual threshold (else the profile's, else none); ``out``: the run's output folder;
-    ``heatmaps``: write heat maps and masks (off for score-only archives); ``where``: see below."""
+    ``config``: the method settings (:meth:`DetectorConfig.method_key`; zero-shot), or ``profile``: a profile
+    folder (its settings); ``threshold``: a manual threshold (else the profile's, else none); ``out``: the run's
+    output folder; ``heatmaps``: write heat maps and masks (off for score-only archives); ``where``: see below."""
 
     out: str
     config: dict | None = None
@@ -33,7 +33,8 @@ class ScorerSpec:
     threshold: float | None = None
     heatmaps: bool = True
     where: dict | None = None
-    """``device``, ``runtime``, ``onnx_file`` for the workers (how they run, not what they compute)."""
+    """The execution settings of the workers (:class:`~dualclip.config.ExecutionSettings` as a dict: how they run,
+    not what they compute)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,12 +77,11 @@ class BlockScorer:
         from ..thresholds import NO_THRESHOLD, manual_threshold
 
         self.spec = spec
-        where = {k: v for k, v in (spec.where or {}).items() if v is not None}
+        where = {**(spec.where or {}), "progress": False}
         if spec.profile is not None:
             self.detector = DualClipDetector.load(spec.profile, **where)
         else:
-            self.detector = DualClipDetector(DetectorConfig(**{**spec.config, **where}))
-        self.detector.config.progress = False
+            self.detector = DualClipDetector(DetectorConfig(method=spec.config, execution=where))
         _ = self.detector.backbone
         if spec.threshold is not None:
             self.threshold = manual_threshold(spec.threshold)

@@ -17,7 +17,7 @@ import ipaddress
 import time
 from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -280,7 +280,7 @@ def create_app(detector: DualClipDetector, settings: ServeSettings, profile_path
     """The FastAPI application serving ``detector`` (fitted: :meth:`DualClipDetector.load`)."""
     if detector.profile_ is None:
         raise ValueError("the service scores against a saved profile: load one with DualClipDetector.load")
-    detector.config.progress = False
+    detector.config = replace(detector.config, progress=False)  # settings are frozen: a copy
     scale = profile_scale(detector.profile_)
     threshold = detector.threshold_
     batcher: MicroBatcher[Image.Image, Prediction] = MicroBatcher(
