@@ -241,3 +241,27 @@ def test_hybrid_profile_standardises_each_part_by_its_normal_moments(tiny_backbo
         want = want + (d - parts[part].mean) / parts[part].std
     got = det.predict(test[:1])[0].branch_maps["visual"]
     np.testing.assert_allclose(got.reshape(-1), (want / 2).reshape(-1).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_profile_matches_its_bank_at_its_own_default_neighbourhood(tmp_path, split):
+    """effnet-lite0 defaults to neighbourhood 1 zero-shot and 3 for a fitted profile's bank: the fit records 3,
+    the fitted detector scores at 3 in the same process and after a save and load, and a zero-shot run of the
+    same settings still matches at 1."""
+    train, test = split
+    cfg = DetectorConfig(backbone="effnet-lite0", pretrained=None, image_size=64, progress=False, seed=0)
+    det = DualClipDetector(cfg)
+    assert det.matching() == ("hybrid", (1,))
+    det.fit(train)
+    assert det.matching() == ("hybrid", (3,))
+    doc = json.loads((det.save(tmp_path / "p.dualclip") / PROFILE_JSON).read_text())
+    assert doc["neighbourhood"] == [3] and doc["config"]["neighbourhood"] == [3]
+    # the bank holds the normal images' features in the matching space of size 3 (no coreset at this size)
+    feats = det.features(train)
+    for part in ("euclidean", "cosine"):
+        (want,) = match_spaces(feats.match_features, feats.grid, part, (3,))
+        for got, layer in zip(det.profile_.bank[part][0], want, strict=True):
+            assert torch.allclose(got, layer.reshape(-1, layer.shape[-1]), atol=1e-5)
+    loaded = DualClipDetector.load(tmp_path / "p.dualclip", backbone=det.backbone)
+    assert loaded.matching() == ("hybrid", (3,))
+    assert [p.score for p in loaded.predict(test)] == pytest.approx([p.score for p in det.predict(test)], abs=1e-5)
+    assert DualClipDetector(cfg, backbone=det.backbone).matching() == ("hybrid", (1,))

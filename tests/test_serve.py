@@ -78,7 +78,7 @@ def test_raw_and_multipart_uploads_score_like_the_detector_and_info_resolves_the
     assert info["batching"]["items"] == 4
     assert info["service"]["api_key"] is None
     # settings left to the backbone's defaults (as in a profile saved before fit recorded them): shown resolved
-    resolved = {"image_size": 128, "distance": "hybrid", "neighbourhood": [1]}
+    resolved = {"image_size": 128, "distance": "hybrid", "neighbourhood": [3]}  # a profile bank's default
     assert {k: info["config"][k] for k in resolved} == resolved
     det.config = dataclasses.replace(det.config, image_size=None, distance=None, neighbourhood=None)
     with TestClient(create_app(det, ServeSettings())) as c:

@@ -159,7 +159,8 @@ class MethodSettings:
     neighbourhood:
         Side of the square neighbourhood over which matching features are averaged (1 = off), or several
         sides, e.g. ``(1, 3, 5)``: one matching space each, scores averaged. ``None``: the backbone's
-        default (see ``distance``).
+        default (see ``distance``); effnet-lite0: 1 zero-shot and with golden references, 3 for a fitted
+        profile's memory bank (each chosen for the worst fold, docs/results.md).
     border:
         How a convolutional backbone (effnet-lite0) sees the image's border: ``"reflect"`` pads the image by
         mirroring before the network and crops the features back to the image, so that the zero padding of

@@ -533,11 +533,17 @@ class DualClipDetector:
             image_scores=image_scores, maps=maps, branches=branches, grid=feats.grid, run=run, unusable=unusable
         )
 
-    def matching(self) -> tuple[str, tuple[int, ...]]:
-        """The visual branch's (distance, neighbourhood sizes): the settings, or the backbone's defaults."""
+    def matching(self, fitted: bool | None = None) -> tuple[str, tuple[int, ...]]:
+        """The visual branch's (distance, neighbourhood sizes): the settings, or the backbone's defaults (a
+        fitted profile's bank may have its own default neighbourhood). ``fitted``: whether the matching is
+        against a fitted profile's bank (default: whether this detector holds one)."""
         cfg, backbone = self.config, self.backbone
+        fitted = self.profile_ is not None if fitted is None else fitted
         distance = cfg.distance or backbone.default_distance
-        sizes = cfg.neighbourhood or backbone.default_neighbourhood
+        default_sizes = backbone.default_neighbourhood
+        if fitted and backbone.default_profile_neighbourhood is not None:
+            default_sizes = backbone.default_profile_neighbourhood
+        sizes = cfg.neighbourhood or default_sizes
         return distance, (sizes,) if isinstance(sizes, int) else tuple(sizes)
 
     def hybrid_norm(self) -> str:
@@ -806,7 +812,7 @@ class DualClipDetector:
         branches = BranchScores()
         temperature = cfg.temperature or backbone.logit_scale
         text = self._text(feats, class_name, use_text, temperature, branches)
-        distance, sizes = self.matching()
+        distance, sizes = self.matching(fitted=True)
         bank, owner, total, part_moments = {}, torch.zeros(0, dtype=torch.long), 0, {}
         if use_visual:
             parts = distance_parts(distance)

@@ -53,6 +53,9 @@ class Backbone(nn.Module, ABC):
     """The matching distance used when ``DetectorConfig.distance`` is ``None``."""
     default_neighbourhood: tuple[int, ...] = (3,)
     """The neighbourhood size(s) used when ``DetectorConfig.neighbourhood`` is ``None``."""
+    default_profile_neighbourhood: tuple[int, ...] | None = None
+    """The neighbourhood size(s) a fitted profile's memory bank uses when ``DetectorConfig.neighbourhood`` is
+    ``None`` (``None``: the same as :attr:`default_neighbourhood`)."""
     default_hybrid_norm: str = "zscore"
     """How the hybrid parts are standardised when ``DetectorConfig.hybrid_norm`` is ``None``."""
     default_centring: str = "none"

@@ -72,6 +72,9 @@ class EffNetLite0Backbone(Backbone):
     # benchmarks/zero_shot_folds.py): above a plain nearest neighbour on every fold and metric
     default_distance = "hybrid"
     default_neighbourhood = (1,)
+    # a fitted profile's memory bank: chosen the same way against a plain golden-reference nearest neighbour of
+    # the same N (docs/results.md, "Saved profiles over three products"; benchmarks/profile_worst_folds.py)
+    default_profile_neighbourhood = (3,)
     default_hybrid_norm = "robust"
     default_border = "reflect"
     default_centring = "none"

@@ -271,6 +271,7 @@ class OnnxBackbone(Backbone):
             setattr(self, attr, getattr(backbone, attr))
         self.default_distance = backbone.default_distance
         self.default_neighbourhood = backbone.default_neighbourhood
+        self.default_profile_neighbourhood = backbone.default_profile_neighbourhood
         self.default_centring = backbone.default_centring
         self.default_hybrid_norm = backbone.default_hybrid_norm
         self.grid = tuple(meta["grid"])
