@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 from conftest import TINY, write_mvtec_tree
 from dualclip import DetectorConfig, DualClipDetector
 from dualclip.cli.main import app, misplaced_paths
-from dualclip.cli.predict import EXIT_OK, UsageError, output_stem, run_predict
+from dualclip.cli.predict import EXIT_OK, UsageError, run_predict
+from dualclip.output import output_stem
 from dualclip.data import datasets as D
 from dualclip.data.images import OUTPUT_MARKER, expand_paths
 from dualclip.evaluation import run_eval
@@ -393,7 +394,7 @@ def test_row_12_outputs_follow_the_umask(tmp_path, folder, det, umask, mode):
 def test_row_13_csv_cells_are_not_formulas(tmp_path, texture_set, det, monkeypatch):
     import csv
 
-    from dualclip.cli.predict import csv_cell
+    from dualclip.output import csv_cell
 
     d = tmp_path / "f"
     d.mkdir()
