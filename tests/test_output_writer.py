@@ -156,3 +156,18 @@ def test_report_outlines_the_ground_truth_beside_an_image(tmp_path, texture_set,
             layer = layers[str(d / f"{i:02d}.bmp")]
             green = (layer[..., 3] == 255) & (layer[..., 1] == 255) & (layer[..., 0] == 0)
             np.testing.assert_array_equal(green, edges(np.asarray(masks[i]) > 0))
+
+
+def test_an_archive_block_the_detector_refuses_gets_its_message_per_image(tmp_path, folder):
+    from dualclip.distributed import run_archive
+
+    paths = sorted(str(p) for p in folder.rglob("*.png"))
+    items = [(p, "tile") for p in paths[:3]] + [(paths[3], "solo")]  # "solo": a block of one image
+    run = run_archive(
+        items, tmp_path / "o", spec_config=DetectorConfig(**EFFNET).to_dict(), engine="inline", progress=False
+    )
+    rows = {r["path"]: r for r in run.rows}
+    solo = rows[paths[3]]
+    assert solo["score"] is None and solo["class_name"] == "solo"
+    assert solo["error"].startswith("one image and a vision-only backbone ('effnet-lite0'): give at least two")
+    assert all(rows[p]["error"] is None and rows[p]["score"] is not None for p in paths[:3])
