@@ -171,3 +171,18 @@ def test_an_archive_block_the_detector_refuses_gets_its_message_per_image(tmp_pa
     assert solo["score"] is None and solo["class_name"] == "solo"
     assert solo["error"].startswith("one image and a vision-only backbone ('effnet-lite0'): give at least two")
     assert all(rows[p]["error"] is None and rows[p]["score"] is not None for p in paths[:3])
+
+
+def test_cli_flags_save_maps_and_parquet(tmp_path, folder):
+    from typer.testing import CliRunner
+
+    from dualclip.cli.main import app
+
+    common = ["predict", str(folder), "--backbone", "effnet-lite0", "--image-size", "64", "--device", "cpu", "-q"]
+    r = CliRunner().invoke(app, [*common, "-o", str(tmp_path / "bad"), "--save-maps", "png"])
+    assert r.exit_code == 2 and "error: --save-maps must be one of npy, tiff, got 'png'" in r.output
+    assert not (tmp_path / "bad").exists()
+    r = CliRunner().invoke(app, [*common, "-o", str(tmp_path / "o"), "--save-maps", "npy", "--parquet"])
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "o" / "maps").glob("*.npy"))) == 10
+    assert (tmp_path / "o" / "predictions.parquet").is_file()
