@@ -155,7 +155,7 @@ def test_report_has_counts_coloured_verdicts_outlines_and_links(tmp_path, folder
     assert f"{flagged} flagged defective</span>" in html and f"{ok} ok</span>" in html and "1 failed</span>" in html
     for p in preds:
         if p.get("heatmap"):
-            assert f'<a href="{p["heatmap"]}" title="full-size heat map">' in html
+            assert f'<a href="{p["heatmap"]}" title="full-size heat map" class="view"' in html
             assert (tmp_path / "o" / p["heatmap"]).is_file()
     assert '<td class="verdict" data-v="defective">' in html and "td.verdict" in html
     _, doc = run_predict([str(folder)], tmp_path / "p", det.config, detector=det, warn=lambda m: None)

@@ -22,10 +22,11 @@ from typer.testing import CliRunner
 from conftest import TINY, write_mvtec_tree
 from dualclip import DetectorConfig, DualClipDetector
 from dualclip.cli.main import app, misplaced_paths
-from dualclip.cli.predict import EXIT_OK, UsageError, output_stem, run_predict
+from dualclip.cli.predict import EXIT_OK, UsageError, run_predict
 from dualclip.data import datasets as D
 from dualclip.data.images import OUTPUT_MARKER, expand_paths
 from dualclip.evaluation import run_eval
+from dualclip.output import output_stem
 from dualclip.visualization import HeatmapScale, overlay, run_scale
 
 HERE = Path(__file__).resolve().parent
@@ -357,7 +358,7 @@ def test_row_11_constant_maps_are_drawn_flat(tmp_path, texture_set, tiny_backbon
     scale = run_scale(maps)
     assert scale.flat and scale.to_dict()["flat"] is True
     img = Image.new("RGB", (50, 40), (100, 100, 100))
-    ov = np.asarray(overlay(img, maps[0], scale, bar=False))
+    ov = np.asarray(overlay(img, maps[0], scale))
     assert (ov == ov[0, 0]).all()  # one colour: no hot spots from float noise
     d = tmp_path / "same"
     d.mkdir()
@@ -368,13 +369,20 @@ def test_row_11_constant_maps_are_drawn_flat(tmp_path, texture_set, tiny_backbon
     assert doc["heatmap_scale"]["flat"] is True and "flat" in doc["heatmap_scale"]["note"]
 
 
-def test_row_11_colour_bar_labels_fit(tmp_path):
-    from PIL import ImageDraw, ImageFont
-
+def test_heat_map_is_pixel_aligned_and_the_colour_bar_is_in_the_report(tmp_path, folder, det):
     scale = HeatmapScale(-0.000123456, 12345.678)
-    ov = overlay(Image.new("RGB", (64, 64)), np.zeros((64, 64), np.float32), scale)
-    label_w = ImageDraw.Draw(ov).textlength(f"{scale.vmin:.3g}", font=ImageFont.load_default())
-    assert ov.width - 64 - 18 >= label_w  # the bar's text column holds its widest label
+    ov = overlay(Image.new("RGB", (64, 48)), np.zeros((48, 64), np.float32), scale)
+    assert ov.size == (64, 48)  # no colour bar baked into the map
+    with pytest.raises(ValueError, match="the anomaly map is 10x10, the image 64x48"):
+        overlay(Image.new("RGB", (64, 48)), np.zeros((10, 10), np.float32), scale)
+    out = tmp_path / "o"
+    _, doc = run_predict([str(folder)], out, det.config, detector=det, warn=lambda m: None)
+    for p in doc["predictions"]:
+        assert Image.open(out / p["heatmap"]).size == Image.open(p["path"]).size
+    html = (out / "report.html").read_text()
+    bar = html.split('<div class="colourbar">', 1)[1].split("</div>", 1)[0]
+    s = doc["heatmap_scale"]
+    assert f'<span class="end">{s["vmin"]:.4g}</span>' in bar and f'<span class="end">{s["vmax"]:.4g}</span>' in bar
 
 
 # -- row 12: permissions follow the umask ----------------------------------------------------------------------------
@@ -393,7 +401,7 @@ def test_row_12_outputs_follow_the_umask(tmp_path, folder, det, umask, mode):
 def test_row_13_csv_cells_are_not_formulas(tmp_path, texture_set, det, monkeypatch):
     import csv
 
-    from dualclip.cli.predict import csv_cell
+    from dualclip.output import csv_cell
 
     d = tmp_path / "f"
     d.mkdir()

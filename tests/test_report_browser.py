@@ -83,3 +83,38 @@ def test_report_shows_every_image_with_its_score_and_sorts(report):
             assert CLASS_NAME in paragraphs[1]
         finally:
             browser.close()
+
+
+def test_report_filters_flagged_images_and_opens_a_larger_view(report):
+    path, doc = report
+    flagged = sorted(p["path"] for p in doc["predictions"] if p.get("verdict") == "defective")
+    assert 0 < len(flagged) < 10  # the filter has something to hide
+    visible_js = (
+        "() => Array.from(document.querySelectorAll('#preds tbody tr')).filter(tr => !tr.hidden)"
+        ".map(tr => tr.cells[0].dataset.v).sort()"
+    )
+    with sync_api.sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(path.as_uri())
+            page.wait_for_load_state("load")
+            assert len(page.evaluate(visible_js)) == 11
+            page.check("#flagged-only")
+            assert page.evaluate(visible_js) == flagged
+            page.uncheck("#flagged-only")
+            assert len(page.evaluate(visible_js)) == 11
+            first = next(p for p in doc["predictions"] if p.get("heatmap"))
+            page.click(f'a.view[href="{first["heatmap"]}"]')
+            view = page.locator("dialog#view")
+            assert view.evaluate("d => d.open")
+            page.wait_for_function("() => document.querySelector('dialog#view img.heat').naturalWidth > 0")
+            src = view.locator("img.heat").evaluate("i => i.src")
+            assert src.endswith(first["heatmap"])  # the full-size heat-map file, not the thumbnail
+            width = view.locator("img.heat").evaluate("i => i.naturalWidth")
+            assert width == first["size"][0]
+            assert errors == []
+        finally:
+            browser.close()

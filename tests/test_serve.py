@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from dualclip import DetectorConfig  # noqa: E402
 from dualclip.detector import DualClipDetector  # noqa: E402
 from dualclip.serve import MicroBatcher, ServeSettings, create_app  # noqa: E402
-from dualclip.visualization import overlay, profile_scale  # noqa: E402
+from dualclip.visualization import THRESHOLD_POSITION, colorize, overlay, profile_scale  # noqa: E402
 
 
 def _png(img: Image.Image) -> bytes:
@@ -102,17 +102,48 @@ def test_concurrent_requests_share_batches_and_keep_their_own_scores(profile_dir
     assert stats["batches"] < len(images)
 
 
-def test_heatmap_is_the_overlay_on_the_service_scale(profile_dir, texture_set):
+def test_profile_heat_maps_agree_across_predict_report_and_service(profile_dir, texture_set, tmp_path):
+    """In profile mode the CLI's heat-map file, the report's view of it and the service's answer are the same
+    picture on the same fixed scale: a typical normal score is the coolest colour, the threshold sits at
+    THRESHOLD_POSITION of the colour map, so red means at or above it."""
+    from dualclip.cli.predict import run_predict
+
     img = texture_set[0][-1]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    img.save(folder / "x.png")
     det = DualClipDetector.load(profile_dir, progress=False)
     scale = profile_scale(det.profile_)
-    assert scale.vmin == min(det.profile_.normal_scores)
-    assert scale.vmax == det.threshold_.value
-    expected = np.asarray(overlay(img, det.predict([img])[0].anomaly_map, scale))
+    normal = np.asarray(det.profile_.normal_scores)
+    assert scale.vmin == pytest.approx(float(np.median(normal)))
+    assert scale.position(det.threshold_.value) == pytest.approx(THRESHOLD_POSITION)
+    at, below = colorize(np.array([[det.threshold_.value, scale.vmin + 0.8 * (scale.vmax - scale.vmin)]]), scale)[0]
+    assert at[0] == 255 and at[1] <= 60 and at[2] == 0  # red from the threshold up
+    assert below[0] == 255 and below[1] >= 100  # orange just below it
+    _, doc = run_predict([str(folder)], tmp_path / "out", det.config, detector=det, warn=lambda m: None)
+    row = doc["predictions"][0]
+    cli_png = Image.open(tmp_path / "out" / row["heatmap"])
+    assert cli_png.size == img.size  # pixel-aligned: no colour bar baked in
     with _client(profile_dir) as c:
         r = c.post("/v1/score?heatmap=true", content=_png(img)).json()
-    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r["heatmap_png_base64"]))))
-    np.testing.assert_array_equal(got, expected)
+        info = c.get("/v1/info").json()
+    got = Image.open(io.BytesIO(base64.b64decode(r["heatmap_png_base64"])))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(cli_png))
+    expected = np.asarray(overlay(img, det.predict([img])[0].anomaly_map, scale))
+    np.testing.assert_array_equal(np.asarray(cli_png), expected)
+    assert info["heatmap_scale"] == doc["heatmap_scale"] == scale.to_dict()
+    html = (tmp_path / "out" / "report.html").read_text()
+    meta = json.loads(html.split('<script type="application/json" id="meta">', 1)[1].split("</script>", 1)[0])
+    assert meta["heatmap_scale"] == info["heatmap_scale"]
+    assert f'<a href="{row["heatmap"]}" title="full-size heat map"' in html  # the larger view shows that file
+    thumb = html.split('alt="image">', 1)[1].split('<img src="data:image/jpeg;base64,', 1)[1].split('"', 1)[0]
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(thumb))).convert("RGB"), dtype=np.float64)
+    small = cli_png.convert("RGB").copy()
+    small.thumbnail((256, 256))
+    assert shown.shape == np.asarray(small).shape
+    blocks = lambda a: a.reshape(12, 8, 12, 8, 3).mean(axis=(1, 3))  # noqa: E731 - JPEG keeps 8x8 block means
+    diff = np.abs(blocks(shown) - blocks(np.asarray(small, dtype=np.float64)))
+    assert diff.mean() < 1.5 and diff.max() < 8.0
 
 
 def test_bad_requests_get_4xx_with_the_loaders_message(profile_dir, tmp_path):

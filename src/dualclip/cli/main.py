@@ -209,6 +209,10 @@ def predict(
     gpus_per_actor: float = typer.Option(0.0, help="--engine ray: GPUs per scoring actor (e.g. 1, or 0.5)."),
     quiet: bool = QUIET,
     json_out: bool = typer.Option(False, "--json", help="Print the predictions document as JSON on stdout."),
+    save_maps: str = typer.Option(
+        None, help="Also write each raw anomaly map (float32, the image's size) under maps/: npy or tiff."
+    ),
+    parquet: bool = typer.Option(False, "--parquet", help="Also write predictions.parquet (needs pyarrow)."),
     debug: bool = DEBUG,
 ) -> None:
     """Score images; write predictions.json/.csv, heatmaps/, masks/ and report.html under --out."""
@@ -227,6 +231,7 @@ def predict(
                 exclude=exclude,
                 engine=engine,
                 quiet=quiet,
+                maps=save_maps,
                 refused={
                     "--reference": bool(reference),
                     "--threshold-quantile": threshold_quantile is not None,
@@ -329,6 +334,8 @@ def predict(
             quiet=quiet,
             detector=detector,
             exclude=exclude or None,
+            save_maps=save_maps,
+            tables=("json", "csv", "parquet") if parquet else ("json", "csv"),
         )
     if json_out:
         typer.echo(dumps(doc))
@@ -354,6 +361,7 @@ def _predict_archive(
     exclude: list[str] | None,
     engine: str,
     quiet: bool,
+    maps: str | None,
     refused: dict[str, bool],
     ray: dict,
     model: dict,
@@ -377,6 +385,10 @@ def _predict_archive(
         )
     if threshold is not None and not math.isfinite(threshold):
         raise UsageError(f"--threshold must be a finite number, got {threshold}")
+    from ..output import MAP_FORMATS
+
+    if maps is not None and maps not in MAP_FORMATS:
+        raise UsageError(f"--save-maps must be one of {', '.join(MAP_FORMATS)}, got {maps!r}")
     try:
         from ..distributed import read_manifest, run_archive
     except ImportError as exc:
@@ -414,6 +426,7 @@ def _predict_archive(
         gpus_per_actor=ray["gpus_per_actor"],
         ray_address=ray["ray_address"],
         progress=not quiet,
+        maps=maps,
         where={k: model[k] for k in ("device", "runtime", "onnx_file", "precision", "batch_size", "num_workers")},
     )
     typer.echo(
@@ -475,9 +488,9 @@ def fit(
     """Fit a profile on normal images: golden references, fixed score units, optional threshold."""
     from ..data.images import expand_paths, load_images
     from ..detector import DualClipDetector
+    from ..output import check_parent, display_path
     from ..profile import ProfileError, check_destination
-    from .output_folder import check_parent
-    from .predict import UsageError, display_path, mask_warnings
+    from .predict import UsageError, mask_warnings
 
     for path, flag in misplaced_paths(ctx.meta.get("raw_args", []), ("--validation-normal", "--validation-anomalous")):
         typer.echo(f"warning: {path} follows the value of {flag}: it is used as a normal image", err=True)
@@ -634,7 +647,7 @@ def export(
     debug: bool = DEBUG,
 ) -> None:
     """Export a profile's whole model (image to score and anomaly map), or the one-pass image encoder, to ONNX."""
-    from .output_folder import check_parent
+    from ..output import check_parent
 
     with cli_errors(debug):
         if format != "onnx":
@@ -835,7 +848,7 @@ def demo(
     """Run the detector on an embedded default; falls back to effnet-lite0 where CLIP weights are unavailable."""
     from ..backbone import WeightsUnavailableError
     from ..detector import DualClipDetector
-    from .output_folder import check_output_folder, written_by
+    from ..output.folder import check_output_folder, written_by
     from .predict import run_predict
 
     with cli_errors(debug):

@@ -8,12 +8,9 @@ Exit codes (:data:`EXIT_CODES`): 0 every file scored; 1 some files failed (each 
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
 import inspect
-import io
 import os
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,13 +18,23 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..atomic import dumps, save_image, write_text
 from ..config import DetectorConfig
+from ..data.datasets import read_mask
 from ..data.images import DEFAULT_MAX_SIDE, Expanded, ImageLoadError, expand_paths, load_images, mask_like
-from ..detector import DualClipDetector, Prediction
-from ..thresholds import NO_THRESHOLD, Threshold, fit_threshold, manual_threshold, score_error
-from ..visualization import binary_mask, outline, overlay, render_report, run_scale
-from .output_folder import OutputFolderError, check_output_folder, output_lock, staged_output
+from ..detector import DualClipDetector
+from ..output import (
+    MAP_FORMATS,
+    OutputFolderError,
+    OutputFormatError,
+    OutputWriter,
+    check_formats,
+    check_output_folder,
+    display_path,
+    heatmap_scale,
+    output_lock,
+    staged_output,
+)
+from ..thresholds import NO_THRESHOLD, Threshold, fit_threshold, manual_threshold
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_NOTHING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES = {
@@ -43,53 +50,33 @@ class UsageError(ValueError):
     """Wrong use of the command (exit code 2)."""
 
 
-def display_path(p: str | os.PathLike) -> str:
-    """A path as text for JSON, CSV and HTML: bytes that are not UTF-8 are shown as ``\\xNN``."""
-    return os.fsencode(p).decode("utf-8", "backslashreplace")
-
-
-def output_stem(index: int, path: Path, max_len: int = 48) -> str:
-    """A safe, unique output file stem: the input's index, then its stem reduced to ``[A-Za-z0-9._-]`` and
-    shortened (any name the file system allows gives a valid, short output name)."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", display_path(path.stem)).strip("._")[:max_len]
-    return f"{index:05d}_{stem}" if stem else f"{index:05d}"
-
-
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-def csv_cell(value) -> object:
-    """Text cells that a spreadsheet would run as a formula get a leading apostrophe; numbers stay numbers."""
-    if isinstance(value, str) and value.startswith(_FORMULA_START):
-        return "'" + value
-    return value
-
-
-def predictions_csv(rows: list[dict], head: tuple[str, ...], tail: tuple[str, ...] = ()) -> str:
-    """predictions.csv: the ``head`` columns, one ``score_<branch>`` column per branch that any row has, then the
-    ``tail`` columns; text cells guarded by :func:`csv_cell`."""
-    branch_keys = sorted({k for r in rows for k in (r.get("branch_scores") or {})})
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow([*head, *[f"score_{k}" for k in branch_keys], *tail])
-    for r in rows:
-        bs = r.get("branch_scores") or {}
-        cells = [r.get(c) for c in head] + [bs.get(k) for k in branch_keys] + [r.get(c) for c in tail]
-        w.writerow([csv_cell(c) for c in cells])
-    return buf.getvalue()
-
-
 def _load_all(
     paths: list[Path], warn: Callable[[str], None], num_workers: int = 0
-) -> tuple[list[tuple[Path, Image.Image]], list[dict]]:
+) -> tuple[list[tuple[int, Path, Image.Image]], list[tuple[int, Path, str]]]:
+    """The images of ``paths`` that could be read, and the others with the reason, each with its index."""
     ok, errors = [], []
-    for p, img in zip(paths, load_images(paths, num_workers, max_side=DEFAULT_MAX_SIDE), strict=True):
+    for i, (p, img) in enumerate(zip(paths, load_images(paths, num_workers, max_side=DEFAULT_MAX_SIDE), strict=True)):
         if isinstance(img, ImageLoadError):
-            errors.append({"path": display_path(p), "error": img.reason})
+            errors.append((i, p, img.reason))
             warn(f"error: {display_path(p)}: {img.reason}")
         else:
-            ok.append((p, img))
+            ok.append((i, p, img))
     return ok, errors
+
+
+def ground_truth(found: Expanded, image: Path, size: tuple[int, int]) -> np.ndarray | None:
+    """The ground-truth mask of ``image`` when one lies beside it (``found.masks``), at ``size`` (width,
+    height: the size the image was scored at), else ``None``; an unreadable mask is ``None`` too."""
+    for mask, img in found.masks:
+        if img == image:
+            try:
+                m = read_mask(mask)
+            except (OSError, ValueError):
+                return None
+            if m.shape[::-1] != tuple(size):
+                m = np.asarray(Image.fromarray(m).resize(size, Image.NEAREST))
+            return m
+    return None
 
 
 def mask_warnings(found: Expanded) -> list[str]:
@@ -161,7 +148,7 @@ def decide_threshold(
         imgs_n, _ = _load_all(validation[0], warn)
         imgs_a, _ = _load_all(validation[1], warn)
         try:
-            return fit_threshold(det, [i for _, i in imgs_n], [i for _, i in imgs_a], class_name=class_name)
+            return fit_threshold(det, [i for *_, i in imgs_n], [i for *_, i in imgs_a], class_name=class_name)
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
     return NO_THRESHOLD
@@ -172,6 +159,15 @@ def _check_threshold_options(threshold: float | None, quantile: float | None) ->
         raise UsageError(f"--threshold must be a finite number, got {threshold}")
     if quantile is not None and not (np.isfinite(quantile) and 0.0 <= quantile <= 1.0):
         raise UsageError(f"--threshold-quantile must lie in [0, 1], got {quantile}")
+
+
+def _check_output_formats(save_maps: str | None, tables: tuple[str, ...]) -> None:
+    if save_maps is not None and save_maps not in MAP_FORMATS:
+        raise UsageError(f"--save-maps must be one of {', '.join(MAP_FORMATS)}, got {save_maps!r}")
+    try:
+        check_formats(tables, save_maps)
+    except OutputFormatError as exc:
+        raise UsageError(f"--parquet: {exc}" if "parquet" in str(exc) else str(exc)) from exc
 
 
 def _given_paths(inputs, references, validation) -> list[Path]:
@@ -218,16 +214,21 @@ def run_predict(
     warn: Callable[[str], None] | None = None,
     exclude: list[str] | None = None,
     command: str = "predict",
+    save_maps: str | None = None,
+    tables: tuple[str, ...] = ("json", "csv"),
 ) -> tuple[int, dict]:
     """Run the whole command; returns (exit code, the predictions document).
 
-    Everything that can be checked is checked before scoring (output folder, thresholds, inputs); outputs are
-    written in a staging folder and replace ``out`` only when complete; ``out`` is locked meanwhile.
-    ``command``: the command recorded in the output marker (``demo`` replaces its own output).
+    Everything that can be checked is checked before scoring (output folder, thresholds, output formats,
+    inputs); outputs are written in a staging folder and replace ``out`` only when complete; ``out`` is locked
+    meanwhile. ``command``: the command recorded in the output marker (``demo`` replaces its own output);
+    ``save_maps``: also write each raw anomaly map (``npy`` or ``tiff``); ``tables``: the formats of the
+    predictions table (``json``, ``csv``, ``parquet``).
     """
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out)
     _check_threshold_options(threshold, threshold_quantile)
+    _check_output_formats(save_maps, tables)
     try:
         check_output_folder(out, _given_paths(inputs, references, validation), overwrite)
     except OutputFolderError as exc:
@@ -255,7 +256,7 @@ def run_predict(
         ref_loaded, _ = _load_all(ref_exp.files, warn, config.num_workers)
         if not ref_loaded:
             raise UsageError("none of the --reference images could be read")
-        refs = [img for _, img in ref_loaded]
+        refs = [img for *_, img in ref_loaded]
     val = (val_exp[0].files, val_exp[1].files) if val_exp else None
     th = decide_threshold(det, threshold, refs, threshold_quantile, val, class_name, warn)
     if det.profile_ is not None:  # the profile's class (another one given was warned of, or refused, above)
@@ -269,34 +270,23 @@ def run_predict(
         "warnings": notes,
         "text_branch": _text_branch(det, config),
     }
-    if not loaded:
+    preds = []
+    if loaded:
+        preds = det.predict([img for *_, img in loaded], class_name=class_name, references=refs)
+        run = det.run_info_
+        if (
+            det.profile_ is None
+            and config.k != "all"
+            and run.k_effective is not None
+            and refs is None
+            and (run.k_effective < int(config.k))
+        ):
+            warn(f"warning: k={config.k} asked for, but {len(loaded)} images allow at most k={run.k_effective}")
+        doc["run"] = run.to_dict(with_references=False)
+    else:
         warn("error: no image could be read")
-        doc["predictions"] = [dict(e, score=None, verdict=None) for e in errors]
-        with staged_output(out, warn, command) as stage:
-            _write_outputs(stage, doc, [], None)
-        return EXIT_NOTHING, doc
-    images = [img for _, img in loaded]
-    preds = det.predict(images, class_name=class_name, references=refs)
-    run = det.run_info_
-    if (
-        det.profile_ is None
-        and config.k != "all"
-        and run.k_effective is not None
-        and refs is None
-        and (run.k_effective < int(config.k))
-    ):
-        warn(f"warning: k={config.k} asked for, but {len(images)} images allow at most k={run.k_effective}")
-    scored = []
-    for i, ((path, img), pred) in enumerate(zip(loaded, preds, strict=True)):
-        problem = score_error(pred.score)
-        if problem:  # an error of that image, never a verdict
-            errors.append({"path": display_path(path), "error": problem})
-            warn(f"error: {display_path(path)}: {problem}")
-        else:
-            scored.append((i, path, img, pred))
-    scale = run_scale([pred.anomaly_map for *_, pred in scored])
+    scale = heatmap_scale([pred.anomaly_map for pred in preds], det.profile_, th.value)
     doc["heatmap_scale"] = scale.to_dict()
-    doc["run"] = run.to_dict(with_references=False)
     if det.profile_ is not None:
         meta = det.profile_.meta
         doc["profile"] = {
@@ -304,59 +294,29 @@ def run_predict(
             **{k: meta.get(k) for k in ("n_normal", "bank_patches", "weights_fingerprint", "created_by", "class_name")},
             "ood_guard": det.profile_.guard(),
         }
-    rows = []
-    for i, path, img, pred in scored:
-        stem = output_stem(i, path)
-        row = {
-            "path": display_path(path),
-            "score": pred.score,
-            "verdict": th.verdict(pred.score, pred.unusable),
-            "reason": pred.unusable,
-            "threshold": th.value,
-            "branch_scores": pred.branch_scores,
-            "references": "profile"
-            if det.profile_ is not None
-            else [display_path(loaded[j][0]) for j in pred.references]
-            if refs is None
-            else "golden",
-            "heatmap": f"heatmaps/{stem}.png",
-            "mask": f"masks/{stem}.png" if th.value is not None else None,
-            "size": list(img.size),
-            "error": None,
-        }
-        if "original_size" in img.info:
-            row["original_size"] = list(img.info["original_size"])
-        rows.append((row, img, pred))
-    doc["predictions"] = [r for r, _, _ in rows] + [dict(e, score=None, verdict=None) for e in errors]
-    with staged_output(out, warn, command) as stage:
-        _write_outputs(stage, doc, rows, scale, progress=not quiet)
-    return (EXIT_SOME_FAILED if errors else EXIT_OK), doc
-
-
-def _write_outputs(
-    out: Path, doc: dict, rows: list[tuple[dict, Image.Image, Prediction]], scale, progress: bool = False
-) -> None:
     from tqdm.auto import tqdm
 
-    report_rows = []
-    for row, img, pred in tqdm(rows, desc="writing", unit="img", disable=not progress, leave=False):
-        ov = overlay(img, pred.anomaly_map, scale)
-        save_image(ov, out / row["heatmap"])
-        if row["mask"]:
-            save_image(binary_mask(pred.anomaly_map, row["threshold"]), out / row["mask"])
-            ov = outline(ov, pred.anomaly_map >= row["threshold"])  # the report shows the defect's outline
-        report_rows.append({**row, "image": img, "overlay": ov})
-    for p in doc["predictions"]:
-        if p.get("error"):
-            report_rows.append({**p, "image": None, "overlay": None})
-    write_text(out / "predictions.json", dumps(doc) + "\n")
-    write_text(
-        out / "predictions.csv",
-        predictions_csv(
-            doc["predictions"], ("path", "score", "verdict", "threshold"), ("heatmap", "mask", "reason", "error")
-        ),
-    )
-    meta = {k: doc.get(k) for k in ("class_name", "threshold", "heatmap_scale")}
-    meta["backbone"] = doc["config"]["backbone"]
-    meta["seed"] = doc["config"]["seed"]
-    write_text(out / "report.html", render_report(report_rows, meta))
+    with staged_output(out, warn, command) as stage:
+        writer = OutputWriter(stage, scale, th, maps=save_maps, report=True)
+        for (i, path, img), pred in tqdm(
+            list(zip(loaded, preds, strict=True)), desc="writing", unit="img", disable=quiet, leave=False
+        ):
+            if det.profile_ is not None:
+                references = "profile"
+            elif refs is not None:
+                references = "golden"
+            else:
+                references = [display_path(loaded[j][1]) for j in pred.references]
+            row = writer.add(
+                i, path, img, pred, ground_truth(expanded, path, img.size), class_name=class_name, references=references
+            )
+            if row.error:
+                warn(f"error: {row.path}: {row.error}")
+        for i, path, reason in errors:
+            writer.failed(i, path, reason, class_name=class_name)
+        writer.write_tables(doc, tables)
+        writer.write_report({"class_name": class_name, "backbone": config.backbone, "seed": config.seed})
+    doc["predictions"] = [r.to_dict() for r in sorted(writer.rows, key=lambda r: r.index)]
+    if not loaded:
+        return EXIT_NOTHING, doc
+    return (EXIT_SOME_FAILED if any(r.error for r in writer.rows) else EXIT_OK), doc

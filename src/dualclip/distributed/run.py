@@ -21,16 +21,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
-from ..atomic import dumps, write_bytes, write_json, write_text
-from ..cli.output_folder import lies_outside, output_lock
+from ..atomic import write_json
 from ..config import DetectorConfig, ExecutionSettings
 from ..data.images import OUTPUT_MARKER, file_fingerprint
+from ..output import check_formats, lies_outside, output_lock, write_tables
 from .engines import check_pool
 from .plan import Block, plan_blocks
-from .scorer import BLOCKS_DIR, ScorerSpec, load_block_result
+from .scorer import BLOCKS_DIR, ScorerSpec, block_rows, load_block_result
 
 RUN_FILE = "run.json"
 ENGINES = ("ray", "inline")
+TABLES = ("json", "csv", "parquet")
+"""The merged predictions are written in every table format (Parquet needs pyarrow, in the ray extra)."""
 
 
 class ArchiveFolderError(ValueError):
@@ -121,6 +123,7 @@ def run_archive(
     progress: bool = True,
     scorer_cls: type | None = None,
     where: dict | None = None,
+    maps: str | None = None,
 ) -> ArchiveRun:
     """Score ``items`` (``(path, class)`` pairs) in blocks and write the merged predictions under ``out``.
 
@@ -130,7 +133,8 @@ def run_archive(
     ``where``: execution settings for the workers (:class:`~dualclip.config.ExecutionSettings`: ``device``,
     ``runtime``, ``precision``, ...; also with a profile), over those in ``spec_config``. Only the method settings
     and the arithmetic make the resume key: a run resumed with another device, batch size or decoding threads
-    reuses its finished blocks."""
+    reuses its finished blocks. ``maps``: also write each raw anomaly map (``npy`` or ``tiff``).
+    predictions.parquet needs pyarrow (checked first)."""
     from tqdm.auto import tqdm
 
     from .engines import run_inline, run_ray
@@ -140,6 +144,7 @@ def run_archive(
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if (spec_config is None) == (profile is None):
         raise ValueError("give either a detector configuration or a profile")
+    check_formats(TABLES, maps)
     if engine == "ray":
         check_pool(num_actors, cpus_per_actor, gpus_per_actor)
     out = Path(out)
@@ -158,6 +163,7 @@ def run_archive(
         profile=None if profile is None else str(profile),
         threshold=threshold,
         heatmaps=heatmaps,
+        maps=maps,
         where=execution.to_dict(),
     )
     key = _settings_key(spec, block_size, seed, blocks)
@@ -218,7 +224,7 @@ def run_archive(
         missing = [b.id for b in blocks if b.id not in results]
         if missing:
             raise RuntimeError(f"{len(missing)} block(s) returned no result (first: {missing[0]}); rerun to resume")
-        rows = sorted((r for b in blocks for r in results[b.id]["rows"]), key=lambda r: r["index"])
+        rows = sorted((r for b in blocks for r in block_rows(results[b.id])), key=lambda r: r.index)
         _write_predictions(out, rows, spec, blocks, engine, key)
     return ArchiveRun(
         out=out,
@@ -227,46 +233,26 @@ def run_archive(
         scored_blocks=len(todo),
         reused_blocks=len(blocks) - len(todo),
         images=len(rows),
-        failed=sum(1 for r in rows if r.get("error")),
+        failed=sum(1 for r in rows if r.error),
         seconds=time.perf_counter() - start,
-        rows=rows,
+        rows=[r.to_dict() for r in rows],
     )
 
 
-COLUMNS = ("index", "path", "class", "block", "score", "verdict", "threshold", "heatmap", "mask", "reason", "error")
-
-
-def _write_predictions(out: Path, rows: list[dict], spec: ScorerSpec, blocks, engine: str, key: str) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from ..cli.predict import predictions_csv
-
+def _write_predictions(out: Path, rows: list, spec: ScorerSpec, blocks, engine: str, key: str) -> None:
     doc = {
         "settings": spec.to_dict(),
         "engine": engine,
         "key": key,
         "blocks": len(blocks),
         "n_images": len(rows),
-        "n_failed": sum(1 for r in rows if r.get("error")),
-        "predictions": rows,
+        "n_failed": sum(1 for r in rows if r.error),
     }
-    write_text(out / "predictions.json", dumps(doc) + "\n")
-    write_text(out / "predictions.csv", predictions_csv(rows, COLUMNS))
-    branch_keys = sorted({k for r in rows for k in (r.get("branch_scores") or {})})
-    table = pa.table(
-        {
-            **{c: [r.get(c) for r in rows] for c in COLUMNS},
-            **{f"score_{k}": [(r.get("branch_scores") or {}).get(k) for r in rows] for k in branch_keys},
-        }
-    )
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    write_bytes(out / "predictions.parquet", sink.getvalue().to_pybytes())
+    wrote = set(write_tables(out, doc, rows, TABLES))
     # the marker lists what this run wrote (what a later --overwrite may remove), never anything else in out
-    wrote = {RUN_FILE, "predictions.json", "predictions.csv", "predictions.parquet"}
+    wrote |= {RUN_FILE}
     wrote |= {f"{BLOCKS_DIR}/{b.id}.json" for b in blocks}
-    wrote |= {r[k] for r in rows for k in ("heatmap", "mask") if isinstance(r.get(k), str)}
+    wrote |= {f for r in rows for f in (r.heatmap, r.mask, r.map) if isinstance(f, str)}
     files = sorted(f for f in wrote if not lies_outside(out, f) and (out / f).is_file())
     write_json(out / OUTPUT_MARKER, {"tool": "dualclip", "version": __version__, "files": files, "archive": True})
 

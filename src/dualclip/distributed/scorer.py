@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..atomic import dumps, save_image, write_text
+from ..atomic import dumps, write_text
 from ..data.images import DEFAULT_MAX_SIDE, ImageLoadError, load_image
-from ..thresholds import score_error
+from ..output import OutputWriter, PredictionRow, display_path, heatmap_scale
 from .plan import Block
 
 BLOCKS_DIR = "blocks"
@@ -25,13 +25,16 @@ class ScorerSpec:
 
     ``config``: the method settings (:meth:`DetectorConfig.method_key`; zero-shot), or ``profile``: a profile
     folder (its settings); ``threshold``: a manual threshold (else the profile's, else none); ``out``: the run's
-    output folder; ``heatmaps``: write heat maps and masks (off for score-only archives); ``where``: see below."""
+    output folder; ``heatmaps``: write heat maps and masks (off for score-only archives); ``maps``: see below;
+    ``where``: see below."""
 
     out: str
     config: dict | None = None
     profile: str | None = None
     threshold: float | None = None
     heatmaps: bool = True
+    maps: str | None = None
+    """Also write each raw anomaly map (``npy`` or ``tiff``)."""
     where: dict | None = None
     """The execution settings of the workers (:class:`~dualclip.config.ExecutionSettings` as a dict: how they run,
     not what they compute)."""
@@ -89,58 +92,40 @@ class BlockScorer:
             self.threshold = self.detector.threshold_ or NO_THRESHOLD
 
     def __call__(self, block: Block, decoded: list[Decoded] | None = None) -> dict:
-        from ..cli.predict import output_stem
-        from ..visualization import binary_mask, overlay, profile_scale, run_scale
-
         decoded = decode_block(block) if decoded is None else decoded
         ok = [d for d in decoded if d.array is not None]
         det, th = self.detector, self.threshold
-        rows: dict[int, dict] = {}
+        fitted = det.profile_ is not None
+        images = []
+        for d in ok:
+            img = Image.fromarray(d.array)
+            if d.original_size:
+                img.info["original_size"] = tuple(d.original_size)
+            images.append(img)
+        run, preds, refused = None, [], None
+        if ok:
+            try:
+                preds = det.predict(images, class_name=None if fitted else block.class_name)
+            except ValueError as exc:  # the detector cannot score this block (one image, no reference): say why
+                refused = str(exc)
+            else:
+                run = det.run_info_.to_dict(with_references=False)
+        scale = heatmap_scale([pr.anomaly_map for pr in preds], det.profile_, th.value) if preds else None
+        writer = OutputWriter(
+            Path(self.spec.out), scale, th, heatmaps=self.spec.heatmaps, maps=self.spec.maps, subfolder=block.id
+        )
+        common = {"class_name": block.class_name, "block": block.id}
         for d in decoded:
             if d.array is None:
-                rows[d.index] = _row(block, d, error=d.error)
-        run = None
-        scale = None
-        if ok and det.profile_ is None and len(ok) < 2 and not det.backbone.has_text:
-            for d in ok:
-                rows[d.index] = _row(block, d, error="the only readable image of its block: no reference")
-            ok = []
-        if ok:
-            images = [Image.fromarray(d.array) for d in ok]
-            preds = det.predict(images, class_name=block.class_name if det.profile_ is None else None)
-            run = det.run_info_.to_dict(with_references=False)
-            if det.profile_ is not None:
-                scale = profile_scale(det.profile_)
-            else:
-                scale = run_scale([pr.anomaly_map for pr in preds])
-            for d, img, pred in zip(ok, images, preds, strict=True):
-                problem = score_error(pred.score)
-                if problem:  # an error of that image, never a verdict
-                    rows[d.index] = _row(block, d, error=problem)
-                    continue
-                stem = output_stem(d.index, Path(d.path))
-                heat = f"heatmaps/{block.id}/{stem}.png" if self.spec.heatmaps else None
-                mask = f"masks/{block.id}/{stem}.png" if self.spec.heatmaps and th.value is not None else None
-                if heat:
-                    save_image(overlay(img, pred.anomaly_map, scale), Path(self.spec.out) / heat)
-                if mask:
-                    save_image(binary_mask(pred.anomaly_map, th.value), Path(self.spec.out) / mask)
-                rows[d.index] = _row(
-                    block,
-                    d,
-                    score=pred.score,
-                    verdict=th.verdict(pred.score, pred.unusable),
-                    reason=pred.unusable,
-                    threshold=th.value,
-                    branch_scores=pred.branch_scores,
-                    heatmap=heat,
-                    mask=mask,
-                    size=[img.width, img.height],
-                    original_size=list(d.original_size) if d.original_size else None,
-                )
+                writer.failed(d.index, d.path, d.error, **common)
+            elif refused is not None:
+                writer.failed(d.index, d.path, refused, **common)
+        for d, img, pred in zip(ok, images, preds, strict=True) if preds else ():
+            references = "profile" if fitted else [display_path(ok[j].path) for j in pred.references]
+            writer.add(d.index, d.path, img, pred, **common, references=references)
         result = {
             "block": block.to_dict(),
-            "rows": [rows[i] for i in sorted(rows)],
+            "rows": [r.to_dict() for r in sorted(writer.rows, key=lambda r: r.index)],
             "run": run,
             "heatmap_scale": None if scale is None else scale.to_dict(),
             "threshold": th.to_dict(),
@@ -149,31 +134,9 @@ class BlockScorer:
         return result
 
 
-def _row(block: Block, d: Decoded, **values) -> dict:
-    """One prediction row of ``block`` for the image ``d``: ``values`` over the fields of a row that was not
-    scored (an error row when ``error`` is given)."""
-    from ..cli.predict import display_path
-
-    row = {
-        "index": d.index,
-        "path": display_path(d.path),
-        "class": block.class_name,
-        "block": block.id,
-        "score": None,
-        "verdict": None,
-        "reason": None,
-        "threshold": None,
-        "branch_scores": {},
-        "heatmap": None,
-        "mask": None,
-        "size": None,
-        "original_size": None,
-        "error": None,
-    }
-    unknown = set(values) - set(row)
-    if unknown:
-        raise TypeError(f"unknown row fields: {sorted(unknown)}")
-    return row | values
+def block_rows(result: dict) -> list[PredictionRow]:
+    """The rows of a block's saved result."""
+    return [PredictionRow.from_dict(r) for r in result["rows"]]
 
 
 def pack(decoded: list[Decoded]) -> bytes:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import hmac
-import io
 import ipaddress
 import time
 from collections.abc import Callable, Iterator
@@ -34,8 +33,9 @@ from starlette.datastructures import UploadFile
 from .. import __version__
 from ..data.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageLoadError, decode_image
 from ..detector import DualClipDetector, Prediction
+from ..output import heatmap_png, heatmap_scale
 from ..thresholds import NO_THRESHOLD, score_error
-from ..visualization import HeatmapScale, overlay, profile_scale
+from ..visualization import HeatmapScale
 from .batching import MicroBatcher
 
 try:
@@ -68,7 +68,9 @@ class ScoreResponse(BaseModel):
         None, description="[width, height] of the file, when it was decoded reduced (longer side above max_side)"
     )
     heatmap_png_base64: str | None = Field(
-        None, description="with ?heatmap=true: the heat-map overlay as a base64 PNG, on the service's fixed scale"
+        None,
+        description="with ?heatmap=true: the heat map as a base64 PNG at the image's size, on the profile's fixed "
+        "scale (the same colours as `dualclip predict --profile` writes)",
     )
     latency_ms: float = Field(description="time from the request to the answer, in ms")
 
@@ -90,7 +92,7 @@ class InfoResponse(BaseModel):
     threshold: dict | None = Field(description="value and source of the verdict threshold")
     ood_guard: str = Field(description="the profile's out-of-distribution guard: on with its limits, or off")
     units: str
-    heatmap_scale: dict = Field(description="the fixed colour scale of the heat maps")
+    heatmap_scale: dict = Field(description="the profile's fixed colour scale of the heat maps (as predict's)")
     config: dict = Field(description="every detector setting, defaults resolved (image_size, distance, neighbourhood)")
     service: dict = Field(description="the service's settings (the API key shown as set or null)")
     batching: dict = Field(description="micro-batching counters")
@@ -184,9 +186,7 @@ class ServeSettings:
 
 
 def _png_base64(image: Image.Image, prediction: Prediction, scale: HeatmapScale) -> str:
-    buf = io.BytesIO()
-    overlay(image, prediction.anomaly_map, scale).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return base64.b64encode(heatmap_png(image, prediction.anomaly_map, scale)).decode("ascii")
 
 
 @dataclass
@@ -281,8 +281,8 @@ def create_app(detector: DualClipDetector, settings: ServeSettings, profile_path
     if detector.profile_ is None:
         raise ValueError("the service scores against a saved profile: load one with DualClipDetector.load")
     detector.config = replace(detector.config, progress=False)  # settings are frozen: a copy
-    scale = profile_scale(detector.profile_)
     threshold = detector.threshold_
+    scale = heatmap_scale([], detector.profile_, None if threshold is None else threshold.value)
     batcher: MicroBatcher[Image.Image, Prediction] = MicroBatcher(
         detector.predict, max_batch=settings.batch_size, max_wait_ms=settings.max_wait_ms
     )
@@ -352,7 +352,7 @@ def create_app(detector: DualClipDetector, settings: ServeSettings, profile_path
             "threshold": None if threshold is None else threshold.to_dict(),
             "ood_guard": detector.profile_.guard(),
             "units": UNITS,
-            "heatmap_scale": scale.to_dict() | {"note": "fixed for the service: lowest normal score to threshold"},
+            "heatmap_scale": scale.to_dict(),
             "config": detector.config.to_dict() | resolved,
             "service": settings.to_dict(),
             "batching": batcher.stats.to_dict(),

@@ -1,13 +1,27 @@
-"""Visualisation: heat-map overlays on one scale per run, binary masks, the HTML report."""
+"""Visualisation: heat-map overlays on one colour scale, binary masks, outlines, the HTML report."""
 
-from .heatmap import HeatmapScale, binary_mask, colorize, outline, overlay, profile_scale, run_scale
+from .heatmap import (
+    THRESHOLD_POSITION,
+    HeatmapScale,
+    binary_mask,
+    colorize,
+    edges,
+    outline,
+    outline_layer,
+    overlay,
+    profile_scale,
+    run_scale,
+)
 from .report import render_report
 
 __all__ = [
+    "THRESHOLD_POSITION",
     "HeatmapScale",
     "binary_mask",
     "colorize",
+    "edges",
     "outline",
+    "outline_layer",
     "overlay",
     "profile_scale",
     "render_report",
