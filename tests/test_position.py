@@ -179,7 +179,7 @@ def test_reflect_border_is_the_network_on_the_mirrored_image_cropped_back():
 
 
 def test_reflect_border_is_refused_for_a_transformer_and_old_profiles_keep_zero_padding(tmp_path, texture_set):
-    from dualclip.backbone import build_backbone
+    from dualclip.build import build_backbone
 
     with pytest.raises(ValueError, match="border='reflect' pads a convolutional backbone"):
         build_backbone(DetectorConfig(backbone=TINY, pretrained=None, border="reflect"))

@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from .errors import ConfigError
+
 DEFAULT = "default"
 """Sentinel for ``pretrained``: the preset's weights (an open_clip tag, or the bundled EfficientNet file)."""
 
@@ -456,20 +458,20 @@ def resolve_device(device: str) -> str:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'") from exc
+        raise ConfigError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'") from exc
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU here: use 'cpu' or 'auto'")
+            raise ConfigError(f"device {device!r} asked for, but torch sees no CUDA GPU here: use 'cpu' or 'auto'")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r} asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+            raise ConfigError(f"device {device!r} asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
     elif dev.type != "cpu" and not (dev.type == "mps" and torch.backends.mps.is_available()):
-        raise ValueError(f"device {device!r} is not available here: use 'cpu', 'cuda' or 'auto'")
+        raise ConfigError(f"device {device!r} is not available here: use 'cpu', 'cuda' or 'auto'")
     return device
 
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
-        raise ValueError(message)
+        raise ConfigError(message)
 
 
 def _one_of(name: str, value: Any, allowed: tuple[str, ...], optional: bool = False) -> None:

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,15 +29,16 @@ from PIL import Image
 
 from .adaptation.adapt import AdaptationResult, fit_head, head_scores
 from .adaptation.head import AdaptationHead
-from .backbone import Backbone, BackboneOutput, build_backbone, extract_features
+from .backbone import Backbone, BackboneOutput, extract_features
+from .build import build_backbone
 from .config import EXECUTION_FIELDS, DetectorConfig, MethodSettings
 from .data.images import array_to_rgb, grey_spread, load_image, pixel_digest, thumbnails, to_rgb8
+from .errors import ConfigError, InputError, ProfileError
 from .profile import (
     BLANK_GREYS,
     Moments,
     OodGuard,
     Profile,
-    ProfileError,
     ScoreScale,
     build_bank,
     weights_fingerprint,
@@ -61,6 +62,8 @@ from .scoring import (
 )
 from .text import readable_class_name, text_embeddings
 from .thresholds import Threshold, f1_threshold, quantile_threshold
+
+log = logging.getLogger(__name__)
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 
@@ -367,11 +370,11 @@ def _check_normal_spread(scale: ScoreScale) -> None:
     """A profile's units need normal scores that vary: refuse non-finite or degenerate moments (identical images)."""
     for name, m in scale.named().items():
         if not (math.isfinite(m.mean) and math.isfinite(m.std)):
-            raise ValueError(
+            raise InputError(
                 f"the normal images' {name} statistics are not finite numbers (mean {m.mean}, std {m.std})"
             )
         if m.degenerate:
-            raise ValueError(
+            raise InputError(
                 f"the normal images' scores do not vary ({name}: spread {m.std:.3g}): are they copies of one image? "
                 "fit needs normal images that differ"
             )
@@ -427,9 +430,9 @@ class DualClipDetector:
         profile's fixed units: the same score alone or in any batch.
         """
         if len(images) == 0:
-            raise ValueError("no images to score")
+            raise InputError("no images to score")
         if references and self.profile_ is not None:
-            raise ValueError("this detector is fitted: it compares images with its profile, not with references")
+            raise InputError("this detector is fitted: it compares images with its profile, not with references")
         loaded = [_as_rgb(item) for item in images]
         golden = [_as_rgb(item)[0] for item in references] if references else None
         result = self.score_images([img for img, _ in loaded], class_name=class_name, golden=golden)
@@ -553,18 +556,17 @@ class DualClipDetector:
         cfg, backbone = self.config, self.backbone
         use_text = cfg.use_text and backbone.has_text
         if cfg.use_text and not backbone.has_text and not cfg.use_visual and not cfg.tta:
-            raise ValueError(f"backbone {backbone.name!r} has no text tower: turn the visual branch or tta on")
+            raise ConfigError(f"backbone {backbone.name!r} has no text tower: turn the visual branch or tta on")
         use_visual = cfg.use_visual
         if use_visual and golden is None and self.profile_ is None and n < 2:
             if not use_text:
-                raise ValueError(
+                raise InputError(
                     f"one image and a vision-only backbone ({backbone.name!r}): give at least two images "
                     "or golden references"
                 )
-            warnings.warn(
+            log.warning(
                 "a single image has no partner for the visual reference: running text-only "
-                "(give golden references to use the visual branch)",
-                stacklevel=5,
+                "(give golden references to use the visual branch)"
             )
             use_visual = False
         return use_text, use_visual
@@ -788,9 +790,9 @@ class DualClipDetector:
 
         cfg, backbone = self.config, self.backbone
         if len(images) < 2:
-            raise ValueError(f"fit needs at least 2 normal images (leave-one-out statistics), got {len(images)}")
+            raise InputError(f"fit needs at least 2 normal images (leave-one-out statistics), got {len(images)}")
         if threshold_quantile is not None and (validation_normal or validation_anomalous):
-            raise ValueError("give either a threshold quantile or a validation set, not both")
+            raise ConfigError("give either a threshold quantile or a validation set, not both")
         loaded = [_as_rgb(item) for item in images]
         rgb = [img for img, _ in loaded]
         self.profile_ = None
@@ -798,7 +800,7 @@ class DualClipDetector:
         feats = self._extract(rgb, keep_patch_embeddings=use_text, desc="normal images")
         least = _least_bank_size(feats.grid)
         if use_visual and cfg.memory_bank_size is not None and cfg.memory_bank_size < least:
-            raise ValueError(
+            raise ConfigError(
                 f"memory_bank_size={cfg.memory_bank_size} is too small: a bank must hold more than one image's "
                 f"{least - 1} patches, so that every normal image is compared with other images (leave-one-out); "
                 f"use at least {least}, or None to keep every patch"
@@ -880,7 +882,7 @@ class DualClipDetector:
             self.profile_.threshold = quantile_threshold(normal_scores.numpy(), threshold_quantile)
         elif validation_normal or validation_anomalous:
             if not validation_normal or not validation_anomalous:
-                raise ValueError("a validation set needs both normal and anomalous images")
+                raise InputError("a validation set needs both normal and anomalous images")
             result = self.score_images([_as_rgb(i)[0] for i in [*validation_normal, *validation_anomalous]])
             labels = np.array([0] * len(validation_normal) + [1] * len(validation_anomalous))
             self.profile_.threshold = f1_threshold(labels, result.image_scores.numpy())
@@ -903,7 +905,7 @@ class DualClipDetector:
         ``ValueError`` where the profile's text statistics depend on it; elsewhere it has no effect."""
         fitted = self.profile_.meta.get("class_name")
         if class_name is not None and class_name != fitted and self.backbone.has_text and self.config.use_text:
-            raise ValueError(
+            raise ProfileError(
                 f"this profile was fitted for class {fitted!r}: its text statistics do not apply to {class_name!r}"
             )
         return fitted
@@ -911,9 +913,8 @@ class DualClipDetector:
     def _profile_class_name(self, class_name: str | None) -> str | None:
         fitted = self.profile_class(class_name)
         if class_name is not None and class_name != fitted:
-            warnings.warn(
-                f"class_name {class_name!r} has no effect: this profile uses no text and keeps its class {fitted!r}",
-                stacklevel=3,
+            log.warning(
+                "class_name %r has no effect: this profile uses no text and keeps its class %r", class_name, fitted
             )
         return fitted
 
@@ -931,7 +932,7 @@ class DualClipDetector:
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Save the fitted profile as a folder of safetensors + JSON (no pickle); see :class:`Profile`."""
         if self.profile_ is None:
-            raise ValueError("nothing to save: fit the detector on normal images first")
+            raise ProfileError("nothing to save: fit the detector on normal images first")
         return self.profile_.save(path, overwrite=overwrite)
 
     @classmethod
@@ -974,7 +975,7 @@ class DualClipDetector:
         try:
             config = DetectorConfig(method=method, **{k: v for k, v in execution.items() if v is not None})
         except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from exc
+            raise ConfigError(f"{path}: {exc}") from exc
         det = cls(config, backbone=backbone, profile=profile)
         want = profile.meta.get("weights_fingerprint")
         got = weights_fingerprint(det.backbone)

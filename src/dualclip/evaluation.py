@@ -28,6 +28,7 @@ from .config import DetectorConfig
 from .data.datasets import Category
 from .data.images import file_fingerprint, load_image
 from .detector import DualClipDetector
+from .logs import log_line
 from .metrics import all_metrics
 from .thresholds import Threshold
 
@@ -330,7 +331,7 @@ def run_eval(
     ``force``, it is recomputed. ``warn`` (default: stderr) receives one line per recomputed category and
     per warning. ``fitted``, ``threshold``: test a profile (:func:`evaluate_category`).
     """
-    warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    warn = warn or log_line
     out = Path(out)
     cat_dir = out / "categories"
     checked = {cat.name: cat.check(require_masks) for cat in categories}

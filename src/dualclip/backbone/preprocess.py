@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import InputError
+
 
 def to_tensor(images: Sequence[Image.Image], size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Turn RGB PIL images into a normalised ``(B, 3, size, size)`` float tensor.
@@ -17,7 +19,7 @@ def to_tensor(images: Sequence[Image.Image], size: int, mean: Sequence[float], s
     arrays = []
     for img in images:
         if img.mode != "RGB":
-            raise ValueError(f"expected an RGB image, got mode {img.mode!r}; load images with dualclip.data.load_image")
+            raise InputError(f"expected an RGB image, got mode {img.mode!r}; load images with dualclip.data.load_image")
         arrays.append(np.asarray(img.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32))
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)

@@ -14,7 +14,6 @@ import inspect
 import io
 import os
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +24,8 @@ from ..atomic import dumps, save_image, write_text
 from ..config import DetectorConfig
 from ..data.images import DEFAULT_MAX_SIDE, Expanded, ImageLoadError, expand_paths, load_images, mask_like
 from ..detector import DualClipDetector, Prediction
+from ..errors import UsageError
+from ..logs import log_line
 from ..thresholds import NO_THRESHOLD, Threshold, fit_threshold, manual_threshold, score_error
 from ..visualization import binary_mask, outline, overlay, render_report, run_scale
 from .output_folder import OutputFolderError, check_output_folder, output_lock, staged_output
@@ -37,10 +38,6 @@ EXIT_CODES = {
     "3": "no input image could be read",
     "130": "interrupted (SIGINT; 143 for SIGTERM): --out left as it was",
 }
-
-
-class UsageError(ValueError):
-    """Wrong use of the command (exit code 2)."""
 
 
 def display_path(p: str | os.PathLike) -> str:
@@ -225,7 +222,7 @@ def run_predict(
     written in a staging folder and replace ``out`` only when complete; ``out`` is locked meanwhile.
     ``command``: the command recorded in the output marker (``demo`` replaces its own output).
     """
-    warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    warn = warn or log_line
     out = Path(out)
     _check_threshold_options(threshold, threshold_quantile)
     try:
