@@ -117,3 +117,22 @@ def test_run_info_records_seconds_per_stage(tiny_backbone, texture_set):
     t = det.run_info_.timings_s
     assert set(t) == {"backbone", "text", "reference", "fusion"}
     assert all(v >= 0 for v in t.values()) and t["backbone"] > 0
+
+
+def test_text_embeddings_are_cached_on_the_detector_not_on_the_backbone_or_module(
+    tiny_backbone, texture_set, monkeypatch
+):
+    import dualclip.text.embeddings as E
+
+    calls = []
+    original = E.state_embedding
+    monkeypatch.setattr(E, "state_embedding", lambda bb, prompts: calls.append(1) or original(bb, prompts))
+    images = texture_set[0][:3]
+    first = DualClipDetector(DetectorConfig(pretrained=None, progress=False), backbone=tiny_backbone)
+    first.predict(images, class_name="tile")
+    first.predict(images, class_name="tile")
+    assert len(calls) == 2 and len(first.text_cache) == 1  # t_n and t_a once: the second run reads the cache
+    second = DualClipDetector(DetectorConfig(pretrained=None, progress=False), backbone=tiny_backbone)
+    second.predict(images, class_name="tile")
+    assert len(calls) == 4  # another detector owns another cache: nothing shared through the backbone
+    assert "_text_cache" not in vars(tiny_backbone) and not hasattr(E, "_MEMORY")

@@ -60,7 +60,7 @@ from .scoring import (
     text_anomaly_scores,
     upsample,
 )
-from .text import readable_class_name, text_embeddings
+from .text import TextEmbeddingCache
 from .thresholds import Threshold, f1_threshold, quantile_threshold
 
 log = logging.getLogger(__name__)
@@ -405,6 +405,7 @@ class DualClipDetector:
         self._backbone = backbone
         self.profile_ = profile
         self.run_info_: RunInfo | None = None
+        self.text_cache = TextEmbeddingCache()  # text embeddings of this detector's backbone, per class
 
     @property
     def backbone(self) -> Backbone:
@@ -599,7 +600,7 @@ class DualClipDetector:
         cfg, backbone = self.config, self.backbone
         if not (use_text or (cfg.tta and backbone.has_text)):
             return None
-        text = text_embeddings(backbone, readable_class_name(class_name), cfg.cache_dir)
+        text = self.text_cache.get(backbone, class_name, cfg.cache_dir)
         if use_text:
             text_scores(feats, text, temperature, out)
         return text

@@ -46,7 +46,6 @@ class ProfileGraph(nn.Module):
     def __init__(self, detector) -> None:
         super().__init__()
         from ..adaptation.head import AdaptationHead
-        from ..text import readable_class_name, text_embeddings
 
         profile, cfg = detector.profile_, detector.config
         self.detector = detector
@@ -55,8 +54,8 @@ class ProfileGraph(nn.Module):
         self.temperature = cfg.temperature or self.backbone.logit_scale
         text = None
         if self.use_text:  # the profile's class prompts, embedded once: constants of the graph
-            name = readable_class_name(profile.meta.get("class_name"))
-            text = text_embeddings(self.backbone, name, cfg.cache_dir).detach().clone().float()
+            text = detector.text_cache.get(self.backbone, profile.meta.get("class_name"), cfg.cache_dir)
+            text = text.detach().clone().float()
         self.register_buffer("text", text)
         use_head = cfg.tta and profile.head is not None
         self.head = AdaptationHead.from_tensors(profile.head) if use_head else None
