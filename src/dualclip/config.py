@@ -56,7 +56,7 @@ PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 @dataclass(frozen=True)
 class AdaptationConfig:
-    """Test-time adaptation on synthesized anomalies (METHOD.md §7).
+    """Test-time adaptation on synthesized anomalies (docs/method.md §7).
 
     Parameters
     ----------
@@ -81,7 +81,7 @@ class AdaptationConfig:
         Weight of the Dice term added to the BCE loss.
     anchor:
         Weight of the penalty ``||delta||^2 / ||w0||^2`` that keeps the head's direction near its text start
-        ``w0`` (METHOD §7; 0: free). Without it 60 steps at lr 1e-2 turned the direction almost orthogonal to
+        ``w0`` (docs/method.md §7; 0: free). Without it 60 steps at lr 1e-2 turned the direction almost orthogonal to
         the text (cosine 0.02-0.10).
     base_fraction:
         Synthesis starts from this fraction of the test images: the most normal-looking ones by the

@@ -113,13 +113,13 @@ class BranchScores:
     Attributes
     ----------
     text:
-        ``(N, P)`` text-guided patch scores (METHOD §4), probabilities in (0, 1).
+        ``(N, P)`` text-guided patch scores (docs/method.md §4), probabilities in (0, 1).
     text_global:
         ``(N,)`` text score of each global embedding (g_txt).
     visual:
-        ``(N, P)`` visual-reference patch scores (METHOD §5), distances in [0, 1].
+        ``(N, P)`` visual-reference patch scores (docs/method.md §5), distances in [0, 1].
     adapted:
-        ``(N, P)`` adapted-head patch scores (METHOD §7), probabilities in (0, 1).
+        ``(N, P)`` adapted-head patch scores (docs/method.md §7), probabilities in (0, 1).
     duplicate_pairs:
         Pairs of near-exact duplicates kept from being each other's reference in this run.
     """
@@ -285,7 +285,7 @@ def _reorder(result: ScoreResult, order: list[int]) -> ScoreResult:
 
 
 def text_scores(feats: BackboneOutput, text: torch.Tensor, temperature: float, out: BranchScores) -> None:
-    """METHOD §4: fills ``out.text`` (each patch) and ``out.text_global`` (each global embedding) from the
+    """docs/method.md §4: fills ``out.text`` (each patch) and ``out.text_global`` (each global embedding) from the
     ``(2, D)`` text embeddings ``[t_n, t_a]``."""
     out.text = text_anomaly_scores(feats.patch_embeddings, text, temperature)
     out.text_global = text_anomaly_scores(feats.global_embedding, text, temperature)
@@ -596,7 +596,7 @@ class DualClipDetector:
     def _text(
         self, feats: BackboneOutput, class_name: str | None, use_text: bool, temperature: float, out: BranchScores
     ) -> torch.Tensor | None:
-        """METHOD §4: fills ``out.text`` and ``out.text_global``; returns ``[t_n, t_a]`` (also for adaptation)."""
+        """docs/method.md §4: fills ``out.text`` and ``out.text_global``; returns ``[t_n, t_a]`` (also for adaptation)."""
         cfg, backbone = self.config, self.backbone
         if not (use_text or (cfg.tta and backbone.has_text)):
             return None
@@ -614,7 +614,7 @@ class DualClipDetector:
         out: BranchScores,
         progress: bool = False,
     ) -> list[list[int]]:
-        """METHOD §5: fills ``out.visual``; returns each image's reference indices. ``progress``: a bar over the
+        """docs/method.md §5: fills ``out.visual``; returns each image's reference indices. ``progress``: a bar over the
         matching."""
         from tqdm.auto import tqdm
 
@@ -702,7 +702,7 @@ class DualClipDetector:
         temperature: float,
         branches: BranchScores,
     ) -> AdaptationResult:
-        """METHOD §7: the unadapted joint score picks the most normal-looking images as synthesis bases."""
+        """docs/method.md §7: the unadapted joint score picks the most normal-looking images as synthesis bases."""
         from .adaptation import adapt_patch_scores
 
         cfg = self.config
@@ -713,7 +713,7 @@ class DualClipDetector:
     def _fuse(
         self, branches: BranchScores, grid: tuple[int, int], scale: ScoreScale | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """METHOD §6: fuse the patch branches into maps ``(N, S, S)`` and image scores ``(N,)``.
+        """docs/method.md §6: fuse the patch branches into maps ``(N, S, S)`` and image scores ``(N,)``.
 
         Without ``scale`` (zero-shot) the branches are brought to one scale over the run (``fusion_norm``);
         with a profile's ``scale`` by the normal images' fixed moments, and maps and scores end in profile units.

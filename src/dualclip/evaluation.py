@@ -1,4 +1,4 @@
-"""The evaluation protocol (METHOD.md §8): per category, then the macro mean; resumable and atomic.
+"""The evaluation protocol (docs/method.md §8): per category, then the macro mean; resumable and atomic.
 
 Maps are scored at the processing resolution S with ground-truth masks resized to S (nearest), the field's
 custom. With several seeds every metric is reported as mean and standard deviation over the seeds.

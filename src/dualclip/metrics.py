@@ -1,4 +1,4 @@
-"""The field's metrics (METHOD.md §8): image and pixel AUROC, AP, F1-max, and exact AUPRO.
+"""The field's metrics (docs/method.md §8): image and pixel AUROC, AP, F1-max, and exact AUPRO.
 
 All pixel metrics and AUPRO come from one sort of all pixels: scores are packed with the index of the
 connected ground-truth region each pixel belongs to (0 = normal) into 64-bit keys and sorted once. Curves

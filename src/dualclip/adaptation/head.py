@@ -1,4 +1,4 @@
-"""Test-time adaptation head on frozen patch features (METHOD.md §7).
+"""Test-time adaptation head on frozen patch features (docs/method.md §7).
 
     f' = normalize(f) + Up(GELU(Down(normalize(f))))        (residual low-rank adapter, Up starts at 0)
     logit = scale * <normalize(f'), w0 + delta> + b

@@ -1,4 +1,4 @@
-"""CLIP through an unmodified ``open_clip`` model, with a training-free V-V attention path (METHOD.md §2).
+"""CLIP through an unmodified ``open_clip`` model, with a training-free V-V attention path (docs/method.md §2).
 
 One forward pass runs the frozen blocks as ``open_clip`` does (the original path X, so the global
 embedding *is* ``encode_image``) and, beside it, the V-V path Z::

@@ -1,7 +1,7 @@
 """A vision-only ViT: DINOv2 ViT-S/14 on ``timm`` (optional extra ``dualclip[dinov2]``), with the V-V path.
 
 One pass runs timm's unmodified blocks (the original path X) and, from block ``vv_start`` on, the training-free
-V-V path Z beside them, exactly as for CLIP (METHOD.md §2)::
+V-V path Z beside them, exactly as for CLIP (docs/method.md §2)::
 
     Z^l = Z^{l-1} + LS1(Proj(softmax(v v^T / sqrt(d)) v)),   v from Norm1(X^{l-1}),   no FFN
 

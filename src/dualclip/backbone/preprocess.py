@@ -1,4 +1,4 @@
-"""METHOD.md §1: resize to S x S (bicubic), 8-bit RGB, normalise with the backbone's mean and std."""
+"""docs/method.md §1: resize to S x S (bicubic), 8-bit RGB, normalise with the backbone's mean and std."""
 
 from __future__ import annotations
 

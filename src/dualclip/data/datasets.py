@@ -1,4 +1,4 @@
-"""The field's dataset layouts (METHOD.md §8): MVTec AD, VisA, MPDD, BTAD and a generic folder layout.
+"""The field's dataset layouts (docs/method.md §8): MVTec AD, VisA, MPDD, BTAD and a generic folder layout.
 
 Images are loaded lazily. Masks are binarised as the datasets' own tools do (``!= 0`` on one channel; palette
 masks by index, not by grey level; see :func:`read_mask`), then resized with nearest neighbour. Anomalous images

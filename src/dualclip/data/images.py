@@ -1,4 +1,4 @@
-"""Loading images of any common mode as 8-bit RGB, with clear errors for bad files (METHOD.md §1)."""
+"""Loading images of any common mode as 8-bit RGB, with clear errors for bad files (docs/method.md §1)."""
 
 from __future__ import annotations
 

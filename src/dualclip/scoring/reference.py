@@ -1,4 +1,4 @@
-"""METHOD.md §5: the dual-image visual reference.
+"""docs/method.md §5: the dual-image visual reference.
 
 Each image a is given reference images (its partners) from the same unlabeled set, and every patch of a
 is scored by its distance to the closest patch of the reference::
