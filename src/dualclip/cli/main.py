@@ -16,7 +16,6 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
-import click
 import typer
 from typer.core import TyperCommand
 
@@ -86,19 +85,26 @@ def configure_logging(quiet: bool = False, verbose: bool = False) -> logging.Han
     return handler
 
 
+def _command_flags() -> dict[str, str]:
+    """``{parameter: flag}`` over every command's options (``memory_bank_size`` -> ``--memory-bank-size``)."""
+    flags: dict[str, str] = {}
+    group = typer.main.get_command(app)
+    for command in getattr(group, "commands", {}).values():
+        for param in command.params:
+            longs = [o for o in param.opts if o.startswith("--")] if param.param_type_name == "option" else []
+            if longs and param.name and param.name not in _FLAG_ALIASES:
+                flags.setdefault(param.name, longs[0])
+    return flags
+
+
 def _flags(message: str) -> str:
-    """A library message with its parameters named as the running command's flags: ``memory_bank_size=8`` ->
-    ``--memory-bank-size 8`` for every option of the command (library messages speak of parameters)."""
-    ctx = click.get_current_context(silent=True)
-    if ctx is None:
+    """A library message with its parameters named as flags: ``memory_bank_size=8`` -> ``--memory-bank-size 8``
+    for every option of the commands (library messages speak of parameters)."""
+    if "=" not in message:
         return message
-    for param in ctx.command.params:
-        longs = [o for o in param.opts if o.startswith("--")] if isinstance(param, click.Option) else []
-        if not longs or not param.name:
-            continue
-        flag = _FLAG_ALIASES.get(param.name, longs[0])
+    for name, flag in _command_flags().items():
         message = re.sub(
-            rf"(?<![\w.(\-'\"]){re.escape(param.name)}=(\S?)",
+            rf"(?<![\w.(\-'\"]){re.escape(name)}=(\S?)",
             lambda m, f=flag: f + (" " + m.group(1) if m.group(1) and m.group(1) not in ",;)" else m.group(1)),
             message,
         )
@@ -106,6 +112,9 @@ def _flags(message: str) -> str:
         message = re.sub(rf"(?<![\w.(\-'\"]){re.escape(name)}=(?=[,;)\s]|$)", flag, message)
     return message
 
+
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+"""click's usage errors (typer ships its own copy of click)."""
 
 _FLAG_ALIASES = {"api_key": "--api-key-file FILE"}
 """Parameters whose flag is not their name (the service's key is read from a file)."""
@@ -133,7 +142,7 @@ def cli_errors(debug: bool, quiet: bool = False, verbose: bool = False) -> Itera
         kept = kept or "nothing written; earlier outputs are untouched"
         typer.echo(f"interrupted ({'SIGTERM' if term else 'SIGINT'}): {kept}", err=True)
         raise typer.Exit(EXIT_SIGTERM if term else EXIT_SIGINT) from None
-    except (typer.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+    except (typer.Exit, typer.Abort, _CLICK_ERROR):  # click reports its own usage errors (exit 2)
         raise
     except DualclipError as exc:
         if debug:
