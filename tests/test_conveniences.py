@@ -82,7 +82,7 @@ def test_exclude_leaves_out_matching_files_and_masks_are_warned_of(tmp_path, wit
     assert sorted(p["path"] for p in doc["predictions"]) == sorted(
         str(p) for p in with_masks.rglob("*.png") if not p.stem.endswith("_mask")
     )
-    assert sum(s["reason"] == "excluded by --exclude *_mask.png" for s in doc["skipped"]) == 10
+    assert sum(s["reason"] == "excluded by exclude_patterns=*_mask.png" for s in doc["skipped"]) == 10
     assert doc["warnings"] == [] and warned == []
     r = CliRunner().invoke(
         app,
