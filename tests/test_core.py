@@ -184,7 +184,7 @@ def test_config_round_trips_and_rejects_bad_values():
     cfg = DetectorConfig(backbone="effnet-lite0", k=3, alpha=0.2)
     again = DetectorConfig(**{**cfg.to_dict(), "feature_layers": None})
     assert dataclasses.replace(again, feature_layers=None).to_dict() == cfg.to_dict()
-    for bad in ({"alpha": 1.5}, {"beta": -0.1}, {"k": 0}, {"pairing": "nearest"}, {"fusion_norm": "l2"}):
+    for bad in ({"alpha": 1.5}, {"beta": -0.1}, {"k": 0}, {"fusion_norm": "l2"}):
         with pytest.raises(ValueError):
             DetectorConfig(**bad)
 

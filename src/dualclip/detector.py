@@ -344,8 +344,9 @@ def _check_profile_geometry(path, profile: Profile, backbone: Backbone) -> None:
 def _saved_settings(profile: Profile) -> dict:
     """A profile's method settings, with what a profile saved before a setting existed computed with: the network's
     own border padding, no centring (no offsets saved), the distance and neighbourhood it recorded. The execution
-    settings that older profiles saved along (device, batch size, ...) are the caller's and left out."""
-    settings = {k: v for k, v in profile.meta["config"].items() if k not in EXECUTION_FIELDS}
+    settings that older profiles saved along (device, batch size, ...) are the caller's and left out, and so is
+    the removed ``pairing`` (its one value was ``"random"``)."""
+    settings = {k: v for k, v in profile.meta["config"].items() if k not in EXECUTION_FIELDS and k != "pairing"}
     centring = settings.get("centring")
     if centring not in (None, "none") and profile.scale.position is None:
         raise ProfileError(f"its settings centre by {centring!r} but it holds no positional offsets (scale.position)")
@@ -508,7 +509,7 @@ class DualClipDetector:
         run = RunInfo(
             n_images=len(images),
             seed=cfg.seed,
-            pairing="profile" if profile is not None else cfg.pairing if golden is None else "golden",
+            pairing="profile" if profile is not None else "random" if golden is None else "golden",
             references=refs,
             branches=sorted(branches.patch()),
             temperature=temperature,
@@ -657,7 +658,7 @@ class DualClipDetector:
             return [list(range(len(golden))) for _ in range(n)]
         with clock("reference"):
             dup = near_duplicates(thumbnails(images), cfg.duplicate_tolerance)
-            refs = pair_references(n, cfg.k, cfg.pairing, cfg.seed, forbidden=dup)
+            refs = pair_references(n, cfg.k, cfg.seed, forbidden=dup)
             pairs = len({(min(a, b), max(a, b)) for a, r in enumerate(refs) for b in r})
             total = pairs * len(sizes) * len(parts)
             with tqdm(total=total, desc="matching", unit="pair", disable=not progress, leave=False) as bar:

@@ -172,7 +172,7 @@ def _pretrained(value: str | None) -> str | None:
     return None if value.lower() in ("none", "random") else value
 
 
-def _config(backbone, pretrained, image_size, pairing, k, tta, seed, quiet, **extra) -> DetectorConfig:
+def _config(backbone, pretrained, image_size, k, tta, seed, quiet, **extra) -> DetectorConfig:
     k_val = "all" if str(k) == "all" else int(k)
     if extra.get("onnx_file") is not None:
         extra["onnx_file"] = str(extra["onnx_file"])
@@ -180,7 +180,6 @@ def _config(backbone, pretrained, image_size, pairing, k, tta, seed, quiet, **ex
         backbone=backbone,
         pretrained=_pretrained(pretrained),
         image_size=image_size,
-        pairing=pairing,
         k=k_val,
         tta=tta,
         seed=seed,
@@ -268,9 +267,6 @@ def predict(
     backbone: str = BACKBONE,
     pretrained: str = PRETRAINED,
     image_size: int = typer.Option(None, help="Processing size S."),
-    pairing: str = typer.Option(
-        "random", help="random (the only strategy: 'similar' was removed, see docs/results.md)."
-    ),
     k: str = typer.Option("1", help="References per image (int, or 'all')."),
     tta: bool = typer.Option(False, "--tta/--no-tta", help="Test-time adaptation on synthesized anomalies."),
     seed: int = typer.Option(0),
@@ -332,7 +328,6 @@ def predict(
                     backbone=backbone,
                     pretrained=pretrained,
                     image_size=image_size,
-                    pairing=pairing,
                     k=k,
                     tta=tta,
                     seed=seed,
@@ -388,7 +383,6 @@ def predict(
                 backbone,
                 pretrained,
                 image_size,
-                pairing,
                 k,
                 tta,
                 seed,
@@ -429,7 +423,7 @@ def predict(
     raise typer.Exit(code)
 
 
-MODEL_OPTIONS = ("backbone", "pretrained", "image_size", "pairing", "k", "tta", "seed")
+MODEL_OPTIONS = ("backbone", "pretrained", "image_size", "k", "tta", "seed")
 
 
 def _predict_archive(
@@ -789,7 +783,6 @@ def eval_(
     backbone: str = BACKBONE,
     pretrained: str = PRETRAINED,
     image_size: int = typer.Option(None),
-    pairing: str = typer.Option("random"),
     k: str = typer.Option("1"),
     tta: bool = typer.Option(False, "--tta/--no-tta"),
     seeds: str = typer.Option("0", help="Comma-separated seeds; metrics are reported as mean ± std."),
@@ -874,7 +867,6 @@ def eval_(
                 backbone,
                 pretrained,
                 image_size,
-                pairing,
                 k,
                 tta,
                 0,
