@@ -318,7 +318,7 @@ def test_bf16_backbone_keeps_the_pixel_ranking_within_the_documented_tolerance(t
     fp32 = DualClipDetector(DetectorConfig(**{**EFFNET, "image_size": 128}, precision="fp32")).score_images(images)
     det = DualClipDetector(DetectorConfig(**{**EFFNET, "image_size": 128}, precision="bf16"))
     bf16 = det.score_images(images)
-    assert det.run_info_.precision == "bf16" and fp32.run.precision == "fp32"
+    assert bf16.run.precision == "bf16" and fp32.run.precision == "fp32"
     assert bf16.maps.dtype == torch.float32
     assert not torch.equal(bf16.maps, fp32.maps)  # bf16 did run
     for a, b in zip(fp32.maps, bf16.maps, strict=True):

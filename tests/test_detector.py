@@ -113,8 +113,7 @@ def test_paths_and_pil_give_same_result(tiny_backbone, texture_set, tmp_path):
 
 def test_run_info_records_seconds_per_stage(tiny_backbone, texture_set):
     det = DualClipDetector(DetectorConfig(pretrained=None, progress=False), backbone=tiny_backbone)
-    det.predict(texture_set[0][:4], class_name="texture")
-    t = det.run_info_.timings_s
+    t = det.predict(texture_set[0][:4], class_name="texture").run.timings_s
     assert set(t) == {"backbone", "text", "reference", "fusion"}
     assert all(v >= 0 for v in t.values()) and t["backbone"] > 0
 
@@ -136,3 +135,15 @@ def test_text_embeddings_are_cached_on_the_detector_not_on_the_backbone_or_modul
     second.predict(images, class_name="tile")
     assert len(calls) == 4  # another detector owns another cache: nothing shared through the backbone
     assert "_text_cache" not in vars(tiny_backbone) and not hasattr(E, "_MEMORY")
+
+
+def test_predict_returns_its_run_information_and_leaves_the_detector_as_it_was(tiny_backbone, texture_set):
+    det = DualClipDetector(DetectorConfig(pretrained=None, progress=False), backbone=tiny_backbone)
+    _ = det.backbone
+    before = dict(vars(det))
+    preds = det.predict(texture_set[0][:3], class_name="texture")
+    assert isinstance(preds, list) and len(preds) == 3
+    assert preds.run.n_images == 3 and preds.run.references == [p.references for p in preds]
+    assert vars(det).keys() == before.keys() and all(vars(det)[k] is v for k, v in before.items())
+    again = det.predict(texture_set[0][:2], class_name="texture")
+    assert again.run.n_images == 2 and preds.run.n_images == 3  # each call's record is its own

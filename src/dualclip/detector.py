@@ -106,6 +106,16 @@ class Prediction:
         return f"Prediction(score={self.score:.4f}, map={h}x{w}, source={self.source!r}{flag})"
 
 
+class Predictions(list):
+    """What :meth:`DualClipDetector.predict` returns: the :class:`Prediction` of each image, in input order (a
+    ``list``), and ``run``, the :class:`RunInfo` of that call (seed, references, branches, timings). The detector
+    keeps no record of its last run: each call's information comes back with its predictions."""
+
+    def __init__(self, predictions=(), run: RunInfo | None = None) -> None:
+        super().__init__(predictions)
+        self.run = run
+
+
 @dataclass
 class BranchScores:
     """The scores of each branch that ran (``None`` where it did not).
@@ -405,7 +415,6 @@ class DualClipDetector:
         self.config = config or DetectorConfig()
         self._backbone = backbone
         self.profile_ = profile
-        self.run_info_: RunInfo | None = None
         self.text_cache = TextEmbeddingCache()  # text embeddings of this detector's backbone, per class
 
     @property
@@ -421,7 +430,7 @@ class DualClipDetector:
         images: Sequence[ImageInput],
         class_name: str | None = None,
         references: Sequence[ImageInput] | None = None,
-    ) -> list[Prediction]:
+    ) -> Predictions:
         """Score ``images`` (paths, PIL images, ``H x W x 3`` uint8 / ``H x W`` arrays or tensors) of one
         category.
 
@@ -429,7 +438,7 @@ class DualClipDetector:
         with ``references`` (golden normal images) every image is compared with all of them instead.
         A single image without references runs text-only with a warning (a vision-only backbone raises).
         After :meth:`fit` (or :meth:`load`) every image is scored on its own against the profile, in the
-        profile's fixed units: the same score alone or in any batch.
+        profile's fixed units: the same score alone or in any batch. The result's ``run`` says what the call used.
         """
         if len(images) == 0:
             raise InputError("no images to score")
@@ -440,7 +449,7 @@ class DualClipDetector:
         result = self.score_images([img for img, _ in loaded], class_name=class_name, golden=golden)
         branch_image = result.branches.image()
         branch_patch = result.branches.patch()
-        return [
+        predictions = [
             Prediction(
                 score=float(result.image_scores[i]),
                 anomaly_map=resize_map(result.maps[i], img.height, img.width),
@@ -452,6 +461,7 @@ class DualClipDetector:
             )
             for i, (img, source) in enumerate(loaded)
         ]
+        return Predictions(predictions, run=result.run)
 
     # -- the pipeline -----------------------------------------------------------------------------------
     def score_images(
@@ -476,9 +486,7 @@ class DualClipDetector:
         order = _canonical_order(images)
         if order == list(range(len(order))):
             return self._score(images, class_name, golden, progress=self.config.progress)
-        result = _reorder(self._score([images[i] for i in order], class_name, golden, self.config.progress), order)
-        self.run_info_ = result.run
-        return result
+        return _reorder(self._score([images[i] for i in order], class_name, golden, self.config.progress), order)
 
     def _score(
         self, images: list[Image.Image], class_name: str | None, golden: list[Image.Image] | None, progress: bool
@@ -530,7 +538,6 @@ class DualClipDetector:
             run.neighbourhood = list(sizes)
             run.centring = branches.centring
             run.hybrid_norm = self.hybrid_norm() if run.distance == "hybrid" else None
-        self.run_info_ = run
         unusable: list[str | None] = [None] * len(images)
         if profile is not None and profile.ood is not None:
             unusable = profile.ood.check(feats.global_embedding, [grey_spread(img) for img in images])

@@ -274,7 +274,7 @@ def run_predict(
         return EXIT_NOTHING, doc
     images = [img for _, img in loaded]
     preds = det.predict(images, class_name=class_name, references=refs)
-    run = det.run_info_
+    run = preds.run
     if (
         det.profile_ is None
         and config.k != "all"

@@ -108,7 +108,7 @@ class BlockScorer:
         if ok:
             images = [Image.fromarray(d.array) for d in ok]
             preds = det.predict(images, class_name=block.class_name if det.profile_ is None else None)
-            run = det.run_info_.to_dict(with_references=False)
+            run = preds.run.to_dict(with_references=False)
             if det.profile_ is not None:
                 scale = profile_scale(det.profile_)
             else:
