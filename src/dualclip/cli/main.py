@@ -419,7 +419,7 @@ def predict(
         for p in doc["predictions"]:
             s = "error: " + p["error"] if p.get("error") else f"{p['score']:.4f} {p.get('verdict') or ''}"
             typer.echo(f"{s}\t{p['path']}")
-        log.info("wrote %s/report.html", out)
+        typer.echo(f"wrote {out}/report.html", err=True)  # a result (also under -q), not a log record
     raise typer.Exit(code)
 
 
@@ -499,16 +499,11 @@ def _predict_archive(
         progress=not quiet,
         where={k: model[k] for k in ("device", "runtime", "onnx_file", "precision", "batch_size", "num_workers")},
     )
-    log.info(
-        "scored %d of %d images in %d blocks (%d scored now, %d reused) in %.0f s; wrote %s/predictions.json, .csv "
-        "and .parquet",
-        run.images - run.failed,
-        run.images,
-        run.blocks,
-        run.scored_blocks,
-        run.reused_blocks,
-        run.seconds,
-        out,
+    typer.echo(  # a result (also under -q), not a log record
+        f"scored {run.images - run.failed} of {run.images} images in {run.blocks} blocks "
+        f"({run.scored_blocks} scored now, {run.reused_blocks} reused) in {run.seconds:.0f} s; "
+        f"wrote {out}/predictions.json, .csv and .parquet",
+        err=True,
     )
     if run.failed == run.images:
         return EXIT_NOTHING
@@ -957,5 +952,5 @@ def demo(
         )
     for p in doc["predictions"]:
         typer.echo(f"{p['score']:.4f}\t{p['path']}")
-    log.info("heat maps in %s/heatmaps, report %s/report.html", out, out)
+    typer.echo(f"heat maps in {out}/heatmaps, report {out}/report.html", err=True)  # a result, not a log record
     raise typer.Exit(code)
