@@ -117,7 +117,11 @@ def test_cli_export_writes_the_profile_model_and_refuses_to_overwrite(tmp_path, 
     r = CliRunner().invoke(
         app, ["predict", str(tmp_path), "-o", str(tmp_path / "o"), "--profile", str(profile), "--onnx-file", str(out)]
     )
-    assert r.exit_code == 2 and "onnx_file is only used with runtime='onnxruntime'" in r.output
+    assert (
+        r.exit_code == 2
+        and "error: " in r.output
+        and "--onnx-file is only used with --runtime 'onnxruntime'" in r.output
+    )
 
 
 # -- the whole model: image to score and anomaly map -------------------------------------------------------------

@@ -341,7 +341,8 @@ class ExecutionSettings:
             "precision bf16/fp16 applies to the torch runtime (onnxruntime runs the exported fp32 graph)",
         )
         _check(
-            self.onnx_file is None or self.runtime == "onnxruntime", "onnx_file is only used with runtime='onnxruntime'"
+            self.onnx_file is None or self.runtime == "onnxruntime",
+            "onnx_file= is only used with runtime='onnxruntime'",
         )
 
     def to_dict(self) -> dict[str, Any]:

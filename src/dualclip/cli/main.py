@@ -939,8 +939,10 @@ def demo(
             det = DualClipDetector(cfg)
             _ = det.backbone
         except WeightsUnavailableError as exc:
-            log.info("CLIP weights unavailable (%s...).", str(exc).splitlines()[0][:160])
-            log.info("Running the dual-image visual branch with effnet-lite0 instead.")
+            log.warning(
+                "CLIP weights unavailable (%s...). Running the dual-image visual branch with effnet-lite0 instead.",
+                str(exc).splitlines()[0][:160],
+            )
             cfg = DetectorConfig(backbone="effnet-lite0", progress=not quiet)
             det = DualClipDetector(cfg)
         inputs, class_name = _demo_inputs(data, out.parent / f".{out.name}-inputs")
