@@ -18,8 +18,8 @@ ROOT = Path(dualclip.__file__).parent
 PACKAGE = "dualclip"
 
 
-def _module_name(path: Path) -> str:
-    parts = [PACKAGE, *path.relative_to(ROOT).with_suffix("").parts]
+def _module_name(path: Path, root: Path = ROOT) -> str:
+    parts = [PACKAGE, *path.relative_to(root).with_suffix("").parts]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -45,7 +45,7 @@ def _imports(tree: ast.AST):
 
 def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
     """``{module: modules it imports}`` within the package (``a.b`` for ``a/b.py`` and ``a/b/__init__.py``)."""
-    files = {_module_name(p): p for p in root.rglob("*.py")}
+    files = {_module_name(p, root): p for p in root.rglob("*.py")}
     graph: dict[str, set[str]] = {name: set() for name in files}
     for name, path in files.items():
         is_package = path.name == "__init__.py"
@@ -103,9 +103,11 @@ def test_the_circle_finder_sees_a_circle_through_a_function_level_import(tmp_pat
     pkg = tmp_path / PACKAGE
     (pkg / "a").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
-    (pkg / "a" / "__init__.py").write_text("def build():\n    from ..b import x\n")
-    (pkg / "b.py").write_text("from .a.c import y\nx = 1\n")
-    (pkg / "a" / "c.py").write_text("y = 2\n")
+    (pkg / "a" / "__init__.py").write_text("y = 2\n\n\ndef build():\n    from ..b import x\n")
+    (pkg / "a" / "c.py").write_text("z = 3\n")
+    (pkg / "b.py").write_text("from .a import y\nx = 1\n")
     assert find_cycle(import_graph(pkg)) == ["dualclip.a", "dualclip.b", "dualclip.a"]
-    (pkg / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a.c import y\nx = 1\n")
+    (pkg / "b.py").write_text("from .a.c import z\nx = 1\n")  # the submodule, not the package: no circle
+    assert find_cycle(import_graph(pkg)) is None
+    (pkg / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import y\nx = 1\n")
     assert find_cycle(import_graph(pkg)) is None

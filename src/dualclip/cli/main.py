@@ -575,7 +575,6 @@ def fit(
             backbone,
             pretrained,
             image_size,
-            "random",
             "1",
             tta,
             seed,
@@ -749,9 +748,7 @@ def export(
         if profile is not None:
             det = DualClipDetector.load(profile, device="cpu", runtime="torch", precision="fp32")
         else:
-            det = DualClipDetector(
-                _config(backbone, pretrained, image_size, "random", "1", False, 0, True, device="cpu")
-            )
+            det = DualClipDetector(_config(backbone, pretrained, image_size, "1", False, 0, True, device="cpu"))
         if what == "model":
             export_model(det, out, profile_path=profile)
         else:
