@@ -188,7 +188,6 @@ def _literals() -> dict[str, tuple]:
 def test_every_allowed_value_set_is_declared_once():
     literals = _literals()
     assert set(literals) == {
-        "Pairing",
         "Aggregation",
         "Distance",
         "FusionNorm",
