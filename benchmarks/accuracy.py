@@ -66,7 +66,7 @@ def main() -> None:
                 deterministic = not tta and (k == "all" or use_golden)
                 run_seeds = seeds[:1] if deterministic else seeds
                 c = dataclasses.replace(cat, references=golden if use_golden else [])
-                cfg = DetectorConfig(backbone="effnet-lite0", k=k, pairing="random", tta=tta, progress=False)
+                cfg = DetectorConfig(backbone="effnet-lite0", k=k, tta=tta, progress=False)
                 r = evaluate_category(cfg, c, run_seeds, cache)
                 per = r["per_seed"]
                 raw[f"{cat.name}|{label}|tta={tta}"] = r

@@ -127,7 +127,7 @@ def evaluate(seeds, backbone: str, pretrained, distances=DISTANCES):
                 for nb in NEIGHBOURHOODS
             }
             for seed in seeds:
-                refs = pair_references(len(images), 1, "random", seed, forbidden=dup)
+                refs = pair_references(len(images), 1, seed, forbidden=dup)
                 part_scores = {
                     key: torch.stack([reference_scores(s, refs, distance=key[0]) for s in sp]).mean(0)
                     for key, sp in spaces.items()

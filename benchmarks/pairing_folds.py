@@ -4,7 +4,7 @@ Folds: magnetic_tile's three defect types (each with the first 100 defect-free i
 SOURCE.txt says) and metal_plate's test split. Strategies: `random` (default), `similar` (references drawn at
 random among the more similar half) and the nearest partner alone (`similar` with a pool of one image: the
 old `similar`). Only `random` is offered by the detector: `similar` was removed on this table's evidence, so
-its rows are computed here from the library's own pieces (features once per fold, then
+its rows are computed here (`similar_references`, this script's own) with the library's pieces (features once per fold, then
 `pair_references` -> `match_spaces` -> `reference_scores` -> `upsample` -> `map_scores`: the detector's visual-only path,
 checked equal to `DualClipDetector` for `random`). effnet-lite0, k = 1, no adaptation, seeds 0, 1, 2. Nothing
 is chosen on these folds: the strategies were fixed before they were run, and every fold is reported.
@@ -28,6 +28,32 @@ STRATEGIES = {
     "nearest only (the old similar, removed)": ("similar", 1e-9),
 }
 METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
+
+
+def similar_references(n, k, seed, global_embeddings, forbidden, pool_fraction):
+    """The research variant the detector does not offer: each image's ``k`` references drawn at random (seeded)
+    from its ``ceil(pool_fraction * (n - 1))`` most cosine-similar other images by global embedding (a pool of
+    one: the nearest image); never itself or a ``forbidden`` partner while another is left."""
+    import math
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    k_eff = min(int(k), n - 1)
+    allowed = ~forbidden.bool()
+    allowed.fill_diagonal_(False)
+    rng = np.random.default_rng(seed)
+    g = F.normalize(global_embeddings.float(), dim=-1)
+    sim = (g @ g.T).masked_fill(~allowed, -math.inf)
+    order = torch.sort(sim, dim=1, descending=True, stable=True).indices  # ties broken by index
+    pool = max(k_eff, math.ceil(pool_fraction * (n - 1)))
+    refs = []
+    for i in range(n):
+        cands = [j for j in order[i, :pool].tolist() if allowed[i, j]] or [j for j in range(n) if j != i]
+        pick = rng.choice(len(cands), size=min(k_eff, len(cands)), replace=False)
+        refs.append([cands[p] for p in sorted(pick.tolist())])
+    return refs
 
 
 def folds():
@@ -86,9 +112,10 @@ def main() -> None:
         for name, (strategy, pool) in STRATEGIES.items():
             per_seed = []
             for seed in seeds:
-                refs = pair_references(
-                    len(images), 1, strategy, seed, feats.global_embedding, forbidden=dup, similar_pool=pool
-                )
+                if strategy == "random":
+                    refs = pair_references(len(images), 1, seed, forbidden=dup)
+                else:
+                    refs = similar_references(len(images), 1, seed, feats.global_embedding, dup, pool)
                 visual = torch.stack([reference_scores(s, refs, distance=distance) for s in spaces]).mean(0)
                 maps = upsample(visual, feats.grid, size, cfg.sigma)
                 scores = map_scores(maps, cfg.image_score)

@@ -58,7 +58,7 @@ def main() -> None:
             repeats = 1 if (label == "all" and n >= 100) or args.quick else 3
 
             def run(n=n, k=k, feats=feats):
-                reference_scores(feats, pair_references(n, k, "random", 0))
+                reference_scores(feats, pair_references(n, k, 0))
 
             times[label][n] = timed(run, repeats, warmup=n <= 50)
             print(f"N={n} {label}: {times[label][n]:.3f} s", file=sys.stderr, flush=True)

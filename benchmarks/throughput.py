@@ -2,7 +2,7 @@
 
 For each backbone (one subprocess each, so that peak RSS is that model's own) and batch size 1 and 8:
 plain ``encode_image`` (CLIP only: the baseline of the ratios), then ``score_images`` without adaptation,
-with the seconds of each stage taken from ``run_info_.timings_s`` (median over repeats), then one run
+with the seconds of each stage taken from each run's ``run.timings_s`` (median over repeats), then one run
 with adaptation at the default budget. Random CLIP weights (speed does not depend on their values);
 effnet-lite0 with its real weights.
 
@@ -50,7 +50,6 @@ def measure_model(name: str, quick: bool) -> list[dict]:
             with torch.inference_mode():
                 encode_ms = 1000 * timed(lambda x=x: bb.model.encode_image(x), repeats) / batch
             if batch == 1:  # the prompt ensemble's encoding, once per process (then cached)
-                bb.__dict__.pop("_text_cache", None)
                 start = time.perf_counter()
                 text_embeddings(bb, "bottle")
                 text_first_ms = 1000 * (time.perf_counter() - start)
@@ -59,8 +58,8 @@ def measure_model(name: str, quick: bool) -> list[dict]:
         def run(det=det, images=images, stage_runs=stage_runs):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                det.score_images(images, class_name="bottle")
-            stage_runs.append(dict(det.run_info_.timings_s))
+                result = det.score_images(images, class_name="bottle")
+            stage_runs.append(dict(result.run.timings_s))
 
         total = timed(run, repeats)
         stage_runs = stage_runs[1:]  # drop the warm-up
@@ -69,7 +68,7 @@ def measure_model(name: str, quick: bool) -> list[dict]:
             DetectorConfig(**{**cfg.__dict__, "tta": True, "adaptation": AdaptationConfig()}), backbone=bb
         )
         start = time.perf_counter()
-        on.score_images(images, class_name="bottle")
+        on_run = on.score_images(images, class_name="bottle").run
         tta_total = time.perf_counter() - start
         rows.append(
             {
@@ -82,9 +81,9 @@ def measure_model(name: str, quick: bool) -> list[dict]:
                 "text_first_call_ms": text_first_ms if bb.has_text else None,
                 "stage_ms": {s: 1000 * v / n for s, v in stages.items()},
                 "total_ms": 1000 * total / n,
-                "adaptation_ms": 1000 * on.run_info_.timings_s["adaptation"] / n,
+                "adaptation_ms": 1000 * on_run.timings_s["adaptation"] / n,
                 "total_with_adaptation_ms": 1000 * tta_total / n,
-                "synthetic_images": on.run_info_.synthetic_images,
+                "synthetic_images": on_run.synthetic_images,
                 "peak_rss_mb": peak_rss_mb(),
             }
         )
@@ -124,7 +123,7 @@ def main() -> None:
             ]
         )
     notes = [
-        "ms per image; stages from `run_info_.timings_s`, median over the repeats; the ratio is the whole "
+        "ms per image; stages from each run's `run.timings_s`, median over the repeats; the ratio is the whole "
         "prediction without adaptation against plain `encode_image` at the same batch; adaptation at the default "
         "budget (synthetic images in brackets), one run, its ratio is the whole prediction with it against "
         "without. Text embeddings are cached after the first call of a process (first call: "

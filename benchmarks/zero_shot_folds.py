@@ -257,7 +257,7 @@ def run(results_path: Path, features: tuple[str, ...], seeds: tuple[int, ...], o
             timings.setdefault(feat, {})[cat.name] = {"extract_s_per_image": (time.perf_counter() - t) / len(images)}
             size = backbone.image_size
             for seed in missing:
-                refs1 = pair_references(len(images), 1, "random", seed, forbidden=dup)
+                refs1 = pair_references(len(images), 1, seed, forbidden=dup)
                 if feat == "baseline":
                     key = f"{BASELINE}|{seed}"
                     if key not in fold:
@@ -273,7 +273,7 @@ def run(results_path: Path, features: tuple[str, ...], seeds: tuple[int, ...], o
                     ]
                     if not todo:
                         continue
-                    refs = refs1 if k == 1 else pair_references(len(images), k, "random", seed, forbidden=dup)
+                    refs = refs1 if k == 1 else pair_references(len(images), k, seed, forbidden=dup)
                     t = time.perf_counter()
                     parts = {
                         p: reference_scores(match_spaces(layers, grid, p, (nb,))[0], refs, "mean_low30", distance=p)

@@ -85,7 +85,7 @@ def test_head_learns_on_synthetic_anomalies(texture_set, rank):
     head = AdaptationHead(x.shape[-1], None, None, rank=rank)
     with torch.no_grad():
         assert torch.equal(torch.sigmoid(head(x_val)), torch.full(x_val.shape[:2], 0.5))  # starts uninformed
-    losses = train_head(head, x, y, steps=80, lr=1e-2, weight_decay=1e-4, dice_weight=1.0, seed=0)
+    losses = train_head(head, x, y, steps=80, lr=1e-2, weight_decay=1e-4, dice_weight=1.0)
     with torch.no_grad():
         after = image_auroc((y_val > 0).ravel().numpy(), head(x_val).ravel().numpy())
     assert losses[-1] < 0.8 * losses[0]
@@ -122,7 +122,7 @@ def test_training_on_features_normalised_once_matches_per_step_normalisation():
     torch.manual_seed(0)
     x, y = torch.randn(4, 30, 16) * 5, (torch.rand(4, 30) > 0.8).float()
     fast, plain = AdaptationHead(16, None, None, rank=0), AdaptationHead(16, None, None, rank=0)
-    losses = train_head(fast, x, y, steps=10, lr=1e-2, weight_decay=1e-4, dice_weight=1.0, seed=0)
+    losses = train_head(fast, x, y, steps=10, lr=1e-2, weight_decay=1e-4, dice_weight=1.0)
     opt = torch.optim.AdamW(plain.parameters(), lr=1e-2, weight_decay=1e-4)
     reference = []
     for _ in range(10):
@@ -140,8 +140,7 @@ def test_training_on_features_normalised_once_matches_per_step_normalisation():
 def test_detector_records_the_synthetic_budget(tiny_backbone, texture_set):
     cfg = DetectorConfig(pretrained=None, progress=False, tta=True, adaptation=AdaptationConfig(steps=2))
     det = DualClipDetector(cfg, backbone=tiny_backbone)
-    det.predict(texture_set[0][:4])
-    assert det.run_info_.synthetic_images == 8
+    assert det.predict(texture_set[0][:4]).run.synthetic_images == 8
 
 
 def test_synthesis_bases_are_the_most_normal_looking_images():
@@ -159,7 +158,7 @@ def test_detector_adapts_from_low_scored_bases(tiny_backbone, texture_set):
     cfg = DetectorConfig(pretrained=None, progress=False, tta=True, adaptation=AdaptationConfig(steps=2))
     det = DualClipDetector(cfg, backbone=tiny_backbone)
     bases = det.score_images(images, class_name="texture").run.synthesis_bases
-    assert len(bases) == 5 and det.run_info_.synthesis_bases == bases  # half of 10, recorded
+    assert len(bases) == 5 and det.predict(images, class_name="texture").run.synthesis_bases == bases  # recorded
     plain = DualClipDetector(DetectorConfig(pretrained=None, progress=False), backbone=tiny_backbone)
     res = plain.score_images(images, class_name="texture")
     from dualclip.scoring import fuse
@@ -179,7 +178,35 @@ def test_adaptation_keeps_its_text_start(tiny_backbone, texture_set):
     cos = {}
     for anchor in (0.0, a.anchor):
         head = AdaptationHead(x.shape[-1], text[1] - text[0], tiny_backbone.logit_scale, 0)
-        train_head(head, x, y, a.steps, a.lr, a.weight_decay, a.dice_weight, 0, anchor)
+        train_head(head, x, y, a.steps, a.lr, a.weight_decay, a.dice_weight, anchor)
         cos[anchor] = float(torch.nn.functional.cosine_similarity(head.direction, head.w0, dim=0))
         assert torch.equal(head.w0, text[1] - text[0])  # the start itself is never trained
     assert cos[a.anchor] > 0.9 and cos[0.0] < 0.5
+
+
+def test_train_head_leaves_the_global_torch_rng_as_it_was():
+    x, y = torch.randn(2, 6, 16), (torch.rand(2, 6) > 0.5).float()
+    head = AdaptationHead(16, None, None, rank=4)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    train_head(head, x, y, steps=3, lr=1e-2, weight_decay=1e-4, dice_weight=1.0)
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_a_seeded_head_starts_as_nn_linear_after_manual_seed_and_draws_nothing_globally():
+    torch.manual_seed(5)
+    expected = torch.nn.Linear(16, 4, bias=False).weight.detach().clone()  # the start before the generator
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    head = AdaptationHead(16, None, None, rank=4, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(head.down.weight.detach(), expected)
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_predict_with_adaptation_leaves_the_global_torch_rng_as_it_was(tiny_backbone, texture_set):
+    cfg = DetectorConfig(pretrained=None, progress=False, tta=True, adaptation=AdaptationConfig(num_images=4, steps=3))
+    det = DualClipDetector(cfg, backbone=tiny_backbone)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    det.predict(texture_set[0][:3], class_name="tile")
+    assert torch.equal(torch.random.get_rng_state(), before)

@@ -165,7 +165,7 @@ def test_download_failure_names_model_tag_file_and_flag(tmp_path):
     with pytest.raises(WeightsUnavailableError) as err:
         load_open_clip("ViT-B-16-plus-240", "laion400m_e32", 240, cache_dir=str(tmp_path))
     msg = str(err.value)
-    assert "ViT-B-16-plus-240" in msg and "laion400m_e32" in msg and "--pretrained" in msg
+    assert "ViT-B-16-plus-240" in msg and "laion400m_e32" in msg and "pretrained=/path/to/file" in msg
     assert open_clip.get_pretrained_cfg("ViT-B-16-plus-240", "laion400m_e32")["hf_hub"].rstrip("/") in msg
 
 

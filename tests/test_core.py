@@ -9,7 +9,6 @@ instead of the mean over seeds.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -185,7 +184,7 @@ def test_config_round_trips_and_rejects_bad_values():
     cfg = DetectorConfig(backbone="effnet-lite0", k=3, alpha=0.2)
     again = DetectorConfig(**{**cfg.to_dict(), "feature_layers": None})
     assert dataclasses.replace(again, feature_layers=None).to_dict() == cfg.to_dict()
-    for bad in ({"alpha": 1.5}, {"beta": -0.1}, {"k": 0}, {"pairing": "nearest"}, {"fusion_norm": "l2"}):
+    for bad in ({"alpha": 1.5}, {"beta": -0.1}, {"k": 0}, {"fusion_norm": "l2"}):
         with pytest.raises(ValueError):
             DetectorConfig(**bad)
 
@@ -384,16 +383,17 @@ def test_single_branch_keeps_its_units_whatever_alpha(tiny_backbone, images):
         torch.testing.assert_close(text.maps, upsample(text.branches.text, text.grid, tiny_backbone.image_size, 4.0))
 
 
-def test_branch_gating_messages_point_at_the_caller(tiny_backbone, images, texture_set):
+def test_branch_gating_messages_are_logged_as_warnings(tiny_backbone, images, texture_set, caplog):
     det = DualClipDetector(DetectorConfig(pretrained=None, progress=False), backbone=tiny_backbone)
-    with pytest.warns(UserWarning) as rec:
-        det.predict(images[:1])
-    assert str(rec[0].message) == (
-        "a single image has no partner for the visual reference: running text-only "
-        "(give golden references to use the visual branch)"
-    )
-    if "mutants" not in Path(__file__).parts:  # under mutmut (a copy in mutants/) trampolines add stack frames
-        assert rec[0].filename == __file__  # stacklevel: the warning names the caller's line
+    det.predict(images[:1])
+    said = [r for r in caplog.records if r.name.startswith("dualclip")]
+    assert [(r.levelname, r.getMessage()) for r in said] == [
+        (
+            "WARNING",
+            "a single image has no partner for the visual reference: running text-only "
+            "(give golden references to use the visual branch)",
+        )
+    ]
     pytest.importorskip("efficientnet_lite_pytorch")
     from dualclip.backbone import EffNetLite0Backbone
 

@@ -52,9 +52,9 @@ def test_ablation_switches(tiny_backbone, texture_set):
         DetectorConfig(use_text=False, use_visual=False)
 
 
-def test_single_image_runs_text_only_with_warning(tiny_backbone, texture_set):
-    with pytest.warns(UserWarning, match="text-only"):
-        preds = _det(tiny_backbone).predict(texture_set[0][:1])
+def test_single_image_runs_text_only_with_warning(tiny_backbone, texture_set, caplog):
+    preds = _det(tiny_backbone).predict(texture_set[0][:1])
+    assert any(r.levelname == "WARNING" and "text-only" in r.getMessage() for r in caplog.records)
     assert set(preds[0].branch_maps) == {"text"}
 
 
@@ -113,7 +113,37 @@ def test_paths_and_pil_give_same_result(tiny_backbone, texture_set, tmp_path):
 
 def test_run_info_records_seconds_per_stage(tiny_backbone, texture_set):
     det = DualClipDetector(DetectorConfig(pretrained=None, progress=False), backbone=tiny_backbone)
-    det.predict(texture_set[0][:4], class_name="texture")
-    t = det.run_info_.timings_s
+    t = det.predict(texture_set[0][:4], class_name="texture").run.timings_s
     assert set(t) == {"backbone", "text", "reference", "fusion"}
     assert all(v >= 0 for v in t.values()) and t["backbone"] > 0
+
+
+def test_text_embeddings_are_cached_on_the_detector_not_on_the_backbone_or_module(
+    tiny_backbone, texture_set, monkeypatch
+):
+    import dualclip.text.embeddings as E
+
+    calls = []
+    original = E.state_embedding
+    monkeypatch.setattr(E, "state_embedding", lambda bb, prompts: calls.append(1) or original(bb, prompts))
+    images = texture_set[0][:3]
+    first = DualClipDetector(DetectorConfig(pretrained=None, progress=False), backbone=tiny_backbone)
+    first.predict(images, class_name="tile")
+    first.predict(images, class_name="tile")
+    assert len(calls) == 2 and len(first.text_cache) == 1  # t_n and t_a once: the second run reads the cache
+    second = DualClipDetector(DetectorConfig(pretrained=None, progress=False), backbone=tiny_backbone)
+    second.predict(images, class_name="tile")
+    assert len(calls) == 4  # another detector owns another cache: nothing shared through the backbone
+    assert "_text_cache" not in vars(tiny_backbone) and not hasattr(E, "_MEMORY")
+
+
+def test_predict_returns_its_run_information_and_leaves_the_detector_as_it_was(tiny_backbone, texture_set):
+    det = DualClipDetector(DetectorConfig(pretrained=None, progress=False), backbone=tiny_backbone)
+    _ = det.backbone
+    before = dict(vars(det))
+    preds = det.predict(texture_set[0][:3], class_name="texture")
+    assert isinstance(preds, list) and len(preds) == 3
+    assert preds.run.n_images == 3 and preds.run.references == [p.references for p in preds]
+    assert vars(det).keys() == before.keys() and all(vars(det)[k] is v for k, v in before.items())
+    again = det.predict(texture_set[0][:2], class_name="texture")
+    assert again.run.n_images == 2 and preds.run.n_images == 3  # each call's record is its own

@@ -15,6 +15,7 @@ from dualclip import DetectorConfig  # noqa: E402
 from dualclip.backbone import EffNetLite0Backbone, build_clip_backbone  # noqa: E402
 from dualclip.cli.main import app  # noqa: E402
 from dualclip.detector import DualClipDetector  # noqa: E402
+from dualclip.errors import OutputError  # noqa: E402
 from dualclip.export import OnnxBackbone, export_onnx, onnx_metadata, output_names  # noqa: E402
 from dualclip.profile import weights_fingerprint  # noqa: E402
 
@@ -116,7 +117,11 @@ def test_cli_export_writes_the_profile_model_and_refuses_to_overwrite(tmp_path, 
     r = CliRunner().invoke(
         app, ["predict", str(tmp_path), "-o", str(tmp_path / "o"), "--profile", str(profile), "--onnx-file", str(out)]
     )
-    assert r.exit_code == 2 and "onnx_file is only used with runtime='onnxruntime'" in r.output
+    assert (
+        r.exit_code == 2
+        and "error: " in r.output
+        and "--onnx-file is only used with --runtime 'onnxruntime'" in r.output
+    )
 
 
 # -- the whole model: image to score and anomaly map -------------------------------------------------------------
@@ -311,7 +316,7 @@ def test_whole_model_export_refuses_an_unfitted_detector_a_missing_folder_and_a_
     with pytest.raises(ValueError, match="export_model needs a fitted detector"):
         export_model(DualClipDetector(DetectorConfig(backbone="effnet-lite0", image_size=96)), tmp_path / "m.onnx")
     det = DualClipDetector.load(_fitted_profile(tmp_path, texture_set, "effnet"))
-    with pytest.raises(FileNotFoundError, match=r"the folder of .*missing.*m.onnx \(.*\) does not exist"):
+    with pytest.raises(OutputError, match=r"the folder of .*missing.*m.onnx \(.*\) does not exist"):
         export_model(det, tmp_path / "missing" / "m.onnx")
     monkeypatch.setattr(model_module, "MAX_GRAPH_BYTES", 2**20)  # this model and bank take about 20 MiB
     with pytest.raises(ValueError, match=r"weights and memory bank take 0.02 GiB, over the 2 GiB one ONNX file"):

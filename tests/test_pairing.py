@@ -1,7 +1,7 @@
 """Partner selection under recurring defects and duplicates (real ImageNet features: effnet-lite0).
 
 A defect that recurs across the set (here: the same synthetic defect on many images) must not erase itself
-through the choice of partners, for every offered pairing strategy; a defective image and its copy are never
+through the choice of partners; a defective image and its copy are never
 each other's partner.
 """
 
@@ -42,7 +42,7 @@ def _scores(backbone, images, **settings):
 
 
 @pytest.mark.parametrize("k", [1, 3])
-def test_recurring_defect_scores_above_normal_for_every_offered_strategy(backbone, k):
+def test_recurring_defect_scores_above_normal_with_random_partners(backbone, k):
     """8 of 20 images carry the same defect at the same place: random partners still find it."""
     images, labels = _recurring()
     for seed in (0, 1, 2):
@@ -64,16 +64,28 @@ def test_full_mutual_scoring_holds_below_30_percent_recurrence(backbone):
     assert s[labels == 1].mean() < 1.2 * s[labels == 0].mean()
 
 
-def test_similar_pairing_was_removed_with_the_alternatives_named():
+def test_pairing_is_no_setting_and_no_option():
     from typer.testing import CliRunner
 
     from dualclip.cli.main import app
 
-    with pytest.raises(ValueError, match="pairing 'similar' was removed") as err:
-        DetectorConfig(pairing="similar")
-    assert "pairing='random'" in str(err.value) and "k=3" in str(err.value) and "k='all'" in str(err.value)
-    r = CliRunner().invoke(app, ["predict", "x.png", "-o", "o", "--pairing", "similar"])
-    assert r.exit_code == 2 and "pairing 'similar' was removed" in r.output
+    with pytest.raises(TypeError, match="pairing"):
+        DetectorConfig(pairing="random")
+    r = CliRunner().invoke(app, ["predict", "x.png", "-o", "o", "--pairing", "random"])
+    assert r.exit_code == 2 and "No such option" in r.output and "--pairing" in r.output
+
+
+def test_a_profile_saved_with_the_pairing_setting_still_loads(backbone, tmp_path):
+    import json
+
+    images, _ = _recurring(n_normal=4, n_defective=0)
+    cfg = DetectorConfig(backbone="effnet-lite0", progress=False)
+    DualClipDetector(cfg, backbone=backbone).fit(images).save(tmp_path / "p")
+    doc = json.loads((tmp_path / "p" / "profile.json").read_text())
+    doc["config"]["pairing"] = "random"  # what a profile saved while the setting existed holds
+    (tmp_path / "p" / "profile.json").write_text(json.dumps(doc))
+    det = DualClipDetector.load(tmp_path / "p", backbone=backbone)
+    assert "pairing" not in det.config.to_dict() and det.predict(images[:1])[0].score is not None
 
 
 def test_a_defect_and_its_copy_are_never_partners(backbone):

@@ -75,16 +75,17 @@ def test_mutual_pairs_subtract_the_runs_median_at_each_position(tiny_backbone, t
     feats = det.features(images)
     refs = run.run.references  # the partners of the run (seeded over the images' pixel-digest order)
     order = sorted(range(len(images)), key=lambda i: pixel_digest(images[i]))
-    canonical = pair_references(len(images), 1, "random", 0)
+    canonical = pair_references(len(images), 1, 0)
     assert refs == [[order[canonical[order.index(i)][0]]] for i in range(len(images))]
     (space,) = match_spaces(feats.match_features, feats.grid, "cosine", (3,))
     raw = reference_scores(space, refs, distance="cosine")
     want = raw.numpy() - lower_median(raw.numpy())
     np.testing.assert_allclose(got.numpy(), want, atol=1e-6)
-    assert det.run_info_.centring == "position"
+    assert det.score_images(images).run.centring == "position"
     off = DualClipDetector(dataclasses.replace(CFG, centring="none"), backbone=tiny_backbone)
-    np.testing.assert_allclose(off.score_images(images).branches.visual.numpy(), raw.numpy(), atol=1e-6)
-    assert off.run_info_.centring == "none"
+    plain = off.score_images(images)
+    np.testing.assert_allclose(plain.branches.visual.numpy(), raw.numpy(), atol=1e-6)
+    assert plain.run.centring == "none"
 
 
 def test_golden_references_take_their_offsets_from_their_own_leave_one_out_scores(tiny_backbone, texture_set):
@@ -136,8 +137,9 @@ def test_a_profile_keeps_its_normal_offsets_and_scores_an_image_alone_as_in_a_ba
     assert abs(det.predict(test[1:2])[0].score - together[1].score) <= 1e-5
     det.save(tmp_path / "p")
     again = DualClipDetector.load(tmp_path / "p", backbone=tiny_backbone)
-    assert abs(again.predict(test[:1])[0].score - together[0].score) <= 1e-5
-    assert again.run_info_.centring == "ring"
+    first = again.predict(test[:1])
+    assert abs(first[0].score - together[0].score) <= 1e-5
+    assert first.run.centring == "ring"
 
 
 def test_reflect_border_gives_a_flat_image_nearly_the_same_features_at_its_border_as_inside():
@@ -179,7 +181,7 @@ def test_reflect_border_is_the_network_on_the_mirrored_image_cropped_back():
 
 
 def test_reflect_border_is_refused_for_a_transformer_and_old_profiles_keep_zero_padding(tmp_path, texture_set):
-    from dualclip.backbone import build_backbone
+    from dualclip.build import build_backbone
 
     with pytest.raises(ValueError, match="border='reflect' pads a convolutional backbone"):
         build_backbone(DetectorConfig(backbone=TINY, pretrained=None, border="reflect"))

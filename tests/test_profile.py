@@ -35,9 +35,9 @@ def test_a_profile_scores_an_image_the_same_alone_and_in_any_batch(tiny_backbone
     for i, img in enumerate(test):
         alone = det.predict([img])[0].score
         assert abs(alone - together[i]) <= 1e-5
-    reordered = [p.score for p in det.predict(test[::-1] + test[:2])]
-    np.testing.assert_allclose(reordered[: len(test)], together[::-1], atol=1e-5)
-    assert det.run_info_.pairing == "profile"
+    preds = det.predict(test[::-1] + test[:2])
+    np.testing.assert_allclose([p.score for p in preds][: len(test)], together[::-1], atol=1e-5)
+    assert preds.run.pairing == "profile"
     if tta:
         assert "adapted" in det.predict(test[:1])[0].branch_scores
 

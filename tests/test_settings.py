@@ -30,7 +30,7 @@ class RecordingScorer:
 
     def __call__(self, block, decoded=None) -> dict:
         rows = [
-            {"index": i, "path": p, "class": block.class_name, "block": block.id, "score": 0.5}
+            {"index": i, "path": p, "class_name": block.class_name, "block": block.id, "score": 0.5}
             for i, p in zip(block.index, block.paths, strict=True)
         ]
         result = {"block": block.to_dict(), "rows": rows}
@@ -188,7 +188,6 @@ def _literals() -> dict[str, tuple]:
 def test_every_allowed_value_set_is_declared_once():
     literals = _literals()
     assert set(literals) == {
-        "Pairing",
         "Aggregation",
         "Distance",
         "FusionNorm",

@@ -15,11 +15,12 @@ __all__ = [
     "ExecutionSettings",
     "MethodSettings",
     "Prediction",
+    "Predictions",
     "ScoreResult",
     "__version__",
 ]
 
-_DETECTOR = ("DualClipDetector", "Prediction", "ScoreResult")
+_DETECTOR = ("DualClipDetector", "Prediction", "Predictions", "ScoreResult")
 
 
 def __getattr__(name: str):

@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from .errors import ConfigError
+
 DEFAULT = "default"
 """Sentinel for ``pretrained``: the preset's weights (an open_clip tag, or the bundled EfficientNet file)."""
 
@@ -24,12 +26,6 @@ AUTO_MIN_SYNTHETIC = 8
 AUTO_MAX_SYNTHETIC = 32
 """Bounds of the automatic synthetic budget (``AdaptationConfig.num_images=None``)."""
 
-Pairing = Literal["random"]
-REMOVED_SIMILAR = (
-    "pairing 'similar' was removed: a defect that recurs across the images finds its match in a similar "
-    "partner and erases itself (docs/results.md, 'Partner selection'); use pairing='random' (the default), "
-    "more references (k=3) or full mutual scoring (k='all')"
-)
 Aggregation = Literal["min", "mean_low30"]
 AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 Distance = Literal["cosine", "euclidean", "layernorm", "hybrid"]
@@ -54,7 +50,7 @@ PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 @dataclass(frozen=True)
 class AdaptationConfig:
-    """Test-time adaptation on synthesized anomalies (METHOD.md §7).
+    """Test-time adaptation on synthesized anomalies (docs/method.md §7).
 
     Parameters
     ----------
@@ -79,7 +75,7 @@ class AdaptationConfig:
         Weight of the Dice term added to the BCE loss.
     anchor:
         Weight of the penalty ``||delta||^2 / ||w0||^2`` that keeps the head's direction near its text start
-        ``w0`` (METHOD §7; 0: free). Without it 60 steps at lr 1e-2 turned the direction almost orthogonal to
+        ``w0`` (docs/method.md §7; 0: free). Without it 60 steps at lr 1e-2 turned the direction almost orthogonal to
         the text (cosine 0.02-0.10).
     base_fraction:
         Synthesis starts from this fraction of the test images: the most normal-looking ones by the
@@ -175,15 +171,13 @@ class MethodSettings:
         (the border, a fixture) is then no defect. ``"none"``: off. ``None``: the backbone's default, chosen
         by the worst fold of five over three products (docs/results.md).
     k:
-        References per image. 1 is the paper's dual-image setting; ``"all"`` is full mutual scoring.
-    pairing:
-        ``"random"``: a seeded derangement (random pairs, each image the other's reference), drawn over the
-        images ordered by their pixels' SHA-256: the same images get the same partners in any listing order. The only
-        strategy offered: ``"similar"`` (partners by global-embedding similarity) was removed because
-        defects that recur across a set are each other's nearest images and erase themselves; even drawn
-        among the more similar half it lost 5.3 pixel-AUROC points to ``random`` on magnetic_tile's Fray
-        defects (docs/results.md, "Partner selection"). More references (``k=3``, ``k="all"``) are the robust way to
-        better scores.
+        References per image. 1 is the paper's dual-image setting; ``"all"`` is full mutual scoring. Partners
+        are drawn at random (seeded; with k = 1 a derangement of pairs, each image the other's reference) over
+        the images ordered by their pixels' SHA-256: the same images get the same partners in any listing order.
+        Partners chosen by similarity are not offered: defects that recur across a set are each other's
+        nearest images and erase themselves; even drawn among the more similar half they lost 5.3 pixel-AUROC
+        points to random partners on magnetic_tile's Fray defects (docs/results.md, "Partner selection"). More
+        references (``k=3``, ``k="all"``) are the robust way to better scores.
     duplicate_tolerance:
         Near-exact duplicates are never each other's reference (a defect and its copy would erase each
         other): images whose 32 x 32 grey thumbnails differ by at most this many grey levels (0-255) on
@@ -237,7 +231,6 @@ class MethodSettings:
     border: Border | None = None
     centring: Centring | None = None
     k: int | Literal["all"] = 1
-    pairing: Pairing = "random"
     duplicate_tolerance: float = 0.5
     k_aggregation: Aggregation = "mean_low30"
     use_text: bool = True
@@ -278,8 +271,6 @@ class MethodSettings:
             self.k == "all" or (isinstance(self.k, int) and self.k >= 1),
             f"k must be an int >= 1 or 'all', got {self.k!r}",
         )
-        _check(self.pairing != "similar", REMOVED_SIMILAR)
-        _check(self.pairing == "random", f"pairing must be 'random', got {self.pairing!r}")
         _one_of("k_aggregation", self.k_aggregation, AGGREGATIONS)
         _check(self.use_text or self.use_visual or self.tta, "at least one branch (text, visual or tta) must be on")
         _check(0.0 <= self.alpha <= 1.0, "alpha must lie in [0, 1]")
@@ -351,7 +342,8 @@ class ExecutionSettings:
             "precision bf16/fp16 applies to the torch runtime (onnxruntime runs the exported fp32 graph)",
         )
         _check(
-            self.onnx_file is None or self.runtime == "onnxruntime", "onnx_file is only used with runtime='onnxruntime'"
+            self.onnx_file is None or self.runtime == "onnxruntime",
+            "onnx_file= is only used with runtime='onnxruntime'",
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -457,20 +449,20 @@ def resolve_device(device: str) -> str:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'") from exc
+        raise ConfigError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'") from exc
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU here: use 'cpu' or 'auto'")
+            raise ConfigError(f"device {device!r} asked for, but torch sees no CUDA GPU here: use 'cpu' or 'auto'")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r} asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+            raise ConfigError(f"device {device!r} asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
     elif dev.type != "cpu" and not (dev.type == "mps" and torch.backends.mps.is_available()):
-        raise ValueError(f"device {device!r} is not available here: use 'cpu', 'cuda' or 'auto'")
+        raise ConfigError(f"device {device!r} is not available here: use 'cpu', 'cuda' or 'auto'")
     return device
 
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
-        raise ValueError(message)
+        raise ConfigError(message)
 
 
 def _one_of(name: str, value: Any, allowed: tuple[str, ...], optional: bool = False) -> None:

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,15 +29,16 @@ from PIL import Image
 
 from .adaptation.adapt import AdaptationResult, fit_head, head_scores
 from .adaptation.head import AdaptationHead
-from .backbone import Backbone, BackboneOutput, build_backbone, extract_features
+from .backbone import Backbone, BackboneOutput, extract_features
+from .build import build_backbone
 from .config import EXECUTION_FIELDS, DetectorConfig, MethodSettings
 from .data.images import array_to_rgb, grey_spread, load_image, pixel_digest, thumbnails, to_rgb8
+from .errors import ConfigError, InputError, ProfileError
 from .profile import (
     BLANK_GREYS,
     Moments,
     OodGuard,
     Profile,
-    ProfileError,
     ScoreScale,
     build_bank,
     weights_fingerprint,
@@ -59,8 +60,10 @@ from .scoring import (
     text_anomaly_scores,
     upsample,
 )
-from .text import readable_class_name, text_embeddings
+from .text import TextEmbeddingCache
 from .thresholds import Threshold, f1_threshold, quantile_threshold
+
+log = logging.getLogger(__name__)
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 
@@ -103,6 +106,16 @@ class Prediction:
         return f"Prediction(score={self.score:.4f}, map={h}x{w}, source={self.source!r}{flag})"
 
 
+class Predictions(list):
+    """What :meth:`DualClipDetector.predict` returns: the :class:`Prediction` of each image, in input order (a
+    ``list``), and ``run``, the :class:`RunInfo` of that call (seed, references, branches, timings). The detector
+    keeps no record of its last run: each call's information comes back with its predictions."""
+
+    def __init__(self, predictions=(), run: RunInfo | None = None) -> None:
+        super().__init__(predictions)
+        self.run = run
+
+
 @dataclass
 class BranchScores:
     """The scores of each branch that ran (``None`` where it did not).
@@ -110,13 +123,13 @@ class BranchScores:
     Attributes
     ----------
     text:
-        ``(N, P)`` text-guided patch scores (METHOD §4), probabilities in (0, 1).
+        ``(N, P)`` text-guided patch scores (docs/method.md §4), probabilities in (0, 1).
     text_global:
         ``(N,)`` text score of each global embedding (g_txt).
     visual:
-        ``(N, P)`` visual-reference patch scores (METHOD §5), distances in [0, 1].
+        ``(N, P)`` visual-reference patch scores (docs/method.md §5), distances in [0, 1].
     adapted:
-        ``(N, P)`` adapted-head patch scores (METHOD §7), probabilities in (0, 1).
+        ``(N, P)`` adapted-head patch scores (docs/method.md §7), probabilities in (0, 1).
     duplicate_pairs:
         Pairs of near-exact duplicates kept from being each other's reference in this run.
     """
@@ -282,7 +295,7 @@ def _reorder(result: ScoreResult, order: list[int]) -> ScoreResult:
 
 
 def text_scores(feats: BackboneOutput, text: torch.Tensor, temperature: float, out: BranchScores) -> None:
-    """METHOD §4: fills ``out.text`` (each patch) and ``out.text_global`` (each global embedding) from the
+    """docs/method.md §4: fills ``out.text`` (each patch) and ``out.text_global`` (each global embedding) from the
     ``(2, D)`` text embeddings ``[t_n, t_a]``."""
     out.text = text_anomaly_scores(feats.patch_embeddings, text, temperature)
     out.text_global = text_anomaly_scores(feats.global_embedding, text, temperature)
@@ -341,8 +354,9 @@ def _check_profile_geometry(path, profile: Profile, backbone: Backbone) -> None:
 def _saved_settings(profile: Profile) -> dict:
     """A profile's method settings, with what a profile saved before a setting existed computed with: the network's
     own border padding, no centring (no offsets saved), the distance and neighbourhood it recorded. The execution
-    settings that older profiles saved along (device, batch size, ...) are the caller's and left out."""
-    settings = {k: v for k, v in profile.meta["config"].items() if k not in EXECUTION_FIELDS}
+    settings that older profiles saved along (device, batch size, ...) are the caller's and left out, and so is
+    the removed ``pairing`` (its one value was ``"random"``)."""
+    settings = {k: v for k, v in profile.meta["config"].items() if k not in EXECUTION_FIELDS and k != "pairing"}
     centring = settings.get("centring")
     if centring not in (None, "none") and profile.scale.position is None:
         raise ProfileError(f"its settings centre by {centring!r} but it holds no positional offsets (scale.position)")
@@ -367,11 +381,11 @@ def _check_normal_spread(scale: ScoreScale) -> None:
     """A profile's units need normal scores that vary: refuse non-finite or degenerate moments (identical images)."""
     for name, m in scale.named().items():
         if not (math.isfinite(m.mean) and math.isfinite(m.std)):
-            raise ValueError(
+            raise InputError(
                 f"the normal images' {name} statistics are not finite numbers (mean {m.mean}, std {m.std})"
             )
         if m.degenerate:
-            raise ValueError(
+            raise InputError(
                 f"the normal images' scores do not vary ({name}: spread {m.std:.3g}): are they copies of one image? "
                 "fit needs normal images that differ"
             )
@@ -401,7 +415,7 @@ class DualClipDetector:
         self.config = config or DetectorConfig()
         self._backbone = backbone
         self.profile_ = profile
-        self.run_info_: RunInfo | None = None
+        self.text_cache = TextEmbeddingCache()  # text embeddings of this detector's backbone, per class
 
     @property
     def backbone(self) -> Backbone:
@@ -416,7 +430,7 @@ class DualClipDetector:
         images: Sequence[ImageInput],
         class_name: str | None = None,
         references: Sequence[ImageInput] | None = None,
-    ) -> list[Prediction]:
+    ) -> Predictions:
         """Score ``images`` (paths, PIL images, ``H x W x 3`` uint8 / ``H x W`` arrays or tensors) of one
         category.
 
@@ -424,18 +438,18 @@ class DualClipDetector:
         with ``references`` (golden normal images) every image is compared with all of them instead.
         A single image without references runs text-only with a warning (a vision-only backbone raises).
         After :meth:`fit` (or :meth:`load`) every image is scored on its own against the profile, in the
-        profile's fixed units: the same score alone or in any batch.
+        profile's fixed units: the same score alone or in any batch. The result's ``run`` says what the call used.
         """
         if len(images) == 0:
-            raise ValueError("no images to score")
+            raise InputError("no images to score")
         if references and self.profile_ is not None:
-            raise ValueError("this detector is fitted: it compares images with its profile, not with references")
+            raise InputError("this detector is fitted: it compares images with its profile, not with references")
         loaded = [_as_rgb(item) for item in images]
         golden = [_as_rgb(item)[0] for item in references] if references else None
         result = self.score_images([img for img, _ in loaded], class_name=class_name, golden=golden)
         branch_image = result.branches.image()
         branch_patch = result.branches.patch()
-        return [
+        predictions = [
             Prediction(
                 score=float(result.image_scores[i]),
                 anomaly_map=resize_map(result.maps[i], img.height, img.width),
@@ -447,6 +461,7 @@ class DualClipDetector:
             )
             for i, (img, source) in enumerate(loaded)
         ]
+        return Predictions(predictions, run=result.run)
 
     # -- the pipeline -----------------------------------------------------------------------------------
     def score_images(
@@ -471,9 +486,7 @@ class DualClipDetector:
         order = _canonical_order(images)
         if order == list(range(len(order))):
             return self._score(images, class_name, golden, progress=self.config.progress)
-        result = _reorder(self._score([images[i] for i in order], class_name, golden, self.config.progress), order)
-        self.run_info_ = result.run
-        return result
+        return _reorder(self._score([images[i] for i in order], class_name, golden, self.config.progress), order)
 
     def _score(
         self, images: list[Image.Image], class_name: str | None, golden: list[Image.Image] | None, progress: bool
@@ -504,7 +517,7 @@ class DualClipDetector:
         run = RunInfo(
             n_images=len(images),
             seed=cfg.seed,
-            pairing="profile" if profile is not None else cfg.pairing if golden is None else "golden",
+            pairing="profile" if profile is not None else "random" if golden is None else "golden",
             references=refs,
             branches=sorted(branches.patch()),
             temperature=temperature,
@@ -525,7 +538,6 @@ class DualClipDetector:
             run.neighbourhood = list(sizes)
             run.centring = branches.centring
             run.hybrid_norm = self.hybrid_norm() if run.distance == "hybrid" else None
-        self.run_info_ = run
         unusable: list[str | None] = [None] * len(images)
         if profile is not None and profile.ood is not None:
             unusable = profile.ood.check(feats.global_embedding, [grey_spread(img) for img in images])
@@ -559,18 +571,17 @@ class DualClipDetector:
         cfg, backbone = self.config, self.backbone
         use_text = cfg.use_text and backbone.has_text
         if cfg.use_text and not backbone.has_text and not cfg.use_visual and not cfg.tta:
-            raise ValueError(f"backbone {backbone.name!r} has no text tower: turn the visual branch or tta on")
+            raise ConfigError(f"backbone {backbone.name!r} has no text tower: turn the visual branch or tta on")
         use_visual = cfg.use_visual
         if use_visual and golden is None and self.profile_ is None and n < 2:
             if not use_text:
-                raise ValueError(
+                raise InputError(
                     f"one image and a vision-only backbone ({backbone.name!r}): give at least two images "
                     "or golden references"
                 )
-            warnings.warn(
+            log.warning(
                 "a single image has no partner for the visual reference: running text-only "
-                "(give golden references to use the visual branch)",
-                stacklevel=5,
+                "(give golden references to use the visual branch)"
             )
             use_visual = False
         return use_text, use_visual
@@ -599,11 +610,11 @@ class DualClipDetector:
     def _text(
         self, feats: BackboneOutput, class_name: str | None, use_text: bool, temperature: float, out: BranchScores
     ) -> torch.Tensor | None:
-        """METHOD §4: fills ``out.text`` and ``out.text_global``; returns ``[t_n, t_a]`` (also for adaptation)."""
+        """docs/method.md §4: fills ``out.text`` and ``out.text_global``; returns ``[t_n, t_a]`` (also for adaptation)."""
         cfg, backbone = self.config, self.backbone
         if not (use_text or (cfg.tta and backbone.has_text)):
             return None
-        text = text_embeddings(backbone, readable_class_name(class_name), cfg.cache_dir)
+        text = self.text_cache.get(backbone, class_name, cfg.cache_dir)
         if use_text:
             text_scores(feats, text, temperature, out)
         return text
@@ -617,7 +628,7 @@ class DualClipDetector:
         out: BranchScores,
         progress: bool = False,
     ) -> list[list[int]]:
-        """METHOD §5: fills ``out.visual``; returns each image's reference indices. ``progress``: a bar over the
+        """docs/method.md §5: fills ``out.visual``; returns each image's reference indices. ``progress``: a bar over the
         matching."""
         from tqdm.auto import tqdm
 
@@ -660,7 +671,7 @@ class DualClipDetector:
             return [list(range(len(golden))) for _ in range(n)]
         with clock("reference"):
             dup = near_duplicates(thumbnails(images), cfg.duplicate_tolerance)
-            refs = pair_references(n, cfg.k, cfg.pairing, cfg.seed, forbidden=dup)
+            refs = pair_references(n, cfg.k, cfg.seed, forbidden=dup)
             pairs = len({(min(a, b), max(a, b)) for a, r in enumerate(refs) for b in r})
             total = pairs * len(sizes) * len(parts)
             with tqdm(total=total, desc="matching", unit="pair", disable=not progress, leave=False) as bar:
@@ -705,7 +716,7 @@ class DualClipDetector:
         temperature: float,
         branches: BranchScores,
     ) -> AdaptationResult:
-        """METHOD §7: the unadapted joint score picks the most normal-looking images as synthesis bases."""
+        """docs/method.md §7: the unadapted joint score picks the most normal-looking images as synthesis bases."""
         from .adaptation import adapt_patch_scores
 
         cfg = self.config
@@ -716,7 +727,7 @@ class DualClipDetector:
     def _fuse(
         self, branches: BranchScores, grid: tuple[int, int], scale: ScoreScale | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """METHOD §6: fuse the patch branches into maps ``(N, S, S)`` and image scores ``(N,)``.
+        """docs/method.md §6: fuse the patch branches into maps ``(N, S, S)`` and image scores ``(N,)``.
 
         Without ``scale`` (zero-shot) the branches are brought to one scale over the run (``fusion_norm``);
         with a profile's ``scale`` by the normal images' fixed moments, and maps and scores end in profile units.
@@ -794,9 +805,9 @@ class DualClipDetector:
 
         cfg, backbone = self.config, self.backbone
         if len(images) < 2:
-            raise ValueError(f"fit needs at least 2 normal images (leave-one-out statistics), got {len(images)}")
+            raise InputError(f"fit needs at least 2 normal images (leave-one-out statistics), got {len(images)}")
         if threshold_quantile is not None and (validation_normal or validation_anomalous):
-            raise ValueError("give either a threshold quantile or a validation set, not both")
+            raise ConfigError("give either a threshold quantile or a validation set, not both")
         loaded = [_as_rgb(item) for item in images]
         rgb = [img for img, _ in loaded]
         self.profile_ = None
@@ -804,7 +815,7 @@ class DualClipDetector:
         feats = self._extract(rgb, keep_patch_embeddings=use_text, desc="normal images")
         least = _least_bank_size(feats.grid)
         if use_visual and cfg.memory_bank_size is not None and cfg.memory_bank_size < least:
-            raise ValueError(
+            raise ConfigError(
                 f"memory_bank_size={cfg.memory_bank_size} is too small: a bank must hold more than one image's "
                 f"{least - 1} patches, so that every normal image is compared with other images (leave-one-out); "
                 f"use at least {least}, or None to keep every patch"
@@ -886,7 +897,7 @@ class DualClipDetector:
             self.profile_.threshold = quantile_threshold(normal_scores.numpy(), threshold_quantile)
         elif validation_normal or validation_anomalous:
             if not validation_normal or not validation_anomalous:
-                raise ValueError("a validation set needs both normal and anomalous images")
+                raise InputError("a validation set needs both normal and anomalous images")
             result = self.score_images([_as_rgb(i)[0] for i in [*validation_normal, *validation_anomalous]])
             labels = np.array([0] * len(validation_normal) + [1] * len(validation_anomalous))
             self.profile_.threshold = f1_threshold(labels, result.image_scores.numpy())
@@ -909,7 +920,7 @@ class DualClipDetector:
         ``ValueError`` where the profile's text statistics depend on it; elsewhere it has no effect."""
         fitted = self.profile_.meta.get("class_name")
         if class_name is not None and class_name != fitted and self.backbone.has_text and self.config.use_text:
-            raise ValueError(
+            raise ProfileError(
                 f"this profile was fitted for class {fitted!r}: its text statistics do not apply to {class_name!r}"
             )
         return fitted
@@ -917,9 +928,8 @@ class DualClipDetector:
     def _profile_class_name(self, class_name: str | None) -> str | None:
         fitted = self.profile_class(class_name)
         if class_name is not None and class_name != fitted:
-            warnings.warn(
-                f"class_name {class_name!r} has no effect: this profile uses no text and keeps its class {fitted!r}",
-                stacklevel=3,
+            log.warning(
+                "class_name %r has no effect: this profile uses no text and keeps its class %r", class_name, fitted
             )
         return fitted
 
@@ -937,7 +947,7 @@ class DualClipDetector:
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Save the fitted profile as a folder of safetensors + JSON (no pickle); see :class:`Profile`."""
         if self.profile_ is None:
-            raise ValueError("nothing to save: fit the detector on normal images first")
+            raise ProfileError("nothing to save: fit the detector on normal images first")
         return self.profile_.save(path, overwrite=overwrite)
 
     @classmethod
@@ -980,7 +990,7 @@ class DualClipDetector:
         try:
             config = DetectorConfig(method=method, **{k: v for k, v in execution.items() if v is not None})
         except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from exc
+            raise ConfigError(f"{path}: {exc}") from exc
         det = cls(config, backbone=backbone, profile=profile)
         want = profile.meta.get("weights_fingerprint")
         got = weights_fingerprint(det.backbone)

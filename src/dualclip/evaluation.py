@@ -1,4 +1,4 @@
-"""The evaluation protocol (METHOD.md §8): per category, then the macro mean; resumable and atomic.
+"""The evaluation protocol (docs/method.md §8): per category, then the macro mean; resumable and atomic.
 
 Maps are scored at the processing resolution S with ground-truth masks resized to S (nearest), the field's
 custom. With several seeds every metric is reported as mean and standard deviation over the seeds.
@@ -28,6 +28,7 @@ from .config import DetectorConfig
 from .data.datasets import Category
 from .data.images import file_fingerprint, load_image
 from .detector import DualClipDetector
+from .logs import log_line
 from .metrics import all_metrics
 from .thresholds import Threshold
 
@@ -330,7 +331,7 @@ def run_eval(
     ``force``, it is recomputed. ``warn`` (default: stderr) receives one line per recomputed category and
     per warning. ``fitted``, ``threshold``: test a profile (:func:`evaluate_category`).
     """
-    warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    warn = warn or log_line
     out = Path(out)
     cat_dir = out / "categories"
     checked = {cat.name: cat.check(require_masks) for cat in categories}

@@ -1,4 +1,4 @@
-"""The field's metrics (METHOD.md §8): image and pixel AUROC, AP, F1-max, and exact AUPRO.
+"""The field's metrics (docs/method.md §8): image and pixel AUROC, AP, F1-max, and exact AUPRO.
 
 All pixel metrics and AUPRO come from one sort of all pixels: scores are packed with the index of the
 connected ground-truth region each pixel belongs to (0 = normal) into 64-bit keys and sorted once. Curves
@@ -17,13 +17,15 @@ sample) returns ``nan`` with a ``RuntimeWarning``.
 
 from __future__ import annotations
 
+import logging
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike
 from scipy import ndimage
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "all_metrics",
@@ -107,7 +109,7 @@ def _curve(
 
 
 def _undefined(name: str, why: str) -> float:
-    warnings.warn(f"{name} is undefined: {why}; returning nan", RuntimeWarning, stacklevel=3)
+    log.warning("%s is undefined: %s; returning nan", name, why)
     return float("nan")
 
 

@@ -27,6 +27,7 @@ import torch
 from . import __version__
 from .atomic import dumps, finite, write_bytes, write_text
 from .data.images import file_fingerprint
+from .errors import ProfileError
 from .thresholds import Threshold
 
 PROFILE_FORMAT = 1
@@ -41,10 +42,6 @@ a standardised score, all far below it (a larger one is a damaged profile)."""
 SPREAD_FLOOR = 1e-6
 """A spread at or below ``SPREAD_FLOOR * max(1, |mean|)`` is none: dividing by it would turn float noise into
 scores of millions."""
-
-
-class ProfileError(ValueError):
-    """A profile cannot be saved, read, or used with this model."""
 
 
 def _is_number(v) -> bool:
@@ -552,7 +549,7 @@ def check_destination(path: str | os.PathLike, overwrite: bool = False) -> None:
     path = Path(path)
     if path.exists() or path.is_symlink():
         if not overwrite:
-            raise ProfileError(f"{path} exists: choose another path or overwrite it (--overwrite)")
+            raise ProfileError(f"{path} exists: choose another path or overwrite it (overwrite=True)")
         if not _is_profile_folder(path):
             raise ProfileError(f"{path} is not a profile folder: refusing to replace it")
 

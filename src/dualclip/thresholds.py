@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
+from .errors import ConfigError, InputError
 from .metrics import best_f1_threshold
 
 
@@ -26,7 +27,7 @@ class Threshold:
 
     def __post_init__(self) -> None:
         if self.value is not None and not math.isfinite(self.value):
-            raise ValueError(f"a threshold must be a finite number, got {self.value}")
+            raise ConfigError(f"a threshold must be a finite number, got {self.value}")
 
     def verdict(self, score: float, unusable: str | None = None) -> str | None:
         """``"unusable"`` where the image is out of distribution (``unusable``: the reason), else ``"defective"``
@@ -56,7 +57,7 @@ def score_error(score: float) -> str | None:
     return f"the score is not a finite number ({score}): no verdict (the profile or the image gives no usable score)"
 
 
-NO_THRESHOLD = Threshold(None, "none (no verdicts: give --threshold, --threshold-quantile or --validation)")
+NO_THRESHOLD = Threshold(None, "none (no verdicts: give threshold=, threshold_quantile= or validation=)")
 
 
 def manual_threshold(value: float) -> Threshold:
@@ -67,10 +68,10 @@ def manual_threshold(value: float) -> Threshold:
 def quantile_threshold(normal_scores: ArrayLike, q: float) -> Threshold:
     """The ``q``-quantile (``numpy.quantile``, linear) of the scores of normal images."""
     if not 0.0 <= q <= 1.0 or not math.isfinite(q):
-        raise ValueError(f"the threshold quantile must lie in [0, 1], got {q}")
+        raise ConfigError(f"the threshold quantile must lie in [0, 1], got {q}")
     scores = np.asarray(normal_scores, dtype=np.float64).ravel()
     if scores.size < 2:
-        raise ValueError("a quantile threshold needs the scores of at least 2 normal images")
+        raise InputError("a quantile threshold needs the scores of at least 2 normal images")
     return Threshold(float(np.quantile(scores, q)), f"quantile {q} of {scores.size} reference scores")
 
 
@@ -78,7 +79,7 @@ def f1_threshold(labels: ArrayLike, scores: ArrayLike) -> Threshold:
     """The score threshold with the best F1 on labelled images (exact, over all distinct scores)."""
     labels = np.asarray(labels).ravel()
     if labels.size == 0 or labels.min() == labels.max():
-        raise ValueError("the validation set needs both normal and anomalous images to fit a threshold")
+        raise InputError("the validation set needs both normal and anomalous images to fit a threshold")
     n_anomalous = int((labels > 0).sum())
     return Threshold(
         best_f1_threshold(labels, scores),

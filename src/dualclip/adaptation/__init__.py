@@ -1,4 +1,4 @@
-"""Test-time adaptation on synthesized anomalies (METHOD.md §7)."""
+"""Test-time adaptation on synthesized anomalies (docs/method.md §7)."""
 
 from .adapt import AdaptationResult, adapt_patch_scores, fit_head, head_inputs, head_scores, patch_targets
 from .head import AdaptationHead, segmentation_loss, train_head

@@ -58,11 +58,10 @@ def _fit(
     x = head_inputs(feats, use_text)
     y = patch_targets([m for _, m, _ in synth], backbone.image_size, feats.grid)
     direction = (text[1] - text[0]) if use_text else None
-    with torch.random.fork_rng(devices=[]):  # the adapter's initialisation is seeded, the caller's RNG untouched
-        torch.manual_seed(seed)
-        head = AdaptationHead(x.shape[-1], direction, temperature if use_text else None, cfg.adaptation.rank)
+    generator = torch.Generator().manual_seed(seed)  # the adapter's start is seeded; the global torch RNG untouched
+    head = AdaptationHead(x.shape[-1], direction, temperature if use_text else None, cfg.adaptation.rank, generator)
     a = cfg.adaptation
-    losses = train_head(head, x, y, a.steps, a.lr, a.weight_decay, a.dice_weight, seed, a.anchor)
+    losses = train_head(head, x, y, a.steps, a.lr, a.weight_decay, a.dice_weight, a.anchor)
     return head, losses
 
 

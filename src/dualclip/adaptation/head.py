@@ -1,4 +1,4 @@
-"""Test-time adaptation head on frozen patch features (METHOD.md §7).
+"""Test-time adaptation head on frozen patch features (docs/method.md §7).
 
     f' = normalize(f) + Up(GELU(Down(normalize(f))))        (residual low-rank adapter, Up starts at 0)
     logit = scale * <normalize(f'), w0 + delta> + b
@@ -13,6 +13,8 @@ weight decay also pulls ``delta``, not the direction, towards zero.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,12 +25,24 @@ ZERO_INIT_SCALE = 10.0
 class AdaptationHead(nn.Module):
     """Patch-level anomaly head; see the module docstring for the formula."""
 
-    def __init__(self, dim: int, direction: torch.Tensor | None = None, scale: float | None = None, rank: int = 16):
+    def __init__(
+        self,
+        dim: int,
+        direction: torch.Tensor | None = None,
+        scale: float | None = None,
+        rank: int = 16,
+        generator: torch.Generator | None = None,
+    ):
+        """``generator``: draws the low-rank adapter's initial weights (nn.Linear's initialisation) without
+        touching the global torch RNG; ``None``: the global RNG, as nn.Linear does."""
         super().__init__()
         self.rank = rank
         if rank > 0:
-            self.down = nn.Linear(dim, rank, bias=False)
-            self.up = nn.Linear(rank, dim, bias=False)
+            with torch.random.fork_rng(devices=[], enabled=generator is not None):  # nn.Linear's draws undone
+                self.down = nn.Linear(dim, rank, bias=False)
+                self.up = nn.Linear(rank, dim, bias=False)
+            if generator is not None:
+                nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5), generator=generator)  # nn.Linear's rule
             nn.init.zeros_(self.up.weight)
         self.register_buffer("w0", direction.detach().clone().float() if direction is not None else torch.zeros(dim))
         self.delta = nn.Parameter(torch.zeros(dim))
@@ -83,14 +97,14 @@ def train_head(
     lr: float,
     weight_decay: float,
     dice_weight: float,
-    seed: int,
     anchor: float = 0.0,
 ) -> list[float]:
     """Full-batch AdamW on ``(M, P, D)`` features vs ``(M, P)`` targets, plus ``anchor`` times the head's
     :meth:`~AdaptationHead.anchor_penalty`. Returns the loss per step.
 
-    The features are normalised once, not at every step (the head only sees their directions)."""
-    torch.manual_seed(seed)
+    Deterministic, and draws no random numbers (the global torch RNG is left as it was): the head's random
+    start is drawn when it is built (``AdaptationHead(generator=...)``). The features are normalised once, not at
+    every step (the head only sees their directions)."""
     features = F.normalize(features.float(), dim=-1)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     losses = []

@@ -1,4 +1,4 @@
-"""Anomaly synthesis on the test images themselves (METHOD.md §7): CutPaste, scar, Perlin-noise textures.
+"""Anomaly synthesis on the test images themselves (docs/method.md §7): CutPaste, scar, Perlin-noise textures.
 
 Every function takes an ``H x W`` or ``H x W x C`` uint8 array and a ``numpy.random.Generator`` and returns
 ``(image, mask)``: the altered copy and a boolean ``H x W`` mask that is non-empty, and outside of which

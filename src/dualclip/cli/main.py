@@ -1,12 +1,17 @@
 """The `dualclip` command: predict, fit, eval, demo.
 
-Every command turns a bad input or setting into one line on stderr (no traceback unless ``--debug``) and a
-documented exit code: 2 for usage/configuration errors, 130/143 when interrupted (see ``predict``).
+Every command turns a bad input or setting (a :class:`~dualclip.errors.DualclipError`) into one line on stderr
+(no traceback unless ``--debug``) and exit code 2; any other exception is a bug: exit code 1 and a hint to
+``--debug``; 130/143 when interrupted (see ``predict``). Warnings and progress text go through the ``dualclip``
+logger, one line each on stderr (``-q``: warnings only; ``-v``: debug).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +22,7 @@ from typer.core import TyperCommand
 from .. import __version__
 from ..atomic import dumps
 from ..config import BORDERS, CENTRINGS, DEFAULT, DISTANCES, HYBRID_NORMS, PRECISIONS, RUNTIMES, DetectorConfig
+from ..errors import MissingDependencyError, UsageError
 
 app = typer.Typer(
     help="Zero-shot visual anomaly detection and localization with CLIP.",
@@ -25,7 +31,9 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
 )
 
-EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 2, 130, 143
+log = logging.getLogger("dualclip.cli")
+
+EXIT_BUG, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 1, 2, 130, 143
 DEMO_DATA_ENV = "DUALCLIP_DEMO_DATA"
 
 
@@ -50,12 +58,81 @@ def _on_sigterm(signum, frame):  # pragma: no cover - exercised by the kill test
     raise _Terminated()
 
 
-@contextlib.contextmanager
-def cli_errors(debug: bool) -> Iterator[None]:
-    """One clear line and exit code 2 for usage/configuration errors, 130/143 for an interrupt."""
-    from ..backbone import WeightsUnavailableError
-    from ..data.images import ImageLoadError
+class _CliFormatter(logging.Formatter):
+    """One line per record: ``warning: ...`` / ``error: ...`` for problems, progress text as it is."""
 
+    def format(self, record: logging.LogRecord) -> str:
+        text = _flags(record.getMessage())
+        if record.levelno >= logging.ERROR:
+            return f"error: {text}"
+        if record.levelno >= logging.WARNING:
+            return f"warning: {text}"
+        return f"debug: {text}" if record.levelno < logging.INFO else text
+
+
+def configure_logging(quiet: bool = False, verbose: bool = False) -> logging.Handler:
+    """Send the ``dualclip`` logger's records to stderr, one line each: progress text and warnings (default),
+    warnings only (``quiet``) or everything down to debug (``verbose``). Returns the handler installed (it
+    replaces one an earlier command installed)."""
+    logger = logging.getLogger("dualclip")
+    for h in [h for h in logger.handlers if getattr(h, "_dualclip_cli", False)]:
+        logger.removeHandler(h)
+    handler = logging.StreamHandler()  # sys.stderr at the time of each record (CliRunner swaps it)
+    handler.setFormatter(_CliFormatter())
+    handler._dualclip_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    return handler
+
+
+def _command_flags() -> dict[str, str]:
+    """``{parameter: flag}`` over every command's options (``memory_bank_size`` -> ``--memory-bank-size``)."""
+    flags: dict[str, str] = {}
+    group = typer.main.get_command(app)
+    for command in getattr(group, "commands", {}).values():
+        for param in command.params:
+            longs = [o for o in param.opts if o.startswith("--")] if param.param_type_name == "option" else []
+            if longs and param.name and param.name not in _FLAG_ALIASES:
+                flags.setdefault(param.name, longs[0])
+    return flags
+
+
+def _flags(message: str) -> str:
+    """A library message with its parameters named as flags: ``memory_bank_size=8`` -> ``--memory-bank-size 8``
+    for every option of the commands (library messages speak of parameters)."""
+    if "=" not in message:
+        return message
+    for name, flag in _command_flags().items():
+        message = re.sub(
+            rf"(?<![\w.(\-'\"]){re.escape(name)}=(\S?)",
+            lambda m, f=flag: f + (" " + m.group(1) if m.group(1) and m.group(1) not in ",;)" else m.group(1)),
+            message,
+        )
+    for name, flag in _FLAG_ALIASES.items():
+        message = re.sub(rf"(?<![\w.(\-'\"]){re.escape(name)}=(?=[,;)\s]|$)", flag, message)
+    return message
+
+
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+"""click's usage errors (typer ships its own copy of click)."""
+
+_FLAG_ALIASES = {"api_key": "--api-key-file FILE"}
+"""Parameters whose flag is not their name (the service's key is read from a file)."""
+
+BUG_HINT = "this is a bug; rerun with --debug (or DUALCLIP_DEBUG=1) for the traceback"
+
+
+@contextlib.contextmanager
+def cli_errors(debug: bool, quiet: bool = False, verbose: bool = False) -> Iterator[None]:
+    """Exit codes and messages of every command: a :class:`~dualclip.errors.DualclipError` (bad input, settings,
+    profile, weights, output) is one ``error: ...`` line and exit code 2; any other exception is a bug (or an
+    environment failure such as running out of memory): one line with a hint to ``--debug``, exit code 1;
+    130/143 for an interrupt (SIGINT/SIGTERM). ``--debug`` or ``DUALCLIP_DEBUG=1`` shows the traceback instead.
+    Also installs the stderr log handler (``quiet``: warnings only; ``verbose``: debug)."""
+    from ..errors import DualclipError
+
+    debug = debug or os.environ.get("DUALCLIP_DEBUG", "") not in ("", "0")
+    configure_logging(quiet=quiet, verbose=verbose)
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         yield
@@ -65,11 +142,19 @@ def cli_errors(debug: bool) -> Iterator[None]:
         kept = kept or "nothing written; earlier outputs are untouched"
         typer.echo(f"interrupted ({'SIGTERM' if term else 'SIGINT'}): {kept}", err=True)
         raise typer.Exit(EXIT_SIGTERM if term else EXIT_SIGINT) from None
-    except (ValueError, OSError, WeightsUnavailableError, ImageLoadError, RuntimeError) as exc:
+    except (typer.Exit, typer.Abort, _CLICK_ERROR):  # click reports its own usage errors (exit 2)
+        raise
+    except DualclipError as exc:
         if debug:
             raise
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {_flags(str(exc))}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
+    except Exception as exc:
+        if debug:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        typer.echo(f"error: {type(exc).__name__}{': ' + first if first else ''} ({BUG_HINT})", err=True)
+        raise typer.Exit(EXIT_BUG) from None
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -87,7 +172,7 @@ def _pretrained(value: str | None) -> str | None:
     return None if value.lower() in ("none", "random") else value
 
 
-def _config(backbone, pretrained, image_size, pairing, k, tta, seed, quiet, **extra) -> DetectorConfig:
+def _config(backbone, pretrained, image_size, k, tta, seed, quiet, **extra) -> DetectorConfig:
     k_val = "all" if str(k) == "all" else int(k)
     if extra.get("onnx_file") is not None:
         extra["onnx_file"] = str(extra["onnx_file"])
@@ -95,7 +180,6 @@ def _config(backbone, pretrained, image_size, pairing, k, tta, seed, quiet, **ex
         backbone=backbone,
         pretrained=_pretrained(pretrained),
         image_size=image_size,
-        pairing=pairing,
         k=k_val,
         tta=tta,
         seed=seed,
@@ -149,7 +233,8 @@ PRETRAINED = typer.Option(
 DEBUG = typer.Option(False, "--debug", help="Show the full traceback of an error.")
 DEVICE = typer.Option("auto", help="cpu, cuda, cuda:N, or auto (cuda where torch sees a GPU, else cpu).")
 BATCH_SIZE = typer.Option(8, help="Images per backbone forward pass.")
-QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars or progress text: warnings and errors only.")
+VERBOSE = typer.Option(False, "--verbose", "-v", help="Debug messages too.")
 PRECISION = typer.Option(
     "auto", metavar=choices(PRECISIONS), help="auto: bf16 on a CUDA GPU that supports it, else fp32."
 )
@@ -182,9 +267,6 @@ def predict(
     backbone: str = BACKBONE,
     pretrained: str = PRETRAINED,
     image_size: int = typer.Option(None, help="Processing size S."),
-    pairing: str = typer.Option(
-        "random", help="random (the only strategy: 'similar' was removed, see docs/results.md)."
-    ),
     k: str = typer.Option("1", help="References per image (int, or 'all')."),
     tta: bool = typer.Option(False, "--tta/--no-tta", help="Test-time adaptation on synthesized anomalies."),
     seed: int = typer.Option(0),
@@ -208,6 +290,7 @@ def predict(
     cpus_per_actor: float = typer.Option(1.0, help="--engine ray: CPUs per scoring actor (its torch threads)."),
     gpus_per_actor: float = typer.Option(0.0, help="--engine ray: GPUs per scoring actor (e.g. 1, or 0.5)."),
     quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
     json_out: bool = typer.Option(False, "--json", help="Print the predictions document as JSON on stdout."),
     save_maps: str = typer.Option(
         None, help="Also write each raw anomaly map (float32, the image's size) under maps/: npy or tiff."
@@ -216,11 +299,11 @@ def predict(
     debug: bool = DEBUG,
 ) -> None:
     """Score images; write predictions.json/.csv, heatmaps/, masks/ and report.html under --out."""
-    with cli_errors(debug):  # the first import of torch takes seconds: an interrupt there is clean too
-        from .predict import UsageError, run_predict
+    with cli_errors(debug, quiet, verbose):  # the first import of torch takes seconds: an interrupt there is clean too
+        from .predict import run_predict
 
     if engine == "ray" or manifest is not None:
-        with cli_errors(debug):
+        with cli_errors(debug, quiet, verbose):
             code = _predict_archive(
                 ctx,
                 paths,
@@ -250,7 +333,6 @@ def predict(
                     backbone=backbone,
                     pretrained=pretrained,
                     image_size=image_size,
-                    pairing=pairing,
                     k=k,
                     tta=tta,
                     seed=seed,
@@ -263,19 +345,21 @@ def predict(
                 ),
             )
         raise typer.Exit(code)
-    with cli_errors(debug):
+    with cli_errors(debug, quiet, verbose):
         if engine != "local":
             raise UsageError(f"unknown --engine {engine!r}: local or ray")
         if not paths:
             raise UsageError("no input: give image files, folders or glob patterns")
 
     for path, flag in misplaced_paths(ctx.meta.get("raw_args", [])):
-        typer.echo(
-            f"warning: {path} follows the value of {flag}: it is scored as an input image; "
-            f"to give several, repeat the flag ({flag} a {flag} b)",
-            err=True,
+        log.warning(
+            "%s follows the value of %s: it is scored as an input image; to give several, repeat the flag (%s a %s b)",
+            path,
+            flag,
+            flag,
+            flag,
         )
-    with cli_errors(debug):
+    with cli_errors(debug, quiet, verbose):
         detector = None
         if profile is not None:
             given = _model_options_given(ctx)
@@ -304,7 +388,6 @@ def predict(
                 backbone,
                 pretrained,
                 image_size,
-                pairing,
                 k,
                 tta,
                 seed,
@@ -343,11 +426,11 @@ def predict(
         for p in doc["predictions"]:
             s = "error: " + p["error"] if p.get("error") else f"{p['score']:.4f} {p.get('verdict') or ''}"
             typer.echo(f"{s}\t{p['path']}")
-        typer.echo(f"wrote {out}/report.html", err=True)
+        typer.echo(f"wrote {out}/report.html", err=True)  # a result (also under -q), not a log record
     raise typer.Exit(code)
 
 
-MODEL_OPTIONS = ("backbone", "pretrained", "image_size", "pairing", "k", "tta", "seed")
+MODEL_OPTIONS = ("backbone", "pretrained", "image_size", "k", "tta", "seed")
 
 
 def _predict_archive(
@@ -373,7 +456,7 @@ def _predict_archive(
     import math
 
     from ..data.images import expand_paths
-    from .predict import EXIT_NOTHING, EXIT_OK, EXIT_SOME_FAILED, UsageError, mask_warnings
+    from .predict import EXIT_NOTHING, EXIT_OK, EXIT_SOME_FAILED, mask_warnings
 
     if engine != "ray":
         raise UsageError("--manifest is read by --engine ray")
@@ -392,14 +475,14 @@ def _predict_archive(
     try:
         from ..distributed import read_manifest, run_archive
     except ImportError as exc:
-        raise UsageError(f"--engine ray needs the ray extra: pip install 'dualclip[ray]' ({exc})") from exc
+        raise MissingDependencyError(f"--engine ray needs the ray extra: pip install 'dualclip[ray]' ({exc})") from exc
     items: list[tuple[str, str | None]] = []
     if ray["manifest"] is not None:
         items += read_manifest(ray["manifest"])
     if paths:
         found = expand_paths(paths, exclude=[out], exclude_patterns=exclude or ())
         for note in mask_warnings(found):
-            typer.echo(f"warning: {note}", err=True)
+            log.warning("%s", note)
         items += [(str(p), class_name) for p in found.files]
     if not items:
         raise UsageError("no input: give image paths or --manifest")
@@ -429,7 +512,7 @@ def _predict_archive(
         maps=maps,
         where={k: model[k] for k in ("device", "runtime", "onnx_file", "precision", "batch_size", "num_workers")},
     )
-    typer.echo(
+    typer.echo(  # a result (also under -q), not a log record
         f"scored {run.images - run.failed} of {run.images} images in {run.blocks} blocks "
         f"({run.scored_blocks} scored now, {run.reused_blocks} reused) in {run.seconds:.0f} s; "
         f"wrote {out}/predictions.json, .csv and .parquet",
@@ -483,6 +566,7 @@ def fit(
     runtime: str = RUNTIME,
     onnx_file: Path = ONNX_FILE,
     quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
     debug: bool = DEBUG,
 ) -> None:
     """Fit a profile on normal images: golden references, fixed score units, optional threshold."""
@@ -490,11 +574,11 @@ def fit(
     from ..detector import DualClipDetector
     from ..output import check_parent, display_path
     from ..profile import ProfileError, check_destination
-    from .predict import UsageError, mask_warnings
+    from .predict import mask_warnings
 
     for path, flag in misplaced_paths(ctx.meta.get("raw_args", []), ("--validation-normal", "--validation-anomalous")):
-        typer.echo(f"warning: {path} follows the value of {flag}: it is used as a normal image", err=True)
-    with cli_errors(debug):
+        log.warning("%s follows the value of %s: it is used as a normal image", path, flag)
+    with cli_errors(debug, quiet, verbose):
         if out.exists() and not overwrite:
             raise UsageError(f"{out} exists: choose another --out or pass --overwrite")
         check_destination(out, overwrite)  # where the profile goes, before any image is read
@@ -504,7 +588,6 @@ def fit(
             backbone,
             pretrained,
             image_size,
-            "random",
             "1",
             tta,
             seed,
@@ -530,9 +613,9 @@ def fit(
             summed_up = {str(m) for m, _ in found.masks}  # one warning for all of them
             for p, reason in found.skipped:
                 if p not in summed_up:
-                    typer.echo(f"skipped {p}: {reason}", err=True)
+                    log.info("skipped %s: %s", p, reason)
             for note in mask_warnings(found):
-                typer.echo(f"warning: {note}", err=True)
+                log.warning("%s", note)
             return load_images(found.files, num_workers, strict=True), found.files
 
         normal, normal_files = load(paths)
@@ -546,10 +629,11 @@ def fit(
                 f"{least - 1} patches (leave-one-out); give at least {least}, or 0 to keep every patch"
             )
         if class_name and not det.backbone.has_text:
-            typer.echo(
-                f"warning: --class-name {class_name!r} is not used: {det.backbone.name} is vision-only (no text "
-                "tower); the profile records it as its class name only",
-                err=True,
+            log.warning(
+                "--class-name %r is not used: %s is vision-only (no text tower); the profile records it as its class "
+                "name only",
+                class_name,
+                det.backbone.name,
             )
         det = det.fit(
             normal,
@@ -601,14 +685,16 @@ def serve(
             from ..serve import ServeSettings, create_app
             from ..serve.app import serve as run_service
         except ImportError as exc:
-            raise ValueError(f"the service needs the serve extra: pip install 'dualclip[serve]' ({exc})") from exc
+            raise MissingDependencyError(
+                f"the service needs the serve extra: pip install 'dualclip[serve]' ({exc})"
+            ) from exc
         from ..detector import DualClipDetector
 
         key = os.environ.get(API_KEY_ENV) or None
         if api_key_file is not None:
             key = api_key_file.read_text(encoding="utf-8").strip()
             if not key:
-                raise ValueError(f"--api-key-file {api_key_file} is empty")
+                raise UsageError(f"--api-key-file {api_key_file} is empty")
         settings = ServeSettings(
             host=host,
             port=port,
@@ -622,10 +708,14 @@ def serve(
             profile, device=device, runtime=runtime, onnx_file=onnx_file, batch_size=batch_size, progress=False
         )
         app_ = create_app(detector, settings, profile_path=profile)
-        typer.echo(
-            f"serving {profile} ({detector.config.backbone}, {runtime}) on http://{host}:{port} "
-            f"(API key {'required' if key else 'off'}); Ctrl-C stops",
-            err=True,
+        log.info(
+            "serving %s (%s, %s) on http://%s:%s (API key %s); Ctrl-C stops",
+            profile,
+            detector.config.backbone,
+            runtime,
+            host,
+            port,
+            "required" if key else "off",
         )
     run_service(app_, settings)
 
@@ -651,29 +741,27 @@ def export(
 
     with cli_errors(debug):
         if format != "onnx":
-            raise ValueError(f"unknown --format {format!r}: onnx is the only export format")
+            raise UsageError(f"unknown --format {format!r}: onnx is the only export format")
         what = what or ("model" if profile is not None else "encoder")
         if what not in ("model", "encoder"):
-            raise ValueError(f"unknown --what {what!r}: choose model or encoder")
+            raise UsageError(f"unknown --what {what!r}: choose model or encoder")
         if what == "model" and profile is None:
-            raise ValueError("--what model exports a fitted profile's scoring: give --profile (dualclip fit makes one)")
+            raise UsageError("--what model exports a fitted profile's scoring: give --profile (dualclip fit makes one)")
         if out.exists() and not overwrite:
-            raise ValueError(f"{out} exists: choose another --out or pass --overwrite")
+            raise UsageError(f"{out} exists: choose another --out or pass --overwrite")
         if out.exists() and not out.is_file():
-            raise ValueError(f"--out {out} is not a file")
+            raise UsageError(f"--out {out} is not a file")
         check_parent(out)  # before the model is built and exported
         try:
             from ..export import export_model, export_onnx, onnx_metadata
         except ImportError as exc:
-            raise ValueError(f"export needs onnx: pip install 'dualclip[convert]' ({exc})") from exc
+            raise MissingDependencyError(f"export needs onnx: pip install 'dualclip[convert]' ({exc})") from exc
         from ..detector import DualClipDetector
 
         if profile is not None:
             det = DualClipDetector.load(profile, device="cpu", runtime="torch", precision="fp32")
         else:
-            det = DualClipDetector(
-                _config(backbone, pretrained, image_size, "random", "1", False, 0, True, device="cpu")
-            )
+            det = DualClipDetector(_config(backbone, pretrained, image_size, "1", False, 0, True, device="cpu"))
         if what == "model":
             export_model(det, out, profile_path=profile)
         else:
@@ -700,7 +788,6 @@ def eval_(
     backbone: str = BACKBONE,
     pretrained: str = PRETRAINED,
     image_size: int = typer.Option(None),
-    pairing: str = typer.Option("random"),
     k: str = typer.Option("1"),
     tta: bool = typer.Option(False, "--tta/--no-tta"),
     seeds: str = typer.Option("0", help="Comma-separated seeds; metrics are reported as mean ± std."),
@@ -718,6 +805,7 @@ def eval_(
     ),
     threshold: float = typer.Option(None, help="With --profile: count the verdicts at this threshold instead."),
     quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
     name: str = typer.Option("folder", help="folder layout: the category name."),
     normal: list[str] = typer.Option(None, help="folder layout: normal image folders/globs."),
     anomalous: list[str] = typer.Option(None, help="folder layout: anomalous image folders/globs."),
@@ -741,7 +829,7 @@ def eval_(
     from ..data import datasets as D
     from ..evaluation import run_eval
 
-    with cli_errors(debug):
+    with cli_errors(debug, quiet, verbose):
         wanted = [c.strip() for c in categories.split(",")] if categories else None
         if dataset == "folder":
             cats = D.folder(
@@ -749,18 +837,18 @@ def eval_(
             )
         elif dataset in D.LAYOUTS:
             if root is None:
-                raise ValueError(f"--root is required for --dataset {dataset}")
+                raise UsageError(f"--root is required for --dataset {dataset}")
             cats = D.LAYOUTS[dataset](root, wanted)
         else:
-            raise ValueError(f"unknown dataset {dataset!r}; choose mvtec, visa, mpdd, btad or folder")
+            raise UsageError(f"unknown dataset {dataset!r}; choose mvtec, visa, mpdd, btad or folder")
         if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} exists and is a file, not a folder")
+            raise UsageError(f"--out {out} exists and is a file, not a folder")
         extra = {"dataset": dataset, "root": str(root) if root else None}
         fitted = verdicts = None
         if profile is not None:
             given = _model_options_given(ctx) + [f for f, v in (("--seeds", seeds != "0"), ("--shots", shots > 0)) if v]
             if given:
-                raise ValueError(f"--profile carries the model, settings and references: drop {', '.join(given)}")
+                raise UsageError(f"--profile carries the model, settings and references: drop {', '.join(given)}")
             from ..detector import DualClipDetector
             from ..thresholds import manual_threshold
 
@@ -779,12 +867,11 @@ def eval_(
             extra["profile"] = str(profile)
         else:
             if threshold is not None:
-                raise ValueError("--threshold judges a profile's verdicts: give --profile too")
+                raise UsageError("--threshold judges a profile's verdicts: give --profile too")
             cfg = _config(
                 backbone,
                 pretrained,
                 image_size,
-                pairing,
                 k,
                 tta,
                 0,
@@ -843,30 +930,33 @@ def demo(
         False, help="Replace the outputs of an earlier predict run in --out (an earlier demo's are always replaced)."
     ),
     quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
     debug: bool = DEBUG,
 ) -> None:
     """Run the detector on an embedded default; falls back to effnet-lite0 where CLIP weights are unavailable."""
-    from ..backbone import WeightsUnavailableError
     from ..detector import DualClipDetector
+    from ..errors import WeightsUnavailableError
     from ..output.folder import check_output_folder, written_by
     from .predict import run_predict
 
-    with cli_errors(debug):
+    with cli_errors(debug, quiet, verbose):
         overwrite = overwrite or written_by(out) == "demo"
         out.absolute().parent.mkdir(parents=True, exist_ok=True)
         check_output_folder(out, [], overwrite)  # before any model is built
         cfg = DetectorConfig(progress=not quiet)
-        typer.echo(f"trying the default CLIP weights of {cfg.backbone} (cache, then download) ...", err=True)
+        log.info("trying the default CLIP weights of %s (cache, then download) ...", cfg.backbone)
         try:
             det = DualClipDetector(cfg)
             _ = det.backbone
         except WeightsUnavailableError as exc:
-            typer.echo(f"CLIP weights unavailable ({str(exc).splitlines()[0][:160]}...).", err=True)
-            typer.echo("Running the dual-image visual branch with effnet-lite0 instead.", err=True)
+            log.warning(
+                "CLIP weights unavailable (%s...). Running the dual-image visual branch with effnet-lite0 instead.",
+                str(exc).splitlines()[0][:160],
+            )
             cfg = DetectorConfig(backbone="effnet-lite0", progress=not quiet)
             det = DualClipDetector(cfg)
         inputs, class_name = _demo_inputs(data, out.parent / f".{out.name}-inputs")
-        typer.echo(f"scoring {len(inputs)} images ({class_name}) with {cfg.backbone} ...", err=True)
+        log.info("scoring %d images (%s) with %s ...", len(inputs), class_name, cfg.backbone)
         if not det.backbone.has_text:
             class_name = None  # the demo chose it, not the user: nothing to warn of
         code, doc = run_predict(
@@ -874,5 +964,5 @@ def demo(
         )
     for p in doc["predictions"]:
         typer.echo(f"{p['score']:.4f}\t{p['path']}")
-    typer.echo(f"heat maps in {out}/heatmaps, report {out}/report.html", err=True)
+    typer.echo(f"heat maps in {out}/heatmaps, report {out}/report.html", err=True)  # a result, not a log record
     raise typer.Exit(code)

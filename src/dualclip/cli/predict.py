@@ -11,7 +11,6 @@ import contextlib
 import functools
 import inspect
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +21,8 @@ from ..config import DetectorConfig
 from ..data.datasets import read_mask
 from ..data.images import DEFAULT_MAX_SIDE, Expanded, ImageLoadError, expand_paths, load_images, mask_like
 from ..detector import DualClipDetector
+from ..errors import UsageError
+from ..logs import log_line
 from ..output import (
     MAP_FORMATS,
     OutputFolderError,
@@ -44,10 +45,6 @@ EXIT_CODES = {
     "3": "no input image could be read",
     "130": "interrupted (SIGINT; 143 for SIGTERM): --out left as it was",
 }
-
-
-class UsageError(ValueError):
-    """Wrong use of the command (exit code 2)."""
 
 
 def _load_all(
@@ -225,7 +222,7 @@ def run_predict(
     ``save_maps``: also write each raw anomaly map (``npy`` or ``tiff``); ``tables``: the formats of the
     predictions table (``json``, ``csv``, ``parquet``).
     """
-    warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    warn = warn or log_line
     out = Path(out)
     _check_threshold_options(threshold, threshold_quantile)
     _check_output_formats(save_maps, tables)
@@ -273,7 +270,7 @@ def run_predict(
     preds = []
     if loaded:
         preds = det.predict([img for *_, img in loaded], class_name=class_name, references=refs)
-        run = det.run_info_
+        run = preds.run
         if (
             det.profile_ is None
             and config.k != "all"

@@ -1,4 +1,4 @@
-"""The field's dataset layouts (METHOD.md §8): MVTec AD, VisA, MPDD, BTAD and a generic folder layout.
+"""The field's dataset layouts (docs/method.md §8): MVTec AD, VisA, MPDD, BTAD and a generic folder layout.
 
 Images are loaded lazily. Masks are binarised as the datasets' own tools do (``!= 0`` on one channel; palette
 masks by index, not by grey level; see :func:`read_mask`), then resized with nearest neighbour. Anomalous images
@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import ConfigError, InputError
 from .images import IMAGE_SUFFIXES, MASK_FOLDERS, image_size, load_images
 
 
-class DatasetLayoutError(ValueError):
+class DatasetLayoutError(InputError):
     """A dataset root does not match the expected layout."""
 
 
@@ -227,8 +228,8 @@ def mvtec(root: str | Path, categories: list[str] | None = None) -> list[Categor
             raise DatasetLayoutError(
                 f"{test} holds {', '.join(f'{d}/' for d in images) or 'no image folder'} and the mask folder "
                 f"{mask_dirs[0].name}/, not {expected}: images labelled by masks of the same name are read by the "
-                f"folder layout (dualclip eval --dataset folder --images {test / (images[0] if images else 'images')} "
-                f"--masks {mask_dirs[0]})"
+                f"folder layout (dataset=folder, images={test / (images[0] if images else 'images')}, "
+                f"masks={mask_dirs[0]})"
             )
         train = root / name / "train" / "good"
         cat.train = _images_in(train) if train.is_dir() else []
@@ -327,12 +328,12 @@ def with_shots(categories: list[Category], shots: int, seed: int = 0) -> list[Ca
     """Few-shot evaluation: each category gets ``shots`` of its normal training images as golden references,
     drawn without replacement by a generator seeded with ``seed`` (recorded with the results)."""
     if shots < 1:
-        raise ValueError(f"--shots must be >= 1, got {shots}")
+        raise ConfigError(f"shots must be >= 1, got {shots}")
     out = []
     for cat in categories:
         if len(cat.train) < shots:
             raise DatasetLayoutError(
-                f"category {cat.name!r}: --shots {shots} needs {shots} normal training images "
+                f"category {cat.name!r}: shots={shots} needs {shots} normal training images "
                 f"(train/good, train/ok or VisA's train split); found {len(cat.train)}"
             )
         pick = np.random.default_rng(seed).choice(len(cat.train), size=shots, replace=False)

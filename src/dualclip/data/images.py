@@ -1,4 +1,4 @@
-"""Loading images of any common mode as 8-bit RGB, with clear errors for bad files (METHOD.md §1)."""
+"""Loading images of any common mode as 8-bit RGB, with clear errors for bad files (docs/method.md §1)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from pathlib import Path, PurePath
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..errors import InputError, InputNotFoundError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 DEFAULT_MAX_PIXELS = 100_000_000
 """Decompression-bomb limit: a file declaring more pixels than this is refused before decoding."""
@@ -27,7 +29,7 @@ OUTPUT_LOCK_SUFFIX = ".dualclip.lock"
 """The lock file beside an output folder, ``.<name>.dualclip.lock`` (never read as input either)."""
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(InputError):
     """A file that is not a readable image; ``path`` and ``reason`` say which and why."""
 
     def __init__(self, path: str | os.PathLike, reason: str) -> None:
@@ -70,14 +72,14 @@ def array_to_rgb(array) -> Image.Image:
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
     if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (3, 4))):
-        raise ValueError(f"an image array must be H x W or H x W x 3 (or 4), got shape {a.shape}")
+        raise InputError(f"an image array must be H x W or H x W x 3 (or 4), got shape {a.shape}")
     if a.dtype != np.uint8:
         if a.dtype.kind == "f":
             if a.size and (np.nanmin(a) < 0 or np.nanmax(a) > 1):
-                raise ValueError("a float image array must hold values in [0, 1]")
+                raise InputError("a float image array must hold values in [0, 1]")
             a = np.rint(np.nan_to_num(a) * 255)
         elif a.dtype.kind in "iub" and a.size and (a.min() < 0 or a.max() > 255):
-            raise ValueError(f"an integer image array must hold values in [0, 255], got dtype {a.dtype}")
+            raise InputError(f"an integer image array must hold values in [0, 255], got dtype {a.dtype}")
         a = a.astype(np.uint8)
     return to_rgb8(Image.fromarray(a))
 
@@ -336,7 +338,7 @@ def expand_paths(
         elif any(ch in s for ch in "*?["):
             found = sorted(Path(f) for f in glob.glob(s, recursive=True))
             if not found:
-                raise FileNotFoundError(f"no file matches pattern {s}")
+                raise InputNotFoundError(f"no file matches pattern {s}")
             for f in found:
                 if f.is_dir():
                     continue
@@ -345,7 +347,7 @@ def expand_paths(
                 else:
                     out.append(f)
         else:
-            raise FileNotFoundError(f"no such file or folder: {s}")
+            raise InputNotFoundError(f"no such file or folder: {s}")
     patterns = list(exclude_patterns)
     if patterns:
         kept = []
@@ -354,7 +356,7 @@ def expand_paths(
             if pat is None:
                 kept.append(f)
             else:
-                skipped.append((str(f), f"excluded by --exclude {pat}"))
+                skipped.append((str(f), f"excluded by exclude_patterns={pat}"))
         out = kept
     seen: set[Path] = set()
     unique = []
@@ -370,7 +372,7 @@ def expand_paths(
         skipped += [(str(m), f"the ground-truth mask of {img.name} beside it (same name, binary)") for m, img in masks]
     if not unique:
         why = "; ".join(f"{p}: {r}" for p, r in skipped[:5])
-        raise FileNotFoundError(f"no image files in the inputs{' (' + why + ')' if why else ''}")
+        raise InputNotFoundError(f"no image files in the inputs{' (' + why + ')' if why else ''}")
     return Expanded(unique, skipped, masks)
 
 

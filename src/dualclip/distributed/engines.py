@@ -7,6 +7,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 
+from ..errors import ConfigError
 from .plan import Block
 from .scorer import BlockScorer, ScorerSpec, decode_block, pack, unpack
 
@@ -42,11 +43,11 @@ def _decode_row(row: dict) -> dict:
 def check_pool(num_actors: int, cpus_per_actor: float, gpus_per_actor: float) -> None:
     """Refuse pool settings that no cluster can run (checked before anything is written)."""
     if num_actors < 1:
-        raise ValueError(f"num_actors must be >= 1, got {num_actors}")
+        raise ConfigError(f"num_actors must be >= 1, got {num_actors}")
     if not cpus_per_actor > 0:
-        raise ValueError(f"cpus_per_actor must be > 0, got {cpus_per_actor}")
+        raise ConfigError(f"cpus_per_actor must be > 0, got {cpus_per_actor}")
     if not gpus_per_actor >= 0:
-        raise ValueError(f"gpus_per_actor must be >= 0, got {gpus_per_actor}")
+        raise ConfigError(f"gpus_per_actor must be >= 0, got {gpus_per_actor}")
 
 
 def check_resources(
@@ -58,12 +59,12 @@ def check_resources(
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     need_cpu = num_actors * cpus_per_actor + decode_cpus
     if need_cpu > cpus:
-        raise ValueError(
+        raise ConfigError(
             f"{num_actors} actor(s) x {cpus_per_actor} CPU + {decode_cpus} CPU for decoding need {need_cpu:g} CPUs; "
-            f"the cluster has {cpus:g}: use fewer actors (--num-actors) or fewer CPUs per actor"
+            f"the cluster has {cpus:g}: use fewer actors (num_actors=) or fewer CPUs per actor (cpus_per_actor=)"
         )
     if num_actors * gpus_per_actor > gpus:
-        raise ValueError(
+        raise ConfigError(
             f"{num_actors} actor(s) x {gpus_per_actor} GPU need {num_actors * gpus_per_actor:g} GPUs; the cluster has "
             f"{gpus:g}"
         )

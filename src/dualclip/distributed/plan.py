@@ -19,10 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ConfigError, InputError
+
 PATH_COLUMN, CLASS_COLUMN = "path", "class"
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """A manifest file that cannot be used (a usage error)."""
 
 
@@ -99,7 +101,7 @@ def plan_blocks(
     split into ``ceil(n / block_size)`` blocks of near-equal size (never a lone image when the class has more).
     Classes are taken in order of first appearance; duplicate paths are kept once."""
     if block_size < 2:
-        raise ValueError(f"block_size must be >= 2 (a block's images are each other's references), got {block_size}")
+        raise ConfigError(f"block_size must be >= 2 (a block's images are each other's references), got {block_size}")
     seen: set[str] = set()
     by_class: dict[str | None, list[tuple[int, str]]] = {}
     n = 0

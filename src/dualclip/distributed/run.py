@@ -24,6 +24,7 @@ from .. import __version__
 from ..atomic import write_json
 from ..config import DetectorConfig, ExecutionSettings
 from ..data.images import OUTPUT_MARKER, file_fingerprint
+from ..errors import ConfigError, IncompleteRunError, OutputError
 from ..output import check_formats, lies_outside, output_lock, write_tables
 from .engines import check_pool
 from .plan import Block, plan_blocks
@@ -35,7 +36,7 @@ TABLES = ("json", "csv", "parquet")
 """The merged predictions are written in every table format (Parquet needs pyarrow, in the ray extra)."""
 
 
-class ArchiveFolderError(ValueError):
+class ArchiveFolderError(OutputError):
     """The output folder of an archive run cannot be used (a usage error)."""
 
 
@@ -86,7 +87,7 @@ def _check_folder(out: Path, key: str) -> bool:
     """Accept ``out`` (writing nothing): True when it holds an earlier run of the same plan to resume, False
     when it is missing or empty; anything else is an :class:`ArchiveFolderError`."""
     if out.exists() and not out.is_dir():
-        raise ArchiveFolderError(f"--out {out} exists and is a file, not a folder")
+        raise ArchiveFolderError(f"out={out} exists and is a file, not a folder")
     if not out.exists() or not any(out.iterdir()):
         return False
     run_file = out / RUN_FILE
@@ -96,11 +97,11 @@ def _check_folder(out: Path, key: str) -> bool:
         previous = None
     if not previous or previous.get("kind") != "dualclip archive run":
         raise ArchiveFolderError(
-            f"--out {out} is not empty and holds no dualclip archive run ({RUN_FILE}): choose another folder"
+            f"out={out} is not empty and holds no dualclip archive run ({RUN_FILE}): choose another folder"
         )
     if previous.get("key") != key:
         raise ArchiveFolderError(
-            f"--out {out} holds an archive run of other inputs or settings (key {previous.get('key')}, this run "
+            f"out={out} holds an archive run of other inputs or settings (key {previous.get('key')}, this run "
             f"{key}): it is never replaced; choose another folder to start a new run"
         )
     return True
@@ -141,9 +142,9 @@ def run_archive(
     from .scorer import BlockScorer
 
     if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
     if (spec_config is None) == (profile is None):
-        raise ValueError("give either a detector configuration or a profile")
+        raise ConfigError("give either a detector configuration or a profile")
     check_formats(TABLES, maps)
     if engine == "ray":
         check_pool(num_actors, cpus_per_actor, gpus_per_actor)
@@ -223,7 +224,9 @@ def run_archive(
             raise
         missing = [b.id for b in blocks if b.id not in results]
         if missing:
-            raise RuntimeError(f"{len(missing)} block(s) returned no result (first: {missing[0]}); rerun to resume")
+            raise IncompleteRunError(
+                f"{len(missing)} block(s) returned no result (first: {missing[0]}); rerun to resume"
+            )
         rows = sorted((r for b in blocks for r in block_rows(results[b.id])), key=lambda r: r.index)
         _write_predictions(out, rows, spec, blocks, engine, key)
     return ArchiveRun(

@@ -13,6 +13,7 @@ from PIL import Image
 
 from ..atomic import dumps, write_text
 from ..data.images import DEFAULT_MAX_SIDE, ImageLoadError, load_image
+from ..errors import DualclipError
 from ..output import OutputWriter, PredictionRow, display_path, heatmap_scale
 from .plan import Block
 
@@ -106,10 +107,10 @@ class BlockScorer:
         if ok:
             try:
                 preds = det.predict(images, class_name=None if fitted else block.class_name)
-            except ValueError as exc:  # the detector cannot score this block (one image, no reference): say why
+            except DualclipError as exc:  # the detector cannot score this block (one image, no reference): say why
                 refused = str(exc)
             else:
-                run = det.run_info_.to_dict(with_references=False)
+                run = preds.run.to_dict(with_references=False)
         scale = heatmap_scale([pr.anomaly_map for pr in preds], det.profile_, th.value) if preds else None
         writer = OutputWriter(
             Path(self.spec.out), scale, th, heatmaps=self.spec.heatmaps, maps=self.spec.maps, subfolder=block.id

@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import __version__
 from ..backbone.base import BackboneOutput
+from ..errors import ConfigError
 from .onnx import OPSET, check_folder, model_identity, write_graph
 
 MODEL_OUTPUTS = ["score", "anomaly_map"]
@@ -45,7 +46,6 @@ class ProfileGraph(nn.Module):
     def __init__(self, detector) -> None:
         super().__init__()
         from ..adaptation.head import AdaptationHead
-        from ..text import readable_class_name, text_embeddings
 
         profile, cfg = detector.profile_, detector.config
         self.detector = detector
@@ -54,8 +54,8 @@ class ProfileGraph(nn.Module):
         self.temperature = cfg.temperature or self.backbone.logit_scale
         text = None
         if self.use_text:  # the profile's class prompts, embedded once: constants of the graph
-            name = readable_class_name(profile.meta.get("class_name"))
-            text = text_embeddings(self.backbone, name, cfg.cache_dir).detach().clone().float()
+            text = detector.text_cache.get(self.backbone, profile.meta.get("class_name"), cfg.cache_dir)
+            text = text.detach().clone().float()
         self.register_buffer("text", text)
         use_head = cfg.tta and profile.head is not None
         self.head = AdaptationHead.from_tensors(profile.head) if use_head else None
@@ -113,20 +113,20 @@ def export_model(
     """
     profile = detector.profile_
     if profile is None:
-        raise ValueError("export_model needs a fitted detector: fit it on normal images or load a profile")
+        raise ConfigError("export_model needs a fitted detector: fit it on normal images or load a profile")
     check_folder(path)
     if detector.precision() != "fp32":
-        raise ValueError(
+        raise ConfigError(
             f"the detector computes in {detector.precision()}: the exported graph is fp32; load it with precision='fp32'"
         )
     graph = ProfileGraph(detector).eval()
     if next(graph.backbone.parameters()).device.type != "cpu":
-        raise ValueError("export_model traces on the CPU, where the profile's memory bank is: load with device='cpu'")
+        raise ConfigError("export_model traces on the CPU, where the profile's memory bank is: load with device='cpu'")
     backbone, cfg = graph.backbone, detector.config
     held = [*graph.state_dict().values(), *(t for sp in profile.bank.values() for space in sp for t in space)]
     size_bytes = sum(t.numel() * t.element_size() for t in held)
     if size_bytes > MAX_GRAPH_BYTES:
-        raise ValueError(
+        raise ConfigError(
             f"the model's weights and memory bank take {size_bytes / 2**30:.2f} GiB, over the 2 GiB one ONNX file "
             "can hold: fit the profile with a smaller memory_bank_size, or export the encoder alone"
         )

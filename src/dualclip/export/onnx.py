@@ -24,6 +24,7 @@ from torch import nn
 from .. import __version__
 from ..atomic import dumps, temp_sibling, write_bytes
 from ..backbone.base import Backbone, BackboneOutput
+from ..errors import InputError, InputNotFoundError, OutputError
 
 OPSET = 17
 META_KEYS = (
@@ -125,7 +126,7 @@ def check_folder(path: str | os.PathLike) -> None:
     """Refuse, before any export work, a ``path`` whose folder does not exist (``FileNotFoundError``)."""
     folder = Path(path).absolute().parent
     if not folder.is_dir():
-        raise FileNotFoundError(f"the folder of {path} ({folder}) does not exist")
+        raise OutputError(f"the folder of {path} ({folder}) does not exist")
 
 
 def write_graph(
@@ -168,18 +169,18 @@ def _read_model(path: str | os.PathLike):
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"ONNX file not found: {path}")
+        raise InputNotFoundError(f"ONNX file not found: {path}")
     data = path.read_bytes()
     try:
         return data, onnx.load_model_from_string(data)
     except Exception as exc:  # protobuf decode errors come in several types
-        raise ValueError(f"{path} is not a readable ONNX file: {exc}") from exc
+        raise InputError(f"{path} is not a readable ONNX file: {exc}") from exc
 
 
 def _dualclip_meta(path: str | os.PathLike, model) -> dict:
     props = {p.key: p.value for p in model.metadata_props}
     if "dualclip" not in props:
-        raise ValueError(f"{path} was not exported by dualclip (no dualclip metadata)")
+        raise InputError(f"{path} was not exported by dualclip (no dualclip metadata)")
     return json.loads(props["dualclip"])
 
 
@@ -192,10 +193,10 @@ def check_graph(path: str | os.PathLike, model, meta: dict) -> None:
     """Refuse a file whose graph or weights are not the ones exported (the hash recorded at export)."""
     recorded = meta.get("graph_sha256")
     if recorded is None:
-        raise ValueError(f"{path} records no hash of its graph (exported by an earlier dualclip): export again")
+        raise InputError(f"{path} records no hash of its graph (exported by an earlier dualclip): export again")
     actual = graph_sha256(model.graph)
     if actual != recorded:
-        raise ValueError(
+        raise InputError(
             f"{path}: its graph or weights differ from the ones exported (graph_sha256: recorded {recorded[:16]}, "
             f"file {actual[:16]}): the file was changed after export; export again"
         )
@@ -245,14 +246,14 @@ class OnnxBackbone(Backbone):
         data, model = _read_model(path)  # checked and run from the same bytes
         meta = _dualclip_meta(path, model)
         if meta.get("what", "encoder") != "encoder":
-            raise ValueError(
+            raise InputError(
                 f"{path} is a whole-model export (image to score and anomaly map): onnx_file takes the encoder "
-                "alone (export_onnx; CLI: dualclip export --what encoder)"
+                "alone (export_onnx)"
             )
         want = identity or model_identity(backbone)
         diff = [f"{k}: file {meta.get(k)!r}, model {want[k]!r}" for k in META_KEYS if meta.get(k) != want[k]]
         if diff:
-            raise ValueError(f"{path} was exported for another model or settings ({'; '.join(diff)}): export again")
+            raise InputError(f"{path} was exported for another model or settings ({'; '.join(diff)}): export again")
         check_graph(path, model, meta)
         del model
         self.torch_backbone = backbone

@@ -24,9 +24,10 @@ from pathlib import Path, PurePosixPath
 from .. import __version__
 from ..atomic import write_json
 from ..data.images import OUTPUT_LOCK_SUFFIX, OUTPUT_MARKER
+from ..errors import OutputError
 
 
-class OutputFolderError(ValueError):
+class OutputFolderError(OutputError):
     """The output folder cannot be used (a usage error)."""
 
 

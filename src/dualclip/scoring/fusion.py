@@ -1,4 +1,4 @@
-"""METHOD.md §6: joint scoring. Branches brought to one scale, fused, upsampled, smoothed; image scores."""
+"""docs/method.md §6: joint scoring. Branches brought to one scale, fused, upsampled, smoothed; image scores."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The patch-matching space of the visual reference (METHOD.md §5): how raw backbone tokens become the
+"""The patch-matching space of the visual reference (docs/method.md §5): how raw backbone tokens become the
 features two images are compared in, and the distance between two patches.
 
 Three distances, chosen with ``DetectorConfig.distance``:

@@ -1,4 +1,4 @@
-"""METHOD.md §5: the dual-image visual reference.
+"""docs/method.md §5: the dual-image visual reference.
 
 Each image a is given reference images (its partners) from the same unlabeled set, and every patch of a
 is scored by its distance to the closest patch of the reference::
@@ -17,7 +17,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..config import Aggregation
 from .matching import Distance, bank_distances, nearest_distances
@@ -39,26 +38,18 @@ def near_duplicates(thumbnails: torch.Tensor, tolerance: float) -> torch.Tensor:
 
 
 def pair_references(
-    n: int,
-    k: int | Literal["all"] = 1,
-    strategy: Literal["random", "similar"] = "random",
-    seed: int = 0,
-    global_embeddings: torch.Tensor | None = None,
-    forbidden: torch.Tensor | None = None,
-    similar_pool: float = 0.5,
+    n: int, k: int | Literal["all"] = 1, seed: int = 0, forbidden: torch.Tensor | None = None
 ) -> list[list[int]]:
-    """References of each of ``n`` images: ``k`` distinct indices, never the image itself, never one that
-    ``forbidden[i, j]`` marks (near-exact duplicates: a defect and its copy would erase each other).
+    """References of each of ``n`` images: ``k`` distinct indices drawn at random (seeded), never the image
+    itself, never one that ``forbidden[i, j]`` marks (near-exact duplicates: a defect and its copy would erase
+    each other).
 
-    ``random`` with k = 1 is a seeded derangement made of pairs (a <-> b), plus, for odd n, one image that
-    references a random other one; with k > 1 the images are put on a random cycle and each references its
-    nearest k neighbours on it (both sides alternately), so most references are mutual. ``similar`` (research
-    only, not offered by the detector: see docs/results.md, "Partner selection") draws each image's k references
-    at random (seeded) from its ``ceil(similar_pool * (n - 1))`` most cosine-similar other images by global
-    embedding; with a pool of one it is the nearest image, which for a defect that recurs across the set is
-    an image with the same defect. ``k="all"`` (or k >= n - 1) gives every other
+    With k = 1 a seeded derangement made of pairs (a <-> b), plus, for odd n, one image that references a random
+    other one; with k > 1 the images are put on a random cycle and each references its nearest k neighbours on
+    it (both sides alternately), so most references are mutual. ``k="all"`` (or k >= n - 1) gives every other
     image (full mutual scoring). An image left without an allowed partner (all others its duplicates) is
-    given any other image.
+    given any other image. Partners chosen by similarity instead are refused by design: a defect that recurs
+    across the images finds its copy and erases itself (docs/results.md, "Partner selection").
     """
     if n < 2:
         raise ValueError(f"pairing needs at least 2 images, got {n}")
@@ -69,21 +60,6 @@ def pair_references(
         refs = [[j for j in range(n) if allowed[i, j]] for i in range(n)]
         return [r or [j for j in range(n) if j != i] for i, r in enumerate(refs)]
     rng = np.random.default_rng(seed)
-    if strategy == "similar":
-        if global_embeddings is None:
-            raise ValueError("pairing 'similar' needs the global embeddings")
-        g = F.normalize(global_embeddings.float(), dim=-1)
-        sim = (g @ g.T).masked_fill(~allowed, -math.inf)
-        order = torch.sort(sim, dim=1, descending=True, stable=True).indices  # ties broken by index
-        pool = max(k_eff, math.ceil(similar_pool * (n - 1)))
-        refs = []
-        for i in range(n):
-            cands = [j for j in order[i, :pool].tolist() if allowed[i, j]] or [j for j in range(n) if j != i]
-            pick = rng.choice(len(cands), size=min(k_eff, len(cands)), replace=False)
-            refs.append([cands[p] for p in sorted(pick.tolist())])
-        return refs
-    if strategy != "random":
-        raise ValueError(f"unknown pairing strategy {strategy!r}; choose 'random' or 'similar'")
     perm = rng.permutation(n).tolist()
     refs: list[list[int]] = [[] for _ in range(n)]
     if k_eff == 1:

@@ -1,4 +1,4 @@
-"""METHOD.md §4: text-guided scores, ``softmax(tau * [<f, t_n>, <f, t_a>])[anomalous]``."""
+"""docs/method.md §4: text-guided scores, ``softmax(tau * [<f, t_n>, <f, t_a>])[anomalous]``."""
 
 from __future__ import annotations
 

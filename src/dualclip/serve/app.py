@@ -33,6 +33,7 @@ from starlette.datastructures import UploadFile
 from .. import __version__
 from ..data.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageLoadError, decode_image
 from ..detector import DualClipDetector, Prediction
+from ..errors import ConfigError, MissingDependencyError
 from ..output import heatmap_png, heatmap_scale
 from ..thresholds import NO_THRESHOLD, score_error
 from ..visualization import HeatmapScale
@@ -41,7 +42,7 @@ from .batching import MicroBatcher
 try:
     from swagger_ui_bundle import swagger_ui_path
 except ImportError as exc:  # pragma: no cover - the serve extra installs it
-    raise ImportError("the service's offline /docs needs swagger-ui-bundle (the serve extra)") from exc
+    raise MissingDependencyError("the service's offline /docs needs swagger-ui-bundle (the serve extra)") from exc
 
 API_KEY_HEADER = "X-API-Key"
 UNITS = "normal spreads above the normal mean of the profile (0: a typical normal image)"
@@ -163,21 +164,21 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         if not is_loopback(self.host) and not self.api_key:
-            raise ValueError(
-                f"--host {self.host} can be reached from other machines: set an API key "
-                "(--api-key-file FILE or the DUALCLIP_API_KEY environment variable), or bind to 127.0.0.1"
+            raise ConfigError(
+                f"host={self.host} can be reached from other machines: set an API key "
+                "(api_key=, or the DUALCLIP_API_KEY environment variable), or bind to host=127.0.0.1"
             )
         for name in ("batch_size", "max_body_bytes", "max_pending_bytes", "max_pixels", "max_side"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_pending_bytes < self.max_body_bytes:
-            raise ValueError(
+            raise ConfigError(
                 f"max_pending_bytes ({self.max_pending_bytes}) must be at least max_body_bytes ({self.max_body_bytes})"
             )
         if not 0 <= self.max_wait_ms <= 10_000:
-            raise ValueError(f"max_wait_ms must lie in [0, 10000], got {self.max_wait_ms}")
+            raise ConfigError(f"max_wait_ms must lie in [0, 10000], got {self.max_wait_ms}")
         if not 0 < self.port < 65536:
-            raise ValueError(f"port must lie in 1..65535, got {self.port}")
+            raise ConfigError(f"port must lie in 1..65535, got {self.port}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -279,7 +280,7 @@ async def _upload(request: Request, body: bytes, filename: str | None) -> tuple[
 def create_app(detector: DualClipDetector, settings: ServeSettings, profile_path: str | Path | None = None) -> FastAPI:
     """The FastAPI application serving ``detector`` (fitted: :meth:`DualClipDetector.load`)."""
     if detector.profile_ is None:
-        raise ValueError("the service scores against a saved profile: load one with DualClipDetector.load")
+        raise ConfigError("the service scores against a saved profile: load one with DualClipDetector.load")
     detector.config = replace(detector.config, progress=False)  # settings are frozen: a copy
     threshold = detector.threshold_
     scale = heatmap_scale([], detector.profile_, None if threshold is None else threshold.value)

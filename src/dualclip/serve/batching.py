@@ -13,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from ..errors import ConfigError
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -64,9 +66,9 @@ class MicroBatcher(Generic[T, R]):
 
     def __init__(self, score_batch: Callable[[list[T]], Sequence[R]], max_batch: int = 8, max_wait_ms: float = 5.0):
         if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+            raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+            raise ConfigError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
         self.score_batch = score_batch
         self.max_batch = max_batch
         self.max_wait_ms = max_wait_ms

@@ -1,8 +1,10 @@
-"""Text embeddings t_n, t_a (METHOD.md §3), computed once per (model, weights, class) and cached.
+"""Text embeddings t_n, t_a (docs/method.md §3), computed once per (model, weights, class) and cached.
 
-The cache lives in memory and, for identifiable weights (an open_clip tag or a checkpoint file), on disk
-under the user cache directory, keyed by a hash of model name, weights, class name and prompt set, so a
-different model or prompt set never reuses another's embeddings. Random weights are never cached on disk.
+Two caches, both owned by someone: on disk under the user cache directory for identifiable weights (an
+open_clip tag or a checkpoint file), keyed by a hash of model name, weights, class name and prompt set, so a
+different model or prompt set never reuses another's embeddings (random weights are never cached on disk); and
+in memory, in a :class:`TextEmbeddingCache` object (each detector holds one). Nothing is kept on this module or
+on the backbone.
 """
 
 from __future__ import annotations
@@ -18,10 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import write_bytes
-from ..backbone import Backbone
+from ..backbone.base import Backbone
 from .prompts import ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES, build_prompts, readable_class_name
-
-_MEMORY: dict[str, torch.Tensor] = {}
 
 
 def default_cache_dir() -> Path:
@@ -58,22 +58,16 @@ def cache_key(backbone: Backbone, class_name: str) -> str | None:
 
 
 def text_embeddings(backbone: Backbone, class_name: str | None, cache_dir: str | Path | None = None) -> torch.Tensor:
-    """``(2, D)`` tensor ``[t_n, t_a]`` for one class, from memory, disk, or computed."""
+    """``(2, D)`` tensor ``[t_n, t_a]`` for one class, from the disk cache or computed (and then saved there).
+    Keeps nothing in memory: a :class:`TextEmbeddingCache` does."""
     name = readable_class_name(class_name)
     key = cache_key(backbone, name)
-    # Identifiable weights share one process-wide cache; random weights cache on the backbone object.
-    memory = _MEMORY if key is not None else backbone.__dict__.setdefault("_text_cache", {})
-    mem_key = key or name
-    if mem_key in memory:
-        return memory[mem_key]
     path = None
     if key is not None:
         path = Path(cache_dir or default_cache_dir()) / "text" / f"{key}.pt"
         if path.is_file():
             try:
-                emb = torch.load(path, map_location="cpu", weights_only=True)
-                memory[mem_key] = emb
-                return emb
+                return torch.load(path, map_location="cpu", weights_only=True)
             except Exception:  # a corrupt cache file is recomputed, not fatal
                 path.unlink(missing_ok=True)
     with torch.no_grad():
@@ -83,9 +77,32 @@ def text_embeddings(backbone: Backbone, class_name: str | None, cache_dir: str |
                 state_embedding(backbone, build_prompts(name, ANOMALOUS_STATES)),
             ]
         ).cpu()
-    memory[mem_key] = emb
     if path is not None:
         buf = io.BytesIO()
         torch.save(emb, buf)
         write_bytes(path, buf.getvalue())
     return emb
+
+
+class TextEmbeddingCache:
+    """Text embeddings held in memory for one owner (a detector): :meth:`get` computes or reads each
+    (backbone, class) once. Entries are keyed by the disk-cache key (model, weights, class, prompts) for
+    identifiable weights, and by the backbone object and class for random weights (which no file identifies)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, torch.Tensor] = {}
+
+    def get(self, backbone: Backbone, class_name: str | None, cache_dir: str | Path | None = None) -> torch.Tensor:
+        """``(2, D)`` ``[t_n, t_a]`` for ``class_name``, from memory, the disk cache, or computed."""
+        name = readable_class_name(class_name)
+        key = cache_key(backbone, name)
+        entry = ("weights", key) if key is not None else ("object", id(backbone), name)
+        if entry not in self._entries:
+            self._entries[entry] = text_embeddings(backbone, name, cache_dir)
+        return self._entries[entry]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()

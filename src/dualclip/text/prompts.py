@@ -1,4 +1,4 @@
-"""METHOD.md §3: the prompt ensemble and readable class names."""
+"""docs/method.md §3: the prompt ensemble and readable class names."""
 
 from __future__ import annotations
 

@@ -1,0 +1,69 @@
+"""Which exceptions the command line reports how: a DualclipError is the user's (one line, exit 2), anything
+else is a bug (one line with a --debug hint, exit 1); library messages name parameters, the CLI shows flags."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from typer.testing import CliRunner
+
+import dualclip.cli.predict as P
+from dualclip.cli.main import app
+from dualclip.errors import ConfigError, DualclipError, InputError, ProfileError, UsageError
+
+
+def _predict_raising(monkeypatch, exc):
+    def boom(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(P, "run_predict", boom)
+    return CliRunner().invoke(app, ["predict", "x.png", "-o", "out"])
+
+
+def test_an_unexpected_error_mid_run_is_reported_as_a_bug_with_exit_1(monkeypatch):
+    r = _predict_raising(monkeypatch, RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore lines"))
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines() == [
+        "error: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB "
+        "(this is a bug; rerun with --debug (or DUALCLIP_DEBUG=1) for the traceback)"
+    ]
+
+
+def test_a_bare_value_error_is_a_bug_not_a_usage_error(monkeypatch):
+    r = _predict_raising(monkeypatch, ValueError("index out of range"))
+    assert r.exit_code == 1 and "this is a bug" in r.output and "Traceback" not in r.output
+
+
+def test_a_dualclip_error_is_one_line_with_exit_2_and_its_parameters_named_as_flags(monkeypatch):
+    r = _predict_raising(monkeypatch, ConfigError("memory_bank_size=8 is too small; batch_size= must be >= 1"))
+    assert r.exit_code == 2
+    assert r.output.strip() == "error: --memory-bank-size 8 is too small; --batch-size must be >= 1"
+
+
+def test_debug_from_the_environment_shows_the_traceback(monkeypatch):
+    monkeypatch.setenv("DUALCLIP_DEBUG", "1")
+    r = _predict_raising(monkeypatch, RuntimeError("boom"))
+    assert isinstance(r.exception, RuntimeError) and r.exit_code != 2
+
+
+@pytest.mark.parametrize(
+    "cls,base",
+    [(InputError, ValueError), (ConfigError, ValueError), (ProfileError, ValueError), (UsageError, ValueError)],
+)
+def test_every_domain_error_is_a_dualclip_error_and_keeps_its_old_base(cls, base):
+    assert issubclass(cls, DualclipError) and issubclass(cls, base)
+
+
+def test_quiet_keeps_warnings_and_drops_progress_text(monkeypatch):
+    def talk(*args, **kwargs):
+        log = logging.getLogger("dualclip.test")
+        log.info("progress text")
+        log.warning("a warning")
+        return 0, {"predictions": []}
+
+    monkeypatch.setattr(P, "run_predict", talk)
+    loud = CliRunner().invoke(app, ["predict", "x.png", "-o", "out"])
+    quiet = CliRunner().invoke(app, ["predict", "x.png", "-o", "out", "-q"])
+    assert "progress text" in loud.output and "warning: a warning" in loud.output
+    assert "progress text" not in quiet.output and "warning: a warning" in quiet.output
