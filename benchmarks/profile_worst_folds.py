@@ -172,7 +172,10 @@ def main() -> None:
             finalists = stage_two(results, args.candidates)
             run(args.json, results, timings, finalists, [1, 2])
     write_section(
-        args.json, "profile_worst_folds", render(results, timings, args.candidates), {"results": results, "timings": timings}
+        args.json,
+        "profile_worst_folds",
+        render(results, timings, args.candidates),
+        {"results": results, "timings": timings},
     )
 
 
@@ -284,9 +287,7 @@ def render(results: dict, timings: dict, candidates: list[str]) -> list[dict]:
             continue
         seeds_ = min(len(r) for r in rs)
         # against the baseline on the same seeds (same fitting images) only
-        paired = {
-            f: {k: v for k, v in results[f].items() if f"{c}|{k.rsplit('|', 1)[1]}" in results[f]} for f in cells
-        }
+        paired = {f: {k: v for k, v in results[f].items() if f"{c}|{k.rsplit('|', 1)[1]}" in results[f]} for f in cells}
         margins = {(f, m): mean(paired[f], c, m) - mean(paired[f], BASELINE, m) for f in cells for m in METRICS}
         (wf, wm), w = min(margins.items(), key=lambda kv: kv[1])
         spread = max(

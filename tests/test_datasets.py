@@ -253,7 +253,7 @@ def test_mvtec_layout_never_reads_a_mask_folder_and_points_to_the_folder_layout(
         D.mvtec(root)
     test = root / "plate" / "test"
     assert f"{test} holds images/ and the mask folder masks/" in str(err.value)
-    assert f"dataset=folder, images={test / 'images'}, masks={test / 'masks'}" in str(err.value)
+    assert f"dataset=folder images={test / 'images'} masks={test / 'masks'}" in str(err.value)
     # the folder layout the message points to reads it: labels from the masks
     (cat,) = D.folder("plate", images=[str(test / "images")], mask_dirs=[str(test / "masks")])
     assert cat.labels.tolist() == [0, 0, 1, 1] and cat.check() == []

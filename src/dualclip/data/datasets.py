@@ -228,8 +228,8 @@ def mvtec(root: str | Path, categories: list[str] | None = None) -> list[Categor
             raise DatasetLayoutError(
                 f"{test} holds {', '.join(f'{d}/' for d in images) or 'no image folder'} and the mask folder "
                 f"{mask_dirs[0].name}/, not {expected}: images labelled by masks of the same name are read by the "
-                f"folder layout (dataset=folder, images={test / (images[0] if images else 'images')}, "
-                f"masks={mask_dirs[0]})"
+                f"folder layout: dataset=folder images={test / (images[0] if images else 'images')} "
+                f"masks={mask_dirs[0]}"
             )
         train = root / name / "train" / "good"
         cat.train = _images_in(train) if train.is_dir() else []
