@@ -61,9 +61,9 @@ def _blur_rows(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     channels of one depthwise convolution: a single-channel convolution over ``N`` maps is tens of times slower
     on a CPU, and the depthwise one sums the same products in the same order (bit-equal results)."""
     r = k.numel() // 2
-    h = x.shape[1]
+    h = int(x.shape[1])  # int(): a fixed kernel also in a traced graph (S is fixed)
     padded = F.pad(x.unsqueeze(2), (r, r, 0, 0), mode="reflect")
-    return F.conv2d(padded, k.view(1, 1, 1, -1).expand(h, 1, 1, -1), groups=h).squeeze(2)
+    return F.conv2d(padded, k.view(1, 1, 1, -1).repeat(h, 1, 1, 1), groups=h).squeeze(2)
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
