@@ -56,16 +56,24 @@ def gaussian_kernel1d(sigma: float) -> torch.Tensor:
     return k / k.sum()
 
 
+def _blur_rows(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Each row of ``(N, H, W)`` maps convolved with the 1-D kernel ``k`` (reflect padding). The rows are the
+    channels of one depthwise convolution: a single-channel convolution over ``N`` maps is tens of times slower
+    on a CPU, and the depthwise one sums the same products in the same order (bit-equal results)."""
+    r = k.numel() // 2
+    h = int(x.shape[1])  # int(): a fixed kernel also in a traced graph (S is fixed)
+    padded = F.pad(x.unsqueeze(2), (r, r, 0, 0), mode="reflect")
+    return F.conv2d(padded, k.view(1, 1, 1, -1).repeat(h, 1, 1, 1), groups=h).squeeze(2)
+
+
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of ``(N, H, W)`` maps with reflect padding."""
+    """Separable Gaussian smoothing of ``(N, H, W)`` maps with reflect padding: along the rows, then the
+    columns."""
     if sigma <= 0:
         return maps
     k = gaussian_kernel1d(sigma).to(maps.device)
-    r = k.numel() // 2
-    x = maps.unsqueeze(1)
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
-    return x.squeeze(1)
+    x = _blur_rows(maps, k)
+    return _blur_rows(x.transpose(1, 2), k).transpose(1, 2).contiguous()
 
 
 def upsample(patch_scores: torch.Tensor, grid: tuple[int, int], size: int, sigma: float) -> torch.Tensor:
