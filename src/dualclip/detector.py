@@ -44,21 +44,24 @@ from .profile import (
     weights_fingerprint,
 )
 from .scoring import (
-    bank_distances,
     centre,
     combine_parts,
-    distance_parts,
     fuse,
-    golden_reference_scores,
     map_scores,
-    match_spaces,
     near_duplicates,
-    pair_references,
     positional_offsets,
-    reference_scores,
     resize_map,
     text_anomaly_scores,
     upsample,
+)
+from .scoring.sources import (
+    GoldenReferences,
+    Matching,
+    MutualPairs,
+    ProfileBank,
+    ReferenceSource,
+    bank_scores,
+    part_moments,
 )
 from .text import TextEmbeddingCache
 from .thresholds import Threshold, f1_threshold, quantile_threshold
@@ -294,17 +297,30 @@ def _reorder(result: ScoreResult, order: list[int]) -> ScoreResult:
     )
 
 
+def _on_host(result: ScoreResult) -> ScoreResult:
+    """``result`` with its tensors on the host (the pipeline runs on the backbone's device until here)."""
+
+    def host(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.cpu()
+
+    branches = dataclasses.replace(
+        result.branches,
+        **{
+            f.name: host(getattr(result.branches, f.name))
+            for f in dataclasses.fields(BranchScores)
+            if f.name not in _RUN_FIELDS
+        },
+    )
+    return dataclasses.replace(
+        result, image_scores=host(result.image_scores), maps=host(result.maps), branches=branches
+    )
+
+
 def text_scores(feats: BackboneOutput, text: torch.Tensor, temperature: float, out: BranchScores) -> None:
     """docs/method.md §4: fills ``out.text`` (each patch) and ``out.text_global`` (each global embedding) from the
     ``(2, D)`` text embeddings ``[t_n, t_a]``."""
     out.text = text_anomaly_scores(feats.patch_embeddings, text, temperature)
     out.text_global = text_anomaly_scores(feats.global_embedding, text, temperature)
-
-
-def _mean(tensors) -> torch.Tensor:
-    """Mean of equally shaped tensors (one, returned unchanged)."""
-    tensors = list(tensors)
-    return tensors[0] if len(tensors) == 1 else torch.stack(tensors).mean(dim=0)
 
 
 def _as_rgb(item: ImageInput) -> tuple[Image.Image, str | None]:
@@ -416,6 +432,7 @@ class DualClipDetector:
         self._backbone = backbone
         self.profile_ = profile
         self.text_cache = TextEmbeddingCache()  # text embeddings of this detector's backbone, per class
+        self._bank: tuple[Profile, ProfileBank] | None = None  # the source of profile_, its bank moved once
 
     @property
     def backbone(self) -> Backbone:
@@ -491,33 +508,38 @@ class DualClipDetector:
     def _score(
         self, images: list[Image.Image], class_name: str | None, golden: list[Image.Image] | None, progress: bool
     ) -> ScoreResult:
+        """The pipeline on one run of images: features -> the reference source's visual scores, text and adapted
+        scores -> fusion in the source's units. Every tensor stays on the backbone's device; the result is
+        handed back on the host."""
         cfg = self.config
         profile = self.profile_
         use_text, use_visual = self._branches_to_run(len(images), golden)
         clock = _StageClock()
         with clock("backbone"):
             feats = self._extract(images, keep_patch_embeddings=use_text, desc="features", progress=progress)
+        source = self._reference_source(images, golden, clock)
         branches = BranchScores()
         temperature = cfg.temperature or self.backbone.logit_scale
         with clock("text"):
             text = self._text(feats, class_name, use_text, temperature, branches)
         refs: list[list[int]] = [[] for _ in images]
         if use_visual:
-            refs = self._visual(images, feats, golden, clock, branches, progress)
+            refs = self._visual(source, feats, clock, branches, progress)
         adaptation = None
         if cfg.tta and profile is not None and profile.head is not None:
             with clock("adaptation"):
-                branches.adapted = head_scores(AdaptationHead.from_tensors(profile.head), feats, use_text)
+                head = AdaptationHead.from_tensors(profile.head).to(feats.global_embedding.device)
+                branches.adapted = head_scores(head, feats, use_text)
         elif cfg.tta:
             with clock("adaptation"):
                 adaptation = self._adapt(images, feats, text, temperature, branches)
                 branches.adapted = adaptation.patch_scores
         with clock("fusion"):
-            maps, image_scores = self._fuse(branches, feats.grid, None if profile is None else profile.scale)
+            maps, image_scores = self._fuse(branches, feats.grid, source.scale)
         run = RunInfo(
             n_images=len(images),
             seed=cfg.seed,
-            pairing="profile" if profile is not None else "random" if golden is None else "golden",
+            pairing=source.kind,
             references=refs,
             branches=sorted(branches.patch()),
             temperature=temperature,
@@ -541,9 +563,28 @@ class DualClipDetector:
         unusable: list[str | None] = [None] * len(images)
         if profile is not None and profile.ood is not None:
             unusable = profile.ood.check(feats.global_embedding, [grey_spread(img) for img in images])
-        return ScoreResult(
-            image_scores=image_scores, maps=maps, branches=branches, grid=feats.grid, run=run, unusable=unusable
+        return _on_host(
+            ScoreResult(
+                image_scores=image_scores, maps=maps, branches=branches, grid=feats.grid, run=run, unusable=unusable
+            )
         )
+
+    def _reference_source(
+        self, images: list[Image.Image], golden: list[Image.Image] | None, clock: _StageClock
+    ) -> ReferenceSource:
+        """The run's visual reference: the profile's bank (fitted), the golden images (given), else mutual pairs
+        among the run's images."""
+        if self.profile_ is not None:
+            if self._bank is None or self._bank[0] is not self.profile_:
+                self._bank = (self.profile_, ProfileBank.of(self.profile_))
+            return self._bank[1]
+        if golden is not None:
+            with clock("backbone"):
+                gfeats = self._extract(golden, keep_patch_embeddings=False, desc="references")
+            return GoldenReferences(self.matching_settings().spaces(gfeats.match_features, gfeats.grid), gfeats.grid)
+        cfg = self.config
+        forbidden = near_duplicates(thumbnails(images), cfg.duplicate_tolerance)
+        return MutualPairs(cfg.k, cfg.k_aggregation, cfg.seed, forbidden)
 
     def matching(self, fitted: bool | None = None) -> tuple[str, tuple[int, ...]]:
         """The visual branch's (distance, neighbourhood sizes): the settings, or the backbone's defaults (a
@@ -620,93 +661,33 @@ class DualClipDetector:
         return text
 
     def _visual(
-        self,
-        images: list[Image.Image],
-        feats: BackboneOutput,
-        golden: list[Image.Image] | None,
-        clock: _StageClock,
-        out: BranchScores,
-        progress: bool = False,
+        self, source: ReferenceSource, feats: BackboneOutput, clock: _StageClock, out: BranchScores, progress: bool
     ) -> list[list[int]]:
-        """docs/method.md §5: fills ``out.visual``; returns each image's reference indices. ``progress``: a bar over the
-        matching."""
-        from tqdm.auto import tqdm
-
-        cfg = self.config
-        n = feats.global_embedding.shape[0]
-        distance, sizes = self.matching()
-        parts = distance_parts(distance)
-        spaces = {p: match_spaces(feats.match_features, feats.grid, p, sizes) for p in parts}
-        centring = self.centring()
-        if self.profile_ is not None:
-            with clock("reference"):
-                out.visual, out.centring = self.profile_visual(spaces, feats.grid)
-            return [[] for _ in range(n)]
-        if golden is not None:
-            with clock("backbone"):
-                gfeats = self._extract(golden, keep_patch_embeddings=False, desc="references")
-            with clock("reference"):
-                scores, normal = {}, {}
-                for p in parts:
-                    gspaces = match_spaces(gfeats.match_features, gfeats.grid, p, sizes)
-                    scores[p] = _mean(
-                        golden_reference_scores(s, g, p, progress=f"matching ({p})" if progress else None)
-                        for s, g in zip(spaces[p], gspaces, strict=True)
-                    )
-                    if centring != "none" and len(golden) > 1:  # the references' own leave-one-out scores
-                        ids = torch.arange(len(golden))
-                        owner = ids.repeat_interleave(gfeats.grid[0] * gfeats.grid[1])
-                        normal[p] = _mean(
-                            bank_distances(
-                                g, [t.reshape(-1, t.shape[-1]) for t in g], p, query_owner=ids, bank_owner=owner
-                            )
-                            for g in gspaces
-                        )
-                robust = self.hybrid_norm() == "robust"
-                moments = {p: Moments.of(v, robust) for p, v in scores.items()} if len(parts) > 1 else None
-                out.visual = combine_parts(scores, moments)
-                if normal:
-                    offsets = positional_offsets(combine_parts(normal, moments), feats.grid, centring)
-                    out.visual, out.centring = centre(out.visual, offsets), centring
-            return [list(range(len(golden))) for _ in range(n)]
+        """docs/method.md §5: fills ``out.visual`` from the run's reference ``source``; returns each image's reference
+        indices. ``progress``: a bar over the matching."""
+        matching = self.matching_settings()
+        spaces = matching.spaces(feats.match_features, feats.grid)
         with clock("reference"):
-            dup = near_duplicates(thumbnails(images), cfg.duplicate_tolerance)
-            refs = pair_references(n, cfg.k, cfg.seed, forbidden=dup)
-            pairs = len({(min(a, b), max(a, b)) for a, r in enumerate(refs) for b in r})
-            total = pairs * len(sizes) * len(parts)
-            with tqdm(total=total, desc="matching", unit="pair", disable=not progress, leave=False) as bar:
-                visual = combine_parts(
-                    {
-                        p: _mean(
-                            reference_scores(s, refs, cfg.k_aggregation, bar.update, distance=p) for s in spaces[p]
-                        )
-                        for p in parts
-                    },
-                    robust=self.hybrid_norm() == "robust",
-                )
-            out.visual = centre(visual, positional_offsets(visual, feats.grid, centring))
-            out.centring = centring
-        out.duplicate_pairs = int(dup.sum()) // 2
-        return refs
+            found = source.visual_scores(spaces, feats.grid, matching, progress)
+        out.visual, out.centring, out.duplicate_pairs = found.scores, found.centring, found.duplicate_pairs
+        return found.references
+
+    def matching_settings(self, fitted: bool | None = None) -> Matching:
+        """How the visual branch compares patches: distance, sizes, hybrid standardisation, centring, memory
+        budget (settings, or the backbone's defaults; ``fitted``: see :meth:`matching`)."""
+        distance, sizes = self.matching(fitted)
+        robust = self.hybrid_norm() == "robust"
+        return Matching(distance, sizes, robust, self.centring(), self.config.match_memory_mb)
 
     def profile_visual(
-        self, spaces: dict[str, list[list[torch.Tensor]]], grid: tuple[int, int], nearest=bank_distances
+        self, spaces: dict[str, list[list[torch.Tensor]]], grid: tuple[int, int], nearest=None
     ) -> tuple[torch.Tensor, str]:
         """The fitted visual score ``(N, P)`` of images in their matching ``spaces`` (``spaces[part][s][l]``)
-        and the centring it applied: each part's distance to its nearest bank patch (``nearest(query, bank,
-        part)``, :func:`~dualclip.scoring.bank_distances`, or the exported graph's batched form), averaged over
-        the neighbourhood sizes, parts standardised by the profile's moments and combined, the profile's
-        positional offsets subtracted."""
-        bank, scale = self.profile_.bank, self.profile_.scale
-        scores = {p: _mean(nearest(s, b, p) for s, b in zip(spaces[p], bank[p], strict=True)) for p in spaces}
-        offsets = scale.position_offsets()
-        if offsets is not None and offsets.numel() != grid[0] * grid[1]:
-            raise ProfileError(
-                f"the profile's positional offsets cover {offsets.numel()} positions, this model's grid "
-                f"{grid[0]} x {grid[1]}: the profile is damaged"
-            )
-        visual = centre(combine_parts(scores, scale.parts if len(spaces) > 1 else None), offsets)
-        return visual, self.profile_.meta.get("centring", "none") if offsets is not None else "none"
+        and the centring it applied (:class:`~dualclip.scoring.sources.ProfileBank`); ``nearest(query, bank,
+        part)``: the exported graph's batched bank search in place of
+        :func:`~dualclip.scoring.bank_distances`."""
+        found = ProfileBank.of(self.profile_).visual_scores(spaces, grid, self.matching_settings(), nearest=nearest)
+        return found.scores, found.centring
 
     def _adapt(
         self,
@@ -823,31 +804,18 @@ class DualClipDetector:
         branches = BranchScores()
         temperature = cfg.temperature or backbone.logit_scale
         text = self._text(feats, class_name, use_text, temperature, branches)
-        distance, sizes = self.matching(fitted=True)
-        bank, owner, total, part_moments = {}, torch.zeros(0, dtype=torch.long), 0, {}
+        matching = self.matching_settings(fitted=True)
+        distance, sizes = matching.distance, matching.sizes
+        bank, owner, total, moments = {}, torch.zeros(0, dtype=torch.long), 0, None
         if use_visual:
-            parts = distance_parts(distance)
-            spaces = {p: match_spaces(feats.match_features, feats.grid, p, sizes) for p in parts}
+            spaces = matching.spaces(feats.match_features, feats.grid)
             bank, owner, total = build_bank(spaces, cfg.memory_bank_size, cfg.seed, progress=cfg.progress)
             ids = torch.arange(len(rgb))
-            loo = {
-                p: _mean(
-                    bank_distances(
-                        s,
-                        b,
-                        p,
-                        query_owner=ids,
-                        bank_owner=owner,
-                        progress=f"leave-one-out ({p})" if cfg.progress else None,
-                    )
-                    for s, b in zip(spaces[p], bank[p], strict=True)
-                )
-                for p in parts
-            }
-            robust = self.hybrid_norm() == "robust"
-            part_moments = {p: Moments.of(v, robust) for p, v in loo.items()} if len(parts) > 1 else {}
-            branches.visual = combine_parts(loo, part_moments or None)
-            offsets = positional_offsets(branches.visual, feats.grid, self.centring())
+            progress = "leave-one-out" if cfg.progress else None
+            loo = bank_scores(spaces, bank, ids, owner, progress=progress, memory_mb=matching.memory_mb)
+            moments = part_moments(loo, matching.robust)
+            branches.visual = combine_parts(loo, moments)
+            offsets = positional_offsets(branches.visual, feats.grid, matching.centring)
             branches.visual = centre(branches.visual, offsets)
         else:
             offsets = None
@@ -856,7 +824,7 @@ class DualClipDetector:
             head, _ = fit_head(backbone, rgb, text, temperature, cfg)
             branches.adapted = head_scores(head, feats, use_text)
         scale, normal_scores = self._normal_scale(branches, feats.grid)
-        scale.parts = part_moments
+        scale.parts = moments or {}
         scale.position = None if offsets is None else [float(v) for v in offsets]
         # the defaults this fit resolved are saved as settings: a later default cannot change a saved profile
         resolved = {"distance": distance, "neighbourhood": list(sizes), "border": backbone.border}
