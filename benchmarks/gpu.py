@@ -130,9 +130,6 @@ def main() -> None:
                 if args.device.startswith("cuda"):
                     row[f"{key}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         for n in ns:
-            if name == "ViT-L-14-336" and n > 50 and not args.quick:
-                skipped.append(f"{name} k=all N={n} (matching on the CPU grows with N^2: minutes)")
-                continue
             if not budget_left():
                 skipped.append(f"{name} k=all N={n}")
                 continue

@@ -32,11 +32,11 @@ from .adaptation.head import AdaptationHead
 from .backbone import Backbone, BackboneOutput, extract_features
 from .build import build_backbone
 from .config import EXECUTION_FIELDS, DetectorConfig, MethodSettings
+from .core import BranchScores, Fusion, fuse_branches, normal_scale, text_scores
 from .data.images import array_to_rgb, grey_spread, load_image, pixel_digest, thumbnails, to_rgb8
 from .errors import ConfigError, InputError, ProfileError
 from .profile import (
     BLANK_GREYS,
-    Moments,
     OodGuard,
     Profile,
     ScoreScale,
@@ -47,12 +47,9 @@ from .scoring import (
     centre,
     combine_parts,
     fuse,
-    map_scores,
     near_duplicates,
     positional_offsets,
     resize_map,
-    text_anomaly_scores,
-    upsample,
 )
 from .scoring.sources import (
     GoldenReferences,
@@ -69,6 +66,8 @@ from .thresholds import Threshold, f1_threshold, quantile_threshold
 log = logging.getLogger(__name__)
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
+PROFILE_UNITS = "normal spreads above the normal mean (0: a typical normal image)"
+"""The units of a fitted detector's scores."""
 
 
 @dataclass
@@ -117,43 +116,6 @@ class Predictions(list):
     def __init__(self, predictions=(), run: RunInfo | None = None) -> None:
         super().__init__(predictions)
         self.run = run
-
-
-@dataclass
-class BranchScores:
-    """The scores of each branch that ran (``None`` where it did not).
-
-    Attributes
-    ----------
-    text:
-        ``(N, P)`` text-guided patch scores (docs/method.md §4), probabilities in (0, 1).
-    text_global:
-        ``(N,)`` text score of each global embedding (g_txt).
-    visual:
-        ``(N, P)`` visual-reference patch scores (docs/method.md §5), distances in [0, 1].
-    adapted:
-        ``(N, P)`` adapted-head patch scores (docs/method.md §7), probabilities in (0, 1).
-    duplicate_pairs:
-        Pairs of near-exact duplicates kept from being each other's reference in this run.
-    """
-
-    text: torch.Tensor | None = None
-    text_global: torch.Tensor | None = None
-    visual: torch.Tensor | None = None
-    adapted: torch.Tensor | None = None
-    duplicate_pairs: int = 0
-    centring: str = "none"
-
-    def patch(self) -> dict[str, torch.Tensor]:
-        """The patch branches that ran, by name: ``(N, P)`` each."""
-        named = {"text": self.text, "visual": self.visual, "adapted": self.adapted}
-        return {k: v for k, v in named.items() if v is not None}
-
-    def image(self) -> dict[str, torch.Tensor]:
-        """Image-level score of each branch that ran: ``text_global``, and the max of each patch branch."""
-        out = {} if self.text_global is None else {"text_global": self.text_global}
-        out.update({k: v.amax(dim=1) for k, v in self.patch().items()})
-        return out
 
 
 @dataclass
@@ -314,13 +276,6 @@ def _on_host(result: ScoreResult) -> ScoreResult:
     return dataclasses.replace(
         result, image_scores=host(result.image_scores), maps=host(result.maps), branches=branches
     )
-
-
-def text_scores(feats: BackboneOutput, text: torch.Tensor, temperature: float, out: BranchScores) -> None:
-    """docs/method.md §4: fills ``out.text`` (each patch) and ``out.text_global`` (each global embedding) from the
-    ``(2, D)`` text embeddings ``[t_n, t_a]``."""
-    out.text = text_anomaly_scores(feats.patch_embeddings, text, temperature)
-    out.text_global = text_anomaly_scores(feats.global_embedding, text, temperature)
 
 
 def _as_rgb(item: ImageInput) -> tuple[Image.Image, str | None]:
@@ -548,7 +503,7 @@ class DualClipDetector:
             image_size=self.backbone.image_size,
             border=self.backbone.border,
             timings_s=clock.seconds,
-            k_effective=max((len(r) for r in refs), default=0) if use_visual else None,
+            k_effective=(max((len(r) for r in refs), default=0) or None) if use_visual else None,
             duplicate_pairs=branches.duplicate_pairs,
             precision=self.precision(),
         )
@@ -705,49 +660,16 @@ class DualClipDetector:
         prior = fuse([(p, 1.0) for p in patch.values()], cfg.fusion_norm).amax(dim=1) if patch else None
         return adapt_patch_scores(self.backbone, images, feats, text, temperature, cfg, prior)
 
+    def fusion(self) -> Fusion:
+        """The fusion weights of this detector (settings, and the backbone's processing size)."""
+        cfg = self.config
+        return Fusion(cfg.alpha, cfg.beta, cfg.fusion_norm, cfg.image_score, cfg.sigma, self.backbone.image_size)
+
     def _fuse(
         self, branches: BranchScores, grid: tuple[int, int], scale: ScoreScale | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """docs/method.md §6: fuse the patch branches into maps ``(N, S, S)`` and image scores ``(N,)``.
-
-        Without ``scale`` (zero-shot) the branches are brought to one scale over the run (``fusion_norm``);
-        with a profile's ``scale`` by the normal images' fixed moments, and maps and scores end in profile units.
-        """
-        maps, map_max = self._fused_maps(branches, grid, scale)
-        image_scores = self._image_scores(branches, map_max, scale)
-        if scale is not None:
-            maps, image_scores = scale.score.standardize(maps), scale.score.standardize(image_scores)
-        return maps, image_scores
-
-    def _fused_maps(
-        self, branches: BranchScores, grid: tuple[int, int], scale: ScoreScale | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fused, upsampled, smoothed maps and their image scores (max or top 1%).
-
-        Text and adapted scores share the text slot (weight alpha, split evenly where both ran: adaptation adds
-        to the text evidence instead of replacing it); the visual map gets 1 - alpha.
-        """
-        cfg = self.config
-        slot = [(n, b) for n, b in (("text", branches.text), ("adapted", branches.adapted)) if b is not None]
-        parts = [(n, b, cfg.alpha / len(slot)) for n, b in slot]
-        if branches.visual is not None:
-            parts.append(("visual", branches.visual, 1.0 - cfg.alpha))
-        # a branch of weight 0 drops out; a branch alone keeps its own units whatever its weight
-        parts = [p for p in parts if p[2] > 0] or parts
-        moments = None if scale is None else [scale.patch[n] for n, _, _ in parts]
-        fused = fuse([(b, w) for _, b, w in parts], cfg.fusion_norm, moments)
-        maps = upsample(fused, grid, self.backbone.image_size, cfg.sigma)
-        return maps, map_scores(maps, cfg.image_score)
-
-    def _image_scores(self, branches: BranchScores, map_max: torch.Tensor, scale: ScoreScale | None) -> torch.Tensor:
-        """``S = beta * g_txt + (1 - beta) * max(M)``, each brought to one scale first."""
-        cfg = self.config
-        if branches.text_global is None or cfg.beta <= 0:
-            return map_max
-        if cfg.beta >= 1:
-            return branches.text_global
-        moments = None if scale is None else [scale.image["text_global"], scale.image["map"]]
-        return fuse([(branches.text_global, cfg.beta), (map_max, 1.0 - cfg.beta)], cfg.fusion_norm, moments)
+        """docs/method.md §6 (:func:`~dualclip.core.fuse_branches`) with this detector's weights."""
+        return fuse_branches(branches, grid, self.fusion(), scale)
 
     # -- profiles -----------------------------------------------------------------------------------------
     def fit(
@@ -823,7 +745,7 @@ class DualClipDetector:
         if cfg.tta:
             head, _ = fit_head(backbone, rgb, text, temperature, cfg)
             branches.adapted = head_scores(head, feats, use_text)
-        scale, normal_scores = self._normal_scale(branches, feats.grid)
+        scale, normal_scores = normal_scale(branches, feats.grid, self.fusion())
         scale.parts = moments or {}
         scale.position = None if offsets is None else [float(v) for v in offsets]
         # the defaults this fit resolved are saved as settings: a later default cannot change a saved profile
@@ -871,18 +793,6 @@ class DualClipDetector:
             self.profile_.threshold = f1_threshold(labels, result.image_scores.numpy())
         return self
 
-    def _normal_scale(self, branches: BranchScores, grid: tuple[int, int]) -> tuple[ScoreScale, torch.Tensor]:
-        """The profile units from the normal images' (leave-one-out) branch scores, step by step as ``_fuse``
-        uses them: patch moments, then image moments, then the moments of the fused score."""
-        scale = ScoreScale(patch={name: Moments.of(t) for name, t in branches.patch().items()})
-        _, map_max = self._fused_maps(branches, grid, scale)
-        scale.image["map"] = Moments.of(map_max)
-        if branches.text_global is not None:
-            scale.image["text_global"] = Moments.of(branches.text_global)
-        raw = self._image_scores(branches, map_max, scale)
-        scale.score = Moments.of(raw)
-        return scale, scale.score.standardize(raw)
-
     def profile_class(self, class_name: str | None) -> str | None:
         """The class a fitted detector scores with: always its profile's. Another ``class_name`` is a
         ``ValueError`` where the profile's text statistics depend on it; elsewhere it has no effect."""
@@ -892,6 +802,38 @@ class DualClipDetector:
                 f"this profile was fitted for class {fitted!r}: its text statistics do not apply to {class_name!r}"
             )
         return fitted
+
+    def scoring_class(self, class_name: str | None, strict: bool = True) -> str | None:
+        """The class a run scores with when given ``class_name``: the profile's where the detector is fitted
+        (another ``class_name`` is then a ``ValueError`` where the profile's text statistics depend on it, unless
+        not ``strict``), else ``class_name`` itself."""
+        if self.profile_ is None:
+            return class_name
+        return self.profile_class(class_name if strict else None)
+
+    def min_images(self) -> int:
+        """The fewest images one :meth:`predict` call without references can score: 2 where a vision-only
+        zero-shot detector needs a partner for every image, else 1."""
+        return 1 if self.profile_ is not None or self.backbone.has_text else 2
+
+    def profile_summary(self) -> dict | None:
+        """What outputs record of the fitted profile (units, sizes, identity, the guard), or ``None``."""
+        if self.profile_ is None:
+            return None
+        meta = self.profile_.meta
+        return {
+            "units": PROFILE_UNITS,
+            **{k: meta.get(k) for k in ("n_normal", "bank_patches", "weights_fingerprint", "created_by", "class_name")},
+            "ood_guard": self.profile_.guard(),
+        }
+
+    def heatmap_scale(self, maps: Sequence[np.ndarray] = ()):
+        """The colour scale of this detector's heat maps: a fitted profile's fixed one
+        (:func:`~dualclip.visualization.profile_scale`), else one over the run's ``maps``
+        (:func:`~dualclip.visualization.run_scale`)."""
+        from .visualization import profile_scale, run_scale
+
+        return run_scale(list(maps)) if self.profile_ is None else profile_scale(self.profile_)
 
     def _profile_class_name(self, class_name: str | None) -> str | None:
         fitted = self.profile_class(class_name)
