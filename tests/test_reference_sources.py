@@ -80,13 +80,13 @@ def test_fit_leave_one_out_uses_the_scoring_bank_search(tiny_backbone, images, m
     det = DualClipDetector(DetectorConfig(memory_bank_size=None, **VISUAL), backbone=tiny_backbone).fit(images[:4])
     assert calls == [det.config.match_memory_mb]
     tokens, grid = _tokens(det, images[:4])
-    loo = torch.stack(
-        [_brute(tokens[i], torch.cat([tokens[j] for j in range(4) if j != i])) for i in range(4)]
-    )
+    loo = torch.stack([_brute(tokens[i], torch.cat([tokens[j] for j in range(4) if j != i])) for i in range(4)])
     maps = upsample(loo, grid, tiny_backbone.image_size, 4.0)
     raw = maps.flatten(1).amax(dim=1)
     want = (raw.double() - raw.double().mean()) / raw.double().std(unbiased=False)
-    torch.testing.assert_close(torch.tensor(det.profile_.normal_scores, dtype=torch.float64), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        torch.tensor(det.profile_.normal_scores, dtype=torch.float64), want, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_every_source_answers_through_one_interface():

@@ -3,12 +3,16 @@
 Data flow of :meth:`DualClipDetector.predict`::
 
     images --load_image--> RGB --_extract--> global embedding, patch embeddings, match features
-       _text   : patch embeddings, [t_n, t_a]  -> s_txt (N, P);  global -> g_txt (N,)
-       _visual : pair_references -> reference_scores -> s_vis (N, P)   (or golden references)
+                                             (on the backbone's device, where every stage below runs)
+       _reference_source : the run's mode, decided once: ProfileBank (fitted), GoldenReferences (references
+                           given) or MutualPairs (scoring/sources.py)
+       _text   : patch embeddings, [t_n, t_a]  -> s_txt (N, P);  global -> g_txt (N,)   (core/branches.py)
+       _visual : source.visual_scores(matching spaces) -> s_vis (N, P), references
        _adapt  : synthesize anomalies, train head -> s_adapt (N, P), takes the text slot of the fusion
-       _fuse   : fuse -> upsample + smooth (N, S, S) -> image score
-    score_images returns one ScoreResult; predict() alone turns it into per-image Predictions (maps resized
-    to each image's own size).
+                 (or the profile's head)
+       _fuse   : core/maps.fuse_branches in the source's units -> maps (N, S, S), image scores (N,)
+    score_images returns one ScoreResult on the host; predict() alone turns it into per-image Predictions (maps
+    resized to each image's own size), returned with the run's RunInfo.
 """
 
 from __future__ import annotations
