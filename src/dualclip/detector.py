@@ -534,9 +534,7 @@ class DualClipDetector:
         """The run's visual reference: the profile's bank (fitted), the golden images (given), else mutual pairs
         among the run's images."""
         if self.profile_ is not None:
-            if self._bank is None or self._bank[0] is not self.profile_:
-                self._bank = (self.profile_, ProfileBank.of(self.profile_))
-            return self._bank[1]
+            return self._profile_bank()
         if golden is not None:
             with clock("backbone"):
                 gfeats = self._extract(golden, keep_patch_embeddings=False, desc="references")
@@ -631,6 +629,12 @@ class DualClipDetector:
         out.visual, out.centring, out.duplicate_pairs = found.scores, found.centring, found.duplicate_pairs
         return found.references
 
+    def _profile_bank(self) -> ProfileBank:
+        """The reference source of ``profile_`` (made once per profile: its bank moves to a device once)."""
+        if self._bank is None or self._bank[0] is not self.profile_:
+            self._bank = (self.profile_, ProfileBank.of(self.profile_))
+        return self._bank[1]
+
     def matching_settings(self, fitted: bool | None = None) -> Matching:
         """How the visual branch compares patches: distance, sizes, hybrid standardisation, centring, memory
         budget (settings, or the backbone's defaults; ``fitted``: see :meth:`matching`)."""
@@ -645,7 +649,7 @@ class DualClipDetector:
         and the centring it applied (:class:`~dualclip.scoring.sources.ProfileBank`); ``nearest(query, bank,
         part)``: the exported graph's batched bank search in place of
         :func:`~dualclip.scoring.bank_distances`."""
-        found = ProfileBank.of(self.profile_).visual_scores(spaces, grid, self.matching_settings(), nearest=nearest)
+        found = self._profile_bank().visual_scores(spaces, grid, self.matching_settings(), nearest=nearest)
         return found.scores, found.centring
 
     def _adapt(
@@ -750,8 +754,9 @@ class DualClipDetector:
             head, _ = fit_head(backbone, rgb, text, temperature, cfg)
             branches.adapted = head_scores(head, feats, use_text)
         scale, normal_scores = normal_scale(branches, feats.grid, self.fusion())
+        normal_scores = normal_scores.cpu()  # what a profile keeps lives on the host
         scale.parts = moments or {}
-        scale.position = None if offsets is None else [float(v) for v in offsets]
+        scale.position = None if offsets is None else offsets.cpu().tolist()
         # the defaults this fit resolved are saved as settings: a later default cannot change a saved profile
         resolved = {"distance": distance, "neighbourhood": list(sizes), "border": backbone.border}
         resolved["hybrid_norm"] = self.hybrid_norm()
