@@ -190,7 +190,7 @@ def main() -> None:
         "notes": [
             "Targets: predict k=1 within 1.5x of bf16 encode_image; full mutual ViT-L at 518 px, N=200, "
             "<= 100 ms per image; adaptation adds at most 50%. Matching, fusion and adaptation run on the "
-            "CPU: the rows measure that.",
+            "device with the backbone (matchings in blocks of at most match_memory_mb, 512 MiB).",
             "Skipped for the time budget or by design: " + ("; ".join(skipped) if skipped else "none"),
             f"Whole script: {time.perf_counter() - start_all:.0f} s.",
         ],
