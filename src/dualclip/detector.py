@@ -882,13 +882,14 @@ class DualClipDetector:
         batch_size: int | None = None,
         progress: bool | None = None,
         cache_dir: str | os.PathLike | None = None,
+        match_memory_mb: float | None = None,
     ) -> DualClipDetector:
         """A detector with the settings, weights and statistics of a saved profile.
 
         The model is built from the profile's method settings (or ``backbone`` is used) and must compute with the
         same weights as the one the profile was fitted with (weights fingerprint), else :class:`ProfileError`.
-        ``device``, ``runtime``, ``onnx_file``, ``precision``, ``num_workers``, ``batch_size``, ``progress`` and
-        ``cache_dir`` are how it runs (:class:`~dualclip.config.ExecutionSettings`; ``None``: the default); a
+        ``device``, ``runtime``, ``onnx_file``, ``precision``, ``num_workers``, ``batch_size``, ``progress``,
+        ``cache_dir`` and ``match_memory_mb`` are how it runs (:class:`~dualclip.config.ExecutionSettings`; ``None``: the default); a
         profile never carries them.
         """
         profile = Profile.load(path)
@@ -905,6 +906,7 @@ class DualClipDetector:
             "batch_size": batch_size,
             "progress": progress,
             "cache_dir": None if cache_dir is None else str(cache_dir),
+            "match_memory_mb": match_memory_mb,
         }
         try:
             config = DetectorConfig(method=method, **{k: v for k, v in execution.items() if v is not None})

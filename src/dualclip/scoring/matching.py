@@ -99,8 +99,10 @@ def block_side(memory_mb: float, other: int, most: int) -> int:
 
 
 def blocks(total: int, side: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` of ``total // side`` (at least one) blocks of nearly equal size covering ``range(total)``:
-    none smaller than ``side`` (where ``total`` allows), none above ``2 * side``."""
+    """``[start, stop)`` of ``total // side`` (at least one; none for ``total`` 0) blocks of nearly equal size
+    covering ``range(total)``: none smaller than ``side`` (where ``total`` allows), none above ``2 * side``."""
+    if total <= 0:
+        return []
     n = max(1, total // max(1, side))
     edges = [total * i // n for i in range(n + 1)]
     return list(zip(edges[:-1], edges[1:], strict=True))
