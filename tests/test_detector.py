@@ -154,15 +154,11 @@ def test_callers_ask_the_detector_what_its_profile_decides(tiny_backbone, textur
     zero_shot = _det(tiny_backbone)
     assert zero_shot.scoring_class("screw") == "screw" and zero_shot.min_images() == 1
     assert zero_shot.profile_summary() is None and zero_shot.threshold_ is None
-    maps = [np.zeros((4, 4), np.float32), np.full((4, 4), 2.0, np.float32)]
-    assert (zero_shot.heatmap_scale(maps).vmin, zero_shot.heatmap_scale(maps).vmax) == (0.0, 2.0)
     fitted = _det(tiny_backbone).fit(images[:4], class_name="tile", threshold_quantile=0.9)
     assert fitted.scoring_class(None) == "tile" and fitted.scoring_class("screw", strict=False) == "tile"
     with pytest.raises(ValueError, match="fitted for class 'tile'"):
         fitted.scoring_class("screw")
     summary = fitted.profile_summary()
     assert summary["n_normal"] == 4 and summary["class_name"] == "tile" and summary["ood_guard"].startswith("on:")
-    normal = fitted.profile_.normal_scores
-    assert (fitted.heatmap_scale(maps).vmin, fitted.heatmap_scale().vmax) == (min(normal), fitted.threshold_.value)
     preds = fitted.predict(images[4:])
     assert preds.run.pairing == "profile" and preds.run.n_images == 2 and preds.run.k_effective is None

@@ -836,14 +836,6 @@ class DualClipDetector:
             "ood_guard": self.profile_.guard(),
         }
 
-    def heatmap_scale(self, maps: Sequence[np.ndarray] = ()):
-        """The colour scale of this detector's heat maps: a fitted profile's fixed one
-        (:func:`~dualclip.visualization.profile_scale`), else one over the run's ``maps``
-        (:func:`~dualclip.visualization.run_scale`)."""
-        from .visualization import profile_scale, run_scale
-
-        return run_scale(list(maps)) if self.profile_ is None else profile_scale(self.profile_)
-
     def _profile_class_name(self, class_name: str | None) -> str | None:
         fitted = self.profile_class(class_name)
         if class_name is not None and class_name != fitted:
