@@ -147,3 +147,18 @@ def test_predict_returns_its_run_information_and_leaves_the_detector_as_it_was(t
     assert vars(det).keys() == before.keys() and all(vars(det)[k] is v for k, v in before.items())
     again = det.predict(texture_set[0][:2], class_name="texture")
     assert again.run.n_images == 2 and preds.run.n_images == 3  # each call's record is its own
+
+
+def test_callers_ask_the_detector_what_its_profile_decides(tiny_backbone, texture_set):
+    images = texture_set[0][:6]
+    zero_shot = _det(tiny_backbone)
+    assert zero_shot.scoring_class("screw") == "screw" and zero_shot.min_images() == 1
+    assert zero_shot.profile_summary() is None and zero_shot.threshold_ is None
+    fitted = _det(tiny_backbone).fit(images[:4], class_name="tile", threshold_quantile=0.9)
+    assert fitted.scoring_class(None) == "tile" and fitted.scoring_class("screw", strict=False) == "tile"
+    with pytest.raises(ValueError, match="fitted for class 'tile'"):
+        fitted.scoring_class("screw")
+    summary = fitted.profile_summary()
+    assert summary["n_normal"] == 4 and summary["class_name"] == "tile" and summary["ood_guard"].startswith("on:")
+    preds = fitted.predict(images[4:])
+    assert preds.run.pairing == "profile" and preds.run.n_images == 2 and preds.run.k_effective is None

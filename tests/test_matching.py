@@ -165,3 +165,9 @@ def test_robust_hybrid_parts_are_standardised_by_median_and_mad():
     # z-scores are still the default, and the huge responses squash the others there
     z = combine_parts({"cosine": cos, "euclidean": euc})
     assert float(z[1:].std()) < float(got[1:].std())
+
+
+def test_an_empty_bank_leaves_every_patch_at_infinite_distance():
+    query = [torch.randn(2, 5, 3)]
+    got = bank_distances(query, [torch.zeros(0, 3)], "euclidean")
+    assert got.shape == (2, 5) and torch.isinf(got).all()

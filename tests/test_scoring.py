@@ -71,15 +71,13 @@ def test_mutual_pair_consistency():
     torch.testing.assert_close(both[0], _brute_distance(feats, 0, 1), rtol=1e-5, atol=1e-6)
 
 
-def test_identical_image_scores_zero_and_chunking_is_exact(monkeypatch):
+def test_identical_image_scores_zero_and_chunking_is_exact():
     feats = _feats(4, 7)
     feats = [torch.cat([f[:1], f[:1], f[2:]]) for f in feats]  # images 0 and 1 identical
     got = reference_scores(feats, [[1], [0], [3], [2]])
     torch.testing.assert_close(got[0], torch.zeros(7), atol=1e-6, rtol=0)
-    import dualclip.scoring.reference as ref
-
-    monkeypatch.setattr(ref, "_MAX_SIM_ELEMENTS", 1)  # one pair per batch
-    torch.testing.assert_close(reference_scores(feats, [[1], [0], [3], [2]]), got)
+    one_pair = 49 * 4 / 2**20  # MiB of one 7 x 7 matrix: one pair per batch
+    torch.testing.assert_close(reference_scores(feats, [[1], [0], [3], [2]], memory_mb=one_pair), got)
 
 
 def test_golden_reference_scores_match_brute_force():

@@ -84,6 +84,7 @@ def test_archive_workers_get_the_method_apart_from_how_they_run(tmp_path, items)
         "num_workers": 3,
         "runtime": "torch",
         "onnx_file": None,
+        "match_memory_mb": 512.0,
         "progress": False,
     }
 

@@ -319,6 +319,10 @@ class ExecutionSettings:
     onnx_file:
         With ``runtime="onnxruntime"``: a file made by ``dualclip export`` (refused if it was exported for
         other weights or settings).
+    match_memory_mb:
+        Most memory, in MiB, one block of patch distances of the visual reference may take (a batch of pair
+        matrices, a slice of a memory bank): larger matchings are computed in blocks under it, on the
+        backbone's device. The scores are the same for any budget; only speed and peak memory change.
     progress:
         Show progress bars.
     """
@@ -330,6 +334,7 @@ class ExecutionSettings:
     num_workers: int = 0
     runtime: Runtime = "torch"
     onnx_file: str | None = None
+    match_memory_mb: float = 512.0
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -337,6 +342,13 @@ class ExecutionSettings:
         _one_of("runtime", self.runtime, RUNTIMES)
         _one_of("precision", self.precision, PRECISIONS)
         _check(self.num_workers >= 0, "num_workers must be >= 0")
+        _check(
+            isinstance(self.match_memory_mb, int | float)
+            and not isinstance(self.match_memory_mb, bool)
+            and math.isfinite(self.match_memory_mb)
+            and self.match_memory_mb > 0,
+            f"match_memory_mb must be a positive number of MiB, got {self.match_memory_mb!r}",
+        )
         _check(
             self.precision in ("auto", "fp32") or self.runtime == "torch",
             "precision bf16/fp16 applies to the torch runtime (onnxruntime runs the exported fp32 graph)",

@@ -3,12 +3,16 @@
 Data flow of :meth:`DualClipDetector.predict`::
 
     images --load_image--> RGB --_extract--> global embedding, patch embeddings, match features
-       _text   : patch embeddings, [t_n, t_a]  -> s_txt (N, P);  global -> g_txt (N,)
-       _visual : pair_references -> reference_scores -> s_vis (N, P)   (or golden references)
+                                             (on the backbone's device, where every stage below runs)
+       _reference_source : the run's mode, decided once: ProfileBank (fitted), GoldenReferences (references
+                           given) or MutualPairs (scoring/sources.py)
+       _text   : patch embeddings, [t_n, t_a]  -> s_txt (N, P);  global -> g_txt (N,)   (core/branches.py)
+       _visual : source.visual_scores(matching spaces) -> s_vis (N, P), references
        _adapt  : synthesize anomalies, train head -> s_adapt (N, P), takes the text slot of the fusion
-       _fuse   : fuse -> upsample + smooth (N, S, S) -> image score
-    score_images returns one ScoreResult; predict() alone turns it into per-image Predictions (maps resized
-    to each image's own size).
+                 (or the profile's head)
+       _fuse   : core/maps.fuse_branches in the source's units -> maps (N, S, S), image scores (N,)
+    score_images returns one ScoreResult on the host; predict() alone turns it into per-image Predictions (maps
+    resized to each image's own size), returned with the run's RunInfo.
 """
 
 from __future__ import annotations
@@ -32,11 +36,11 @@ from .adaptation.head import AdaptationHead
 from .backbone import Backbone, BackboneOutput, extract_features
 from .build import build_backbone
 from .config import EXECUTION_FIELDS, DetectorConfig, MethodSettings
+from .core import BranchScores, Fusion, fuse_branches, normal_scale, text_scores
 from .data.images import array_to_rgb, grey_spread, load_image, pixel_digest, thumbnails, to_rgb8
 from .errors import ConfigError, InputError, ProfileError
 from .profile import (
     BLANK_GREYS,
-    Moments,
     OodGuard,
     Profile,
     ScoreScale,
@@ -44,21 +48,21 @@ from .profile import (
     weights_fingerprint,
 )
 from .scoring import (
-    bank_distances,
     centre,
     combine_parts,
-    distance_parts,
     fuse,
-    golden_reference_scores,
-    map_scores,
-    match_spaces,
     near_duplicates,
-    pair_references,
     positional_offsets,
-    reference_scores,
     resize_map,
-    text_anomaly_scores,
-    upsample,
+)
+from .scoring.sources import (
+    GoldenReferences,
+    Matching,
+    MutualPairs,
+    ProfileBank,
+    ReferenceSource,
+    bank_scores,
+    part_moments,
 )
 from .text import TextEmbeddingCache
 from .thresholds import Threshold, f1_threshold, quantile_threshold
@@ -66,6 +70,8 @@ from .thresholds import Threshold, f1_threshold, quantile_threshold
 log = logging.getLogger(__name__)
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
+PROFILE_UNITS = "normal spreads above the normal mean (0: a typical normal image)"
+"""The units of a fitted detector's scores."""
 
 
 @dataclass
@@ -114,43 +120,6 @@ class Predictions(list):
     def __init__(self, predictions=(), run: RunInfo | None = None) -> None:
         super().__init__(predictions)
         self.run = run
-
-
-@dataclass
-class BranchScores:
-    """The scores of each branch that ran (``None`` where it did not).
-
-    Attributes
-    ----------
-    text:
-        ``(N, P)`` text-guided patch scores (docs/method.md §4), probabilities in (0, 1).
-    text_global:
-        ``(N,)`` text score of each global embedding (g_txt).
-    visual:
-        ``(N, P)`` visual-reference patch scores (docs/method.md §5), distances in [0, 1].
-    adapted:
-        ``(N, P)`` adapted-head patch scores (docs/method.md §7), probabilities in (0, 1).
-    duplicate_pairs:
-        Pairs of near-exact duplicates kept from being each other's reference in this run.
-    """
-
-    text: torch.Tensor | None = None
-    text_global: torch.Tensor | None = None
-    visual: torch.Tensor | None = None
-    adapted: torch.Tensor | None = None
-    duplicate_pairs: int = 0
-    centring: str = "none"
-
-    def patch(self) -> dict[str, torch.Tensor]:
-        """The patch branches that ran, by name: ``(N, P)`` each."""
-        named = {"text": self.text, "visual": self.visual, "adapted": self.adapted}
-        return {k: v for k, v in named.items() if v is not None}
-
-    def image(self) -> dict[str, torch.Tensor]:
-        """Image-level score of each branch that ran: ``text_global``, and the max of each patch branch."""
-        out = {} if self.text_global is None else {"text_global": self.text_global}
-        out.update({k: v.amax(dim=1) for k, v in self.patch().items()})
-        return out
 
 
 @dataclass
@@ -294,17 +263,23 @@ def _reorder(result: ScoreResult, order: list[int]) -> ScoreResult:
     )
 
 
-def text_scores(feats: BackboneOutput, text: torch.Tensor, temperature: float, out: BranchScores) -> None:
-    """docs/method.md §4: fills ``out.text`` (each patch) and ``out.text_global`` (each global embedding) from the
-    ``(2, D)`` text embeddings ``[t_n, t_a]``."""
-    out.text = text_anomaly_scores(feats.patch_embeddings, text, temperature)
-    out.text_global = text_anomaly_scores(feats.global_embedding, text, temperature)
+def _on_host(result: ScoreResult) -> ScoreResult:
+    """``result`` with its tensors on the host (the pipeline runs on the backbone's device until here)."""
 
+    def host(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.cpu()
 
-def _mean(tensors) -> torch.Tensor:
-    """Mean of equally shaped tensors (one, returned unchanged)."""
-    tensors = list(tensors)
-    return tensors[0] if len(tensors) == 1 else torch.stack(tensors).mean(dim=0)
+    branches = dataclasses.replace(
+        result.branches,
+        **{
+            f.name: host(getattr(result.branches, f.name))
+            for f in dataclasses.fields(BranchScores)
+            if f.name not in _RUN_FIELDS
+        },
+    )
+    return dataclasses.replace(
+        result, image_scores=host(result.image_scores), maps=host(result.maps), branches=branches
+    )
 
 
 def _as_rgb(item: ImageInput) -> tuple[Image.Image, str | None]:
@@ -416,6 +391,7 @@ class DualClipDetector:
         self._backbone = backbone
         self.profile_ = profile
         self.text_cache = TextEmbeddingCache()  # text embeddings of this detector's backbone, per class
+        self._bank: tuple[Profile, ProfileBank] | None = None  # the source of profile_, its bank moved once
 
     @property
     def backbone(self) -> Backbone:
@@ -491,33 +467,38 @@ class DualClipDetector:
     def _score(
         self, images: list[Image.Image], class_name: str | None, golden: list[Image.Image] | None, progress: bool
     ) -> ScoreResult:
+        """The pipeline on one run of images: features -> the reference source's visual scores, text and adapted
+        scores -> fusion in the source's units. Every tensor stays on the backbone's device; the result is
+        handed back on the host."""
         cfg = self.config
         profile = self.profile_
         use_text, use_visual = self._branches_to_run(len(images), golden)
         clock = _StageClock()
         with clock("backbone"):
             feats = self._extract(images, keep_patch_embeddings=use_text, desc="features", progress=progress)
+        source = self._reference_source(images, golden, clock)
         branches = BranchScores()
         temperature = cfg.temperature or self.backbone.logit_scale
         with clock("text"):
             text = self._text(feats, class_name, use_text, temperature, branches)
         refs: list[list[int]] = [[] for _ in images]
         if use_visual:
-            refs = self._visual(images, feats, golden, clock, branches, progress)
+            refs = self._visual(source, feats, clock, branches, progress)
         adaptation = None
         if cfg.tta and profile is not None and profile.head is not None:
             with clock("adaptation"):
-                branches.adapted = head_scores(AdaptationHead.from_tensors(profile.head), feats, use_text)
+                head = AdaptationHead.from_tensors(profile.head).to(feats.global_embedding.device)
+                branches.adapted = head_scores(head, feats, use_text)
         elif cfg.tta:
             with clock("adaptation"):
                 adaptation = self._adapt(images, feats, text, temperature, branches)
                 branches.adapted = adaptation.patch_scores
         with clock("fusion"):
-            maps, image_scores = self._fuse(branches, feats.grid, None if profile is None else profile.scale)
+            maps, image_scores = self._fuse(branches, feats.grid, source.scale)
         run = RunInfo(
             n_images=len(images),
             seed=cfg.seed,
-            pairing="profile" if profile is not None else "random" if golden is None else "golden",
+            pairing=source.kind,
             references=refs,
             branches=sorted(branches.patch()),
             temperature=temperature,
@@ -526,7 +507,7 @@ class DualClipDetector:
             image_size=self.backbone.image_size,
             border=self.backbone.border,
             timings_s=clock.seconds,
-            k_effective=max((len(r) for r in refs), default=0) if use_visual else None,
+            k_effective=(max((len(r) for r in refs), default=0) or None) if use_visual else None,
             duplicate_pairs=branches.duplicate_pairs,
             precision=self.precision(),
         )
@@ -541,9 +522,26 @@ class DualClipDetector:
         unusable: list[str | None] = [None] * len(images)
         if profile is not None and profile.ood is not None:
             unusable = profile.ood.check(feats.global_embedding, [grey_spread(img) for img in images])
-        return ScoreResult(
-            image_scores=image_scores, maps=maps, branches=branches, grid=feats.grid, run=run, unusable=unusable
+        return _on_host(
+            ScoreResult(
+                image_scores=image_scores, maps=maps, branches=branches, grid=feats.grid, run=run, unusable=unusable
+            )
         )
+
+    def _reference_source(
+        self, images: list[Image.Image], golden: list[Image.Image] | None, clock: _StageClock
+    ) -> ReferenceSource:
+        """The run's visual reference: the profile's bank (fitted), the golden images (given), else mutual pairs
+        among the run's images."""
+        if self.profile_ is not None:
+            return self._profile_bank()
+        if golden is not None:
+            with clock("backbone"):
+                gfeats = self._extract(golden, keep_patch_embeddings=False, desc="references")
+            return GoldenReferences(self.matching_settings().spaces(gfeats.match_features, gfeats.grid), gfeats.grid)
+        cfg = self.config
+        forbidden = near_duplicates(thumbnails(images), cfg.duplicate_tolerance)
+        return MutualPairs(cfg.k, cfg.k_aggregation, cfg.seed, forbidden)
 
     def matching(self, fitted: bool | None = None) -> tuple[str, tuple[int, ...]]:
         """The visual branch's (distance, neighbourhood sizes): the settings, or the backbone's defaults (a
@@ -620,93 +618,39 @@ class DualClipDetector:
         return text
 
     def _visual(
-        self,
-        images: list[Image.Image],
-        feats: BackboneOutput,
-        golden: list[Image.Image] | None,
-        clock: _StageClock,
-        out: BranchScores,
-        progress: bool = False,
+        self, source: ReferenceSource, feats: BackboneOutput, clock: _StageClock, out: BranchScores, progress: bool
     ) -> list[list[int]]:
-        """docs/method.md §5: fills ``out.visual``; returns each image's reference indices. ``progress``: a bar over the
-        matching."""
-        from tqdm.auto import tqdm
-
-        cfg = self.config
-        n = feats.global_embedding.shape[0]
-        distance, sizes = self.matching()
-        parts = distance_parts(distance)
-        spaces = {p: match_spaces(feats.match_features, feats.grid, p, sizes) for p in parts}
-        centring = self.centring()
-        if self.profile_ is not None:
-            with clock("reference"):
-                out.visual, out.centring = self.profile_visual(spaces, feats.grid)
-            return [[] for _ in range(n)]
-        if golden is not None:
-            with clock("backbone"):
-                gfeats = self._extract(golden, keep_patch_embeddings=False, desc="references")
-            with clock("reference"):
-                scores, normal = {}, {}
-                for p in parts:
-                    gspaces = match_spaces(gfeats.match_features, gfeats.grid, p, sizes)
-                    scores[p] = _mean(
-                        golden_reference_scores(s, g, p, progress=f"matching ({p})" if progress else None)
-                        for s, g in zip(spaces[p], gspaces, strict=True)
-                    )
-                    if centring != "none" and len(golden) > 1:  # the references' own leave-one-out scores
-                        ids = torch.arange(len(golden))
-                        owner = ids.repeat_interleave(gfeats.grid[0] * gfeats.grid[1])
-                        normal[p] = _mean(
-                            bank_distances(
-                                g, [t.reshape(-1, t.shape[-1]) for t in g], p, query_owner=ids, bank_owner=owner
-                            )
-                            for g in gspaces
-                        )
-                robust = self.hybrid_norm() == "robust"
-                moments = {p: Moments.of(v, robust) for p, v in scores.items()} if len(parts) > 1 else None
-                out.visual = combine_parts(scores, moments)
-                if normal:
-                    offsets = positional_offsets(combine_parts(normal, moments), feats.grid, centring)
-                    out.visual, out.centring = centre(out.visual, offsets), centring
-            return [list(range(len(golden))) for _ in range(n)]
+        """docs/method.md §5: fills ``out.visual`` from the run's reference ``source``; returns each image's reference
+        indices. ``progress``: a bar over the matching."""
+        matching = self.matching_settings()
+        spaces = matching.spaces(feats.match_features, feats.grid)
         with clock("reference"):
-            dup = near_duplicates(thumbnails(images), cfg.duplicate_tolerance)
-            refs = pair_references(n, cfg.k, cfg.seed, forbidden=dup)
-            pairs = len({(min(a, b), max(a, b)) for a, r in enumerate(refs) for b in r})
-            total = pairs * len(sizes) * len(parts)
-            with tqdm(total=total, desc="matching", unit="pair", disable=not progress, leave=False) as bar:
-                visual = combine_parts(
-                    {
-                        p: _mean(
-                            reference_scores(s, refs, cfg.k_aggregation, bar.update, distance=p) for s in spaces[p]
-                        )
-                        for p in parts
-                    },
-                    robust=self.hybrid_norm() == "robust",
-                )
-            out.visual = centre(visual, positional_offsets(visual, feats.grid, centring))
-            out.centring = centring
-        out.duplicate_pairs = int(dup.sum()) // 2
-        return refs
+            found = source.visual_scores(spaces, feats.grid, matching, progress)
+        out.visual, out.centring, out.duplicate_pairs = found.scores, found.centring, found.duplicate_pairs
+        return found.references
+
+    def _profile_bank(self) -> ProfileBank:
+        """The reference source of ``profile_`` (made once per profile: its bank moves to a device once)."""
+        if self._bank is None or self._bank[0] is not self.profile_:
+            self._bank = (self.profile_, ProfileBank.of(self.profile_))
+        return self._bank[1]
+
+    def matching_settings(self, fitted: bool | None = None) -> Matching:
+        """How the visual branch compares patches: distance, sizes, hybrid standardisation, centring, memory
+        budget (settings, or the backbone's defaults; ``fitted``: see :meth:`matching`)."""
+        distance, sizes = self.matching(fitted)
+        robust = self.hybrid_norm() == "robust"
+        return Matching(distance, sizes, robust, self.centring(), self.config.match_memory_mb)
 
     def profile_visual(
-        self, spaces: dict[str, list[list[torch.Tensor]]], grid: tuple[int, int], nearest=bank_distances
+        self, spaces: dict[str, list[list[torch.Tensor]]], grid: tuple[int, int], nearest=None
     ) -> tuple[torch.Tensor, str]:
         """The fitted visual score ``(N, P)`` of images in their matching ``spaces`` (``spaces[part][s][l]``)
-        and the centring it applied: each part's distance to its nearest bank patch (``nearest(query, bank,
-        part)``, :func:`~dualclip.scoring.bank_distances`, or the exported graph's batched form), averaged over
-        the neighbourhood sizes, parts standardised by the profile's moments and combined, the profile's
-        positional offsets subtracted."""
-        bank, scale = self.profile_.bank, self.profile_.scale
-        scores = {p: _mean(nearest(s, b, p) for s, b in zip(spaces[p], bank[p], strict=True)) for p in spaces}
-        offsets = scale.position_offsets()
-        if offsets is not None and offsets.numel() != grid[0] * grid[1]:
-            raise ProfileError(
-                f"the profile's positional offsets cover {offsets.numel()} positions, this model's grid "
-                f"{grid[0]} x {grid[1]}: the profile is damaged"
-            )
-        visual = centre(combine_parts(scores, scale.parts if len(spaces) > 1 else None), offsets)
-        return visual, self.profile_.meta.get("centring", "none") if offsets is not None else "none"
+        and the centring it applied (:class:`~dualclip.scoring.sources.ProfileBank`); ``nearest(query, bank,
+        part)``: the exported graph's batched bank search in place of
+        :func:`~dualclip.scoring.bank_distances`."""
+        found = self._profile_bank().visual_scores(spaces, grid, self.matching_settings(), nearest=nearest)
+        return found.scores, found.centring
 
     def _adapt(
         self,
@@ -724,49 +668,16 @@ class DualClipDetector:
         prior = fuse([(p, 1.0) for p in patch.values()], cfg.fusion_norm).amax(dim=1) if patch else None
         return adapt_patch_scores(self.backbone, images, feats, text, temperature, cfg, prior)
 
+    def fusion(self) -> Fusion:
+        """The fusion weights of this detector (settings, and the backbone's processing size)."""
+        cfg = self.config
+        return Fusion(cfg.alpha, cfg.beta, cfg.fusion_norm, cfg.image_score, cfg.sigma, self.backbone.image_size)
+
     def _fuse(
         self, branches: BranchScores, grid: tuple[int, int], scale: ScoreScale | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """docs/method.md §6: fuse the patch branches into maps ``(N, S, S)`` and image scores ``(N,)``.
-
-        Without ``scale`` (zero-shot) the branches are brought to one scale over the run (``fusion_norm``);
-        with a profile's ``scale`` by the normal images' fixed moments, and maps and scores end in profile units.
-        """
-        maps, map_max = self._fused_maps(branches, grid, scale)
-        image_scores = self._image_scores(branches, map_max, scale)
-        if scale is not None:
-            maps, image_scores = scale.score.standardize(maps), scale.score.standardize(image_scores)
-        return maps, image_scores
-
-    def _fused_maps(
-        self, branches: BranchScores, grid: tuple[int, int], scale: ScoreScale | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fused, upsampled, smoothed maps and their image scores (max or top 1%).
-
-        Text and adapted scores share the text slot (weight alpha, split evenly where both ran: adaptation adds
-        to the text evidence instead of replacing it); the visual map gets 1 - alpha.
-        """
-        cfg = self.config
-        slot = [(n, b) for n, b in (("text", branches.text), ("adapted", branches.adapted)) if b is not None]
-        parts = [(n, b, cfg.alpha / len(slot)) for n, b in slot]
-        if branches.visual is not None:
-            parts.append(("visual", branches.visual, 1.0 - cfg.alpha))
-        # a branch of weight 0 drops out; a branch alone keeps its own units whatever its weight
-        parts = [p for p in parts if p[2] > 0] or parts
-        moments = None if scale is None else [scale.patch[n] for n, _, _ in parts]
-        fused = fuse([(b, w) for _, b, w in parts], cfg.fusion_norm, moments)
-        maps = upsample(fused, grid, self.backbone.image_size, cfg.sigma)
-        return maps, map_scores(maps, cfg.image_score)
-
-    def _image_scores(self, branches: BranchScores, map_max: torch.Tensor, scale: ScoreScale | None) -> torch.Tensor:
-        """``S = beta * g_txt + (1 - beta) * max(M)``, each brought to one scale first."""
-        cfg = self.config
-        if branches.text_global is None or cfg.beta <= 0:
-            return map_max
-        if cfg.beta >= 1:
-            return branches.text_global
-        moments = None if scale is None else [scale.image["text_global"], scale.image["map"]]
-        return fuse([(branches.text_global, cfg.beta), (map_max, 1.0 - cfg.beta)], cfg.fusion_norm, moments)
+        """docs/method.md §6 (:func:`~dualclip.core.fuse_branches`) with this detector's weights."""
+        return fuse_branches(branches, grid, self.fusion(), scale)
 
     # -- profiles -----------------------------------------------------------------------------------------
     def fit(
@@ -823,31 +734,18 @@ class DualClipDetector:
         branches = BranchScores()
         temperature = cfg.temperature or backbone.logit_scale
         text = self._text(feats, class_name, use_text, temperature, branches)
-        distance, sizes = self.matching(fitted=True)
-        bank, owner, total, part_moments = {}, torch.zeros(0, dtype=torch.long), 0, {}
+        matching = self.matching_settings(fitted=True)
+        distance, sizes = matching.distance, matching.sizes
+        bank, owner, total, moments = {}, torch.zeros(0, dtype=torch.long), 0, None
         if use_visual:
-            parts = distance_parts(distance)
-            spaces = {p: match_spaces(feats.match_features, feats.grid, p, sizes) for p in parts}
+            spaces = matching.spaces(feats.match_features, feats.grid)
             bank, owner, total = build_bank(spaces, cfg.memory_bank_size, cfg.seed, progress=cfg.progress)
             ids = torch.arange(len(rgb))
-            loo = {
-                p: _mean(
-                    bank_distances(
-                        s,
-                        b,
-                        p,
-                        query_owner=ids,
-                        bank_owner=owner,
-                        progress=f"leave-one-out ({p})" if cfg.progress else None,
-                    )
-                    for s, b in zip(spaces[p], bank[p], strict=True)
-                )
-                for p in parts
-            }
-            robust = self.hybrid_norm() == "robust"
-            part_moments = {p: Moments.of(v, robust) for p, v in loo.items()} if len(parts) > 1 else {}
-            branches.visual = combine_parts(loo, part_moments or None)
-            offsets = positional_offsets(branches.visual, feats.grid, self.centring())
+            progress = "leave-one-out" if cfg.progress else None
+            loo = bank_scores(spaces, bank, ids, owner, progress=progress, memory_mb=matching.memory_mb)
+            moments = part_moments(loo, matching.robust)
+            branches.visual = combine_parts(loo, moments)
+            offsets = positional_offsets(branches.visual, feats.grid, matching.centring)
             branches.visual = centre(branches.visual, offsets)
         else:
             offsets = None
@@ -855,9 +753,10 @@ class DualClipDetector:
         if cfg.tta:
             head, _ = fit_head(backbone, rgb, text, temperature, cfg)
             branches.adapted = head_scores(head, feats, use_text)
-        scale, normal_scores = self._normal_scale(branches, feats.grid)
-        scale.parts = part_moments
-        scale.position = None if offsets is None else [float(v) for v in offsets]
+        scale, normal_scores = normal_scale(branches, feats.grid, self.fusion())
+        normal_scores = normal_scores.cpu()  # what a profile keeps lives on the host
+        scale.parts = moments or {}
+        scale.position = None if offsets is None else offsets.cpu().tolist()
         # the defaults this fit resolved are saved as settings: a later default cannot change a saved profile
         resolved = {"distance": distance, "neighbourhood": list(sizes), "border": backbone.border}
         resolved["hybrid_norm"] = self.hybrid_norm()
@@ -903,18 +802,6 @@ class DualClipDetector:
             self.profile_.threshold = f1_threshold(labels, result.image_scores.numpy())
         return self
 
-    def _normal_scale(self, branches: BranchScores, grid: tuple[int, int]) -> tuple[ScoreScale, torch.Tensor]:
-        """The profile units from the normal images' (leave-one-out) branch scores, step by step as ``_fuse``
-        uses them: patch moments, then image moments, then the moments of the fused score."""
-        scale = ScoreScale(patch={name: Moments.of(t) for name, t in branches.patch().items()})
-        _, map_max = self._fused_maps(branches, grid, scale)
-        scale.image["map"] = Moments.of(map_max)
-        if branches.text_global is not None:
-            scale.image["text_global"] = Moments.of(branches.text_global)
-        raw = self._image_scores(branches, map_max, scale)
-        scale.score = Moments.of(raw)
-        return scale, scale.score.standardize(raw)
-
     def profile_class(self, class_name: str | None) -> str | None:
         """The class a fitted detector scores with: always its profile's. Another ``class_name`` is a
         ``ValueError`` where the profile's text statistics depend on it; elsewhere it has no effect."""
@@ -924,6 +811,30 @@ class DualClipDetector:
                 f"this profile was fitted for class {fitted!r}: its text statistics do not apply to {class_name!r}"
             )
         return fitted
+
+    def scoring_class(self, class_name: str | None, strict: bool = True) -> str | None:
+        """The class a run scores with when given ``class_name``: the profile's where the detector is fitted
+        (another ``class_name`` is then a ``ValueError`` where the profile's text statistics depend on it, unless
+        not ``strict``), else ``class_name`` itself."""
+        if self.profile_ is None:
+            return class_name
+        return self.profile_class(class_name if strict else None)
+
+    def min_images(self) -> int:
+        """The fewest images one :meth:`predict` call without references can score: 2 where a vision-only
+        zero-shot detector needs a partner for every image, else 1."""
+        return 1 if self.profile_ is not None or self.backbone.has_text else 2
+
+    def profile_summary(self) -> dict | None:
+        """What outputs record of the fitted profile (units, sizes, identity, the guard), or ``None``."""
+        if self.profile_ is None:
+            return None
+        meta = self.profile_.meta
+        return {
+            "units": PROFILE_UNITS,
+            **{k: meta.get(k) for k in ("n_normal", "bank_patches", "weights_fingerprint", "created_by", "class_name")},
+            "ood_guard": self.profile_.guard(),
+        }
 
     def _profile_class_name(self, class_name: str | None) -> str | None:
         fitted = self.profile_class(class_name)
@@ -963,13 +874,14 @@ class DualClipDetector:
         batch_size: int | None = None,
         progress: bool | None = None,
         cache_dir: str | os.PathLike | None = None,
+        match_memory_mb: float | None = None,
     ) -> DualClipDetector:
         """A detector with the settings, weights and statistics of a saved profile.
 
         The model is built from the profile's method settings (or ``backbone`` is used) and must compute with the
         same weights as the one the profile was fitted with (weights fingerprint), else :class:`ProfileError`.
-        ``device``, ``runtime``, ``onnx_file``, ``precision``, ``num_workers``, ``batch_size``, ``progress`` and
-        ``cache_dir`` are how it runs (:class:`~dualclip.config.ExecutionSettings`; ``None``: the default); a
+        ``device``, ``runtime``, ``onnx_file``, ``precision``, ``num_workers``, ``batch_size``, ``progress``,
+        ``cache_dir`` and ``match_memory_mb`` are how it runs (:class:`~dualclip.config.ExecutionSettings`; ``None``: the default); a
         profile never carries them.
         """
         profile = Profile.load(path)
@@ -986,6 +898,7 @@ class DualClipDetector:
             "batch_size": batch_size,
             "progress": progress,
             "cache_dir": None if cache_dir is None else str(cache_dir),
+            "match_memory_mb": match_memory_mb,
         }
         try:
             config = DetectorConfig(method=method, **{k: v for k, v in execution.items() if v is not None})

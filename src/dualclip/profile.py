@@ -199,11 +199,11 @@ class OodGuard:
     def fit(cls, normal: torch.Tensor, blanks: torch.Tensor, textures: list[float]) -> OodGuard:
         """From the normal images' global embeddings ``(N, D)``, the featureless frames' ``(B, D)`` and the normal
         images' grey-level spreads."""
-        e = torch.nn.functional.normalize(normal.double(), dim=1)
+        e = torch.nn.functional.normalize(normal.double().cpu(), dim=1)
         sim = e @ e.T
         sim.fill_diagonal_(-math.inf)
         normal_max = float((1 - sim.amax(dim=1)).max())
-        b = torch.nn.functional.normalize(blanks.double(), dim=1)
+        b = torch.nn.functional.normalize(blanks.double().cpu(), dim=1)
         blank_min = float((1 - (b @ e.T).amax(dim=1)).min())
         limit = (normal_max + blank_min) / 2 if blank_min > normal_max else None
         normal_texture = float(min(textures))
@@ -212,7 +212,7 @@ class OodGuard:
     def distances(self, embeddings: torch.Tensor) -> torch.Tensor:
         """``(N,)`` cosine distance of each global embedding ``(N, D)`` to its nearest normal image's (float64)."""
         e = torch.nn.functional.normalize(embeddings.double(), dim=1)
-        return 1 - (e @ self.embeddings.double().T).amax(dim=1)
+        return 1 - (e @ self.embeddings.to(e.device).double().T).amax(dim=1)
 
     def check(self, embeddings: torch.Tensor, textures: list[float]) -> list[str | None]:
         """For each image (global embedding, grey-level spread): why it is unusable, or ``None``."""
@@ -595,14 +595,14 @@ def build_bank(
     it a greedy coreset (:func:`~dualclip.scoring.coreset.greedy_coreset`, on the first part's first space,
     layers concatenated) chooses ``size`` of them, the same patches in every part, space and layer. ``owner``:
     the image of each kept patch; ``total``: the patch count before subsampling. ``progress``: the coreset's
-    progress bar.
+    progress bar. The bank is kept on the host (it is saved; a scoring source moves it to the features' device).
     """
     from .scoring.coreset import greedy_coreset
 
     first = next(iter(spaces.values()))
     n, p = first[0][0].shape[:2]
     total = n * p
-    flat = {part: [[t.reshape(total, -1) for t in space] for space in sp] for part, sp in spaces.items()}
+    flat = {part: [[t.reshape(total, -1).cpu() for t in space] for space in sp] for part, sp in spaces.items()}
     owner = torch.arange(n).repeat_interleave(p)
     if size is not None and total > size:
         keep = greedy_coreset(torch.cat(next(iter(flat.values()))[0], dim=-1), size, seed, progress=progress)

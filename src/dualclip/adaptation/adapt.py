@@ -56,10 +56,11 @@ def _fit(
         backbone, pils, cfg.batch_size, keep_patch_embeddings=use_text, desc="adaptation", precision=precision
     )
     x = head_inputs(feats, use_text)
-    y = patch_targets([m for _, m, _ in synth], backbone.image_size, feats.grid)
+    y = patch_targets([m for _, m, _ in synth], backbone.image_size, feats.grid).to(x.device)
     direction = (text[1] - text[0]) if use_text else None
     generator = torch.Generator().manual_seed(seed)  # the adapter's start is seeded; the global torch RNG untouched
     head = AdaptationHead(x.shape[-1], direction, temperature if use_text else None, cfg.adaptation.rank, generator)
+    head = head.to(x.device)  # initialised on the host (the same numbers on any device), trained where x is
     a = cfg.adaptation
     losses = train_head(head, x, y, a.steps, a.lr, a.weight_decay, a.dice_weight, a.anchor)
     return head, losses
@@ -111,7 +112,7 @@ def adapt_patch_scores(
         head, losses = _fit(backbone, images, budget, cfg.seed, text, temperature, cfg, use_text, bases)
         with torch.no_grad():
             return AdaptationResult(torch.sigmoid(head(x_test)), bases, [losses])
-    out = torch.empty(x_test.shape[:2])
+    out = torch.empty(x_test.shape[:2], device=x_test.device)
     all_losses = []
     for i in tqdm(range(len(images)), desc="adapting per image", disable=not cfg.progress, leave=False):
         head, losses = _fit(backbone, [images[i]], budget, cfg.seed + i, text, temperature, cfg, use_text)

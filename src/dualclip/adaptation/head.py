@@ -59,7 +59,7 @@ class AdaptationHead(nn.Module):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor of the head, ``scale`` included (saved in a profile; :meth:`from_tensors` rebuilds it)."""
-        out = {k: v.detach().clone().float() for k, v in self.state_dict().items()}
+        out = {k: v.detach().float().cpu().clone() for k, v in self.state_dict().items()}
         out["scale"] = torch.tensor(self.scale)
         return out
 

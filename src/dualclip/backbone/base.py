@@ -111,7 +111,8 @@ def extract_features(
     desc: str = "features",
     precision: str = "fp32",
 ) -> BackboneOutput:
-    """Run ``backbone`` over PIL RGB ``images`` in batches; concatenate the outputs on the CPU (as fp32).
+    """Run ``backbone`` over PIL RGB ``images`` in batches; concatenate the outputs (as fp32) on the backbone's
+    device, where every later stage of the pipeline runs.
 
     ``precision``: ``"fp32"``, or ``"bf16"`` / ``"fp16"``: the forward pass under torch autocast."""
     from tqdm.auto import tqdm
@@ -128,10 +129,10 @@ def extract_features(
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 out = backbone(batch.to(device))
             grid = out.grid
-            globals_.append(out.global_embedding.float().cpu())
+            globals_.append(out.global_embedding.float())
             if keep_patch_embeddings and out.patch_embeddings is not None:
-                patches.append(out.patch_embeddings.float().cpu())
-            matches.append([m.float().cpu() for m in out.match_features])
+                patches.append(out.patch_embeddings.float())
+            matches.append([m.float() for m in out.match_features])
             bar.update(batch.shape[0])
     return BackboneOutput(
         global_embedding=torch.cat(globals_),

@@ -71,7 +71,7 @@ class ProfileGraph(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         from ..adaptation.adapt import head_scores
-        from ..detector import BranchScores, text_scores
+        from ..core import BranchScores, text_scores
         from ..scoring import bank_distances_batched, distance_parts, match_spaces
 
         det = self.detector

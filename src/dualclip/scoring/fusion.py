@@ -24,13 +24,27 @@ def normalize_branch(x: torch.Tensor, how: FusionNorm) -> torch.Tensor:
             return torch.zeros_like(x)
         return ((x.double() - flat.mean()) / std).to(x.dtype)
     if how == "rank":
-        from scipy.stats import rankdata
-
         if flat.numel() < 2:
             return torch.zeros_like(x)
-        ranks = rankdata(flat.numpy(), method="average")
-        return torch.from_numpy((ranks - 1) / (flat.numel() - 1)).reshape(x.shape).to(x.dtype)
+        return ((average_ranks(flat) - 1) / (flat.numel() - 1)).reshape(x.shape).to(x.dtype)
     raise ValueError(f"unknown normalisation {how!r}")
+
+
+def average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of a 1-d tensor, ties sharing their mean rank (``scipy.stats.rankdata(method="average")``),
+    as float64 on the values' device."""
+    order = torch.argsort(values, stable=True)
+    ordered = values[order]
+    n = ordered.numel()
+    starts_run = torch.ones(n, dtype=torch.bool, device=values.device)
+    starts_run[1:] = ordered[1:] != ordered[:-1]
+    run = torch.cumsum(starts_run, dim=0) - 1
+    starts = torch.nonzero(starts_run).squeeze(1)
+    counts = torch.diff(starts, append=torch.tensor([n], device=values.device))
+    mean_rank = starts.double() + (counts.double() + 1) / 2  # ranks start + 1 .. start + count
+    out = torch.empty(n, dtype=torch.float64, device=values.device)
+    out[order] = mean_rank[run]
+    return out
 
 
 def fuse(branches: list[tuple[torch.Tensor, float]], how: FusionNorm, moments: list | None = None) -> torch.Tensor:

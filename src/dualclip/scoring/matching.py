@@ -75,8 +75,37 @@ def combine_parts(parts: dict[str, torch.Tensor], moments: dict | None = None, r
     return out / len(parts)
 
 
-# Bound on the elements of one query-by-bank distance block (query patches x bank patches).
-_MAX_BLOCK_ELEMENTS = 16_000_000
+MATCH_MEMORY_MB = 512.0
+"""The default budget of one block of patch distances (``DetectorConfig.match_memory_mb``)."""
+FLOAT_BYTES = 4
+
+
+MIN_BLOCK = 64
+"""A block of a matching spans at least this many patches on each side, whatever the budget: matrix products of
+at least 64 rows or columns round every dot product as the unblocked product does, so blocking never
+changes a score."""
+
+
+def block_elements(memory_mb: float) -> int:
+    """How many float32 distances one block of a matching may hold under a budget of ``memory_mb`` MiB (at
+    least one)."""
+    return max(1, int(memory_mb * 2**20) // FLOAT_BYTES)
+
+
+def block_side(memory_mb: float, other: int, most: int) -> int:
+    """Patches per block along one side of a ``most x other`` distance matrix (``other``: the full side):
+    as many as the budget allows, at least :data:`MIN_BLOCK`, at most ``most``."""
+    return max(1, min(most, max(MIN_BLOCK, block_elements(memory_mb) // max(1, other))))
+
+
+def blocks(total: int, side: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of ``total // side`` (at least one; none for ``total`` 0) blocks of nearly equal size
+    covering ``range(total)``: none smaller than ``side`` (where ``total`` allows), none above ``2 * side``."""
+    if total <= 0:
+        return []
+    n = max(1, total // max(1, side))
+    edges = [total * i // n for i in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
 
 
 def neighbourhood_mean(tokens: torch.Tensor, grid: tuple[int, int], size: int) -> torch.Tensor:
@@ -124,25 +153,44 @@ def _sq_norms(x: torch.Tensor) -> torch.Tensor:
 
 
 def nearest_distances(
-    fa: Sequence[torch.Tensor], fb: Sequence[torch.Tensor], distance: Distance
+    fa: Sequence[torch.Tensor],
+    fb: Sequence[torch.Tensor],
+    distance: Distance,
+    memory_mb: float = MATCH_MEMORY_MB,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mutual nearest-patch distances of batched image pairs.
 
     ``fa[l]``: ``(G, Pa, C_l)``, ``fb[l]``: ``(G, Pb, C_l)``, both in the matching space of ``distance``.
     Returns ``(G, Pa)``: each patch of a to its nearest patch of b, and ``(G, Pb)``: the reverse, from one
     distance matrix per layer (``cosine``, ``layernorm``: per layer, then averaged over layers;
-    ``euclidean``: of the concatenated layers).
+    ``euclidean``: of the concatenated layers). Where the ``G x Pa x Pb`` matrices exceed ``memory_mb`` MiB,
+    they are computed a block of a's patches at a time (b's minima kept as a running minimum: the same values; a block spans at least
+    :data:`MIN_BLOCK` patches of a).
     """
     ga, gb = _groups(fa, distance), _groups(fb, distance)
+    g, pa = ga[0].shape[:2]
+    pb = gb[0].shape[1]
+    rows = block_side(memory_mb, g * pb, pa)
+    cosine = distance == "cosine"
     da = db = None
     for a, b in zip(ga, gb, strict=True):
-        if distance == "cosine":
-            sim = torch.bmm(a, b.transpose(1, 2))
-            ra, rb = (1 - sim.amax(dim=2)) / 2, (1 - sim.amax(dim=1)) / 2
-        else:  # squared distances |a|^2 + |b|^2 - 2ab in two passes over the matrix
-            sq = torch.baddbmm(_sq_norms(b).unsqueeze(1), a, b.transpose(1, 2), alpha=-2)
-            sq.add_(_sq_norms(a).unsqueeze(2))
-            ra, rb = sq.amin(dim=2).clamp_min(0).sqrt(), sq.amin(dim=1).clamp_min(0).sqrt()
+        row_parts, best = [], None
+        bt, b_sq = b.transpose(1, 2), None if cosine else _sq_norms(b).unsqueeze(1)
+        for s, e in blocks(pa, rows):
+            a_s = a[:, s:e]
+            if cosine:
+                sim = torch.bmm(a_s, bt)
+                row_parts.append((1 - sim.amax(dim=2)) / 2)
+                col = sim.amax(dim=1)
+                best = col if best is None else torch.maximum(best, col)
+            else:  # squared distances |a|^2 + |b|^2 - 2ab in two passes over the matrix
+                sq = torch.baddbmm(b_sq, a_s, bt, alpha=-2)
+                sq.add_(_sq_norms(a_s).unsqueeze(2))
+                row_parts.append(sq.amin(dim=2).clamp_min(0).sqrt())
+                col = sq.amin(dim=1)
+                best = col if best is None else torch.minimum(best, col)
+        ra = row_parts[0] if len(row_parts) == 1 else torch.cat(row_parts, dim=1)
+        rb = (1 - best) / 2 if cosine else best.clamp_min(0).sqrt()
         da, db = (ra, rb) if da is None else (da + ra, db + rb)
     return da / len(ga), db / len(gb)
 
@@ -155,11 +203,14 @@ def bank_distances(
     query_owner: torch.Tensor | None = None,
     bank_owner: torch.Tensor | None = None,
     progress: str | None = None,
+    memory_mb: float = MATCH_MEMORY_MB,
 ) -> torch.Tensor:
     """Distance of every query patch to its nearest patch of a memory bank.
 
     ``query[l]``: ``(N, P, C_l)``; ``bank[l]``: ``(M, C_l)`` (the same M patches in every layer). Returns
-    ``(N, P)``. The bank is visited ``chunk`` patches at a time, so memory stays ``P * chunk`` floats.
+    ``(N, P)`` on the query's device (the bank is moved there). The bank is visited in blocks of about
+    ``chunk`` patches (:func:`blocks`), fewer where ``P * chunk`` floats would exceed ``memory_mb`` MiB, but at
+    least :data:`MIN_BLOCK` (the same scores in any blocking).
     With ``query_owner`` (``(N,)``) and ``bank_owner`` (``(M,)``) image ids, a query image never matches
     bank patches of its own id (leave-one-out scores of the bank's own images): the bank is ordered by owner
     once, and each image's own patches, one run of columns, are set out of reach in the chunks they fall in.
@@ -168,12 +219,15 @@ def bank_distances(
     from tqdm.auto import tqdm
 
     n, p = query[0].shape[:2]
+    device = query[0].device
+    bank = [b.to(device) for b in bank]
     owned = None
     if query_owner is not None:
+        bank_owner = bank_owner.cpu()
         order = torch.argsort(bank_owner, stable=True)
-        bank = [b[order] for b in bank]
+        bank = [b[order.to(device)] for b in bank]
         sorted_owner = bank_owner[order].contiguous()
-        ids = query_owner.to(sorted_owner.dtype)
+        ids = query_owner.to("cpu", sorted_owner.dtype)
         owned = zip(
             torch.searchsorted(sorted_owner, ids, side="left").tolist(),
             torch.searchsorted(sorted_owner, ids, side="right").tolist(),
@@ -182,9 +236,9 @@ def bank_distances(
     groups = _groups(bank, distance)
     queries = _groups(query, distance)
     norms = [None if distance == "cosine" else _sq_norms(g) for g in groups]
-    chunk = max(1, min(chunk, _MAX_BLOCK_ELEMENTS // p))
+    chunk = block_side(memory_mb, p, chunk)
     # one image at a time: the same shapes, hence the same arithmetic, whatever the batch holds
-    out = torch.empty(n, p)
+    out = torch.empty(n, p, device=device)
     for i in tqdm(range(n), desc=progress, unit="img", disable=progress is None, leave=False):
         own = None if owned is None else next(owned)
         per_group = [
@@ -205,13 +259,13 @@ def _nearest_in_bank(
     """``(P,)`` distances of one image's ``(P, C)`` features to their nearest of ``(M, C)`` bank rows; ``own``:
     the ``[start, stop)`` bank rows it may not match, or ``None``."""
     cosine = distance == "cosine"
-    best = torch.full((q.shape[0],), -torch.inf if cosine else torch.inf)
-    for s in range(0, bank.shape[0], chunk):
-        b = bank[s : s + chunk]
+    best = torch.full((q.shape[0],), -torch.inf if cosine else torch.inf, device=q.device)
+    for s, e in blocks(bank.shape[0], chunk):
+        b = bank[s:e]
         if cosine:
             m = q @ b.T
         else:  # |b|^2 - 2ab; |a|^2 is added after the minimum (it is the same along a row)
-            m = torch.addmm(bank_sq[s : s + chunk].unsqueeze(0), q, b.T, alpha=-2)
+            m = torch.addmm(bank_sq[s:e].unsqueeze(0), q, b.T, alpha=-2)
         if own is not None and own[0] < s + b.shape[0] and own[1] > s:
             m[:, max(own[0] - s, 0) : own[1] - s] = -torch.inf if cosine else torch.inf
         best = torch.maximum(best, m.amax(dim=1)) if cosine else torch.minimum(best, m.amin(dim=1))
@@ -221,19 +275,24 @@ def _nearest_in_bank(
 
 
 def bank_distances_batched(
-    query: Sequence[torch.Tensor], bank: Sequence[torch.Tensor], distance: Distance, chunk: int = 4096
+    query: Sequence[torch.Tensor],
+    bank: Sequence[torch.Tensor],
+    distance: Distance,
+    chunk: int = 4096,
+    memory_mb: float = MATCH_MEMORY_MB,
 ) -> torch.Tensor:
     """:func:`bank_distances` (no owners) of a whole batch at once: one product per bank chunk of ``(N, P, C)``
     queries, no per-image loop, no in-place writes, so that a traced graph (the whole-model ONNX export) runs
-    it at any batch size. The same formula; its sums may be rounded differently (about 1e-7 relative)."""
+    it at any batch size. The same formula; its sums may be rounded differently (about 1e-7 relative). The
+    chunk holds at most ``memory_mb`` MiB of distances per image (the batch size is not known when traced)."""
     p = query[0].shape[1]
-    chunk = max(1, min(chunk, _MAX_BLOCK_ELEMENTS // p))
+    chunk = block_side(memory_mb, p, chunk)
     cosine = distance == "cosine"
     per_group = []
     for q, g in zip(_groups(query, distance), _groups(bank, distance), strict=True):
         best = None
-        for s in range(0, g.shape[0], chunk):
-            b = g[s : s + chunk]
+        for s, e in blocks(g.shape[0], chunk):
+            b = g[s:e]
             if cosine:
                 m = (q @ b.T).amax(dim=-1)
             else:  # |b|^2 - 2ab; |a|^2 is added after the minimum (it is the same along a row)

@@ -19,10 +19,7 @@ import numpy as np
 import torch
 
 from ..config import Aggregation
-from .matching import Distance, bank_distances, nearest_distances
-
-# Bound on the elements of one batch of similarity matrices (pairs x P x P floats).
-_MAX_SIM_ELEMENTS = 32_000_000
+from .matching import MATCH_MEMORY_MB, Distance, bank_distances, block_elements, nearest_distances
 
 
 def near_duplicates(thumbnails: torch.Tensor, tolerance: float) -> torch.Tensor:
@@ -108,8 +105,9 @@ def reference_scores(
     aggregation: Aggregation = "mean_low30",
     progress: Callable[[int], None] | None = None,
     distance: Distance = "cosine",
+    memory_mb: float = MATCH_MEMORY_MB,
 ) -> torch.Tensor:
-    """Visual-reference score of every patch of every image.
+    """Visual-reference score of every patch of every image, on the features' device.
 
     Parameters
     ----------
@@ -124,23 +122,28 @@ def reference_scores(
         Called with the number of pairs done after each batch.
     distance:
         ``cosine``, ``euclidean`` or ``layernorm`` (:mod:`dualclip.scoring.matching`).
+    memory_mb:
+        Budget of one batch of distance matrices (pairs x P x P floats), in MiB: pairs are batched up to it,
+        and a pair whose matrix alone exceeds it is computed in blocks of rows; the scores are the same in
+        any batching.
 
     Returns
     -------
     ``(N, P)`` nearest-patch distances (``cosine``: in [0, 1]).
     """
     n, p = features[0].shape[:2]
+    device = features[0].device
     needed = {(min(a, b), max(a, b)) for a, refs in enumerate(references) for b in refs}
     if any(a == b for a, b in needed):
         raise ValueError("an image cannot be its own reference")
     per_image: list[dict[int, torch.Tensor]] = [{} for _ in range(n)]
     pairs = sorted(needed)
-    group = max(1, _MAX_SIM_ELEMENTS // (p * p))
+    group = max(1, block_elements(memory_mb) // (p * p))
     for start in range(0, len(pairs), group):
         chunk = pairs[start : start + group]
-        ia = torch.tensor([a for a, _ in chunk])
-        ib = torch.tensor([b for _, b in chunk])
-        da, db = nearest_distances([f[ia] for f in features], [f[ib] for f in features], distance)
+        ia = torch.tensor([a for a, _ in chunk], device=device)
+        ib = torch.tensor([b for _, b in chunk], device=device)
+        da, db = nearest_distances([f[ia] for f in features], [f[ib] for f in features], distance, memory_mb)
         for g, (a, b) in enumerate(chunk):
             if b in references[a]:
                 per_image[a][b] = da[g]
@@ -148,7 +151,7 @@ def reference_scores(
                 per_image[b][a] = db[g]
         if progress is not None:
             progress(len(chunk))
-    out = torch.empty(n, p)
+    out = torch.empty(n, p, device=device)
     for a in range(n):
         out[a] = aggregate(torch.stack([per_image[a][b] for b in references[a]]), aggregation)
     return out
@@ -159,11 +162,14 @@ def golden_reference_scores(
     golden: Sequence[torch.Tensor],
     distance: Distance = "cosine",
     progress: str | None = None,
+    memory_mb: float = MATCH_MEMORY_MB,
 ) -> torch.Tensor:
     """Score every image against a bank of normal reference images (golden-reference mode).
 
     ``features`` and ``golden`` hold one ``(N, P, C_l)`` / ``(R, Pr, C_l)`` tensor per layer, in the matching
     space of ``distance``; every patch is scored by its distance to the nearest patch of all references
-    (:func:`~dualclip.scoring.matching.bank_distances`): ``(N, P)``. ``progress``: a progress bar's label.
+    (:func:`~dualclip.scoring.matching.bank_distances`): ``(N, P)``. ``progress``: a progress bar's label;
+    ``memory_mb``: the budget of one block of distances.
     """
-    return bank_distances(features, [g.reshape(-1, g.shape[-1]) for g in golden], distance, progress=progress)
+    bank = [g.reshape(-1, g.shape[-1]) for g in golden]
+    return bank_distances(features, bank, distance, progress=progress, memory_mb=memory_mb)
