@@ -67,3 +67,15 @@ def test_quiet_keeps_warnings_and_drops_progress_text(monkeypatch):
     quiet = CliRunner().invoke(app, ["predict", "x.png", "-o", "out", "-q"])
     assert "progress text" in loud.output and "warning: a warning" in loud.output
     assert "progress text" not in quiet.output and "warning: a warning" in quiet.output
+
+
+@pytest.mark.parametrize("pretrained", [None, "random"])
+def test_an_unknown_backbone_name_is_one_error_naming_the_backbones(tmp_path, pretrained):
+    """A typo in the backbone (``effnet_lite0``) is a usage error that names the valid backbones, with or without
+    weights given (it used to ask for weights, then crash inside open_clip)."""
+    (tmp_path / "a.png").write_bytes(b"")
+    args = ["predict", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--backbone", "effnet_lite0", "-q"]
+    r = CliRunner().invoke(app, args + (["--pretrained", pretrained] if pretrained else []))
+    assert r.exit_code == 2, r.output
+    assert "unknown backbone 'effnet_lite0': use effnet-lite0, dinov2-vits14 or an open_clip model name" in r.output
+    assert "bug" not in r.output and "Traceback" not in r.output

@@ -57,7 +57,7 @@ def score_error(score: float) -> str | None:
     return f"the score is not a finite number ({score}): no verdict (the profile or the image gives no usable score)"
 
 
-NO_THRESHOLD = Threshold(None, "none (no verdicts: give threshold=, threshold_quantile= or validation=)")
+NO_THRESHOLD = Threshold(None, "none (no verdicts: give a threshold, a threshold quantile or validation images)")
 
 
 def manual_threshold(value: float) -> Threshold:

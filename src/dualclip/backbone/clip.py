@@ -274,6 +274,11 @@ def build_clip_backbone(
 
     ``quick_gelu=None``: the activation the weights were trained with (see :func:`load_open_clip`); a local
     checkpoint file of a preset is taken to hold the preset's weights."""
+    if name not in CLIP_PRESETS and name not in open_clip.list_models():
+        raise ConfigError(
+            f"unknown backbone {name!r}: use effnet-lite0, dinov2-vits14 or an open_clip model name "
+            f"(presets: {', '.join(sorted(CLIP_PRESETS))}; all: open_clip.list_models())"
+        )
     preset_tag, preset_size = CLIP_PRESETS.get(name, (None, None))
     if pretrained == DEFAULT:
         if preset_tag is None:

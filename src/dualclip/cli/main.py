@@ -424,7 +424,8 @@ def predict(
         typer.echo(dumps(doc))
     else:  # --quiet silences progress bars only, never the results
         for p in doc["predictions"]:
-            s = "error: " + p["error"] if p.get("error") else f"{p['score']:.4f} {p.get('verdict') or ''}"
+            verdict = f" {p['verdict']}" if p.get("verdict") else ""
+            s = "error: " + p["error"] if p.get("error") else f"{p['score']:.4f}{verdict}"
             typer.echo(f"{s}\t{p['path']}")
         typer.echo(f"wrote {out}/report.html", err=True)  # a result (also under -q), not a log record
     raise typer.Exit(code)

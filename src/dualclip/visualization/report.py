@@ -207,8 +207,8 @@ def render_report(rows: list[dict], meta: dict) -> str:
     head = (
         f'<p class="summary"><b>{counts["files"]}</b> files: {counts["scored"]} scored, {flagged}'
         f'<span class="badge {"error" if counts["failed"] else "none"}">{counts["failed"]} failed</span></p>'
-        f"<p>class <b>{html.escape(str(meta.get('class_name')))}</b> &middot; "
-        f"backbone <b>{html.escape(str(meta.get('backbone')))}</b> &middot; seed {meta.get('seed')} &middot; "
+        + (f"<p>class <b>{html.escape(str(meta['class_name']))}</b> &middot; " if meta.get("class_name") else "<p>")
+        + f"backbone <b>{html.escape(str(meta.get('backbone')))}</b> &middot; seed {meta.get('seed')} &middot; "
         f"threshold: {threshold_text}</p><p>heat-map scale: {html.escape(scale_text)}"
         f"{'; outlines: ' + ', '.join(outlines) if outlines else ''}</p>"
     )
