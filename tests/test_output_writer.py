@@ -186,3 +186,25 @@ def test_cli_flags_save_maps_and_parquet(tmp_path, folder):
     assert r.exit_code == 0, r.output
     assert len(list((tmp_path / "o" / "maps").glob("*.npy"))) == 10
     assert (tmp_path / "o" / "predictions.parquet").is_file()
+
+
+def test_an_interrupt_while_results_move_into_an_empty_folder_leaves_it_empty_or_complete(tmp_path, monkeypatch):
+    """Results go into an existing empty -o in one exchange, not file by file: an interrupt at any rename leaves
+    the folder as it was or complete, never half-filled without a marker."""
+    import os
+
+    from dualclip.output import folder
+
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "rename", interrupted)
+    with folder.staged_output(out) as stage:
+        (stage / "report.html").write_text("r")
+        (stage / "predictions.json").write_text("{}")
+    assert sorted(p.name for p in out.iterdir()) == [".dualclip-output.json", "predictions.json", "report.html"]
+    assert json.loads((out / ".dualclip-output.json").read_text())["files"] == ["predictions.json", "report.html"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging left

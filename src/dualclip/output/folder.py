@@ -16,7 +16,9 @@ import ctypes.util
 import json
 import os
 import shutil
+import signal
 import stat
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
@@ -301,18 +303,38 @@ def staged_output(
         marker = {"tool": "dualclip", "version": __version__, "command": command, "files": files}
         write_json(staging / OUTPUT_MARKER, marker)
         (staging / ".staging").unlink()
-        _commit(staging, out, warn)
     except BaseException:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
         raise
+    # from here on staging may hold the previous run (after the exchange): never removed on an error; SIGINT and
+    # SIGTERM wait until the outputs are in place
+    with _signals_deferred():
+        _commit(staging, out, warn)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back (delivered on exit) where this is the main thread; else nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _commit(staging: Path, out: Path, warn: Callable[[str], None]) -> None:
     if not out.exists():
         os.rename(staging, out)
         return
-    if not any(out.iterdir()):  # an empty folder the user made: keep it, move the outputs in
+    if not any(out.iterdir()):  # an empty folder the user made
+        if _exchange(staging, out):  # the outputs in place at once; the empty folder goes
+            staging.rmdir()
+            return
         for item in sorted(staging.iterdir(), key=lambda p: p.name == OUTPUT_MARKER):
             os.rename(item, out / item.name)
         staging.rmdir()
