@@ -162,3 +162,17 @@ def test_callers_ask_the_detector_what_its_profile_decides(tiny_backbone, textur
     assert summary["n_normal"] == 4 and summary["class_name"] == "tile" and summary["ood_guard"].startswith("on:")
     preds = fitted.predict(images[4:])
     assert preds.run.pairing == "profile" and preds.run.n_images == 2 and preds.run.k_effective is None
+
+
+def test_the_fitted_units_and_profile_record_come_from_the_detector(tiny_backbone, texture_set):
+    images = texture_set[0][:4]
+    zero_shot = _det(tiny_backbone)
+    assert zero_shot.normal_scores() is None and zero_shot.profile_meta() is None
+    fitted = _det(tiny_backbone).fit(images, class_name="tile", sources=["a.png", "b.png", "c.png", "d.png"])
+    assert fitted.normal_scores() == fitted.profile_.normal_scores and len(fitted.normal_scores()) == 4
+    meta = fitted.profile_meta()
+    assert meta["sources"] == ["a.png", "b.png", "c.png", "d.png"] and meta["n_normal"] == 4
+    meta["n_normal"] = 99  # a copy: the profile keeps its record
+    assert fitted.profile_meta()["n_normal"] == 4 and fitted.profile_.meta["n_normal"] == 4
+    with pytest.raises(ValueError, match="sources names 1 origins for 4 images"):
+        _det(tiny_backbone).fit(images, sources=["a.png"])

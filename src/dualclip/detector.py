@@ -18,6 +18,7 @@ Data flow of :meth:`DualClipDetector.predict`::
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import math
@@ -687,6 +688,7 @@ class DualClipDetector:
         threshold_quantile: float | None = None,
         validation_normal: Sequence[ImageInput] | None = None,
         validation_anomalous: Sequence[ImageInput] | None = None,
+        sources: Sequence[str] | None = None,
     ) -> DualClipDetector:
         """Fit a profile on normal (defect-free) images; afterwards :meth:`predict` scores against it.
 
@@ -707,6 +709,9 @@ class DualClipDetector:
             Verdict threshold: this quantile of the normal images' leave-one-out scores (e.g. 0.99).
         validation_normal, validation_anomalous:
             Labelled validation images: the verdict threshold is the F1-optimal one on their profile scores.
+        sources:
+            What the profile records as the normal images' origins, one per image (default: their paths, where
+            given as paths).
 
         Returns
         -------
@@ -719,6 +724,8 @@ class DualClipDetector:
             raise InputError(f"fit needs at least 2 normal images (leave-one-out statistics), got {len(images)}")
         if threshold_quantile is not None and (validation_normal or validation_anomalous):
             raise ConfigError("give either a threshold quantile or a validation set, not both")
+        if sources is not None and len(sources) != len(images):
+            raise InputError(f"sources names {len(sources)} origins for {len(images)} images: give one per image")
         loaded = [_as_rgb(item) for item in images]
         rgb = [img for img, _ in loaded]
         self.profile_ = None
@@ -779,7 +786,7 @@ class DualClipDetector:
             "n_normal": len(rgb),
             "bank_patches": int(owner.numel()),
             "bank_patches_total": total,
-            "sources": [src for _, src in loaded],
+            "sources": [src for _, src in loaded] if sources is None else [str(src) for src in sources],
             "created_by": f"dualclip {__version__}",
         }
         self.profile_ = Profile(
@@ -835,6 +842,17 @@ class DualClipDetector:
             **{k: meta.get(k) for k in ("n_normal", "bank_patches", "weights_fingerprint", "created_by", "class_name")},
             "ood_guard": self.profile_.guard(),
         }
+
+    def normal_scores(self) -> list[float] | None:
+        """The leave-one-out scores of the normal images the detector was fitted on, which fix its units and
+        its heat maps' colour scale (:func:`~dualclip.output.heatmap_scale`); ``None`` for a zero-shot detector,
+        whose scores and heat maps are in each run's own units."""
+        return None if self.profile_ is None else list(self.profile_.normal_scores)
+
+    def profile_meta(self) -> dict | None:
+        """A copy of what the fitted profile records of itself (model, weights, class, sizes, sources, ...), or
+        ``None`` where the detector is not fitted."""
+        return None if self.profile_ is None else copy.deepcopy(self.profile_.meta)
 
     def _profile_class_name(self, class_name: str | None) -> str | None:
         fitted = self.profile_class(class_name)

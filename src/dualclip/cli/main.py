@@ -642,13 +642,13 @@ def fit(
             threshold_quantile=threshold_quantile,
             validation_normal=val_n,
             validation_anomalous=val_a,
+            sources=[display_path(p) for p in normal_files],  # read here, handed over decoded
         )
-        det.profile_.meta["sources"] = [display_path(p) for p in normal_files]  # read here, handed over decoded
         try:
             det.save(out, overwrite=overwrite)
         except ProfileError as exc:
             raise UsageError(str(exc)) from exc
-    meta, th = det.profile_.meta, det.threshold_
+    meta, th = det.profile_meta(), det.threshold_
     typer.echo(
         f"wrote profile {out}: {meta['n_normal']} normal images, {meta['bank_patches']} of "
         f"{meta['bank_patches_total']} patches kept, threshold "

@@ -33,6 +33,7 @@ from ..output import (
     display_path,
     heatmap_scale,
     output_lock,
+    row_references,
     staged_output,
 )
 from ..thresholds import NO_THRESHOLD, Threshold, fit_threshold, manual_threshold
@@ -100,10 +101,10 @@ def input_warnings(found: Expanded, class_name: str | None, det: DualClipDetecto
     """What is worth a warning before scoring: inputs that are or look like masks, a class name that a
     vision-only backbone or a profile cannot use (recorded in the outputs too)."""
     notes = mask_warnings(found)
-    fitted = det.profile_class(class_name) if det.profile_ is not None else None
-    if det.profile_ is not None and class_name and class_name != fitted:
+    used = det.scoring_class(class_name)  # a fitted detector's own class (another is refused where it matters)
+    if class_name and class_name != used:
         notes.append(
-            f"--class-name {class_name!r} has no effect: the profile was fitted for class {fitted!r}, which is "
+            f"--class-name {class_name!r} has no effect: the profile was fitted for class {used!r}, which is "
             "used and recorded"
         )
     elif class_name and not det.backbone.has_text:
@@ -135,7 +136,7 @@ def decide_threshold(
     judged."""
     if threshold is not None:
         return manual_threshold(threshold)
-    if det.profile_ is not None:
+    if det.normal_scores() is not None:  # fitted: its units are the profile's, and so is its threshold (or none)
         return det.threshold_ or NO_THRESHOLD
     if reference_quantile is not None:
         if not reference_images or len(reference_images) < 2:
@@ -256,8 +257,8 @@ def run_predict(
         refs = [img for *_, img in ref_loaded]
     val = (val_exp[0].files, val_exp[1].files) if val_exp else None
     th = decide_threshold(det, threshold, refs, threshold_quantile, val, class_name, warn)
-    if det.profile_ is not None:  # the profile's class (another one given was warned of, or refused, above)
-        class_name = det.profile_.meta.get("class_name")
+    # a profile's class (another one given was warned of, or refused, above)
+    class_name = det.scoring_class(class_name, strict=False)
     doc: dict = {
         "config": config.to_dict(),
         "class_name": class_name,
@@ -271,39 +272,25 @@ def run_predict(
     if loaded:
         preds = det.predict([img for *_, img in loaded], class_name=class_name, references=refs)
         run = preds.run
-        if (
-            det.profile_ is None
-            and config.k != "all"
-            and run.k_effective is not None
-            and refs is None
-            and (run.k_effective < int(config.k))
-        ):
+        if config.k != "all" and run.k_effective is not None and refs is None and (run.k_effective < int(config.k)):
             warn(f"warning: k={config.k} asked for, but {len(loaded)} images allow at most k={run.k_effective}")
         doc["run"] = run.to_dict(with_references=False)
     else:
         warn("error: no image could be read")
-    scale = heatmap_scale([pred.anomaly_map for pred in preds], det.profile_, th.value)
+    scale = heatmap_scale([pred.anomaly_map for pred in preds], det.normal_scores(), th.value)
     doc["heatmap_scale"] = scale.to_dict()
-    if det.profile_ is not None:
-        meta = det.profile_.meta
-        doc["profile"] = {
-            "units": "normal spreads above the normal mean (0: a typical normal image)",
-            **{k: meta.get(k) for k in ("n_normal", "bank_patches", "weights_fingerprint", "created_by", "class_name")},
-            "ood_guard": det.profile_.guard(),
-        }
+    profile = det.profile_summary()
+    if profile is not None:
+        doc["profile"] = profile
     from tqdm.auto import tqdm
 
     with staged_output(out, warn, command) as stage:
         writer = OutputWriter(stage, scale, th, maps=save_maps, report=True)
+        names = [display_path(path) for _, path, _ in loaded]
         for (i, path, img), pred in tqdm(
             list(zip(loaded, preds, strict=True)), desc="writing", unit="img", disable=quiet, leave=False
         ):
-            if det.profile_ is not None:
-                references = "profile"
-            elif refs is not None:
-                references = "golden"
-            else:
-                references = [display_path(loaded[j][1]) for j in pred.references]
+            references = row_references(preds.run.pairing, pred.references, names)
             row = writer.add(
                 i, path, img, pred, ground_truth(expanded, path, img.size), class_name=class_name, references=references
             )

@@ -14,7 +14,7 @@ from PIL import Image
 from ..atomic import dumps, write_text
 from ..data.images import DEFAULT_MAX_SIDE, ImageLoadError, load_image
 from ..errors import DualclipError
-from ..output import OutputWriter, PredictionRow, display_path, heatmap_scale
+from ..output import OutputWriter, PredictionRow, display_path, heatmap_scale, row_references
 from .plan import Block
 
 BLOCKS_DIR = "blocks"
@@ -96,7 +96,6 @@ class BlockScorer:
         decoded = decode_block(block) if decoded is None else decoded
         ok = [d for d in decoded if d.array is not None]
         det, th = self.detector, self.threshold
-        fitted = det.profile_ is not None
         images = []
         for d in ok:
             img = Image.fromarray(d.array)
@@ -106,12 +105,12 @@ class BlockScorer:
         run, preds, refused = None, [], None
         if ok:
             try:
-                preds = det.predict(images, class_name=None if fitted else block.class_name)
+                preds = det.predict(images, class_name=det.scoring_class(block.class_name, strict=False))
             except DualclipError as exc:  # the detector cannot score this block (one image, no reference): say why
                 refused = str(exc)
             else:
                 run = preds.run.to_dict(with_references=False)
-        scale = heatmap_scale([pr.anomaly_map for pr in preds], det.profile_, th.value) if preds else None
+        scale = heatmap_scale([pr.anomaly_map for pr in preds], det.normal_scores(), th.value) if preds else None
         writer = OutputWriter(
             Path(self.spec.out), scale, th, heatmaps=self.spec.heatmaps, maps=self.spec.maps, subfolder=block.id
         )
@@ -121,8 +120,9 @@ class BlockScorer:
                 writer.failed(d.index, d.path, d.error, **common)
             elif refused is not None:
                 writer.failed(d.index, d.path, refused, **common)
+        names = [display_path(d.path) for d in ok]
         for d, img, pred in zip(ok, images, preds, strict=True) if preds else ():
-            references = "profile" if fitted else [display_path(ok[j].path) for j in pred.references]
+            references = row_references(preds.run.pairing, pred.references, names)
             writer.add(d.index, d.path, img, pred, **common, references=references)
         result = {
             "block": block.to_dict(),

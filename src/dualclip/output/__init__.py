@@ -12,6 +12,7 @@ from .writer import (
     heatmap_png,
     heatmap_scale,
     load_map,
+    row_references,
     save_map,
     write_tables,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "output_lock",
     "output_stem",
     "predictions_csv",
+    "row_references",
     "save_map",
     "staged_output",
     "write_tables",

@@ -16,7 +16,7 @@ from PIL import Image
 
 from ..atomic import dumps, save_image, write_bytes, write_text
 from ..thresholds import Threshold, score_error
-from ..visualization import HeatmapScale, binary_mask, overlay, profile_scale, render_report, run_scale
+from ..visualization import HeatmapScale, binary_mask, normal_scale, overlay, render_report, run_scale
 from .rows import PredictionRow, display_path, output_stem, predictions_csv, table_columns
 
 TABLE_FORMATS = ("json", "csv", "parquet")
@@ -41,13 +41,22 @@ def check_formats(tables: tuple[str, ...] = ("json", "csv"), maps: str | None = 
         raise OutputFormatError(f"maps: unknown format {maps!r} (one of {', '.join(MAP_FORMATS)})")
 
 
-def heatmap_scale(maps: list[np.ndarray], profile=None, threshold: float | None = None) -> HeatmapScale:
-    """The colour scale of a run's heat maps: fixed by ``profile`` when there is one (the same in every run,
-    report and service: :func:`~dualclip.visualization.profile_scale`, around ``threshold`` or the profile's),
-    else the run's own scale over ``maps``."""
-    if profile is not None:
-        return profile_scale(profile, threshold)
+def heatmap_scale(maps: list[np.ndarray], normal_scores=None, threshold: float | None = None) -> HeatmapScale:
+    """The colour scale of a run's heat maps: fixed by a fitted detector's ``normal_scores``
+    (:meth:`~dualclip.DualClipDetector.normal_scores`; the same in every run, report and service:
+    :func:`~dualclip.visualization.normal_scale`, around ``threshold``), else the run's own scale over ``maps``."""
+    if normal_scores is not None:
+        return normal_scale(normal_scores, threshold)
     return run_scale(maps)
+
+
+def row_references(pairing: str, indices, names) -> str | list[str]:
+    """What a row records as an image's references: the kind of a reference source every image of the run
+    shares (``"profile"``, ``"golden"``: :attr:`~dualclip.detector.RunInfo.pairing`), else the ``names`` of
+    the run's images at ``indices``, the ones it was paired with."""
+    if pairing in ("profile", "golden"):
+        return pairing
+    return [names[j] for j in indices]
 
 
 def heatmap_png(image: Image.Image, anomaly_map: np.ndarray, scale: HeatmapScale) -> bytes:

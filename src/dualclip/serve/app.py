@@ -279,11 +279,12 @@ async def _upload(request: Request, body: bytes, filename: str | None) -> tuple[
 
 def create_app(detector: DualClipDetector, settings: ServeSettings, profile_path: str | Path | None = None) -> FastAPI:
     """The FastAPI application serving ``detector`` (fitted: :meth:`DualClipDetector.load`)."""
-    if detector.profile_ is None:
+    meta = detector.profile_meta()
+    if meta is None:
         raise ConfigError("the service scores against a saved profile: load one with DualClipDetector.load")
     detector.config = replace(detector.config, progress=False)  # settings are frozen: a copy
     threshold = detector.threshold_
-    scale = heatmap_scale([], detector.profile_, None if threshold is None else threshold.value)
+    scale = heatmap_scale([], detector.normal_scores(), None if threshold is None else threshold.value)
     batcher: MicroBatcher[Image.Image, Prediction] = MicroBatcher(
         detector.predict, max_batch=settings.batch_size, max_wait_ms=settings.max_wait_ms
     )
@@ -336,11 +337,11 @@ def create_app(detector: DualClipDetector, settings: ServeSettings, profile_path
         return {"status": "ok"}
 
     distance, sizes = detector.matching()
+    guard = detector.profile_summary()["ood_guard"]
     resolved = {"image_size": detector.backbone.image_size, "distance": distance, "neighbourhood": list(sizes)}
 
     @app.get("/v1/info", response_model=InfoResponse, dependencies=guarded)
     async def info() -> dict:
-        meta = detector.profile_.meta
         return {
             "version": __version__,
             "backbone": meta.get("backbone"),
@@ -351,7 +352,7 @@ def create_app(detector: DualClipDetector, settings: ServeSettings, profile_path
                 **{k: meta.get(k) for k in ("class_name", "n_normal", "bank_patches", "created_by")},
             },
             "threshold": None if threshold is None else threshold.to_dict(),
-            "ood_guard": detector.profile_.guard(),
+            "ood_guard": guard,
             "units": UNITS,
             "heatmap_scale": scale.to_dict(),
             "config": detector.config.to_dict() | resolved,

@@ -82,14 +82,20 @@ def run_scale(maps: list[np.ndarray], low_pct: float = 1.0, high_pct: float = 99
 
 
 def profile_scale(profile, threshold: float | None = None) -> HeatmapScale:
-    """The one colour scale of a fitted profile's heat maps (CLI, report, service and archive runs alike),
-    derived from what the profile holds: the coolest colour is a typical normal image's score (the median of
-    its normal images' leave-one-out scores), and the threshold sits at :data:`THRESHOLD_POSITION` of the
-    colour map. ``threshold``: the one the verdicts use (a manual one), else the profile's; without any, the
-    scale ends at the highest normal score + 3 (profile units are spreads of the normal scores)."""
-    normal = np.asarray(profile.normal_scores, dtype=np.float64)
+    """The one colour scale of a fitted profile's heat maps (CLI, report, service and archive runs alike):
+    :func:`normal_scale` over its normal images' leave-one-out scores. ``threshold``: the one the verdicts use
+    (a manual one), else the profile's."""
     if threshold is None and profile.threshold is not None:
         threshold = profile.threshold.value
+    return normal_scale(profile.normal_scores, threshold)
+
+
+def normal_scale(normal_scores, threshold: float | None = None) -> HeatmapScale:
+    """The fixed colour scale of a fitted detector's heat maps, derived from its normal images' leave-one-out
+    scores: the coolest colour is a typical normal image's score (their median), and ``threshold`` sits at
+    :data:`THRESHOLD_POSITION` of the colour map; without one, the scale ends at the highest normal score + 3
+    (profile units are spreads of the normal scores)."""
+    normal = np.asarray(normal_scores, dtype=np.float64)
     vmin = float(np.median(normal))
     if threshold is not None and threshold > vmin:
         vmax = vmin + (float(threshold) - vmin) / THRESHOLD_POSITION
