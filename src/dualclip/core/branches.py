@@ -17,13 +17,13 @@ class BranchScores:
     Attributes
     ----------
     text:
-        ``(N, P)`` text-guided patch scores (METHOD §4), probabilities in (0, 1).
+        ``(N, P)`` text-guided patch scores (docs/method.md §4), probabilities in (0, 1).
     text_global:
         ``(N,)`` text score of each global embedding (g_txt).
     visual:
-        ``(N, P)`` visual-reference patch scores (METHOD §5), distances in [0, 1].
+        ``(N, P)`` visual-reference patch scores (docs/method.md §5), distances in [0, 1].
     adapted:
-        ``(N, P)`` adapted-head patch scores (METHOD §7), probabilities in (0, 1).
+        ``(N, P)`` adapted-head patch scores (docs/method.md §7), probabilities in (0, 1).
     duplicate_pairs:
         Pairs of near-exact duplicates kept from being each other's reference in this run.
     """
@@ -48,7 +48,7 @@ class BranchScores:
 
 
 def text_scores(feats: BackboneOutput, text: torch.Tensor, temperature: float, out: BranchScores) -> None:
-    """METHOD §4: fills ``out.text`` (each patch) and ``out.text_global`` (each global embedding) from the
+    """docs/method.md §4: fills ``out.text`` (each patch) and ``out.text_global`` (each global embedding) from the
     ``(2, D)`` text embeddings ``[t_n, t_a]``."""
     out.text = text_anomaly_scores(feats.patch_embeddings, text, temperature)
     out.text_global = text_anomaly_scores(feats.global_embedding, text, temperature)

@@ -66,7 +66,7 @@ def image_scores(
 def fuse_branches(
     branches: BranchScores, grid: tuple[int, int], fusion: Fusion, scale: ScoreScale | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """METHOD §6: maps ``(N, S, S)`` and image scores ``(N,)`` of the patch branches, in the run's units or
+    """docs/method.md §6: maps ``(N, S, S)`` and image scores ``(N,)`` of the patch branches, in the run's units or
     (``scale``) a profile's."""
     maps, map_max = fused_maps(branches, grid, fusion, scale)
     scores = image_scores(branches, map_max, fusion, scale)
