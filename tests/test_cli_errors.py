@@ -79,3 +79,34 @@ def test_an_unknown_backbone_name_is_one_error_naming_the_backbones(tmp_path, pr
     assert r.exit_code == 2, r.output
     assert "unknown backbone 'effnet_lite0': use effnet-lite0, dinov2-vits14 or an open_clip model name" in r.output
     assert "bug" not in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--k", "abc"], "--k takes comma-separated integers, got 'abc'"),
+        (["--k", "1,2"], "--k takes one integer or 'all', got '1,2'"),
+        (["--seed", "-1"], "must be an integer in [0, 2**32), got -1"),
+    ],
+)
+def test_malformed_numbers_are_usage_errors_naming_the_flag(tmp_path, extra, message):
+    (tmp_path / "a.png").write_bytes(b"")
+    args = ["predict", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--backbone", "effnet-lite0", "-q"]
+    r = CliRunner().invoke(app, args + extra)
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "bug" not in r.output
+
+
+def test_malformed_neighbourhood_and_seed_lists_are_usage_errors(tmp_path):
+    fit = ["fit", str(tmp_path), "-o", str(tmp_path / "p"), "--backbone", "effnet-lite0", "--neighbourhood", "1,a"]
+    r = CliRunner().invoke(app, fit)
+    assert r.exit_code == 2 and "--neighbourhood takes comma-separated integers, got '1,a'" in r.output, r.output
+    from PIL import Image
+
+    for sub in ("good", "bad"):
+        (tmp_path / sub).mkdir()
+        for i in range(2):
+            Image.new("RGB", (40, 40), (i * 90, 60, 30)).save(tmp_path / sub / f"{i}.png")
+    ev = ["eval", "--dataset", "folder", "--root", str(tmp_path), "--normal", str(tmp_path / "good"), "--anomalous"]
+    r = CliRunner().invoke(app, ev + [str(tmp_path / "bad"), "-o", str(tmp_path / "e"), "--seeds", "a", "-q"])
+    assert r.exit_code == 2 and "--seeds takes comma-separated integers, got 'a'" in r.output, r.output

@@ -278,6 +278,10 @@ class MethodSettings:
         _one_of("fusion_norm", self.fusion_norm, FUSION_NORMS)
         _one_of("image_score", self.image_score, IMAGE_SCORES)
         _check(self.sigma >= 0, "sigma must be >= 0")
+        _check(
+            isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**32,
+            f"seed must be an integer in [0, 2**32), got {self.seed!r}",
+        )
         _check(self.memory_bank_size is None or self.memory_bank_size >= 1, "memory_bank_size must be None or >= 1")
 
     def to_dict(self) -> dict[str, Any]:

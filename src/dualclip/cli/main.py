@@ -172,8 +172,18 @@ def _pretrained(value: str | None) -> str | None:
     return None if value.lower() in ("none", "random") else value
 
 
+def _ints(text: str, flag: str) -> list[int]:
+    """Comma-separated integers of a flag's value, or one usage error naming the flag."""
+    try:
+        return [int(s) for s in str(text).split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
 def _config(backbone, pretrained, image_size, k, tta, seed, quiet, **extra) -> DetectorConfig:
-    k_val = "all" if str(k) == "all" else int(k)
+    if str(k) != "all" and (len(_ints(k, "--k")) != 1):
+        raise UsageError(f"--k takes one integer or 'all', got {k!r}")
+    k_val = "all" if str(k) == "all" else _ints(k, "--k")[0]
     if extra.get("onnx_file") is not None:
         extra["onnx_file"] = str(extra["onnx_file"])
     return DetectorConfig(
@@ -584,7 +594,7 @@ def fit(
             raise UsageError(f"{out} exists: choose another --out or pass --overwrite")
         check_destination(out, overwrite)  # where the profile goes, before any image is read
         check_parent(out, created=True)
-        sizes = None if neighbourhood is None else tuple(int(s) for s in neighbourhood.split(","))
+        sizes = None if neighbourhood is None else tuple(_ints(neighbourhood, "--neighbourhood"))
         cfg = _config(
             backbone,
             pretrained,
@@ -884,7 +894,7 @@ def eval_(
                 precision=precision,
                 num_workers=num_workers,
             )
-            seed_list = [int(s) for s in seeds.split(",")]
+            seed_list = _ints(seeds, "--seeds")
         if shots:
             cats = D.with_shots(cats, shots, shots_seed)
             extra.update(shots=shots, shots_seed=shots_seed)
