@@ -208,3 +208,36 @@ def test_an_interrupt_while_results_move_into_an_empty_folder_leaves_it_empty_or
     assert sorted(p.name for p in out.iterdir()) == [".dualclip-output.json", "predictions.json", "report.html"]
     assert json.loads((out / ".dualclip-output.json").read_text())["files"] == ["predictions.json", "report.html"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging left
+
+
+def test_names_printed_on_the_terminal_cannot_act_on_it():
+    from dualclip.output.rows import terminal_text
+
+    assert terminal_text("esc/\x1b[31mRED\x1b]0;pwned\x07.jpg") == "esc/\\x1b[31mRED\\x1b]0;pwned\\x07.jpg"
+    assert terminal_text("new\nline\r.jpg") == "new\\nline\\r.jpg"
+    assert terminal_text("ünï ok.jpg") == "ünï ok.jpg"
+
+
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(tmp_path):
+    from dualclip.output import OutputFolderError, output_lock
+    from dualclip.output.folder import lock_path
+
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    out = tmp_path / "out"
+    lock_path(out).symlink_to(victim)
+    with pytest.raises(OutputFolderError, match="is a link or not a file: dualclip never writes through it"):
+        with output_lock(out):
+            pass
+    assert victim.read_text() == "keep"
+
+
+def test_an_invalid_marker_is_named_as_invalid_not_as_missing(tmp_path):
+    from dualclip.output import OutputFolderError, check_output_folder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x.txt").write_text("x")
+    (out / ".dualclip-output.json").write_text("[1, 2]")
+    with pytest.raises(OutputFolderError, match=r"\(an unreadable or invalid \.dualclip-output\.json\)"):
+        check_output_folder(out, [], overwrite=True)

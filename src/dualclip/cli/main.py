@@ -433,10 +433,12 @@ def predict(
     if json_out:
         typer.echo(dumps(doc))
     else:  # --quiet silences progress bars only, never the results
+        from ..output.rows import terminal_text
+
         for p in doc["predictions"]:
             verdict = f" {p['verdict']}" if p.get("verdict") else ""
             s = "error: " + p["error"] if p.get("error") else f"{p['score']:.4f}{verdict}"
-            typer.echo(f"{s}\t{p['path']}")
+            typer.echo(f"{terminal_text(s)}\t{terminal_text(p['path'])}")
         typer.echo(f"wrote {out}/report.html", err=True)  # a result (also under -q), not a log record
     raise typer.Exit(code)
 
@@ -973,7 +975,9 @@ def demo(
         code, doc = run_predict(
             inputs, out, cfg, class_name=class_name, overwrite=overwrite, detector=det, quiet=quiet, command="demo"
         )
+    from ..output.rows import terminal_text
+
     for p in doc["predictions"]:
-        typer.echo(f"{p['score']:.4f}\t{p['path']}")
+        typer.echo(f"{p['score']:.4f}\t{terminal_text(p['path'])}")
     typer.echo(f"heat maps in {out}/heatmaps, report {out}/report.html", err=True)  # a result, not a log record
     raise typer.Exit(code)

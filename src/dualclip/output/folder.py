@@ -119,6 +119,11 @@ def output_lock(out: Path) -> Iterator[None]:
     if not path.parent.is_dir() or not os.access(path.parent, os.W_OK | os.X_OK):
         yield
         return
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise OutputFolderError(
+            f"{path}, the lock file of --out {out}, is a link or not a file: dualclip never writes through it; "
+            "remove it or choose another folder"
+        )
     lock = FileLock(path, timeout=0)
     try:
         lock.acquire()
@@ -127,6 +132,8 @@ def output_lock(out: Path) -> Iterator[None]:
             f"another dualclip run is writing --out {out} (it holds {path}): wait for it to finish or "
             "choose another folder"
         ) from None
+    except OSError as exc:
+        raise OutputFolderError(f"cannot take the lock file {path} of --out {out}: {exc.strerror or exc}") from None
     try:
         yield
     finally:
@@ -156,7 +163,8 @@ def check_output_folder(out: Path, inputs: Iterable[Path], overwrite: bool) -> N
         listed = _written_files(out, strict=True)
         if listed is None:
             raise OutputFolderError(
-                f"--out {out} is not empty and was not written by dualclip (no {OUTPUT_MARKER}); "
+                f"--out {out} is not empty and was not written by dualclip "
+                f"({'an unreadable or invalid' if (out / OUTPUT_MARKER).exists() else 'no'} {OUTPUT_MARKER}); "
                 "it is never replaced, even with --overwrite: choose another folder"
             )
         foreign = sorted(_files_under(out) - listed)

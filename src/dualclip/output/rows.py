@@ -15,6 +15,12 @@ def display_path(p: str | os.PathLike) -> str:
     return os.fsencode(p).decode("utf-8", "backslashreplace")
 
 
+def terminal_text(text: str) -> str:
+    """Text safe to print on a terminal, one line: control characters (escape sequences, newlines, carriage
+    returns, bells) shown as ``\\xNN`` / ``\\n`` instead of acting on the terminal."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 def output_stem(index: int, path: Path, max_len: int = 48) -> str:
     """A safe, unique output file stem: the input's index, then its stem reduced to ``[A-Za-z0-9._-]`` and
     shortened (any name the file system allows gives a valid, short output name)."""
