@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo lint mutate bench bench-quick bench-env folds clean
+.PHONY: venv test test-fast demo lint mutate bench bench-quick bench-env folds clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,10 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# the suite without the tests marked slow (real data, Ray, the browser, child-process runs; docs/testing.md lists them)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 # the demo scores magnetic_tile images where ../shared/datasets is present (DUALCLIP_DEMO_DATA overrides),
 # generated textures otherwise

@@ -212,6 +212,7 @@ def _wait_ready(proc: subprocess.Popen) -> None:
     assert "ready" in line, line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("sig", "code", "name"), [(signal.SIGINT, 130, "SIGINT"), (signal.SIGTERM, 143, "SIGTERM")])
 def test_an_interrupt_leaves_earlier_results_untouched(tmp_path, folder, sig, code, name):
     out = tmp_path / "out"

@@ -408,6 +408,7 @@ def test_the_service_answers_unusable_with_its_reason(profile_dir, split):
     assert info["ood_guard"].startswith("on")
 
 
+@pytest.mark.slow
 def test_blank_frames_are_unusable_against_a_magnetic_tile_profile():
     data = shared_dataset("magnetic_tile")
     free = sorted((data / "MT_Free" / "Imgs").glob("*.jpg"))
