@@ -2,8 +2,8 @@
 docs/reliability.md tried and passing (a case passes when every test its row names passes), plus the property
 and kill tests (the tests of the fault files that no row names).
 
-    python benchmarks/reliability.py --json runs/bench/reliability.json
-    python benchmarks/reliability.py --json runs/bench/reliability.json --update BENCHMARKS.md
+    python -m benchmarks.reliability --json runs/bench/reliability.json
+    python -m benchmarks.reliability --json runs/bench/reliability.json --update BENCHMARKS.md
         (--update rewrites only the block between the reliability markers of that file)
 """
 
@@ -18,10 +18,7 @@ import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-from common import markdown_table, write_section  # noqa: E402
+from benchmarks.common import ROOT, machine, markdown_table, write_section
 
 START, END = "<!-- reliability -->", "<!-- /reliability -->"
 # the files of the fault matrix; a row may name tests of other files as `file.py::test_name`
@@ -109,9 +106,7 @@ def summarise(named_rows: dict[int, list[tuple[str, str]]], outcome: dict[tuple[
 
 
 def block(table: dict) -> str:
-    from common import machine
-
-    made = f"Made by `python benchmarks/reliability.py --json ... --update BENCHMARKS.md` on {machine()['date']}."
+    made = f"Made by `python -m benchmarks.reliability --json ... --update BENCHMARKS.md` on {machine()['date']}."
     return f"{START}\n{markdown_table(table)}\n{made}\n{END}"
 
 
