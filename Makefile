@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo lint mutate bench bench-quick bench-env folds clean
+.PHONY: venv test test-fast demo lint mutate bench bench-quick bench-env folds clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,10 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# the suite without the tests marked slow (real data, Ray, the browser, child-process runs; docs/testing.md lists them)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
 # the demo scores magnetic_tile images where ../shared/datasets is present (DUALCLIP_DEMO_DATA overrides),
 # generated textures otherwise
 DEMO_DATA ?= $(wildcard ../shared/datasets/magnetic_tile)
@@ -38,11 +42,11 @@ mutate: $(STAMP)
 	$(BIN)/pip install -q mutmut==3.8.1
 	rm -rf mutants
 	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2 $(MUTATE_TARGETS) || true
-	$(BIN)/python benchmarks/mutation_score.py
+	$(BIN)/python -m benchmarks.mutation_score
 
 # the fold tables of docs/results.md (leave-one-defect-type-out matching, saved profiles; needs ../shared/datasets)
 folds: $(STAMP)
-	$(BIN)/python benchmarks/folds.py
+	$(BIN)/python -m benchmarks.run --folds
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
@@ -51,21 +55,23 @@ lint: $(STAMP)
 ANOMALIB_VENV := benchmarks/.venv-anomalib
 ANOMALIB_STAMP := $(ANOMALIB_VENV)/.installed
 
-$(ANOMALIB_STAMP):
+$(ANOMALIB_STAMP): pyproject.toml
 	test -x $(ANOMALIB_VENV)/bin/python || $(PY) -m venv $(ANOMALIB_VENV)
 	$(ANOMALIB_VENV)/bin/pip install -q --upgrade pip
 	$(ANOMALIB_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(ANOMALIB_VENV)/bin/pip install -q anomalib==2.7.0 open_clip_torch==3.3.0 scipy tqdm pillow platformdirs safetensors
+	# dualclip itself, without its dependencies: the benchmarks import the installed package in both environments
+	$(ANOMALIB_VENV)/bin/pip install -q --no-deps -e .
 	touch $(ANOMALIB_STAMP)
 
 bench-env: $(ANOMALIB_STAMP)
 
-# bench regenerates BENCHMARKS.md; bench-quick writes runs/bench-quick/BENCHMARKS.md (sections: benchmarks/run.py --help)
+# bench regenerates BENCHMARKS.md; bench-quick writes runs/bench-quick/BENCHMARKS.md (sections: python -m benchmarks.run --help; groups: benchmarks/README.md)
 bench-quick: $(STAMP) $(ANOMALIB_STAMP)
-	$(BIN)/python benchmarks/run.py --quick --results runs/bench-quick --out runs/bench-quick/BENCHMARKS.md
+	$(BIN)/python -m benchmarks.run --quick --results runs/bench-quick --out runs/bench-quick/BENCHMARKS.md
 
 bench: $(STAMP) $(ANOMALIB_STAMP)
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python -m benchmarks.run
 
 clean:
 	rm -rf $(VENV) $(ANOMALIB_VENV) runs .pytest_cache mutants

@@ -20,11 +20,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from dualclip.atomic import write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
-sys.path.insert(0, str(ROOT / "src"))
-
-from dualclip.atomic import write_json  # noqa: E402
+ANOMALIB_PY = ROOT / "benchmarks" / ".venv-anomalib" / "bin" / "python"
+"""anomalib's own environment (``make bench-env``), for the sections that compare with it."""
 
 
 def peak_rss_mb() -> float:

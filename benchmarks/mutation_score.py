@@ -2,7 +2,7 @@
 equivalent in ``benchmarks/equivalent_mutants.txt`` (one ``name  # reason`` per line: a mutant no test can
 kill because it does not change behaviour), and lists every other survivor.
 
-    .venv/bin/python benchmarks/mutation_score.py     (after `mutmut run`; `make mutate` runs both)
+    .venv/bin/python -m benchmarks.mutation_score     (after `mutmut run`; `make mutate` runs both)
 """
 
 from __future__ import annotations

@@ -1,10 +1,14 @@
-"""Runs the benchmark sections and writes BENCHMARKS.md from their results (never typed by hand).
+"""The one benchmark driver: runs the benchmark sections and writes BENCHMARKS.md from their results, or the
+fold tables of docs/results.md (never typed by hand).
 
-    python benchmarks/run.py            # full (make bench)
-    python benchmarks/run.py --quick    # reduced settings, under 10 minutes on a 2-core CPU (make bench-quick)
-    python benchmarks/run.py --sections scaling,accuracy   # rerun some; the others are read from --results
+    python -m benchmarks.run            # full (make bench)
+    python -m benchmarks.run --quick    # reduced settings, under 10 minutes on a 2-core CPU (make bench-quick)
+    python -m benchmarks.run --sections scaling,accuracy   # rerun some; the others are read from --results
+    python -m benchmarks.run --folds              # the fold blocks of docs/results.md (make folds)
+    python -m benchmarks.run --folds --no-run     # only rewrite them from --results
 
-Each section is a script of its own, run in a fresh process (so its peak memory is its own) that writes
+Run from the repository root. Each section is a module of its own (``benchmarks.<group>.<section>``, groups in
+benchmarks/README.md), run in a fresh process (so its peak memory is its own) that writes
 ``<results>/<section>.json``; ``side_by_side`` runs in anomalib's environment (benchmarks/.venv-anomalib,
 made by ``make bench-env``) and is skipped, with the reason, where that is missing.
 """
@@ -18,29 +22,26 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-SECTIONS = (
-    "throughput",
-    "adaptation_cost",
-    "side_by_side",
-    "scaling",
-    "metrics_speed",
-    "accuracy",
-    "reliability",
-    "serve_load",
-    "onnx_speed",
-    "model_export",
-    "zero_shot_cost",
-    "ray_scale",
-    "precision_parity",
-    "gpu",
-    "fit_speed",
-)
-ANOMALIB_PY = HERE / ".venv-anomalib" / "bin" / "python"
-sys.path.insert(0, str(HERE))
+from benchmarks.accuracy import folds
+from benchmarks.common import ANOMALIB_PY, ROOT, markdown_table
 
-from common import markdown_table  # noqa: E402
+SECTIONS = {  # section: its module, in the order of BENCHMARKS.md
+    "throughput": "benchmarks.perf.throughput",
+    "adaptation_cost": "benchmarks.perf.adaptation_cost",
+    "side_by_side": "benchmarks.perf.side_by_side",
+    "scaling": "benchmarks.perf.scaling",
+    "metrics_speed": "benchmarks.perf.metrics_speed",
+    "accuracy": "benchmarks.accuracy.accuracy",
+    "reliability": "benchmarks.reliability",
+    "serve_load": "benchmarks.perf.serve_load",
+    "onnx_speed": "benchmarks.perf.onnx_speed",
+    "model_export": "benchmarks.perf.model_export",
+    "zero_shot_cost": "benchmarks.perf.zero_shot_cost",
+    "ray_scale": "benchmarks.perf.ray_scale",
+    "precision_parity": "benchmarks.parity.precision_parity",
+    "gpu": "benchmarks.perf.gpu",
+    "fit_speed": "benchmarks.perf.fit_speed",
+}
 
 
 def run_section(name: str, quick: bool, results: Path, command: str) -> dict:
@@ -48,10 +49,10 @@ def run_section(name: str, quick: bool, results: Path, command: str) -> dict:
     out = results / f"{name}.json"
     if name == "side_by_side" and not ANOMALIB_PY.exists():
         return {"section": name, "error": f"skipped: {ANOMALIB_PY} is missing (make bench-env creates it)"}
-    cmd = [py, str(HERE / f"{name}.py"), "--json", str(out)] + (["--quick"] if quick else [])
+    cmd = [py, "-m", SECTIONS[name], "--json", str(out)] + (["--quick"] if quick else [])
     print(f"== {name}: {' '.join(cmd)}", flush=True)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=HERE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     elapsed = time.perf_counter() - start
     print(f"== {name}: {elapsed:.0f} s, exit {proc.returncode}", flush=True)
     if proc.returncode != 0:
@@ -203,7 +204,7 @@ def render(data: dict[str, dict], command: str, previous: str = "") -> str:
         m = d.get("machine", {})
         when = m.get("date", "—")
         secs = f"{d['seconds']:.0f}" if "seconds" in d else "—"
-        how = d.get("command") or ("python benchmarks/run.py" + (" --quick" if d.get("quick") else ""))
+        how = d.get("command") or ("python -m benchmarks.run" + (" --quick" if d.get("quick") else ""))
         where = f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}" if m else "—"
         out.append(f"| {name} | {when} | `{how}` | {secs} | {where} |")
     heads = headline(data) + [line for n in carried for line in old_heads.get(n, [])]
@@ -232,14 +233,24 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=ROOT / "runs" / "bench")
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     ap.add_argument("--render-only", action="store_true", help="run nothing; rewrite --out from --results")
+    ap.add_argument("--folds", action="store_true", help="the fold blocks of --page instead of BENCHMARKS.md")
+    ap.add_argument("--page", type=Path, default=ROOT / "docs" / "results.md", help="with --folds")
+    ap.add_argument("--no-run", action="store_true", help="with --folds: only rewrite the blocks from --results")
+    ap.add_argument("--blocks", default=",".join(folds.BLOCKS), help="with --folds: the blocks (comma-separated)")
     args = ap.parse_args()
+    if args.folds:
+        blocks = [b.strip() for b in args.blocks.split(",") if b.strip()]
+        if unknown := sorted(set(blocks) - set(folds.BLOCKS)):
+            ap.error(f"unknown fold blocks {unknown}; choose from {', '.join(folds.BLOCKS)}")
+        folds.rewrite(args.page, args.results, blocks, args.no_run)
+        return
     wanted = [] if args.render_only else [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(wanted) - set(SECTIONS)
     if unknown:
-        ap.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
-    args.results = args.results.resolve()  # the sections run with benchmarks/ as their working directory
+        ap.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    args.results = args.results.resolve()
     args.results.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/run.py" + (" --quick" if args.quick else "")
+    command = "python -m benchmarks.run" + (" --quick" if args.quick else "")
     if set(wanted) != set(SECTIONS):
         command += " --render-only" if not wanted else f" --sections {','.join(wanted)}"
     data: dict[str, dict] = {}

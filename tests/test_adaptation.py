@@ -170,7 +170,7 @@ def test_detector_adapts_from_low_scored_bases(tiny_backbone, texture_set):
 def test_adaptation_keeps_its_text_start(tiny_backbone, texture_set):
     """The head is its text start plus a penalised change: with the default anchor, 60 steps at lr 1e-2 keep
     the direction near t_a - t_n (measured cosine 0.96, logits 1.2 -> 1.7); without it the direction drifts
-    away (cosine 0.27, logits -> 6.4), as the issue measured on the landed code."""
+    away (cosine 0.27, logits -> 6.4)."""
 
     a = AdaptationConfig()
     text = text_embeddings(tiny_backbone, "tile")

@@ -189,10 +189,23 @@ def test_effnet_backbone_features():
 
 
 def test_open_clip_models_are_not_modified(tiny_backbone):
-    # our wrapper adds no module and changes no parameter of the open_clip model
-    names_before = [n for n, _ in tiny_backbone.model.named_modules()]
-    ref = open_clip.create_model(TINY, pretrained=None)
-    assert names_before == [n for n, _ in ref.named_modules()]
+    """The wrapper adds no module and changes no parameter or buffer of the open_clip model: every tensor equals
+    the one of a plain open_clip model built under the same seed."""
+    from dualclip.backbone.clip import RANDOM_WEIGHTS_SEED
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        ref = open_clip.create_model(TINY, pretrained=None)
+    wrapped = tiny_backbone.model
+    assert sum(p.numel() for p in ref.parameters()) > 0
+    assert [n for n, _ in wrapped.named_modules()] == [n for n, _ in ref.named_modules()]
+    for kind in ("named_parameters", "named_buffers"):
+        got, want = dict(getattr(wrapped, kind)()), dict(getattr(ref, kind)())
+        assert sorted(got) == sorted(want), kind
+        for name, tensor in want.items():
+            assert got[name].shape == tensor.shape, name
+            assert got[name].dtype == tensor.dtype, name
+            assert torch.equal(got[name], tensor), f"{name} differs from open_clip's"
 
 
 @pytest.mark.parametrize("preset", sorted(CLIP_PRESETS))

@@ -1,7 +1,7 @@
 """Tests that bite: each checks a value against an independent recomputation, so that a small deliberate bug
 in fusion, the image score, adaptation, verdicts, thresholds or the seed aggregation fails a named test.
 
-The bugs they were written against (the core-shape issue): ignoring beta in the image score; preferring the
+The planted bugs they catch: ignoring beta in the image score; preferring the
 text map over the adapted one; inverting verdicts; fixing the threshold quantile at 0.5; taking the max
 instead of the mean over seeds.
 """

@@ -102,6 +102,7 @@ def _scores(out: Path) -> list[tuple[str, float]]:
     return [(r["path"], r["score"]) for r in rows]
 
 
+@pytest.mark.slow
 def test_ray_engine_equals_the_in_process_engine(tmp_path, archive, ray_cluster):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a Ray actor with one CPU: the same arithmetic, bit for bit
@@ -118,6 +119,7 @@ def test_ray_engine_equals_the_in_process_engine(tmp_path, archive, ray_cluster)
     np.testing.assert_allclose([s for _, s in ray], [s for _, s in inline], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_block_is_retried_without_losing_or_duplicating_rows(tmp_path, archive, ray_cluster):
     from ray_faults import DiesOnceScorer
 
@@ -169,6 +171,7 @@ def test_resources_that_cannot_start_are_refused_before_running():
         check_resources({"CPU": 8.0}, 1, 1.0, 1.0, 0.5)
 
 
+@pytest.mark.slow
 def test_cli_predict_engine_ray_with_a_manifest(tmp_path, archive, ray_cluster):
     from dualclip.cli.main import app
 

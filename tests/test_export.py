@@ -324,6 +324,7 @@ def test_whole_model_export_refuses_an_unfitted_detector_a_missing_folder_and_a_
     assert not (tmp_path / "m.onnx").exists()
 
 
+@pytest.mark.slow
 def test_whole_model_export_matches_predict_profile_on_real_metal_plates(tmp_path):
     """The real effnet-lite0 at its S = 320 on mpdd_metal_plate: hybrid distance on real features, a bank of
     every fitted patch, position centring; 5 defect-free plates fitted, a good one and two defective scored."""

@@ -4,6 +4,7 @@ and the settings tables are the ones the docstrings make."""
 
 from __future__ import annotations
 
+import ast
 import re
 import runpy
 from pathlib import Path
@@ -105,6 +106,23 @@ def test_every_test_the_docs_name_exists():
         if not (any(d.startswith(name[:-1]) for d in defined) if name.endswith("*") else name in defined)
     )
     assert missing == []
+
+
+def _marked_slow(path: Path) -> set[str]:
+    """``file::test`` of each test function in ``path`` decorated with ``pytest.mark.slow``."""
+    tree = ast.parse(path.read_text())
+    return {
+        f"{path.name}::{node.name}"
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef) and any("pytest.mark.slow" in ast.unparse(d) for d in node.decorator_list)
+    }
+
+
+def test_testing_md_lists_every_slow_test():
+    marked = set().union(*(_marked_slow(path) for path in (ROOT / "tests").glob("test_*.py")))
+    section = (ROOT / "docs" / "testing.md").read_text().split("## Slow tests", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `(test_\w+\.py::test_\w+)` \|", section, re.M))
+    assert marked and listed == marked
 
 
 def test_settings_tables_are_made_from_the_docstrings_and_document_every_setting():

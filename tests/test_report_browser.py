@@ -45,6 +45,7 @@ def report(tmp_path, folder, tiny_backbone):
     return tmp_path / "out" / "report.html", doc
 
 
+@pytest.mark.slow
 def test_report_shows_every_image_with_its_score_and_sorts(report):
     path, doc = report
     with sync_api.sync_playwright() as p:
@@ -85,6 +86,7 @@ def test_report_shows_every_image_with_its_score_and_sorts(report):
             browser.close()
 
 
+@pytest.mark.slow
 def test_report_filters_flagged_images_and_opens_a_larger_view(report):
     path, doc = report
     flagged = sorted(p["path"] for p in doc["predictions"] if p.get("verdict") == "defective")

@@ -270,6 +270,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_cli_serve_answers_a_real_http_client(profile_dir, texture_set, reference_scores, tmp_path):
     port = _free_port()
     key = tmp_path / "key"
@@ -301,6 +302,7 @@ def test_cli_serve_answers_a_real_http_client(profile_dir, texture_set, referenc
         proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_cli_serve_refuses_an_open_host_without_a_key(profile_dir):
     env = dict(os.environ, DUALCLIP_API_KEY="")
     cmd = [sys.executable, "-m", "dualclip", "serve", "--profile", str(profile_dir), "--host", "0.0.0.0"]

@@ -69,7 +69,7 @@ class DinoV2Backbone(Backbone):
     """
 
     has_text = False
-    # chosen by leave-one-defect-type-out on the shared data (docs/results.md; benchmarks/matching_folds.py): V-V off
+    # chosen by leave-one-defect-type-out on the shared data (docs/results.md; benchmarks/accuracy/matching_folds.py): V-V off
     default_distance = "cosine"
     default_neighbourhood = (1,)
 

@@ -74,11 +74,11 @@ class EffNetLite0Backbone(Backbone):
 
     has_text = False
     # chosen for the worst of five folds over three products (docs/results.md, "Zero-shot defaults";
-    # benchmarks/zero_shot_folds.py): above a plain nearest neighbour on every fold and metric
+    # benchmarks/accuracy/zero_shot_folds.py): above a plain nearest neighbour on every fold and metric
     default_distance = "hybrid"
     default_neighbourhood = (1,)
     # a fitted profile's memory bank: chosen the same way against a plain golden-reference nearest neighbour of
-    # the same N (docs/results.md, "Saved profiles over three products"; benchmarks/profile_worst_folds.py)
+    # the same N (docs/results.md, "Saved profiles over three products"; benchmarks/accuracy/profile_worst_folds.py)
     default_profile_neighbourhood = (3,)
     default_hybrid_norm = "robust"
     default_border = "reflect"

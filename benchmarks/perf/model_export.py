@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import SHARED, section_args, timed, write_section
+from benchmarks.common import SHARED, section_args, timed, write_section
 from dualclip import DetectorConfig, DualClipDetector
 from dualclip.data.images import load_image
 from dualclip.export import export_model, onnx_metadata

@@ -1,4 +1,4 @@
-"""Throughput and memory per model and batch, split by pipeline stage (issue 6, part 1).
+"""Throughput and memory per model and batch, split by pipeline stage.
 
 For each backbone (one subprocess each, so that peak RSS is that model's own) and batch size 1 and 8:
 plain ``encode_image`` (CLIP only: the baseline of the ratios), then ``score_images`` without adaptation,
@@ -6,7 +6,7 @@ with the seconds of each stage taken from each run's ``run.timings_s`` (median o
 with adaptation at the default budget. Random CLIP weights (speed does not depend on their values);
 effnet-lite0 with its real weights.
 
-    python benchmarks/throughput.py --json runs/bench/throughput.json [--quick]
+    python -m benchmarks.perf.throughput --json runs/bench/throughput.json [--quick]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import time
 import warnings
 
-from common import fmt, peak_rss_mb, section_args, timed, write_section
+from benchmarks.common import ROOT, fmt, peak_rss_mb, section_args, timed, write_section
 
 MODELS = {"ViT-B-16-plus-240": 240, "ViT-L-14-336": 518, "effnet-lite0": 320}
 STAGES = ("backbone", "text", "reference", "fusion")
@@ -97,8 +97,8 @@ def main() -> None:
     rows = []
     for name in models:
         out = args.json.with_name(f"throughput-{name}.json")
-        cmd = [sys.executable, __file__, "--json", str(out), "--one", name] + (["--quick"] if args.quick else [])
-        subprocess.run(cmd, check=True)
+        cmd = [sys.executable, "-m", "benchmarks.perf.throughput", "--json", str(out), "--one", name]
+        subprocess.run(cmd + (["--quick"] if args.quick else []), cwd=ROOT, check=True)
         rows += json.loads(out.read_text())
     table_rows = []
     for r in rows:

@@ -11,7 +11,7 @@ baseline computed here with torch.cdist on the same features: raw blocks 4 + 10,
 greedy-coreset memory bank of the same size, Euclidean distance to the nearest bank patch, image score = max
 of the map smoothed like the detector's (sigma 4). Seeds 0, 1, 2 draw the N images (and seed the coresets).
 
-    .venv/bin/python benchmarks/profile_folds.py --json runs/bench/profile_folds.json
+    .venv/bin/python -m benchmarks.accuracy.profile_folds --json runs/bench/profile_folds.json
 """
 
 from __future__ import annotations
@@ -22,10 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from common import SHARED, write_section  # noqa: E402
-from pairing_folds import folds  # noqa: E402
+from benchmarks.accuracy.pairing_folds import folds
+from benchmarks.common import SHARED, write_section
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
 SIZES_N = (10, 50, 150)

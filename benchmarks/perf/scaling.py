@@ -1,4 +1,4 @@
-"""Scaling with the number of images per category, N = 10 ... 400 (issue 6, part 3).
+"""Scaling with the number of images per category, N = 10 ... 400.
 
 Cost of our reference scoring (pairing + mutual nearest-neighbour matching) at k = 1 and k = 3 against
 full mutual scoring (every image against all others, as MuSc does: ``k="all"``), on matching features of
@@ -6,7 +6,7 @@ the ViT-B-16-plus-240 preset's shape (4 layers x 225 patches x 896 channels; ran
 does not depend on their values), with growth exponents fitted by least squares on log(time) vs log(N).
 The backbone's time for N images is N times its measured per-image time at batch 8.
 
-    python benchmarks/scaling.py --json runs/bench/scaling.json [--quick] [--mutual-max N]
+    python -m benchmarks.perf.scaling --json runs/bench/scaling.json [--quick] [--mutual-max N]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from common import fmt, section_args, timed, write_section
+from benchmarks.common import fmt, section_args, timed, write_section
 
 NS = (10, 25, 50, 100, 200, 400)
 SHAPE = (4, 225, 896)  # ViT-B-16-plus-240 at 240 px: 4 matching layers, 15 x 15 patches, width 896

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from common import fmt, section_args, timed, write_section
+from benchmarks.common import fmt, section_args, timed, write_section
 from dualclip.backbone import EffNetLite0Backbone, build_clip_backbone
 from dualclip.export import OnnxBackbone, export_onnx
 

@@ -1,6 +1,6 @@
-"""Second fault round, scores and profiles (README, "Fault matrix"): non-finite scores, stale archive blocks and
+"""Scores and profiles (docs/reliability.md, "Fault matrix", rows 26-38): non-finite scores, stale archive blocks and
 eval results, listing-order-dependent partners, mismatched masks, degenerate or tampered profiles, messages,
-and the out-of-distribution guard. One test per defect, each failing on the code before its fix."""
+and the out-of-distribution guard. One test per case, each failing when its behaviour is removed."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def fitted(split):
 
 @pytest.fixture(scope="module")
 def profile_dir(tmp_path_factory, fitted):
-    return fitted.save(tmp_path_factory.mktemp("round2") / "tile.dualclip")
+    return fitted.save(tmp_path_factory.mktemp("profile") / "tile.dualclip")
 
 
 def _copy_detector(det: DualClipDetector) -> DualClipDetector:
@@ -408,6 +408,7 @@ def test_the_service_answers_unusable_with_its_reason(profile_dir, split):
     assert info["ood_guard"].startswith("on")
 
 
+@pytest.mark.slow
 def test_blank_frames_are_unusable_against_a_magnetic_tile_profile():
     data = shared_dataset("magnetic_tile")
     free = sorted((data / "MT_Free" / "Imgs").glob("*.jpg"))

@@ -1,13 +1,13 @@
-"""All seven metrics of one category: 200 maps of 518 x 518 (issue 4, part 4: at most 10 s).
+"""All seven metrics of one category: 200 maps of 518 x 518 (the budget: at most 10 s).
 
-python benchmarks/metrics_speed.py --json runs/bench/metrics_speed.json [--quick]
+python -m benchmarks.perf.metrics_speed --json runs/bench/metrics_speed.json [--quick]
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from common import fmt, section_args, timed, write_section
+from benchmarks.common import fmt, section_args, timed, write_section
 
 
 def main() -> None:

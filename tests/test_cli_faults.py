@@ -1,7 +1,7 @@
-"""The fault and bad-input matrix of predict and eval (docs/reliability.md, "Fault matrix"): one test per row, named
-``test_row_NN_...``, and the property and kill tests.
+"""The fault and bad-input matrix of predict and eval (docs/reliability.md, "Fault matrix", rows 1-15): the tests
+each row names, and the property and kill tests.
 
-Each row's test fails on the code before the matrix was fixed and passes now.
+Each row's test fails when the behaviour of its row is removed.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _complete(out: Path) -> dict:
 
 
 # -- row 1: --out that is, or lies above, an input; never delete before success --------------------------------
-def test_row_01_out_equal_to_or_above_the_inputs_is_refused(tmp_path, folder, det, monkeypatch):
+def test_out_equal_to_or_above_the_inputs_is_refused(tmp_path, folder, det, monkeypatch):
     before = _tree(tmp_path)
     for out in (folder, tmp_path, Path(".")):
         if out == Path("."):
@@ -71,7 +71,7 @@ def test_row_01_out_equal_to_or_above_the_inputs_is_refused(tmp_path, folder, de
     assert _tree(tmp_path) == before  # nothing deleted, nothing written
 
 
-def test_row_01_failed_run_leaves_earlier_results_untouched(tmp_path, folder, det, monkeypatch):
+def test_a_failed_run_leaves_earlier_results_untouched(tmp_path, folder, det, monkeypatch):
     out = tmp_path / "out"
     run_predict([str(folder)], out, det.config, detector=det)
     before = _tree(out)
@@ -86,7 +86,7 @@ def test_row_01_failed_run_leaves_earlier_results_untouched(tmp_path, folder, de
     assert not [p for p in tmp_path.iterdir() if ".dualclip-" in p.name]  # no staging left behind
 
 
-def test_row_01_foreign_files_are_never_replaced(tmp_path, folder, det):
+def test_foreign_files_in_out_are_never_replaced(tmp_path, folder, det):
     out = tmp_path / "out"
     run_predict([str(folder)], out, det.config, detector=det)
     (out / "notes.txt").write_text("mine")
@@ -95,7 +95,7 @@ def test_row_01_foreign_files_are_never_replaced(tmp_path, folder, det):
     assert (out / "notes.txt").read_text() == "mine"
 
 
-def test_row_01_overwrite_removes_only_what_the_earlier_run_wrote(tmp_path, folder, det):
+def test_overwrite_removes_only_what_the_earlier_run_wrote(tmp_path, folder, det):
     out = tmp_path / "out"
     run_predict([str(folder)], out, det.config, detector=det, threshold=0.5)  # writes masks/
     assert (out / "masks").is_dir()
@@ -105,7 +105,7 @@ def test_row_01_overwrite_removes_only_what_the_earlier_run_wrote(tmp_path, fold
 
 
 # -- row 2: eval resumes only under the same settings fingerprint -------------------------------------------------
-def test_row_02_eval_rerun_with_other_settings_recomputes(tmp_path, tiny_backbone, monkeypatch, texture_set):
+def test_eval_rerun_with_other_settings_recomputes(tmp_path, tiny_backbone, monkeypatch, texture_set):
     import dualclip.evaluation as E
 
     cats = D.mvtec(write_mvtec_tree(tmp_path / "mv", texture_set, "tex", "hole"))
@@ -133,7 +133,7 @@ def test_row_02_eval_rerun_with_other_settings_recomputes(tmp_path, tiny_backbon
 
 # -- row 3: thresholds must be finite; every JSON is valid ------------------------------------------------------
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
-def test_row_03_non_finite_threshold_is_a_usage_error(tmp_path, folder, value):
+def test_a_non_finite_threshold_is_a_usage_error(tmp_path, folder, value):
     r = CliRunner().invoke(app, ["predict", str(folder), "-o", str(tmp_path / "o"), "--threshold", value])
     assert r.exit_code == 2 and "--threshold must be a finite number" in r.output
     assert not (tmp_path / "o").exists()
@@ -141,7 +141,7 @@ def test_row_03_non_finite_threshold_is_a_usage_error(tmp_path, folder, value):
         run_predict([str(folder)], tmp_path / "q", DetectorConfig(), threshold_quantile=float(value))
 
 
-def test_row_03_every_json_written_is_valid(tmp_path, folder, det):
+def test_every_json_written_is_strict(tmp_path, folder, det):
     out = tmp_path / "out"
     run_predict([str(folder)], out, det.config, detector=det, threshold=0.5)
     html = (out / "report.html").read_text()
@@ -154,7 +154,7 @@ def test_row_03_every_json_written_is_valid(tmp_path, folder, det):
 
 
 # -- row 4: any file name the OS allows ---------------------------------------------------------------------------
-def test_row_04_long_and_non_utf8_names(tmp_path, texture_set, det):
+def test_long_and_non_utf8_file_names_are_scored_and_kept(tmp_path, texture_set, det):
     d = tmp_path / "names"
     d.mkdir()
     long_name = "x" * 251 + ".png"  # 255 bytes
@@ -177,7 +177,7 @@ def test_row_04_long_and_non_utf8_names(tmp_path, texture_set, det):
 
 
 # -- row 5: --out inside the input folder ------------------------------------------------------------------------
-def test_row_05_outputs_are_never_inputs(tmp_path, folder, det):
+def test_outputs_are_never_inputs(tmp_path, folder, det):
     out = folder / "results"
     code, doc = run_predict([str(folder)], out, det.config, detector=det)
     n = len(doc["predictions"])
@@ -212,8 +212,9 @@ def _wait_ready(proc: subprocess.Popen) -> None:
     assert "ready" in line, line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("sig", "code", "name"), [(signal.SIGINT, 130, "SIGINT"), (signal.SIGTERM, 143, "SIGTERM")])
-def test_row_06_interrupt_leaves_earlier_results_untouched(tmp_path, folder, sig, code, name):
+def test_an_interrupt_leaves_earlier_results_untouched(tmp_path, folder, sig, code, name):
     out = tmp_path / "out"
     first = _child(_predict_args(folder, out))
     assert first.wait(timeout=120) == 0, first.stderr.read()
@@ -240,7 +241,7 @@ def _one_line_error(r, *fragments: str) -> None:
         assert f in errors[0], r.output
 
 
-def test_row_07_bad_outputs_and_settings_are_one_line_errors(tmp_path, folder, monkeypatch):
+def test_bad_outputs_and_settings_are_one_line_errors(tmp_path, folder, monkeypatch):
     run = CliRunner().invoke
     (tmp_path / "file").write_text("x")
     _one_line_error(run(app, ["predict", str(folder), "-o", str(tmp_path / "file")]), "is a file")
@@ -261,7 +262,7 @@ def test_row_07_bad_outputs_and_settings_are_one_line_errors(tmp_path, folder, m
     assert r.exit_code != 0 and r.exception is not None
 
 
-def test_row_07_eval_empty_category_and_zero_byte_image(tmp_path):
+def test_eval_of_an_empty_category_or_a_zero_byte_image_is_one_line_error(tmp_path):
     root = tmp_path / "mv"
     (root / "a" / "test" / "good").mkdir(parents=True)
     r = CliRunner().invoke(app, ["eval", "--dataset", "mvtec", "--root", str(root), "-o", str(tmp_path / "o")])
@@ -274,7 +275,7 @@ def test_row_07_eval_empty_category_and_zero_byte_image(tmp_path):
 
 
 # -- row 8: default CLIP weights without a network -------------------------------------------------------------------
-def test_row_08_default_clip_offline_fails_fast_with_instructions(tmp_path, folder, monkeypatch):
+def test_default_clip_offline_fails_fast_with_instructions(tmp_path, folder, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     start = time.perf_counter()
@@ -285,7 +286,7 @@ def test_row_08_default_clip_offline_fails_fast_with_instructions(tmp_path, fold
 
 # -- row 9: huge pixel counts in small files -----------------------------------------------------------------------
 @pytest.mark.slow
-def test_row_09_100_megapixel_png_stays_under_1_5_gb(tmp_path):
+def test_a_100_megapixel_png_stays_under_1_5_gb(tmp_path):
     pytest.importorskip("efficientnet_lite_pytorch")
     d = tmp_path / "in"
     d.mkdir()
@@ -331,7 +332,7 @@ def test_row_09_100_megapixel_png_stays_under_1_5_gb(tmp_path):
 
 
 # -- row 10: several values after one path flag ------------------------------------------------------------------
-def test_row_10_paths_after_a_reference_value_warn(tmp_path, folder, monkeypatch, tiny_backbone):
+def test_paths_after_a_reference_value_warn(tmp_path, folder, monkeypatch, tiny_backbone):
     assert misplaced_paths(["x", "--reference", "a", "b", "c", "--out", "o"]) == [
         ("b", "--reference"),
         ("c", "--reference"),
@@ -353,7 +354,7 @@ def test_row_10_paths_after_a_reference_value_warn(tmp_path, folder, monkeypatch
 
 
 # -- row 11: identical images ----------------------------------------------------------------------------------------
-def test_row_11_constant_maps_are_drawn_flat(tmp_path, texture_set, tiny_backbone):
+def test_constant_maps_are_drawn_flat(tmp_path, texture_set, tiny_backbone):
     maps = [np.full((40, 50), 0.25, np.float32) + np.float32(1e-9) * np.random.default_rng(0).random((40, 50))]
     scale = run_scale(maps)
     assert scale.flat and scale.to_dict()["flat"] is True
@@ -387,7 +388,7 @@ def test_heat_map_is_pixel_aligned_and_the_colour_bar_is_in_the_report(tmp_path,
 
 # -- row 12: permissions follow the umask ----------------------------------------------------------------------------
 @pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
-def test_row_12_outputs_follow_the_umask(tmp_path, folder, det, umask, mode):
+def test_outputs_follow_the_umask(tmp_path, folder, det, umask, mode):
     old = os.umask(umask)
     try:
         run_predict([str(folder)], tmp_path / "o", det.config, detector=det, threshold=0.5)
@@ -398,7 +399,7 @@ def test_row_12_outputs_follow_the_umask(tmp_path, folder, det, umask, mode):
 
 
 # -- row 13: spreadsheet formulas in CSV cells -----------------------------------------------------------------------
-def test_row_13_csv_cells_are_not_formulas(tmp_path, texture_set, det, monkeypatch):
+def test_csv_cells_are_not_formulas(tmp_path, texture_set, det, monkeypatch):
     import csv
 
     from dualclip.output import csv_cell
@@ -417,7 +418,7 @@ def test_row_13_csv_cells_are_not_formulas(tmp_path, texture_set, det, monkeypat
 
 
 # -- row 14: skipped paths are listed ---------------------------------------------------------------------------------
-def test_row_14_skipped_paths_are_listed_and_folders_expand(tmp_path, texture_set, det, monkeypatch):
+def test_skipped_paths_are_listed_and_folders_expand(tmp_path, texture_set, det, monkeypatch):
     d = tmp_path / "in"
     (d / "x.png").mkdir(parents=True)
     (d / "locked").mkdir()
@@ -445,7 +446,7 @@ def test_row_14_skipped_paths_are_listed_and_folders_expand(tmp_path, texture_se
 
 
 # -- row 15: k larger than the run allows -----------------------------------------------------------------------------
-def test_row_15_effective_k_is_recorded_and_warned(tmp_path, texture_set, tiny_backbone):
+def test_effective_k_is_recorded_and_warned(tmp_path, texture_set, tiny_backbone):
     d = tmp_path / "six"
     d.mkdir()
     for i, img in enumerate(texture_set[0][:6]):

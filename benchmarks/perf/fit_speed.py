@@ -4,11 +4,11 @@ For each N, in one process: the features of N defect-free magnetic_tile images (
 after a warm-up), then ``fit`` on the same images (features again, memory-bank coreset, leave-one-out
 scores), and the profile's accuracy on 50 other defect-free and 50 defective images (pixel AUPRO, pixel and
 image AUROC). ``--before FILE``: the same script's results on other code (e.g. the main branch, run from a
-checkout of it: ``python benchmarks/fit_speed.py --json runs/bench/fit_speed_main.json``), shown beside
+checkout of it: ``python -m benchmarks.perf.fit_speed --json runs/bench/fit_speed_main.json``), shown beside
 these; default ``runs/bench/fit_speed_main.json`` where it exists.
 
-    python benchmarks/fit_speed.py --json runs/bench/fit_speed.json [--n 50,150] [--quick]
-    python benchmarks/fit_speed.py --json runs/bench/fit_speed.json --measured runs/bench/fit_speed.json
+    python -m benchmarks.perf.fit_speed --json runs/bench/fit_speed.json [--n 50,150] [--quick]
+    python -m benchmarks.perf.fit_speed --json runs/bench/fit_speed.json --measured runs/bench/fit_speed.json
         (no measuring: the table again from a results file, e.g. once the --before file exists)
 """
 
@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from common import ROOT, SHARED, write_section
+from benchmarks.common import ROOT, SHARED, write_section
 
 DEFECTS = ("MT_Blowhole", "MT_Crack", "MT_Fray")
 

@@ -8,7 +8,7 @@ Folds (every defect type of every product in ``../shared/datasets``):
 * ``metal_plate``: all 161 images of the MPDD copy (80 good, 81 defective; zero-shot uses no training split);
 * ``ball_screw/pitting``: BSData's test split (150 good, 167 pitted).
 
-The baseline ("plain NN") is the issue's: EfficientNet-Lite0 blocks 4 + 10 (block 10 bilinearly resized to
+The baseline ("plain NN"): EfficientNet-Lite0 blocks 4 + 10 (block 10 bilinearly resized to
 block 4's grid), raw, a 3 x 3 average with the zero padding counted (``count_include_pad=True``), 224 px
 squashed square, Euclidean distance (``torch.cdist``) to the nearest patch of one random partner (the same
 seeded partner the candidates get at k = 1), image score = max of the bilinearly upsampled, unsmoothed map.
@@ -46,7 +46,7 @@ tied, and the tie goes to the best mean of the three metrics over the folds. Can
 every fold (and every product) the rule is applied to the other folds (products) only and the pick is
 reported on the held-out one. The default is the rule's pick on all five folds.
 
-    .venv/bin/python benchmarks/zero_shot_folds.py --json runs/bench/zero_shot_folds.json
+    .venv/bin/python -m benchmarks.accuracy.zero_shot_folds --json runs/bench/zero_shot_folds.json
 """
 
 from __future__ import annotations
@@ -59,9 +59,7 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from common import ROOT, SHARED, write_section  # noqa: E402
+from benchmarks.common import ROOT, SHARED, write_section
 
 EVAL_SIZE = 160
 SIGMA = 4.0
@@ -81,8 +79,8 @@ BAND = 1 / 16  # border band for the border share: this fraction of the side, on
 
 def folds():
     """The five folds: magnetic_tile's three (as in pairing_folds.py), all of metal_plate, ball_screw's test."""
+    from benchmarks.accuracy.pairing_folds import folds as magnetic_tile_and_plate_test
     from dualclip.data import datasets as D
-    from pairing_folds import folds as magnetic_tile_and_plate_test
 
     mp = SHARED / "mpdd_metal_plate" / "data_supervised" / "metal_plate"
     bs = SHARED / "bsdata" / "ball_screw"

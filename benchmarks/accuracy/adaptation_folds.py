@@ -1,10 +1,10 @@
-"""Test-time adaptation per defect type: is it on by default? (the trustworthy-scores issue, item 3)
+"""Test-time adaptation per defect type: is it on by default?
 
 Folds as in `matching_folds.py`. The detector's defaults (matching chosen by leave-one-defect-type-out), k = 1,
 adaptation off and on (its default budget), seeds 0, 1, 2. Adaptation would be on by default only if it
 helped on every fold (mean of image AUROC, pixel AUROC and AUPRO, beyond one seed spread).
 
-    .venv/bin/python benchmarks/adaptation_folds.py --json runs/bench/adaptation_folds.json
+    .venv/bin/python -m benchmarks.accuracy.adaptation_folds --json runs/bench/adaptation_folds.json
 """
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ import statistics
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from common import SHARED, write_section  # noqa: E402
-from pairing_folds import folds  # noqa: E402
+from benchmarks.accuracy.pairing_folds import folds
+from benchmarks.common import SHARED, write_section
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
 

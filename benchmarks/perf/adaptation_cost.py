@@ -1,7 +1,7 @@
-"""Cost of test-time adaptation (issue 3): a whole category with and without it, per category and per image,
+"""Cost of test-time adaptation: a whole category with and without it, per category and per image,
 at the default budget, for the CLIP preset (random weights) and effnet-lite0; plus the per-image scope.
 
-    python benchmarks/adaptation_cost.py --json runs/bench/adaptation_cost.json [--quick]
+    python -m benchmarks.perf.adaptation_cost --json runs/bench/adaptation_cost.json [--quick]
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
-from common import fmt, section_args, timed, write_section
+from benchmarks.common import fmt, section_args, timed, write_section
 
 MODELS = ("ViT-B-16-plus-240", "effnet-lite0")
 

@@ -1,11 +1,11 @@
-"""The GPU table of issue #11: encode_image and predict per preset, fp32 and bf16, k = 1, 3 and all, with
+"""The GPU table: encode_image and predict per preset, fp32 and bf16, k = 1, 3 and all, with
 and without adaptation, and peak device memory. Random CLIP weights (speed does not depend on their values).
 
 Skipped, with the reason written to its section, where torch sees no CUDA GPU (``--device cpu --quick``
 runs the same code small on a CPU, to check the script before a GPU session). Runnable alone in under 5
 minutes on an H100/H200:
 
-    python benchmarks/gpu.py --json runs/bench/gpu.json [--quick] [--device cuda] [--budget-s 240]
+    python -m benchmarks.perf.gpu --json runs/bench/gpu.json [--quick] [--device cuda] [--budget-s 240]
 
 The GPU machine of this workplace has torch but not open_clip: carry the wheels. Here,
 ``pip download --no-deps -d wheels open_clip_torch ftfy regex timm huggingface_hub safetensors wcwidth``
@@ -22,7 +22,7 @@ import time
 import warnings
 from pathlib import Path
 
-from common import fmt, write_section
+from benchmarks.common import fmt, write_section
 
 PRESETS = {"ViT-B-16-plus-240": 240, "ViT-L-14-336": 518}
 

@@ -1,5 +1,6 @@
-"""The second fault round, output safety and messages (docs/reliability.md, "Fault matrix", rows 16 on): one test per
-defect, named by the behaviour that now holds. Each fails on the code before its fix."""
+"""Output safety and messages (docs/reliability.md, "Fault matrix", rows 16-25): forged markers, concurrent runs
+and writers, symlinked and unreadable folders, tampered ONNX files, interrupted archive runs, destinations checked
+before the work. One test per case, named by the behaviour that holds; each fails when that behaviour is removed."""
 
 from __future__ import annotations
 

@@ -2,19 +2,16 @@
 padding, no centring, z-scored hybrid), for N = 200 images in one run, in the same process (ms per image,
 the faster of 2 runs after a warm-up), and k = 3 and k = 'all' (on 40 images) for scale.
 
-    .venv/bin/python benchmarks/zero_shot_cost.py --json runs/bench/zero_shot_cost.json
+    .venv/bin/python -m benchmarks.perf.zero_shot_cost --json runs/bench/zero_shot_cost.json
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from common import SHARED, write_section  # noqa: E402
+from benchmarks.common import SHARED, write_section
 
 N = 200
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import spearmanr
 
-from common import section_args, write_section
+from benchmarks.common import section_args, write_section
 from dualclip import DetectorConfig, DualClipDetector
 from dualclip.data.synthetic import make_texture_set
 

@@ -1,4 +1,4 @@
-"""Partner selection on the shared data, every defect type on its own (the pairing issue's table).
+"""Partner selection on the shared data, every defect type on its own.
 
 Folds: magnetic_tile's three defect types (each with the first 100 defect-free images; masks > 127, as its
 SOURCE.txt says) and metal_plate's test split. Strategies: `random` (default), `similar` (references drawn at
@@ -9,7 +9,7 @@ its rows are computed here (`similar_references`, this script's own) with the li
 checked equal to `DualClipDetector` for `random`). effnet-lite0, k = 1, no adaptation, seeds 0, 1, 2. Nothing
 is chosen on these folds: the strategies were fixed before they were run, and every fold is reported.
 
-    .venv/bin/python benchmarks/pairing_folds.py --json runs/bench/pairing_folds.json
+    .venv/bin/python -m benchmarks.accuracy.pairing_folds --json runs/bench/pairing_folds.json
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from common import SHARED, write_section  # noqa: E402
+from benchmarks.common import SHARED, write_section
 
 STRATEGIES = {
     "random (offered)": ("random", 0.5),

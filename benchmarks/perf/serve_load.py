@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import SHARED, fmt, section_args, write_section
+from benchmarks.common import SHARED, fmt, section_args, write_section
 from dualclip import DetectorConfig
 from dualclip.detector import DualClipDetector
 

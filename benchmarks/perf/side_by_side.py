@@ -1,4 +1,4 @@
-"""dualclip beside anomalib, in one process of anomalib's own environment (issue 6 part 2, issue 4 part 4).
+"""dualclip beside anomalib, in one process of anomalib's own environment.
 
 1. WinCLIP (anomalib's zero-shot ``WinClipModel``) vs dualclip (dual-image: text + visual reference,
    k = 1, no adaptation) on the same generated images, the same backbone ``ViT-B-16-plus-240`` at 240 px
@@ -9,7 +9,7 @@
 
 anomalib lives only in this benchmark's environment (``make bench-env``: benchmarks/.venv-anomalib).
 
-    benchmarks/.venv-anomalib/bin/python benchmarks/side_by_side.py --json runs/bench/side_by_side.json [--quick]
+    benchmarks/.venv-anomalib/bin/python -m benchmarks.perf.side_by_side --json runs/bench/side_by_side.json [--quick]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import warnings
 
 import numpy as np
 
-from common import fmt, section_args, timed, write_section
+from benchmarks.common import fmt, section_args, timed, write_section
 
 BACKBONE = "ViT-B-16-plus-240"
 

@@ -29,7 +29,7 @@ cracks run along the tiles' edges: centring there removes the defect with the bo
 judged on the folds they were not designed on: neighbourhood 3 with the Euclidean and the robust hybrid
 distance (a 3 x 3 patch context, as PatchCore aggregates, for thin defects).
 
-    .venv/bin/python benchmarks/profile_worst_folds.py --json runs/bench/profile_worst_folds.json \
+    .venv/bin/python -m benchmarks.accuracy.profile_worst_folds --json runs/bench/profile_worst_folds.json \
         --candidates "effnet-320-reflect / hybrid-robust / 1 / none" "effnet-320 / hybrid / 1 / none"
 """
 
@@ -42,10 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from common import ROOT, SHARED, write_section  # noqa: E402
-from zero_shot_folds import (  # noqa: E402
+from benchmarks.accuracy.zero_shot_folds import (
     BAND,
     EVAL_SIZE,
     METRICS,
@@ -59,6 +56,7 @@ from zero_shot_folds import (  # noqa: E402
     per_seed,
     select,
 )
+from benchmarks.common import ROOT, SHARED, write_section
 
 BASELINE = "baseline: plain golden NN"
 

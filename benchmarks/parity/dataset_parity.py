@@ -1,4 +1,4 @@
-"""Dataset loaders against anomalib's datamodules on the same fake trees (the VisA-masks issue, item 5).
+"""Dataset loaders against anomalib's datamodules on the same fake trees.
 
 Builds small fake copies in the official layouts, with each dataset's real mask conventions (MVTec AD: 0/255;
 VisA: raw masks whose defects are small integers 1, 2 and a palette mask with a dark defect colour; BTAD:
@@ -8,7 +8,7 @@ VisA: raw masks whose defects are small integers 1, 2 and a palette mask with a 
 It compares the test sample lists, labels and binary masks pixel for pixel, prints a table and exits 1 on
 any difference.
 
-    .venv/bin/python benchmarks/dataset_parity.py [--json runs/bench/dataset_parity.json]
+    .venv/bin/python -m benchmarks.parity.dataset_parity [--json runs/bench/dataset_parity.json]
 """
 
 from __future__ import annotations
@@ -24,12 +24,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-ANOMALIB_PY = ROOT / "benchmarks" / ".venv-anomalib" / "bin" / "python"
-
-from dualclip.atomic import write_json  # noqa: E402
-from dualclip.data import datasets as D  # noqa: E402
+from benchmarks.common import ANOMALIB_PY
+from dualclip.atomic import write_json
+from dualclip.data import datasets as D
 
 SIZE = 48
 

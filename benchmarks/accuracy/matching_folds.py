@@ -1,4 +1,4 @@
-"""The matching default of each backbone, chosen by leave-one-defect-type-out (the trustworthy-scores issue).
+"""The matching default of each backbone, chosen by leave-one-defect-type-out.
 
 Folds: magnetic_tile's three defect types (each with the first 100 defect-free images) and metal_plate's test
 split. Candidates: every distance (cosine, euclidean, layernorm) x neighbourhood (1, 3, (1, 3, 5) averaged) x
@@ -7,12 +7,12 @@ the setting is chosen on the other three folds (criterion: the mean of image AUR
 over their seeds) and reported on the left-out one; the default is the setting chosen on all four folds.
 Every candidate's score on every fold is listed as well.
 
-The baseline is the issue's plain nearest neighbour, computed here by brute force (torch.cdist), not by the
+The baseline is a plain nearest neighbour, computed here by brute force (torch.cdist), not by the
 library: EfficientNet-Lite0 blocks 4 and 10 concatenated at 224 px, raw features, Euclidean distance, min over
 the same k = 1 partner, image score = max of the bilinearly upsampled map (unsmoothed, and smoothed with the
 detector's sigma = 4).
 
-    .venv/bin/python benchmarks/matching_folds.py --json runs/bench/matching_folds.json
+    .venv/bin/python -m benchmarks.accuracy.matching_folds --json runs/bench/matching_folds.json
 """
 
 from __future__ import annotations
@@ -22,10 +22,8 @@ import statistics
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from common import ROOT, SHARED, write_section  # noqa: E402
-from pairing_folds import folds  # noqa: E402
+from benchmarks.accuracy.pairing_folds import folds
+from benchmarks.common import ROOT, SHARED, write_section
 
 SIZES = (224, 320)
 # what the features are extracted with, per backbone: name -> DetectorConfig settings
@@ -42,7 +40,7 @@ METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
 SIGMA = 4.0
 OLD_DEFAULT = "320 / cosine / 3"  # effnet-lite0 before this table
 BASELINES = ("baseline: plain NN, 224, unsmoothed", "baseline: plain NN, 224, sigma 4")
-"""The issue's plain nearest neighbour on the backbone's raw features (for effnet-lite0: blocks 4 + 10)."""
+"""A plain nearest neighbour on the backbone's raw features (for effnet-lite0: blocks 4 + 10)."""
 
 
 def setting_name(extraction: str, distance: str, sizes: tuple[int, ...]) -> str:

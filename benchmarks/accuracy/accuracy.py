@@ -1,4 +1,4 @@
-"""Accuracy on real defect data (issue 6, part 4): effnet-lite0, the visual branch at k = 1 (the paper's
+"""Accuracy on real defect data: effnet-lite0, the visual branch at k = 1 (the paper's
 setting), k = 3, k = all (full mutual scoring) and golden normal references, each with and without
 adaptation; image AUROC, pixel AUROC, AUPRO as mean ± std over seeds.
 
@@ -9,7 +9,7 @@ Data from ../shared/datasets (read in place; the section is skipped, with the re
   images of the ``train`` split.
 Settings without randomness (k = all and golden references without adaptation) run once.
 
-    python benchmarks/accuracy.py --json runs/bench/accuracy.json [--quick]
+    python -m benchmarks.accuracy.accuracy --json runs/bench/accuracy.json [--quick]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from common import SHARED, pm, section_args, write_section
+from benchmarks.common import SHARED, pm, section_args, write_section
 
 SEEDS = (0, 1, 2)
 N_GOLDEN = 4

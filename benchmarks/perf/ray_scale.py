@@ -18,7 +18,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from common import SHARED, fmt, section_args, write_section
+from benchmarks.common import SHARED, fmt, section_args, write_section
 from dualclip import DetectorConfig
 from dualclip.distributed import run_archive
 
