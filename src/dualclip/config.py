@@ -22,6 +22,8 @@ from .errors import ConfigError
 DEFAULT = "default"
 """Sentinel for ``pretrained``: the preset's weights (an open_clip tag, or the bundled EfficientNet file)."""
 
+MAX_IMAGE_SIZE = 4096
+"""The largest processing resolution: above it one image's features alone need gigabytes."""
 AUTO_MIN_SYNTHETIC = 8
 AUTO_MAX_SYNTHETIC = 32
 """Bounds of the automatic synthetic budget (``AdaptationConfig.num_images=None``)."""
@@ -251,10 +253,32 @@ class MethodSettings:
         # normalised forms, set once while the object is built (frozen afterwards)
         if isinstance(self.adaptation, dict):
             object.__setattr__(self, "adaptation", AdaptationConfig(**self.adaptation))
+        for name in ("use_text", "use_visual", "tta", "quick_gelu"):
+            value = getattr(self, name)
+            _check(
+                isinstance(value, bool) or (name == "quick_gelu" and value is None),
+                f"{name} must be true or false, got {value!r}",
+            )
+        for name in ("alpha", "beta", "sigma", "duplicate_tolerance", "temperature"):
+            value = getattr(self, name)
+            _check(
+                _is_number(value) or (name == "temperature" and value is None),
+                f"{name} must be a number, got {value!r}",
+            )
+        for name in ("image_size", "vv_start", "memory_bank_size"):
+            value = getattr(self, name)
+            _check(value is None or _is_int(value), f"{name} must be an integer, got {value!r}")
         if self.feature_layers is not None:
-            object.__setattr__(self, "feature_layers", tuple(int(i) for i in self.feature_layers))
+            _check(
+                isinstance(self.feature_layers, list | tuple) and all(_is_int(i) for i in self.feature_layers),
+                f"feature_layers must be a list of block indices (integers), got {self.feature_layers!r}",
+            )
+            object.__setattr__(self, "feature_layers", tuple(self.feature_layers))
             _check(len(self.feature_layers) > 0, "feature_layers must not be empty")
-        _check(self.image_size is None or self.image_size >= 32, "image_size must be >= 32 pixels")
+        _check(
+            self.image_size is None or 32 <= self.image_size <= MAX_IMAGE_SIZE,
+            f"image_size must be in [32, {MAX_IMAGE_SIZE}] pixels, got {self.image_size!r}",
+        )
         _check(self.vv_start is None or self.vv_start >= 0, "vv_start is 1-based (0: no V-V path) and must be >= 0")
         _one_of("distance", self.distance, DISTANCES, optional=True)
         if self.neighbourhood is not None:
@@ -277,7 +301,10 @@ class MethodSettings:
         _check(0.0 <= self.beta <= 1.0, "beta must lie in [0, 1]")
         _one_of("fusion_norm", self.fusion_norm, FUSION_NORMS)
         _one_of("image_score", self.image_score, IMAGE_SCORES)
-        _check(self.sigma >= 0, "sigma must be >= 0")
+        _check(
+            0 <= self.sigma <= (self.image_size or MAX_IMAGE_SIZE),
+            f"sigma must be in [0, image_size] pixels ({self.image_size or MAX_IMAGE_SIZE}), got {self.sigma!r}",
+        )
         _check(
             isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**32,
             f"seed must be an integer in [0, 2**32), got {self.seed!r}",
@@ -474,6 +501,14 @@ def resolve_device(device: str) -> str:
     elif dev.type != "cpu" and not (dev.type == "mps" and torch.backends.mps.is_available()):
         raise ConfigError(f"device {device!r} is not available here: use 'cpu', 'cuda' or 'auto'")
     return device
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check(condition: bool, message: str) -> None:

@@ -307,20 +307,39 @@ class _StageClock:
 
 
 def _check_profile_geometry(path, profile: Profile, backbone: Backbone) -> None:
-    """A profile's image size and positional offsets must fit the model it is loaded with (one forward pass
-    of a blank image gives the grid)."""
+    """A profile must fit the model it is loaded with (one forward pass of a blank image gives the grid and the
+    widths): its image size, neighbourhood sizes (at most the grid's side), bank widths (each layer's channels),
+    out-of-distribution embeddings (the global embedding's width) and positional offsets (one per position)."""
     if profile.meta.get("image_size") != backbone.image_size:
         raise ProfileError(
             f"{path} is damaged: it records image_size {profile.meta.get('image_size')!r}, its settings give "
             f"{backbone.image_size}"
         )
-    offsets = profile.scale.position
-    if offsets is None:
-        return
     size = backbone.image_size
     with torch.inference_mode():
-        grid = backbone(torch.zeros(1, 3, size, size, device=next(backbone.parameters()).device)).grid
-    if len(offsets) != grid[0] * grid[1]:
+        out = backbone(torch.zeros(1, 3, size, size, device=next(backbone.parameters()).device))
+    grid = out.grid
+    sizes = profile.meta.get("neighbourhood") or []
+    if any(s > max(grid) for s in sizes):
+        raise ProfileError(
+            f"{path} is damaged: its neighbourhood sizes {sizes} exceed the model's feature grid {grid[0]} x {grid[1]}"
+        )
+    widths = [t.shape[-1] for t in out.match_features]
+    for part, spaces in profile.bank.items():
+        for s, space in enumerate(spaces):
+            got = [t.shape[1] for t in space]
+            if got != widths:
+                raise ProfileError(
+                    f"{path} is damaged: the bank tensors bank.{part}.{s}.* have widths {got}, the model's "
+                    f"matching layers {widths}"
+                )
+    if profile.ood is not None and profile.ood.embeddings.shape[1] != out.global_embedding.shape[-1]:
+        raise ProfileError(
+            f"{path} is damaged: tensor ood.embeddings has width {profile.ood.embeddings.shape[1]}, the model's "
+            f"global embedding {out.global_embedding.shape[-1]}"
+        )
+    offsets = profile.scale.position
+    if offsets is not None and len(offsets) != grid[0] * grid[1]:
         raise ProfileError(
             f"{path} is damaged: its positional offsets (scale.position) cover {len(offsets)} positions, the "
             f"model's grid {grid[0]} x {grid[1]} has {grid[0] * grid[1]}"
@@ -338,6 +357,12 @@ def _saved_settings(profile: Profile) -> dict:
         raise ProfileError(f"its settings centre by {centring!r} but it holds no positional offsets (scale.position)")
     if centring == "none" and profile.scale.position is not None:
         raise ProfileError("it holds positional offsets (scale.position) but its settings do not centre")
+    for key in ("distance", "neighbourhood", "centring"):
+        mine, top = settings.get(key), profile.meta.get(key)
+        if isinstance(mine, int) and not isinstance(mine, bool) and key == "neighbourhood":
+            mine = [mine]
+        if mine is not None and top is not None and mine != top:
+            raise ProfileError(f"it records {key} {top!r}, its settings (config.{key}) give {mine!r}")
     settings.setdefault("border", "zero")
     settings.setdefault("hybrid_norm", "zscore")
     if settings.get("centring") is None:

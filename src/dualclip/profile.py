@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -34,6 +35,13 @@ PROFILE_FORMAT = 1
 """Version of the profile layout; a profile of another format is refused with the version that made it."""
 PROFILE_JSON = "profile.json"
 PROFILE_TENSORS = "tensors.safetensors"
+TENSORS_DIGEST = "tensors_sha256"
+"""The field of ``profile.json`` holding the SHA-256 of the ``tensors.safetensors`` file saved with it."""
+JSON_DIGEST = "profile_json_sha256"
+"""The metadata key of ``tensors.safetensors`` holding the SHA-256 of the ``profile.json`` document saved with it
+(:func:`document_digest`, without :data:`TENSORS_DIGEST`)."""
+
+log = logging.getLogger(__name__)
 
 
 MAX_MOMENT = 1e6
@@ -260,8 +268,8 @@ class OodGuard:
                 f"ood.limit must be in (0, 2] or null, got {d['limit']!r}",
             )
         _need(
-            embeddings.is_floating_point() and embeddings.ndim == 2 and embeddings.shape[0] == n_normal,
-            f"tensor ood.embeddings must be floating point of shape (n_normal={n_normal}, D), got "
+            embeddings.dtype == torch.float32 and embeddings.ndim == 2 and embeddings.shape[0] == n_normal,
+            f"tensor ood.embeddings must be float32 of shape (n_normal={n_normal}, D), got "
             f"{embeddings.dtype} {tuple(embeddings.shape)}",
         )
         _need(bool(torch.isfinite(embeddings).all()), "tensor ood.embeddings holds values that are not finite")
@@ -372,11 +380,14 @@ class Profile:
             "head": sorted(self.head) if self.head else None,
             "ood": None if self.ood is None else self.ood.to_dict(),
         }
+        # the two files name each other: the tensors the digest of the document, the document the tensors file's
+        blob = save_tensors(tensors, metadata={JSON_DIGEST: document_digest(json.loads(dumps(doc)))})
+        doc[TENSORS_DIGEST] = hashlib.sha256(blob).hexdigest()
         staging = path.parent / f".{path.name}.partial-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         try:
-            write_bytes(staging / PROFILE_TENSORS, save_tensors(tensors))
+            write_bytes(staging / PROFILE_TENSORS, blob)
             write_text(staging / PROFILE_JSON, dumps(doc) + "\n")
             if path.exists():
                 old = path.parent / f".{path.name}.old-{os.getpid()}"
@@ -394,7 +405,7 @@ class Profile:
         """Read a profile folder; a missing, damaged or other-format profile is a :class:`ProfileError` (one line,
         naming the field). Every field is checked: types, shapes, dtypes, finiteness and ranges."""
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors.torch import load as load_tensors
 
         path = Path(path)
         if not (path / PROFILE_JSON).is_file() or not (path / PROFILE_TENSORS).is_file():
@@ -411,9 +422,11 @@ class Profile:
                 f"this dualclip {__version__} reads format {PROFILE_FORMAT}: fit the profile again with this version"
             )
         try:
-            tensors = load_file(path / PROFILE_TENSORS)
+            blob = (path / PROFILE_TENSORS).read_bytes()
+            tensors = load_tensors(blob)
         except (OSError, SafetensorError) as exc:
             raise ProfileError(f"{path / PROFILE_TENSORS} cannot be read: {exc}") from exc
+        _check_binding(path, doc, blob)
         try:
             return cls._from_files(doc, tensors)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
@@ -437,8 +450,11 @@ class Profile:
             _need(problem is None, f"scale.{name}.{problem}")
         scores = doc["normal_scores"]
         _need(
-            isinstance(scores, list) and len(scores) == n and all(_is_number(v) and math.isfinite(v) for v in scores),
-            f"normal_scores must be a list of n_normal={n} finite numbers, got {str(scores)[:80]}",
+            isinstance(scores, list)
+            and len(scores) == n
+            and all(_is_number(v) and math.isfinite(v) and abs(v) <= MAX_MOMENT for v in scores),
+            f"normal_scores must be a list of n_normal={n} finite numbers of magnitude at most {MAX_MOMENT:g}, "
+            f"got {str(scores)[:80]}",
         )
         th = doc.get("threshold")
         threshold = None
@@ -452,11 +468,18 @@ class Profile:
             )
             threshold = Threshold(**th)
         head = None
+        _need(
+            not doc["config"].get("tta") or bool(doc.get("head")),
+            "config.tta is on but the profile holds no adaptation head (head)",
+        )
         if doc.get("head"):
             _need(isinstance(doc["head"], list), f"head must be a list of tensor names, got {doc['head']!r}")
             head = {k: tensors[f"head.{k}"] for k in doc["head"]}
             for k, t in head.items():
-                _need(t.is_floating_point() and bool(torch.isfinite(t).all()), f"tensor head.{k} must be finite floats")
+                _need(
+                    t.dtype == torch.float32 and bool(torch.isfinite(t).all()),
+                    f"tensor head.{k} must hold finite float32 values, got {t.dtype}",
+                )
             from .adaptation.head import AdaptationHead
 
             try:
@@ -478,15 +501,19 @@ class Profile:
         from .scoring.matching import distance_parts
 
         parts, spaces, layers = doc["parts"], doc["spaces"], doc["layers"]
-        if not doc["config"].get("use_visual", True):
+        use_visual = doc["config"].get("use_visual", True)
+        _need(isinstance(use_visual, bool), f"config.use_visual must be true or false, got {use_visual!r}")
+        if not use_visual:
             _need(parts == [], f"parts must be empty without the visual branch, got {parts!r}")
             return {}, torch.zeros(0, dtype=torch.int64)
         want = list(distance_parts(doc["distance"]))
         _need(parts == want, f"parts must be {want} for distance {doc['distance']!r}, got {parts!r}")
         sizes = doc["neighbourhood"]
         _need(
-            isinstance(sizes, list) and spaces == len(sizes), f"spaces must be {len(sizes)}, one per neighbourhood size"
+            isinstance(sizes, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 and v % 2 for v in sizes),
+            f"neighbourhood must be a list of odd integers >= 1, got {sizes!r}",
         )
+        _need(spaces == len(sizes), f"spaces must be {len(sizes)}, one per neighbourhood size")
         _need(
             isinstance(layers, int) and not isinstance(layers, bool) and layers >= 1,
             f"layers must be >= 1, got {layers!r}",
@@ -501,13 +528,18 @@ class Profile:
                     name = f"bank.{part}.{s}.{layer}"
                     t = tensors[name]
                     _need(
-                        t.is_floating_point() and t.ndim == 2 and t.shape[0] >= 1 and t.shape[1] >= 1,
-                        f"tensor {name} must be a non-empty 2-D floating point tensor, got {t.dtype} {tuple(t.shape)}",
+                        t.dtype == torch.float32 and t.ndim == 2 and t.shape[0] >= 1 and t.shape[1] >= 1,
+                        f"tensor {name} must be a non-empty 2-D float32 tensor, got {t.dtype} {tuple(t.shape)}",
                     )
                     _need(bool(torch.isfinite(t).all()), f"tensor {name} of the bank holds values that are not finite")
                     rows.add(t.shape[0])
                     bank[part][s].append(t)
         _need(len(rows) == 1, f"the bank tensors have different row counts {sorted(rows)}")
+        widths = {f"bank.{part}.{s}.*": [t.shape[1] for t in space] for part in parts for s, space in enumerate(bank[part])}
+        _need(
+            len({tuple(w) for w in widths.values()}) == 1,
+            f"the bank tensors of each part and neighbourhood must have the same layer widths, got {widths}",
+        )
         (m,) = rows
         owner = tensors["bank_owner"]
         _need(
@@ -539,7 +571,51 @@ def _offsets(values) -> list[float] | None:
     return [float(v) for v in values]
 
 
-_DERIVED = {"scale", "normal_scores", "threshold", "parts", "spaces", "layers", "head", "ood"}
+_DERIVED = {"scale", "normal_scores", "threshold", "parts", "spaces", "layers", "head", "ood", TENSORS_DIGEST}
+
+
+def document_digest(doc: dict) -> str:
+    """SHA-256 of a ``profile.json`` document without its :data:`TENSORS_DIGEST`, keys sorted (the same for the
+    document saved and read back, whatever its layout)."""
+    body = {k: v for k, v in doc.items() if k != TENSORS_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _tensors_metadata(blob: bytes) -> dict:
+    """The ``__metadata__`` of a safetensors file's header (8-byte little-endian length, then JSON)."""
+    try:
+        n = int.from_bytes(blob[:8], "little")
+        meta = json.loads(blob[8 : 8 + n]).get("__metadata__")
+    except (ValueError, AttributeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _check_binding(path: Path, doc: dict, blob: bytes) -> None:
+    """The two files of a profile must be the pair :meth:`Profile.save` wrote: ``profile.json`` records the
+    SHA-256 of ``tensors.safetensors``, whose metadata records the SHA-256 of ``profile.json``; a profile saved
+    before the digests existed (neither) loads with a warning."""
+    want_tensors = doc.get(TENSORS_DIGEST)
+    want_doc = _tensors_metadata(blob).get(JSON_DIGEST)
+    if want_tensors is None and want_doc is None:
+        log.warning(
+            "%s holds no digests binding %s and %s (saved by an older dualclip): that they belong together is "
+            "not checked; save the profile again to add them",
+            path,
+            PROFILE_JSON,
+            PROFILE_TENSORS,
+        )
+        return
+    problems = []
+    if want_tensors != hashlib.sha256(blob).hexdigest():
+        problems.append(f"{PROFILE_TENSORS} is not the tensors file {PROFILE_JSON} was saved with")
+    if want_doc != document_digest(doc):
+        problems.append(f"{PROFILE_JSON} is not the document {PROFILE_TENSORS} was saved with (edited or replaced)")
+    if problems:
+        raise ProfileError(
+            f"{path}: {PROFILE_JSON} and {PROFILE_TENSORS} do not belong together: {'; '.join(problems)}; "
+            "fit the profile again"
+        )
 
 
 def check_destination(path: str | os.PathLike, overwrite: bool = False) -> None:

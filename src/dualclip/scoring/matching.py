@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import DISTANCES, Distance
+from ..errors import ConfigError
 
 HYBRID_PARTS: tuple[str, ...] = ("cosine", "euclidean")
 
@@ -110,7 +111,12 @@ def blocks(total: int, side: int) -> list[tuple[int, int]]:
 
 def neighbourhood_mean(tokens: torch.Tensor, grid: tuple[int, int], size: int) -> torch.Tensor:
     """Average ``(B, P, C)`` tokens over a ``size x size`` square around each patch of the ``grid`` (only the
-    patches inside the grid count: no zero padding at the border)."""
+    patches inside the grid count: no zero padding at the border). ``size`` is odd and at most the grid's
+    longer side (a larger square is the whole grid)."""
+    if size % 2 != 1 or not 1 <= size <= max(grid):
+        raise ConfigError(
+            f"neighbourhood must be odd and at most the feature grid's side ({grid[0]} x {grid[1]}), got {size}"
+        )
     if size == 1:
         return tokens
     b, p, c = tokens.shape
