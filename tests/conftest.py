@@ -94,7 +94,9 @@ def unseal_profile(path: Path, doc=None, tensors=None) -> None:
     from dualclip.profile import PROFILE_JSON, PROFILE_TENSORS, TENSORS_DIGEST
 
     d = json.loads((path / PROFILE_JSON).read_text())
-    d.pop(TENSORS_DIGEST, None)
-    (path / PROFILE_JSON).write_text(json.dumps(d if doc is None else doc(d)))
+    d = d if doc is None else doc(d)
+    if isinstance(d, dict):
+        d.pop(TENSORS_DIGEST, None)
+    (path / PROFILE_JSON).write_text(json.dumps(d))
     t = load_file(path / PROFILE_TENSORS)
     save_file(t if tensors is None else tensors(t), path / PROFILE_TENSORS)  # no metadata

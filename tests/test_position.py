@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import TINY, unseal_profile
 from dualclip import DetectorConfig, DualClipDetector
 from dualclip.data.images import pixel_digest
 from dualclip.scoring import bank_distances, match_spaces, pair_references, reference_scores
@@ -196,7 +196,7 @@ def test_reflect_border_is_refused_for_a_transformer_and_old_profiles_keep_zero_
     saved = json.loads(doc)
     del saved["config"]["border"]  # a profile made before the setting existed
     saved["config"]["distance"] = None
-    (tmp_path / "p" / "profile.json").write_text(json.dumps(saved))
+    unseal_profile(tmp_path / "p", doc=lambda _: saved)
     again = DualClipDetector.load(tmp_path / "p")
     assert again.config.border == "zero" and again.backbone.border == "zero"
     assert again.config.distance == saved["distance"]
@@ -235,7 +235,6 @@ def test_cli_fit_takes_the_matching_settings_and_refuses_unknown_values(tmp_path
 def test_a_profile_whose_offsets_or_size_do_not_fit_its_model_is_refused_at_load(
     tmp_path, tiny_backbone, texture_set, tamper, message
 ):
-    import json
 
     from dualclip.profile import ProfileError
 
@@ -243,8 +242,6 @@ def test_a_profile_whose_offsets_or_size_do_not_fit_its_model_is_refused_at_load
         texture_set[0][:3]
     )
     det.save(tmp_path / "p")
-    doc = json.loads((tmp_path / "p" / "profile.json").read_text())
-    tamper(doc)
-    (tmp_path / "p" / "profile.json").write_text(json.dumps(doc))
+    unseal_profile(tmp_path / "p", doc=lambda doc: tamper(doc) or doc)
     with pytest.raises(ProfileError, match=message):
         DualClipDetector.load(tmp_path / "p", backbone=tiny_backbone)

@@ -16,12 +16,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import shared_dataset, write_mvtec_tree
+from conftest import shared_dataset, unseal_profile, write_mvtec_tree
 from dualclip import DetectorConfig, DualClipDetector
 from dualclip.cli.main import app
 from dualclip.cli.predict import EXIT_SOME_FAILED, run_predict
 from dualclip.data import datasets as D
-from dualclip.profile import PROFILE_JSON, PROFILE_TENSORS, Moments, Profile, ProfileError
+from dualclip.profile import Moments, Profile, ProfileError
 
 EFFNET = DetectorConfig(backbone="effnet-lite0", image_size=64, device="cpu", progress=False)
 
@@ -251,17 +251,12 @@ def test_a_bank_smaller_than_one_image_is_refused_with_the_smallest_valid_size(t
 
 # -- D16 and D13: every field of a profile is checked on load; a bad one is one ProfileError -----------------
 def _tamper_json(path: Path, change) -> None:
-    doc = json.loads((path / PROFILE_JSON).read_text())
-    doc = change(doc)
-    (path / PROFILE_JSON).write_text(json.dumps(doc))
+    """Change ``profile.json`` of a profile as one saved without digests (the field checks meet the change)."""
+    unseal_profile(path, doc=change)
 
 
 def _tamper_tensor(path: Path, name: str, change) -> None:
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(path / PROFILE_TENSORS)
-    tensors[name] = change(tensors[name])
-    save_file(tensors, path / PROFILE_TENSORS)
+    unseal_profile(path, tensors=lambda t: {**t, name: change(t[name])})
 
 
 def _set(keys, value):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import unseal_profile
 from dualclip import DetectorConfig, DualClipDetector
 from dualclip import config as C
 from dualclip.distributed import run_archive
@@ -172,7 +173,7 @@ def test_an_older_profile_that_saved_how_it_ran_still_loads(tmp_path, texture_se
         onnx_file=None,
         progress=True,
     )
-    (tmp_path / "p" / "profile.json").write_text(json.dumps(doc))
+    unseal_profile(tmp_path / "p", doc=lambda _: doc)
     loaded = DualClipDetector.load(tmp_path / "p", device="cpu")
     assert loaded.config.execution == C.ExecutionSettings(device="cpu")  # the caller's, never the file's
     assert loaded.config.k == det.config.k and loaded.config.backbone == "effnet-lite0"

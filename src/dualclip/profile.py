@@ -426,12 +426,21 @@ class Profile:
             tensors = load_tensors(blob)
         except (OSError, SafetensorError) as exc:
             raise ProfileError(f"{path / PROFILE_TENSORS} cannot be read: {exc}") from exc
-        _check_binding(path, doc, blob)
+        sealed = _check_binding(path, doc, blob)
         try:
-            return cls._from_files(doc, tensors)
+            profile = cls._from_files(doc, tensors)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             what = f"{exc.args[0]!r} missing" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
             raise ProfileError(f"{path} is damaged: {what}") from exc
+        if not sealed:
+            log.warning(
+                "%s holds no digests binding %s and %s (saved by an older dualclip): that they belong together is "
+                "not checked; save the profile again to add them",
+                path,
+                PROFILE_JSON,
+                PROFILE_TENSORS,
+            )
+        return profile
 
     @classmethod
     def _from_files(cls, doc: dict, tensors: dict[str, torch.Tensor]) -> Profile:
@@ -510,7 +519,8 @@ class Profile:
         _need(parts == want, f"parts must be {want} for distance {doc['distance']!r}, got {parts!r}")
         sizes = doc["neighbourhood"]
         _need(
-            isinstance(sizes, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 and v % 2 for v in sizes),
+            isinstance(sizes, list)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 and v % 2 for v in sizes),
             f"neighbourhood must be a list of odd integers >= 1, got {sizes!r}",
         )
         _need(spaces == len(sizes), f"spaces must be {len(sizes)}, one per neighbourhood size")
@@ -535,7 +545,9 @@ class Profile:
                     rows.add(t.shape[0])
                     bank[part][s].append(t)
         _need(len(rows) == 1, f"the bank tensors have different row counts {sorted(rows)}")
-        widths = {f"bank.{part}.{s}.*": [t.shape[1] for t in space] for part in parts for s, space in enumerate(bank[part])}
+        widths = {
+            f"bank.{part}.{s}.*": [t.shape[1] for t in space] for part in parts for s, space in enumerate(bank[part])
+        }
         _need(
             len({tuple(w) for w in widths.values()}) == 1,
             f"the bank tensors of each part and neighbourhood must have the same layer widths, got {widths}",
@@ -591,21 +603,14 @@ def _tensors_metadata(blob: bytes) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def _check_binding(path: Path, doc: dict, blob: bytes) -> None:
+def _check_binding(path: Path, doc: dict, blob: bytes) -> bool:
     """The two files of a profile must be the pair :meth:`Profile.save` wrote: ``profile.json`` records the
-    SHA-256 of ``tensors.safetensors``, whose metadata records the SHA-256 of ``profile.json``; a profile saved
-    before the digests existed (neither) loads with a warning."""
+    SHA-256 of ``tensors.safetensors``, whose metadata records the SHA-256 of ``profile.json``. ``False``: a
+    profile saved before the digests existed (neither file holds one; not checked)."""
     want_tensors = doc.get(TENSORS_DIGEST)
     want_doc = _tensors_metadata(blob).get(JSON_DIGEST)
     if want_tensors is None and want_doc is None:
-        log.warning(
-            "%s holds no digests binding %s and %s (saved by an older dualclip): that they belong together is "
-            "not checked; save the profile again to add them",
-            path,
-            PROFILE_JSON,
-            PROFILE_TENSORS,
-        )
-        return
+        return False
     problems = []
     if want_tensors != hashlib.sha256(blob).hexdigest():
         problems.append(f"{PROFILE_TENSORS} is not the tensors file {PROFILE_JSON} was saved with")
@@ -616,6 +621,7 @@ def _check_binding(path: Path, doc: dict, blob: bytes) -> None:
             f"{path}: {PROFILE_JSON} and {PROFILE_TENSORS} do not belong together: {'; '.join(problems)}; "
             "fit the profile again"
         )
+    return True
 
 
 def check_destination(path: str | os.PathLike, overwrite: bool = False) -> None:
