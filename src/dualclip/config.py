@@ -133,7 +133,7 @@ class MethodSettings:
         connected machine), a local checkpoint file (``.pt``/``.pth``/``.bin``/``.safetensors``, loaded
         without executing pickled code), or ``None`` for randomly initialised weights (tests, benchmarks).
     image_size:
-        Processing resolution S (square). ``None``: the preset's size (240, 518; 320 for effnet-lite0, 224 for
+        Processing resolution S (square), 32 to 4096 pixels. ``None``: the preset's size (240, 518; 320 for effnet-lite0, 224 for
         dinov2-vits14).
     feature_layers:
         1-based transformer blocks whose V-V tokens feed visual matching. ``None``: 4 evenly spaced blocks
@@ -156,7 +156,8 @@ class MethodSettings:
         normal images' leave-one-out patches. ``None``: the backbone's default.
     neighbourhood:
         Side of the square neighbourhood over which matching features are averaged (1 = off), or several
-        sides, e.g. ``(1, 3, 5)``: one matching space each, scores averaged. ``None``: the backbone's
+        sides, e.g. ``(1, 3, 5)``: one matching space each, scores averaged; each at most the feature grid's
+        side. ``None``: the backbone's
         default (see ``distance``); effnet-lite0: 1 zero-shot and with golden references, 3 for a fitted
         profile's memory bank (each chosen for the worst fold, docs/results.md).
     border:
@@ -203,7 +204,7 @@ class MethodSettings:
     image_score:
         ``"max"`` of the smoothed map, or ``"top1pct"``: mean of its top 1% pixels.
     sigma:
-        Gaussian smoothing in pixels at resolution S.
+        Gaussian smoothing in pixels at resolution S (0 to S).
     temperature:
         Softmax temperature tau of text scores; ``None``: the model's logit scale (100 for CLIP).
     tta:
