@@ -153,9 +153,14 @@ def _both(key, value):
         (None, _narrow("bank.cosine.0.0", "bank.euclidean.0.0"), r"widths \[63, 64, 64, 64\], the model's"),
         (None, _narrow("ood.embeddings"), "ood.embeddings has width 31, the model's global embedding 32"),
         (_set("head", value=None), None, "config.tta is on but the profile holds no adaptation head"),
-        (_set("config", "sigma", value=1e308), None, r"sigma must be in \[0, image_size\]"),
+        (
+            _set("config", "sigma", value=1e308),
+            None,
+            r"sigma=1e\+308 is outside \[0, 4096\] pixels",
+        ),
+        (_set("config", "sigma", value=65.0), None, "its sigma 65.0 exceeds its image size 64"),
         (_both("image_size", 1e9), None, "image_size must be an integer, got 1000000000.0"),
-        (_both("image_size", 100000), None, r"image_size must be in \[32, 4096\] pixels, got 100000"),
+        (_both("image_size", 100000), None, r"image_size=100000 is outside \[32, 4096\] pixels"),
         (
             _set("normal_scores", value=[1e308, 0.0, 0.0, 0.0]),
             None,
@@ -183,9 +188,15 @@ def test_a_forged_profile_field_is_one_clear_error(profile, doc, tensors, messag
     assert "\n" not in str(err.value)
 
 
-def test_settings_refuse_a_huge_image_size_and_a_neighbourhood_beyond_the_grid(tiny_backbone, texture_set):
-    with pytest.raises(ConfigError, match=r"image_size must be in \[32, 4096\] pixels, got 100000"):
+def test_settings_refuse_a_huge_image_size_and_a_neighbourhood_beyond_the_grid(tmp_path, tiny_backbone, texture_set):
+    from typer.testing import CliRunner
+
+    from dualclip.cli.main import app
+
+    with pytest.raises(ConfigError, match=r"image_size=100000 is outside \[32, 4096\] pixels"):
         DetectorConfig(backbone=TINY, image_size=100000)
+    r = CliRunner().invoke(app, ["predict", str(tmp_path), "-o", str(tmp_path / "o"), "--image-size", "100000"])
+    assert r.exit_code == 2 and r.output == "error: --image-size 100000 is outside [32, 4096] pixels\n", r.output
     cfg = dataclasses.replace(CFG, tta=False, use_text=False, neighbourhood=5)
     with pytest.raises(ConfigError, match=r"neighbourhood must be odd and at most the feature grid's side \(4 x 4\)"):
         DualClipDetector(cfg, backbone=tiny_backbone).predict(texture_set[0][:4])

@@ -278,7 +278,7 @@ class MethodSettings:
             _check(len(self.feature_layers) > 0, "feature_layers must not be empty")
         _check(
             self.image_size is None or 32 <= self.image_size <= MAX_IMAGE_SIZE,
-            f"image_size must be in [32, {MAX_IMAGE_SIZE}] pixels, got {self.image_size!r}",
+            f"image_size={self.image_size!r} is outside [32, {MAX_IMAGE_SIZE}] pixels",
         )
         _check(self.vv_start is None or self.vv_start >= 0, "vv_start is 1-based (0: no V-V path) and must be >= 0")
         _one_of("distance", self.distance, DISTANCES, optional=True)
@@ -304,7 +304,7 @@ class MethodSettings:
         _one_of("image_score", self.image_score, IMAGE_SCORES)
         _check(
             0 <= self.sigma <= (self.image_size or MAX_IMAGE_SIZE),
-            f"sigma must be in [0, image_size] pixels ({self.image_size or MAX_IMAGE_SIZE}), got {self.sigma!r}",
+            f"sigma={self.sigma!r} is outside [0, {self.image_size or MAX_IMAGE_SIZE}] pixels (at most the image size)",
         )
         _check(
             isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**32,

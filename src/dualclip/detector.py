@@ -957,6 +957,10 @@ class DualClipDetector:
                 f"(fingerprint {got}): load it with the same model and weights, or fit a new profile"
             )
         _check_profile_geometry(path, profile, det.backbone)
+        if det.config.sigma > det.backbone.image_size:
+            raise ProfileError(
+                f"{path} is damaged: its sigma {det.config.sigma!r} exceeds its image size {det.backbone.image_size}"
+            )
         return det
 
     def features(self, images: Sequence[ImageInput]) -> BackboneOutput:
