@@ -198,5 +198,7 @@ def test_settings_refuse_a_huge_image_size_and_a_neighbourhood_beyond_the_grid(t
     r = CliRunner().invoke(app, ["predict", str(tmp_path), "-o", str(tmp_path / "o"), "--image-size", "100000"])
     assert r.exit_code == 2 and r.output == "error: --image-size 100000 is outside [32, 4096] pixels\n", r.output
     cfg = dataclasses.replace(CFG, tta=False, use_text=False, neighbourhood=5)
-    with pytest.raises(ConfigError, match=r"neighbourhood must be odd and at most the feature grid's side \(4 x 4\)"):
+    with pytest.raises(
+        ConfigError, match=r"neighbourhood=5 does not fit the feature grid \(4 x 4\): choose an odd size at most 4"
+    ):
         DualClipDetector(cfg, backbone=tiny_backbone).predict(texture_set[0][:4])

@@ -115,7 +115,8 @@ def neighbourhood_mean(tokens: torch.Tensor, grid: tuple[int, int], size: int) -
     longer side (a larger square is the whole grid)."""
     if size % 2 != 1 or not 1 <= size <= max(grid):
         raise ConfigError(
-            f"neighbourhood must be odd and at most the feature grid's side ({grid[0]} x {grid[1]}), got {size}"
+            f"neighbourhood={size} does not fit the feature grid ({grid[0]} x {grid[1]}): choose an odd size at "
+            f"most {max(grid)}"
         )
     if size == 1:
         return tokens
