@@ -346,7 +346,7 @@ def test_quiet_hides_progress_bars_but_not_the_scores_or_where_they_were_written
     assert r.exit_code == 0, r.output
     doc = json.loads((out / "predictions.json").read_text())
     lines = r.stdout.splitlines()
-    assert sorted(lines) == sorted(f"{p['score']:.4f} \t{p['path']}" for p in doc["predictions"])
+    assert sorted(lines) == sorted(f"{p['score']:.4f}\t{p['path']}" for p in doc["predictions"])
     assert f"wrote {out}/report.html" in r.stderr and "%|" not in r.stderr  # no bar
 
 
