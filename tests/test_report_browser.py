@@ -5,6 +5,7 @@ Skipped, with the reason, where no Chromium or no Playwright is available.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -45,9 +46,9 @@ def report(tmp_path, folder, tiny_backbone):
     return tmp_path / "out" / "report.html", doc
 
 
-@pytest.mark.slow
-def test_report_shows_every_image_with_its_score_and_sorts(report):
-    path, doc = report
+@contextlib.contextmanager
+def opened(path):
+    """The report loaded in headless Chromium: its page and the list its script errors are collected in."""
     with sync_api.sync_playwright() as p:
         browser = launch(p)
         try:
@@ -56,34 +57,41 @@ def test_report_shows_every_image_with_its_score_and_sorts(report):
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(path.as_uri())
             page.wait_for_load_state("load")
-            rows = page.evaluate(ROWS_JS)
-            assert errors == []
-            assert len(rows) == len(doc["predictions"]) == 11
-            expected = {p["path"]: p for p in doc["predictions"]}
-            for row in rows:
-                pred = expected[row["path"]]
-                if pred.get("error"):
-                    assert row["images"] == [] and row["verdict"] == "error" and row["error"] == pred["error"]
-                    continue
-                assert row["score"] == f"{pred['score']:.4f}"
-                assert row["verdict"] == pred["verdict"]
-                assert len(row["images"]) == 2  # the image and its heat-map overlay
-                assert all(i["decoded"] and i["visible"] and i["width"] > 0 for i in row["images"])
-            # rows come sorted by score, highest first (errors last); a click on the score header sorts
-            # ascending, a second click descending again
-            scores = sorted((p["score"] for p in doc["predictions"] if p.get("score") is not None), reverse=True)
-            for order in (scores, scores[::-1], scores):
-                shown = [r["score"] for r in page.evaluate(ROWS_JS) if r["score"] != "-"]
-                assert shown == [f"{s:.4f}" for s in order]
-                page.click("th:has-text('score')")
-            meta = json.loads(page.locator("#meta").text_content())
-            assert meta["threshold"]["source"] == "manual" and meta["class_name"] == CLASS_NAME
-            paragraphs = page.locator("body > p").all_text_contents()
-            flagged = sum(p.get("verdict") == "defective" for p in doc["predictions"])
-            assert paragraphs[0] == f"11 files: 10 scored, {flagged} flagged defective {10 - flagged} ok 1 failed"
-            assert CLASS_NAME in paragraphs[1]
+            yield page, errors
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+def test_report_shows_every_image_with_its_score_and_sorts(report):
+    path, doc = report
+    with opened(path) as (page, errors):
+        rows = page.evaluate(ROWS_JS)
+        assert errors == []
+        assert len(rows) == len(doc["predictions"]) == 11
+        expected = {p["path"]: p for p in doc["predictions"]}
+        for row in rows:
+            pred = expected[row["path"]]
+            if pred.get("error"):
+                assert row["images"] == [] and row["verdict"] == "error" and row["error"] == pred["error"]
+                continue
+            assert row["score"] == f"{pred['score']:.4f}"
+            assert row["verdict"] == pred["verdict"]
+            assert len(row["images"]) == 2  # the image and its heat-map overlay
+            assert all(i["decoded"] and i["visible"] and i["width"] > 0 for i in row["images"])
+        # rows come sorted by score, highest first (errors last); a click on the score header sorts
+        # ascending, a second click descending again
+        scores = sorted((p["score"] for p in doc["predictions"] if p.get("score") is not None), reverse=True)
+        for order in (scores, scores[::-1], scores):
+            shown = [r["score"] for r in page.evaluate(ROWS_JS) if r["score"] != "-"]
+            assert shown == [f"{s:.4f}" for s in order]
+            page.click("th:has-text('score')")
+        meta = json.loads(page.locator("#meta").text_content())
+        assert meta["threshold"]["source"] == "manual" and meta["class_name"] == CLASS_NAME
+        paragraphs = page.locator("body > p").all_text_contents()
+        flagged = sum(p.get("verdict") == "defective" for p in doc["predictions"])
+        assert paragraphs[0] == f"11 files: 10 scored, {flagged} flagged defective {10 - flagged} ok 1 failed"
+        assert CLASS_NAME in paragraphs[1]
 
 
 @pytest.mark.slow
@@ -95,28 +103,19 @@ def test_report_filters_flagged_images_and_opens_a_larger_view(report):
         "() => Array.from(document.querySelectorAll('#preds tbody tr')).filter(tr => !tr.hidden)"
         ".map(tr => tr.cells[0].dataset.v).sort()"
     )
-    with sync_api.sync_playwright() as p:
-        browser = launch(p)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            errors = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(path.as_uri())
-            page.wait_for_load_state("load")
-            assert len(page.evaluate(visible_js)) == 11
-            page.check("#flagged-only")
-            assert page.evaluate(visible_js) == flagged
-            page.uncheck("#flagged-only")
-            assert len(page.evaluate(visible_js)) == 11
-            first = next(p for p in doc["predictions"] if p.get("heatmap"))
-            page.click(f'a.view[href="{first["heatmap"]}"]')
-            view = page.locator("dialog#view")
-            assert view.evaluate("d => d.open")
-            page.wait_for_function("() => document.querySelector('dialog#view img.heat').naturalWidth > 0")
-            src = view.locator("img.heat").evaluate("i => i.src")
-            assert src.endswith(first["heatmap"])  # the full-size heat-map file, not the thumbnail
-            width = view.locator("img.heat").evaluate("i => i.naturalWidth")
-            assert width == first["size"][0]
-            assert errors == []
-        finally:
-            browser.close()
+    with opened(path) as (page, errors):
+        assert len(page.evaluate(visible_js)) == 11
+        page.check("#flagged-only")
+        assert page.evaluate(visible_js) == flagged
+        page.uncheck("#flagged-only")
+        assert len(page.evaluate(visible_js)) == 11
+        first = next(p for p in doc["predictions"] if p.get("heatmap"))
+        page.click(f'a.view[href="{first["heatmap"]}"]')
+        view = page.locator("dialog#view")
+        assert view.evaluate("d => d.open")
+        page.wait_for_function("() => document.querySelector('dialog#view img.heat').naturalWidth > 0")
+        src = view.locator("img.heat").evaluate("i => i.src")
+        assert src.endswith(first["heatmap"])  # the full-size heat-map file, not the thumbnail
+        width = view.locator("img.heat").evaluate("i => i.naturalWidth")
+        assert width == first["size"][0]
+        assert errors == []
