@@ -100,3 +100,16 @@ def unseal_profile(path: Path, doc=None, tensors=None) -> None:
     (path / PROFILE_JSON).write_text(json.dumps(d))
     t = load_file(path / PROFILE_TENSORS)
     save_file(t if tensors is None else tensors(t), path / PROFILE_TENSORS)  # no metadata
+
+
+def set_field(*keys, value):
+    """A profile.json edit (for :func:`unseal_profile`): the field at ``keys`` set to ``value``."""
+
+    def change(doc):
+        target = doc
+        for k in keys[:-1]:
+            target = target[k]
+        target[keys[-1]] = value
+        return doc
+
+    return change

@@ -394,21 +394,9 @@ def test_eval_with_a_profile_counts_its_verdicts_at_its_threshold(tmp_path, two_
     train = two_defects / "bottle" / "train" / "good"
     r = runner.invoke(app, ["fit", str(train), "-o", str(tmp_path / "p"), "--threshold-quantile", "0.5", *model])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(
-        app,
-        [
-            "eval",
-            "--dataset",
-            "mvtec",
-            "--root",
-            str(two_defects),
-            "--profile",
-            str(tmp_path / "p"),
-            "-o",
-            str(tmp_path / "e"),
-            "-q",
-        ],
-    )
+    evaluate = ["eval", "--dataset", "mvtec", "--root", str(two_defects), "--profile", str(tmp_path / "p")]
+    evaluate += ["-o", str(tmp_path / "e"), "-q"]
+    r = runner.invoke(app, evaluate)
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "e" / "results.json").read_text())["categories"]["bottle"]
     # by hand: the loaded profile's own scores of the same files, judged at its threshold
@@ -452,22 +440,7 @@ def test_eval_with_a_profile_counts_its_verdicts_at_its_threshold(tmp_path, two_
     assert f"| ↳ scratch | | {want['per_defect']['scratch']['caught']} of 2 |" in md
     # --threshold judges at another value (the median score: some caught, some passed); a new fingerprint
     t = float(np.median(scores))
-    r = runner.invoke(
-        app,
-        [
-            "eval",
-            "--dataset",
-            "mvtec",
-            "--root",
-            str(two_defects),
-            "--profile",
-            str(tmp_path / "p"),
-            "-o",
-            str(tmp_path / "e"),
-            "-q",
-        ]
-        + ["--threshold", str(t)],
-    )
+    r = runner.invoke(app, [*evaluate, "--threshold", str(t)])
     assert r.exit_code == 0, r.output
     got = json.loads((tmp_path / "e" / "results.json").read_text())["categories"]["bottle"]["at_threshold"]
     assert got["source"] == "manual" and {k: got[k] for k in by_hand(t)} == by_hand(t)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY, unseal_profile
+from conftest import TINY, set_field, unseal_profile
 from dualclip import DetectorConfig, DualClipDetector
 from dualclip.errors import ConfigError
 from dualclip.profile import JSON_DIGEST, PROFILE_JSON, PROFILE_TENSORS, TENSORS_DIGEST, ProfileError
@@ -126,19 +126,8 @@ def _narrow(*names):
     return lambda t: {**t, **{n: t[n][:, :-1].contiguous() for n in names}}
 
 
-def _set(*keys, value):
-    def change(d):
-        target = d
-        for k in keys[:-1]:
-            target = target[k]
-        target[keys[-1]] = value
-        return d
-
-    return change
-
-
 def _both(key, value):
-    return lambda d: _set(key, value=value)(_set("config", key, value=value)(d))
+    return lambda d: set_field(key, value=value)(set_field("config", key, value=value)(d))
 
 
 # each forged field (digests removed, as an older profile has none) is one ProfileError naming it
@@ -152,27 +141,31 @@ def _both(key, value):
         (None, _narrow("bank.cosine.0.0"), "must have the same layer widths"),
         (None, _narrow("bank.cosine.0.0", "bank.euclidean.0.0"), r"widths \[63, 64, 64, 64\], the model's"),
         (None, _narrow("ood.embeddings"), "ood.embeddings has width 31, the model's global embedding 32"),
-        (_set("head", value=None), None, "config.tta is on but the profile holds no adaptation head"),
+        (set_field("head", value=None), None, "config.tta is on but the profile holds no adaptation head"),
         (
-            _set("config", "sigma", value=1e308),
+            set_field("config", "sigma", value=1e308),
             None,
             r"sigma=1e\+308 is outside \[0, 4096\] pixels",
         ),
-        (_set("config", "sigma", value=65.0), None, "its sigma 65.0 exceeds its image size 64"),
+        (set_field("config", "sigma", value=65.0), None, "its sigma 65.0 exceeds its image size 64"),
         (_both("image_size", 1e9), None, "image_size must be an integer, got 1000000000.0"),
         (_both("image_size", 100000), None, r"image_size=100000 is outside \[32, 4096\] pixels"),
         (
-            _set("normal_scores", value=[1e308, 0.0, 0.0, 0.0]),
+            set_field("normal_scores", value=[1e308, 0.0, 0.0, 0.0]),
             None,
             "normal_scores must be a list of n_normal=4 finite",
         ),
-        (_set("config", "use_visual", value="no"), None, "config.use_visual must be true or false, got 'no'"),
-        (_set("config", "use_text", value="no"), None, "use_text must be true or false, got 'no'"),
-        (_set("config", "alpha", value="x"), None, "alpha must be a number, got 'x'"),
-        (_set("config", "feature_layers", value="abc"), None, "feature_layers must be a list of block indices"),
-        (_set("config", "neighbourhood", value=[5]), None, r"it records neighbourhood \[3\], its settings .* \[5\]"),
+        (set_field("config", "use_visual", value="no"), None, "config.use_visual must be true or false, got 'no'"),
+        (set_field("config", "use_text", value="no"), None, "use_text must be true or false, got 'no'"),
+        (set_field("config", "alpha", value="x"), None, "alpha must be a number, got 'x'"),
+        (set_field("config", "feature_layers", value="abc"), None, "feature_layers must be a list of block indices"),
         (
-            _set("centring", value="ring"),
+            set_field("config", "neighbourhood", value=[5]),
+            None,
+            r"it records neighbourhood \[3\], its settings .* \[5\]",
+        ),
+        (
+            set_field("centring", value="ring"),
             None,
             r"it records centring .ring., its settings \(config.centring\) give .none.",
         ),

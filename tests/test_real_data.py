@@ -49,6 +49,20 @@ def _plain_nearest_neighbour(images, references):
     return maps.amax(dim=(1, 2)).numpy(), maps.numpy()
 
 
+def _tiles_beside_100_good(name: str, defect: str):
+    """magnetic_tile's ``defect`` images (masks > 127 beside them) with the first 100 defect-free tiles."""
+    root = shared_dataset("magnetic_tile")
+    (cat,) = D.folder(
+        name,
+        normal=[str(root / "MT_Free" / "Imgs" / "*.jpg")],
+        anomalous=[str(root / defect / "Imgs" / "*.jpg")],
+        mask_suffix=".png",
+        max_normal=100,
+        mask_threshold=127,
+    )
+    return cat
+
+
 @pytest.mark.slow
 def test_default_beats_the_plain_nearest_neighbour_on_the_blowhole_fold():
     """The effnet-lite0 default against the plain nearest neighbour of docs/results.md on one of its folds
@@ -56,15 +70,7 @@ def test_default_beats_the_plain_nearest_neighbour_on_the_blowhole_fold():
     AUROC, pixel AUROC and AUPRO (the fold table: +5.3, +1.3, +5.8 points at seed 0)."""
     from dualclip.metrics import aupro as pixel_aupro
 
-    root = shared_dataset("magnetic_tile")
-    (cat,) = D.folder(
-        "blowhole",
-        normal=[str(root / "MT_Free" / "Imgs" / "*.jpg")],
-        anomalous=[str(root / "MT_Blowhole" / "Imgs" / "*.jpg")],
-        mask_suffix=".png",
-        max_normal=100,
-        mask_threshold=127,
-    )
+    cat = _tiles_beside_100_good("blowhole", "MT_Blowhole")
     assert len(cat.samples) == 215
     det = DualClipDetector(DetectorConfig(backbone="effnet-lite0", k=1, seed=0, progress=False))
     images = cat.images()
@@ -105,15 +111,7 @@ def test_eval_of_mpdds_images_and_masks_split_as_mvtec_is_refused_with_the_folde
 def test_random_partners_keep_a_recurring_defect_type_on_real_data():
     """magnetic_tile's Crack images (57, several captures of the same cracks) beside 100 defect-free ones:
     with random partners the defective images score above the normal ones on average, for every seed."""
-    root = shared_dataset("magnetic_tile")
-    (cat,) = D.folder(
-        "crack",
-        normal=[str(root / "MT_Free" / "Imgs" / "*.jpg")],
-        anomalous=[str(root / "MT_Crack" / "Imgs" / "*.jpg")],
-        mask_suffix=".png",
-        max_normal=100,
-        mask_threshold=127,
-    )
+    cat = _tiles_beside_100_good("crack", "MT_Crack")
     det = DualClipDetector(DetectorConfig(backbone="effnet-lite0", progress=False))
     images = cat.images()
     for seed in (0, 1, 2):

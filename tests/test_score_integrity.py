@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import shared_dataset, unseal_profile, write_mvtec_tree
+from conftest import set_field, shared_dataset, unseal_profile, write_mvtec_tree
 from dualclip import DetectorConfig, DualClipDetector
 from dualclip.cli.main import app
 from dualclip.cli.predict import EXIT_SOME_FAILED, run_predict
@@ -259,27 +259,25 @@ def _tamper_tensor(path: Path, name: str, change) -> None:
     unseal_profile(path, tensors=lambda t: {**t, name: change(t[name])})
 
 
-def _set(keys, value):
-    def change(doc):
-        d = doc
-        for k in keys[:-1]:
-            d = d[k]
-        d[keys[-1]] = value
-        return doc
-
-    return change
-
-
 TAMPERED_FIELDS = {
-    "nan score std": (lambda p: _tamper_json(p, _set(["scale", "score", "std"], float("nan"))), "scale.score.std"),
-    "negative score std": (lambda p: _tamper_json(p, _set(["scale", "score", "std"], -1.0)), "scale.score.std"),
-    "1e308 score std": (lambda p: _tamper_json(p, _set(["scale", "score", "std"], 1e308)), "scale.score.std"),
-    "huge patch std": (lambda p: _tamper_json(p, _set(["scale", "patch", "visual", "std"], 1e308)), "visual"),
+    "nan score std": (
+        lambda p: _tamper_json(p, set_field("scale", "score", "std", value=float("nan"))),
+        "scale.score.std",
+    ),
+    "negative score std": (
+        lambda p: _tamper_json(p, set_field("scale", "score", "std", value=-1.0)),
+        "scale.score.std",
+    ),
+    "1e308 score std": (lambda p: _tamper_json(p, set_field("scale", "score", "std", value=1e308)), "scale.score.std"),
+    "huge patch std": (lambda p: _tamper_json(p, set_field("scale", "patch", "visual", "std", value=1e308)), "visual"),
     "short bank_owner": (lambda p: _tamper_tensor(p, "bank_owner", lambda t: t[:-1]), "bank_owner"),
     "float bank_owner": (lambda p: _tamper_tensor(p, "bank_owner", lambda t: t.double()), "bank_owner"),
     "owner out of range": (lambda p: _tamper_tensor(p, "bank_owner", lambda t: t + 100), "bank_owner"),
     "nan in the bank": (lambda p: _tamper_tensor(p, "bank.cosine.0.0", lambda t: t * float("nan")), "bank"),
-    "string normal_scores": (lambda p: _tamper_json(p, _set(["normal_scores"], ["0.1", "x"])), "normal_scores"),
+    "string normal_scores": (
+        lambda p: _tamper_json(p, set_field("normal_scores", value=["0.1", "x"])),
+        "normal_scores",
+    ),
 }
 
 
@@ -296,8 +294,8 @@ def test_a_tampered_profile_field_is_refused_on_load(tmp_path, fitted, case):
 TAMPERED_DOCS = {
     "a JSON list": lambda doc: [doc],
     "no config": lambda doc: {k: v for k, v in doc.items() if k != "config"},
-    "parts empty": _set(["parts"], []),
-    "string score mean": _set(["scale", "score", "mean"], "0.5"),
+    "parts empty": set_field("parts", value=[]),
+    "string score mean": set_field("scale", "score", "mean", value="0.5"),
 }
 
 

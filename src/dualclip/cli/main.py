@@ -180,6 +180,22 @@ def _ints(text: str, flag: str) -> list[int]:
         raise UsageError(f"{flag} takes comma-separated integers, got {text!r}") from None
 
 
+def _load_profile(profile, quiet, device, runtime, onnx_file, precision, num_workers, batch_size):
+    """A saved profile for ``predict --profile`` and ``eval --profile``, run the way the flags say."""
+    from ..detector import DualClipDetector
+
+    return DualClipDetector.load(
+        profile,
+        device=device,
+        runtime=runtime,
+        onnx_file=onnx_file,
+        precision=precision,
+        num_workers=num_workers,
+        batch_size=batch_size,
+        progress=not quiet,
+    )
+
+
 def _config(backbone, pretrained, image_size, k, tta, seed, quiet, **extra) -> DetectorConfig:
     if str(k) != "all" and (len(_ints(k, "--k")) != 1):
         raise UsageError(f"--k takes one integer or 'all', got {k!r}")
@@ -380,18 +396,7 @@ def predict(
                     "--profile brings its own references and threshold: drop --reference, --threshold-quantile and "
                     "--validation-* (fit the threshold with `dualclip fit`; --threshold overrides it)"
                 )
-            from ..detector import DualClipDetector
-
-            detector = DualClipDetector.load(
-                profile,
-                device=device,
-                runtime=runtime,
-                onnx_file=onnx_file,
-                precision=precision,
-                num_workers=num_workers,
-                batch_size=batch_size,
-                progress=not quiet,
-            )
+            detector = _load_profile(profile, quiet, device, runtime, onnx_file, precision, num_workers, batch_size)
             cfg = detector.config
         else:
             cfg = _config(
@@ -862,19 +867,9 @@ def eval_(
             given = _model_options_given(ctx) + [f for f, v in (("--seeds", seeds != "0"), ("--shots", shots > 0)) if v]
             if given:
                 raise UsageError(f"--profile carries the model, settings and references: drop {', '.join(given)}")
-            from ..detector import DualClipDetector
             from ..thresholds import manual_threshold
 
-            fitted = DualClipDetector.load(
-                profile,
-                device=device,
-                runtime=runtime,
-                onnx_file=onnx_file,
-                precision=precision,
-                num_workers=num_workers,
-                batch_size=batch_size,
-                progress=not quiet,
-            )
+            fitted = _load_profile(profile, quiet, device, runtime, onnx_file, precision, num_workers, batch_size)
             cfg, seed_list = fitted.config, [fitted.config.seed]
             verdicts = None if threshold is None else manual_threshold(threshold)
             extra["profile"] = str(profile)
