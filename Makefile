@@ -37,7 +37,10 @@ demo: $(STAMP)
 MUTATE_TARGETS = 'dualclip.scoring.fusion.*' 'dualclip.scoring.reference.x_aggregate*' 'dualclip.scoring.text.*' \
 	'dualclip.thresholds.*' 'dualclip.core.*' 'dualclip.detector.*_branches_to_run*' \
 	'dualclip.evaluation.x_mean_over_seeds*' 'dualclip.evaluation.x_macro_mean*' \
-	'dualclip.evaluation.x_results_table*'
+	'dualclip.evaluation.x_results_table*' \
+	'dualclip.scoring.matching.*' 'dualclip.scoring.sources.*' 'dualclip.scoring.position.*' \
+	'dualclip.scoring.coreset.*' 'dualclip.profile.*Moments*' 'dualclip.profile.*ScoreScale*' \
+	'dualclip.profile.x_build_bank*' 'dualclip.profile.x__offsets*'
 mutate: $(STAMP)
 	$(BIN)/pip install -q mutmut==3.8.1
 	rm -rf mutants
