@@ -1,10 +1,12 @@
 """The README and docs/ as a newcomer meets them: every code block marked runnable runs as pasted, the quick
-start is on the first screen, the pages hold no internal or historical language, every test they name exists,
-and the settings tables are the ones the docstrings make."""
+start is on the first screen, the pages hold no internal or historical language, every test and every source
+name (module, function, class) they cite exists, and the settings tables are the ones the docstrings make."""
 
 from __future__ import annotations
 
 import ast
+import dataclasses
+import importlib
 import re
 import runpy
 from pathlib import Path
@@ -106,6 +108,83 @@ def test_every_test_the_docs_name_exists():
         if not (any(d.startswith(name[:-1]) for d in defined) if name.endswith("*") else name in defined)
     )
     assert missing == []
+
+
+SRC = ROOT / "src" / "dualclip"
+PACKAGES = "|".join(sorted(d.name for d in SRC.iterdir() if (d / "__init__.py").is_file()))
+CITED = [  # group 1: a module path ("/" or "." between names), 2: a trailing ".py", 3: ".name"s after the module
+    re.compile(r"src/dualclip/((?:\w+/)*\w+)(\.py)?((?:\.[A-Za-z_]\w*)*)"),
+    re.compile(rf"(?<![\w./-])((?:{PACKAGES})(?:/\w+)+)(\.py)?((?:\.[A-Za-z_]\w*)*)"),
+    re.compile(r"(?<![\w./-])dualclip((?:\.[A-Za-z_]\w*)+)()()"),  # dotted: names after the package itself
+]
+DOTTED = CITED[2]
+
+
+def _has(obj, name: str) -> bool:
+    """``obj.name`` exists: an attribute, or a field of a dataclass (a field without a default is no class
+    attribute)."""
+    fields = {f.name for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else set()
+    return hasattr(obj, name) or name in fields or name in getattr(obj, "__annotations__", {})
+
+
+def _is_module(names: list[str]) -> bool:
+    return SRC.joinpath(*names).with_suffix(".py").is_file() or SRC.joinpath(*names, "__init__.py").is_file()
+
+
+def missing_source_names(text: str) -> list[str]:
+    """The names ``text`` cites in the source that do not exist: ``src/dualclip/...`` paths, package-relative
+    ones (``core/maps.py``, ``core/maps.fuse_branches``, ``output/writer.OutputWriter.add``) and dotted ones
+    (``dualclip.scoring.sources.bank_scores``): the longest leading run of names that is a module, then each
+    further name looked up on what the previous one gave."""
+    missing = []
+    for pattern in CITED:
+        for m in pattern.finditer(text):
+            names = [n for n in re.split(r"[/.]", m[1] + m[3]) if n]
+            n = 0
+            while n < len(names) and _is_module(names[: n + 1]):
+                n += 1
+            not_a_file = m[2] and not SRC.joinpath(*names[:n]).with_suffix(".py").is_file()
+            if (n == 0 and pattern is not DOTTED) or not_a_file:
+                missing.append(m[0])
+                continue
+            obj = importlib.import_module(".".join(["dualclip", *names[:n]]))
+            for name in names[n:]:
+                if not _has(obj, name):
+                    missing.append(m[0])
+                    break
+                obj = getattr(obj, name, None)
+    return sorted(missing)
+
+
+def test_missing_source_names_are_found():
+    real = (
+        "`core/maps.fuse_branches`, `scoring/sources.py`, `src/dualclip/detector.py`, "
+        "`output/writer.OutputWriter.add`, `scoring/sources.VisualScores.scores`, `dualclip.scoring.sources.bank_scores`, `dualclip.DetectorConfig`, "
+        "`core/`, out/blocks/, .dualclip-output.json"
+    )
+    assert missing_source_names(real) == []
+    bogus = (
+        "`core/maps.fuse_all`, `scoring/source.py`, `src/dualclip/detectors.py`, `output/writer.OutputWriter.put`, "
+        "`dualclip.scoring.source.bank_scores`, `scoring/sources.VisualScores.score`, `cli/run.py`, `dualclip.Detector`"
+    )
+    assert missing_source_names(bogus) == sorted(
+        [
+            "core/maps.fuse_all",
+            "scoring/source.py",
+            "src/dualclip/detectors.py",
+            "output/writer.OutputWriter.put",
+            "dualclip.scoring.source.bank_scores",
+            "scoring/sources.VisualScores.score",
+            "cli/run.py",
+            "dualclip.Detector",
+        ]
+    )
+
+
+def test_every_source_name_the_docs_cite_exists():
+    cited = sum(1 for pattern in CITED for _ in pattern.finditer((ROOT / "docs" / "architecture.md").read_text()))
+    assert cited > 40  # the architecture page names the function of every step
+    assert {page.name: missing_source_names(page.read_text()) for page in PAGES} == {page.name: [] for page in PAGES}
 
 
 def _marked_slow(path: Path) -> set[str]:
