@@ -874,6 +874,11 @@ class DualClipDetector:
         whose scores and heat maps are in each run's own units."""
         return None if self.profile_ is None else list(self.profile_.normal_scores)
 
+    def profile_fingerprint(self) -> str | None:
+        """The fitted profile's :meth:`~dualclip.profile.Profile.fingerprint` (bank, scale, normal scores,
+        threshold, settings), or ``None`` where the detector is not fitted."""
+        return None if self.profile_ is None else self.profile_.fingerprint()
+
     def profile_meta(self) -> dict | None:
         """A copy of what the fitted profile records of itself (model, weights, class, sizes, sources, ...), or
         ``None`` where the detector is not fitted."""

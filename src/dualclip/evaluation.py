@@ -375,11 +375,9 @@ def run_eval(
 
 
 def _profile_identity(fitted: DualClipDetector, threshold: Threshold | None) -> dict:
-    """What a tested profile's results depend on beyond its settings: its statistics and the threshold."""
-    p = fitted.profile_
-    th = threshold or p.threshold
-    stats = json.dumps([p.meta, p.scale.to_dict(), p.normal_scores], sort_keys=True, default=str)
-    return {"profile": hashlib.sha256(stats.encode()).hexdigest()[:16], "threshold": th and th.to_dict()}
+    """What a tested profile's results depend on beyond its settings: the profile itself and the threshold."""
+    th = threshold or fitted.threshold_
+    return {"profile": fitted.profile_fingerprint(), "threshold": th and th.to_dict()}
 
 
 def macro_mean(rows: list[dict]) -> dict[str, float]:
