@@ -431,3 +431,60 @@ def test_fuse_normalises_weights_and_names_errors():
         fuse([], "zscore")
     with pytest.raises(ValueError, match="^unknown image score mode 'mean'$"):
         map_scores(torch.zeros(1, 2, 2), "mean")
+
+
+def test_a_score_that_is_not_a_finite_number_gets_no_verdict():
+    from dualclip.thresholds import score_error
+
+    th = Threshold(0.5, "manual")
+    for bad in (float("nan"), float("inf"), None):
+        message = f"the score is not a finite number ({bad}): no verdict (the profile or the image gives no usable score)"
+        assert score_error(bad) == message
+        with pytest.raises(ValueError) as raised:
+            th.verdict(bad)
+        assert str(raised.value) == message
+    assert score_error(-3.0) is None and th.verdict(-3.0, unusable="far from the normal images") == "unusable"
+
+
+def test_results_table_lists_defect_rows_and_few_shot_runs_exactly():
+    from dualclip.evaluation import results_table
+
+    cat = {k: 0.5 for k in ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max")}
+    cat["pixel_aupro"] = 0.5
+    defect = {k: 0.25 for k in cat}
+    results = {
+        "config": {"seeds": [0], "shots": 4},
+        "categories": {"a": {**cat, "ms_per_image": None, "per_defect": {"crack": defect}}},
+        "mean": dict(cat),
+    }
+    row, low = " | ".join(["50.0"] * 7), " | ".join(["25.0"] * 7)
+    assert results_table(results, "md") == (
+        "| category | image auroc | image ap | image f1max | pixel auroc | pixel ap | pixel f1max | pixel aupro "
+        f"| ms/image |\n|---|---|---|---|---|---|---|---|---|\n| a | {row} | n/a |\n| ↳ crack | {low} |  |\n"
+        f"| mean | {row} | n/a |\n\nMetrics in %, seed 0.\n"
+        "↳ rows: one defect type against every normal image of its category (not in the mean).\n"
+        "Few-shot: 4 golden references per category from its normal training images.\n"
+    )
+    csv_row, csv_low = ",".join(["50.00"] * 7), ",".join(["25.00"] * 7)
+    assert results_table(results, "csv").splitlines()[1:] == [f"a,,{csv_row},", f"a,crack,{csv_low},", f"mean,,{csv_row},"]
+
+
+def test_a_profiles_normal_scores_are_what_scoring_its_normal_images_in_its_units_gives():
+    """normal_scale fixes the units step by step as fuse_branches applies them: with rank fusion (where the run's
+    own normalisation and the fixed moments differ) the normal images scored in the returned scale get exactly
+    the returned scores."""
+    from dualclip.core import BranchScores
+    from dualclip.core.maps import Fusion, fuse_branches, normal_scale
+
+    g = torch.Generator().manual_seed(0)
+    grid = (4, 4)
+    branches = BranchScores(
+        text=torch.rand(6, 16, generator=g) ** 3,
+        visual=torch.rand(6, 16, generator=g) * 5,
+        text_global=torch.rand(6, generator=g) ** 2,
+    )
+    fusion = Fusion(alpha=0.5, beta=0.5, norm="rank", image_score="max", sigma=1.0, size=16)
+    scale, scores = normal_scale(branches, grid, fusion)
+    _, again = fuse_branches(branches, grid, fusion, scale)
+    torch.testing.assert_close(again, scores, rtol=0, atol=1e-6)
+    assert scale.score.std > 0 and abs(float(scores.mean())) < 1e-6
