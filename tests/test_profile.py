@@ -133,41 +133,6 @@ def test_a_fitted_detector_refuses_another_class_and_references(tiny_backbone, s
         det.fit(train[:1])
 
 
-def _greedy_reference(x: np.ndarray, size: int, first: int) -> list[int]:
-    """One pick at a time, squared distances by their definition (float64)."""
-    chosen = [first]
-    nearest = ((x - x[first]) ** 2).sum(-1)
-    while len(chosen) < size:
-        chosen.append(int(np.argmax(nearest)))
-        nearest = np.minimum(nearest, ((x - x[chosen[-1]]) ** 2).sum(-1))
-    return sorted(chosen)
-
-
-def test_greedy_coreset_matches_brute_force_k_center():
-    x = torch.randn(60, 5, generator=torch.Generator().manual_seed(3))
-    got = greedy_coreset(x, 12, seed=4, projection=None)
-    first = int(torch.randint(60, (1,), generator=torch.Generator().manual_seed(4)))
-    assert got.tolist() == _greedy_reference(x.double().numpy(), 12, first)
-    assert greedy_coreset(x, 100).tolist() == list(range(60))
-
-
-def test_projected_coreset_in_blocks_picks_the_one_at_a_time_greedy_coreset():
-    """Clustered features (2400 patches of 152 channels, as effnet-lite0's): 300 picks take several candidate
-    blocks; they are the one-at-a-time greedy's picks on the same seeded projection, each patch once."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(48, 152, generator=gen).repeat_interleave(50, 0) + 0.3 * torch.randn(2400, 152, generator=gen)
-    got = greedy_coreset(x, 300, seed=5, projection=128)
-    gen = torch.Generator().manual_seed(5)
-    projected = (x @ (torch.randn(152, 128, generator=gen) / 128**0.5)).double().numpy()
-    first = int(torch.randint(2400, (1,), generator=gen))
-    assert got.tolist() == _greedy_reference(projected, 300, first)
-    assert len(set(got.tolist())) == 300 and 0 <= got.min() and got.max() < 2400
-    # more picks than distinct patches: every distinct patch, then others, never one twice
-    dup = torch.randn(5, 8, generator=gen).repeat(40, 1)
-    got = greedy_coreset(dup, 30, projection=None)
-    assert len(set(got.tolist())) == 30 and {int(i) % 5 for i in got} == set(range(5))
-
-
 def test_memory_bank_is_bounded_and_keeps_owners(tiny_backbone, split):
     train, test = split
     det = DualClipDetector(dataclasses.replace(CFG, memory_bank_size=20), backbone=tiny_backbone).fit(train)
