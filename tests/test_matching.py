@@ -171,3 +171,67 @@ def test_an_empty_bank_leaves_every_patch_at_infinite_distance():
     query = [torch.randn(2, 5, 3)]
     got = bank_distances(query, [torch.zeros(0, 3)], "euclidean")
     assert got.shape == (2, 5) and torch.isinf(got).all()
+
+
+def _recording(real, shapes: list):
+    """``real`` (a torch function), appending the shape of each result it gives to ``shapes``."""
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        shapes.append(tuple(out.shape))
+        return out
+
+    return spy
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+def test_nearest_distances_keep_each_block_of_distances_within_the_memory_budget(distance, monkeypatch):
+    """Two pairs of 300 x 150 patches (two layers of 4 and 3 channels) under a budget of 30000 distances: a's
+    patches are matched 100 at a time, 2 x 100 x 150 distances per block and per distance matrix (one per layer,
+    or one of the concatenated layers), whatever the channels; the distances equal the unblocked ones."""
+    a, b = (
+        _space(_layers(2, 300, dims=(4, 3), seed=10), distance),
+        _space(_layers(2, 150, dims=(4, 3), seed=11), distance),
+    )
+    whole = nearest_distances(a, b, distance)
+    shapes = []
+    for name in ("bmm", "baddbmm"):
+        monkeypatch.setattr(torch, name, _recording(getattr(torch, name), shapes))
+    budget = 30000 * 4 / 2**20  # MiB of 30000 float32 distances
+    blocked = nearest_distances(a, b, distance, memory_mb=budget)
+    assert shapes == [(2, 100, 150)] * 3 * (2 if distance == "cosine" else 1)
+    for got, want in zip(blocked, whole, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+def test_bank_distances_are_computed_on_the_querys_device(distance):
+    """The ``meta`` device stands in for an accelerator: a bank on the host is searched on the query's device and
+    the distances come back there, with owners (kept on the host) too."""
+    query = [torch.randn(2, 5, 3, device="meta")]
+    bank = [torch.randn(7, 3)]
+    owners = {"query_owner": torch.arange(2), "bank_owner": torch.tensor([0, 0, 1, 1, 2, 2, 2])}
+    for kwargs in ({}, owners):
+        got = bank_distances(query, bank, distance, **kwargs)
+        assert got.device.type == "meta" and got.shape == (2, 5)
+
+
+def test_part_moments_put_several_parts_on_one_scale_and_leave_a_single_part_alone():
+    """Two parts: each part's mean and population standard deviation, or (robust) its lower median and 1.4826
+    times its median absolute deviation; a single part needs no common scale (``None``), robust or not."""
+    from dualclip.scoring.sources import part_moments
+
+    g = torch.Generator().manual_seed(2)
+    parts = {"cosine": torch.rand(3, 8, generator=g), "euclidean": 5 * torch.rand(3, 8, generator=g)}
+    parts["euclidean"][0, :3] = 100.0  # a few huge responses: the robust moments ignore them
+    for robust in (False, True):
+        assert part_moments({"cosine": parts["cosine"]}, robust) is None
+    plain, robust = part_moments(parts, False), part_moments(parts, True)
+    assert set(plain) == set(robust) == {"cosine", "euclidean"}
+    for name, x in parts.items():
+        v = np.sort(x.double().numpy().reshape(-1))
+        med = v[(v.size - 1) // 2]
+        mad = np.sort(np.abs(v - med))[(v.size - 1) // 2]
+        assert (plain[name].mean, plain[name].std) == pytest.approx((v.mean(), v.std()), rel=1e-12)
+        assert (robust[name].mean, robust[name].std) == pytest.approx((med, 1.4826 * mad), rel=1e-12)
+    assert robust["euclidean"].std < plain["euclidean"].std / 5
