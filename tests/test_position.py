@@ -39,6 +39,30 @@ def test_border_rings_count_the_distance_to_the_nearest_edge():
     np.testing.assert_array_equal(border_rings((2, 3)).numpy(), np.zeros(6))
 
 
+def test_border_rings_of_a_grid_that_is_not_square_count_rows_and_columns_without_a_torch_warning():
+    import warnings
+
+    want = np.array(
+        [
+            [0, 0, 0, 0, 0, 0, 0],
+            [0, 1, 1, 1, 1, 1, 0],
+            [0, 1, 1, 1, 1, 1, 0],
+            [0, 0, 0, 0, 0, 0, 0],
+        ]
+    )
+    always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)  # torch warns once per process: here, every time
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # meshgrid without its indexing warns that it will soon be required
+            rings = border_rings((4, 7))
+            tall = border_rings((7, 4))
+    finally:
+        torch.set_warn_always(always)
+    np.testing.assert_array_equal(rings.reshape(4, 7).numpy(), want)
+    np.testing.assert_array_equal(tall.reshape(7, 4).numpy(), want.T)
+
+
 def test_offsets_are_medians_per_position_and_per_ring():
     g = torch.Generator().manual_seed(0)
     scores = torch.rand(7, 4 * 5, generator=g)
@@ -140,6 +164,12 @@ def test_a_profile_keeps_its_normal_offsets_and_scores_an_image_alone_as_in_a_ba
     first = again.predict(test[:1])
     assert abs(first[0].score - together[0].score) <= 1e-5
     assert first.run.centring == "ring"
+    # a document that records the centring in its settings only still says which centring its offsets apply
+    unseal_profile(tmp_path / "p", doc=lambda doc: {k: v for k, v in doc.items() if k != "centring"})
+    again = DualClipDetector.load(tmp_path / "p", backbone=tiny_backbone)
+    first = again.predict(test[:1])
+    assert first.run.centring == "ring" and abs(first[0].score - together[0].score) <= 1e-5
+    assert again.profile_.centring == again.config.centring == "ring"
 
 
 def test_reflect_border_gives_a_flat_image_nearly_the_same_features_at_its_border_as_inside():
@@ -228,9 +258,10 @@ def test_cli_fit_takes_the_matching_settings_and_refuses_unknown_values(tmp_path
     [
         (lambda d: d["scale"].update(position=[1.0, 2.0]), "cover 2 positions"),
         (lambda d: d["scale"].update(position=None), "holds no positional offsets"),
+        (lambda d: d["config"].pop("centring") and d.update(centring="none"), "but records centring 'none'"),
         (lambda d: d.update(image_size=-5), "records image_size -5"),
     ],
-    ids=["offsets-of-another-grid", "centring-without-offsets", "image-size"],
+    ids=["offsets-of-another-grid", "centring-without-offsets", "offsets-recorded-as-none", "image-size"],
 )
 def test_a_profile_whose_offsets_or_size_do_not_fit_its_model_is_refused_at_load(
     tmp_path, tiny_backbone, texture_set, tamper, message

@@ -11,7 +11,7 @@ import torch
 
 from conftest import TINY
 from dualclip import DetectorConfig, DualClipDetector
-from dualclip.profile import PROFILE_JSON, PROFILE_TENSORS, ProfileError, build_bank
+from dualclip.profile import PROFILE_JSON, PROFILE_TENSORS, Moments, ProfileError, ScoreScale, build_bank
 from dualclip.scoring import bank_distances, match_spaces
 from dualclip.scoring.coreset import greedy_coreset
 
@@ -145,6 +145,57 @@ def test_memory_bank_is_bounded_and_keeps_owners(tiny_backbone, split):
     torch.testing.assert_close(bank["cosine"][1][0], spaces["cosine"][1][0].reshape(64, 3)[keep])
     torch.testing.assert_close(bank["euclidean"][0][0], spaces["euclidean"][0][0].reshape(64, 3)[keep])
     assert owner.tolist() == (keep // 16).tolist() and total == 64
+
+
+def test_build_bank_keeps_every_patch_up_to_its_size_and_a_seeded_coreset_above(capsys):
+    """Two parts, two sizes, two layers: up to ``size`` every patch, image by image; above it the seeded greedy
+    coreset of the first part's first space (layers concatenated) picks the same patches everywhere; the
+    coreset's progress bar only when asked."""
+    gen = torch.Generator().manual_seed(0)
+
+    def layers():
+        return [torch.randn(3, 8, 4, generator=gen), torch.randn(3, 8, 2, generator=gen)]
+
+    spaces = {"cosine": [layers(), layers()], "euclidean": [layers()]}
+    flat = {p: [[t.reshape(24, -1) for t in s] for s in sp] for p, sp in spaces.items()}
+    for size in (None, 24, 100):
+        bank, owner, total = build_bank(spaces, size)
+        assert {p: [len(s) for s in sp] for p, sp in bank.items()} == {"cosine": [2, 2], "euclidean": [2]}
+        assert total == 24
+        for p, sp in flat.items():
+            for s, space in enumerate(sp):
+                for layer, t in enumerate(space):
+                    torch.testing.assert_close(bank[p][s][layer], t, rtol=0, atol=0)
+        assert owner.tolist() == [i for i in range(3) for _ in range(8)]
+    first = torch.cat(flat["cosine"][0], dim=-1)
+    picks = {}
+    for seed in (None, 0, 3):
+        bank, owner, total = build_bank(spaces, 10) if seed is None else build_bank(spaces, 10, seed=seed)
+        keep = greedy_coreset(first, 10, seed=0 if seed is None else seed)
+        picks[seed] = keep.tolist()
+        for p, sp in flat.items():
+            for s, space in enumerate(sp):
+                for layer, t in enumerate(space):
+                    torch.testing.assert_close(bank[p][s][layer], t[keep], rtol=0, atol=0)
+        assert owner.tolist() == (keep // 8).tolist() and total == 24
+    assert picks[None] == picks[0] != picks[3]  # the default seed is 0, and the seed matters
+    assert capsys.readouterr().err == ""
+    build_bank(spaces, 10, progress=True)
+    assert "coreset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [[], [1.0, float("nan")], [float("-inf")], [True, 1.0], "0.5", {"0": 0.5}], ids=repr)
+def test_positional_offsets_are_null_or_a_non_empty_list_of_finite_numbers(bad):
+    doc = ScoreScale(patch={"visual": Moments(0.0, 1.0)}).to_dict()
+    assert ScoreScale.from_dict(doc).position is None and ScoreScale.from_dict(doc).position_offsets() is None
+    read = ScoreScale.from_dict({**doc, "position": [1, 2.5]})
+    assert read.position == [1.0, 2.5] and all(type(v) is float for v in read.position)
+    # integers are numbers too: the offsets are float32 whatever they were given as
+    offsets = ScoreScale(patch={}, position=[1, 2]).position_offsets()
+    assert offsets.dtype == torch.float32 and offsets.tolist() == [1.0, 2.0]
+    with pytest.raises(ValueError) as err:
+        ScoreScale.from_dict({**doc, "position": bad})
+    assert str(err.value) == "scale.position must be null or a non-empty list of finite numbers"
 
 
 def test_cli_fit_records_its_sources_then_predict_with_the_profile(tmp_path, texture_set):

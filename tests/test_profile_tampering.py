@@ -155,6 +155,7 @@ def _both(key, value):
             None,
             "normal_scores must be a list of n_normal=4 finite",
         ),
+        (set_field("scale", "position", value=[]), None, "scale.position must be null or a non-empty list of finite"),
         (set_field("config", "use_visual", value="no"), None, "config.use_visual must be true or false, got 'no'"),
         (set_field("config", "use_text", value="no"), None, "use_text must be true or false, got 'no'"),
         (set_field("config", "alpha", value="x"), None, "alpha must be a number, got 'x'"),

@@ -4,13 +4,29 @@ gives the same scores under any memory budget."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from dualclip import DetectorConfig, DualClipDetector
-from dualclip.scoring import bank_distances, match_spaces, nearest_distances, reference_scores, upsample
+from dualclip.profile import Moments, Profile, ProfileError, ScoreScale
+from dualclip.scoring import (
+    bank_distances,
+    bank_distances_batched,
+    match_spaces,
+    nearest_distances,
+    reference_scores,
+    upsample,
+)
 from dualclip.scoring.reference import aggregate
-from dualclip.scoring.sources import GoldenReferences, Matching, MutualPairs, ProfileBank, flat_bank
+from dualclip.scoring.sources import (
+    GoldenReferences,
+    Matching,
+    MutualPairs,
+    ProfileBank,
+    bank_scores,
+    flat_bank,
+)
 
 # visual branch alone, euclidean distance on the raw tokens: the brute force below is one cdist per image
 VISUAL = dict(pretrained=None, progress=False, use_text=False, beta=0.0, distance="euclidean", neighbourhood=1)
@@ -100,7 +116,7 @@ def test_every_source_answers_through_one_interface():
 
     class _Profile:  # what ProfileBank.of reads of a profile
         bank = flat_bank(matching.spaces([t[2:] for t in layers], grid))
-        meta = {"centring": "none"}
+        centring = "none"
 
         class scale:
             parts: dict = {}
@@ -172,3 +188,253 @@ def test_detector_results_do_not_depend_on_the_memory_budget(images):
 def test_match_memory_mb_must_be_a_positive_number(bad):
     with pytest.raises(ValueError, match="match_memory_mb must be a positive number of MiB"):
         DetectorConfig(match_memory_mb=bad)
+
+
+def _nearest(query: list[torch.Tensor], bank: list[torch.Tensor], part: str) -> torch.Tensor:
+    """Brute force in float64: ``(N, P)`` distance of each query patch (``query[l]``: ``(N, P, C_l)``) to its
+    nearest bank patch (``bank[l]``: ``(M, C_l)``) in the matching space of ``part``: cosine per layer,
+    ``(1 - cos) / 2``; layernorm per layer, Euclidean; both averaged over the layers; euclidean of the
+    concatenated layers."""
+    q, b = [t.double() for t in query], [t.double() for t in bank]
+    if part == "euclidean":
+        q, b = [torch.cat(q, dim=-1)], [torch.cat(b, dim=-1)]
+    per_layer = []
+    for ql, bl in zip(q, b, strict=True):
+        d = (1 - ql @ bl.T) / 2 if part == "cosine" else torch.cdist(ql, bl.expand(ql.shape[0], -1, -1))
+        per_layer.append(d.amin(dim=-1))
+    return torch.stack(per_layer).mean(dim=0)
+
+
+def _over_sizes(query_spaces, bank_spaces, part: str) -> torch.Tensor:
+    """:func:`_nearest` averaged over the neighbourhood sizes (``[s][l]`` lists)."""
+    return torch.stack([_nearest(q, b, part) for q, b in zip(query_spaces, bank_spaces, strict=True)]).mean(dim=0)
+
+
+def _flat(space: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.reshape(-1, t.shape[-1]) for t in space]
+
+
+def _leave_one_out(spaces, part: str) -> torch.Tensor:
+    """``(R, P)``: each image of ``spaces[s][l]`` (``(R, P, C_l)``) against the other images' patches only."""
+    r = spaces[0][0].shape[0]
+    rows = []
+    for i in range(r):
+        mine = [[t[i : i + 1] for t in space] for space in spaces]
+        others = [[torch.cat([t[j] for j in range(r) if j != i]) for t in space] for space in spaces]
+        rows.append(_over_sizes(mine, others, part)[0])
+    return torch.stack(rows)
+
+
+def _lower_median(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """The lower median by sorting (``torch.median``'s), over ``dim`` or all values."""
+    v = np.sort(x.numpy().reshape(-1) if dim is None else x.numpy(), axis=0 if dim is None else dim)
+    n = v.shape[0 if dim is None else dim]
+    return torch.from_numpy(np.asarray(np.take(v, (n - 1) // 2, axis=0 if dim is None else dim)))
+
+
+def test_golden_references_fuse_parts_by_the_runs_robust_moments_and_centre_by_their_own_leave_one_out():
+    """Hybrid distance, robust standardisation, two sizes, two layers, a grid that is not square: the parts of
+    the test images' scores are standardised by their median and MAD and averaged; the references' own
+    leave-one-out scores, standardised by the same moments, give the position medians that are subtracted."""
+    g = torch.Generator().manual_seed(0)
+    grid = (3, 4)
+    matching = Matching("hybrid", (1, 3), robust=True, centring="position")
+    golden = matching.spaces([torch.randn(3, 12, 5, generator=g), torch.randn(3, 12, 3, generator=g)], grid)
+    test = matching.spaces([torch.randn(4, 12, 5, generator=g), torch.randn(4, 12, 3, generator=g)], grid)
+    found = GoldenReferences(golden, grid).visual_scores(test, grid, matching)
+
+    raw = {p: _over_sizes(test[p], [_flat(s) for s in golden[p]], p) for p in matching.parts}
+    loo = {p: _leave_one_out(golden[p], p) for p in matching.parts}
+    moments = {}
+    for p, x in raw.items():
+        med = float(_lower_median(x))
+        moments[p] = (med, float(_lower_median((x - med).abs())) * 1.4826)
+
+    def fused(scores):
+        return sum((scores[p] - c) / s for p, (c, s) in moments.items()) / len(moments)
+
+    want = fused(raw) - _lower_median(fused(loo), dim=0)
+    assert found.centring == "position" and found.references == [[0, 1, 2]] * 4
+    torch.testing.assert_close(found.scores.double(), want, rtol=0, atol=1e-5)
+    # unlike the run's mean and standard deviation: the robust moments are the ones applied
+    mean_std = {p: (float(x.mean()), float(x.std(unbiased=False))) for p, x in raw.items()}
+    assert max(abs(moments[p][1] - mean_std[p][1]) for p in raw) > 1e-3
+
+
+@pytest.mark.parametrize("references", [1, 2])
+def test_golden_references_centre_only_with_two_references_or_more(references):
+    """One layer, the layernorm distance: one reference has no leave-one-out scores, so it is not centred (and
+    says so); two are, each by its distance to the other; no centring asked, none applied."""
+    g = torch.Generator().manual_seed(1)
+    grid = (2, 3)
+    layers = [torch.randn(5, 6, 4, generator=g)]
+    for centring in ("position", "none"):
+        matching = Matching("layernorm", (1,), centring=centring)
+        golden = matching.spaces([t[:references] for t in layers], grid)
+        test = matching.spaces([t[references:] for t in layers], grid)
+        found = GoldenReferences(golden, grid).visual_scores(test, grid, matching)
+        raw = _over_sizes(test["layernorm"], [_flat(s) for s in golden["layernorm"]], "layernorm")
+        applied = centring if references > 1 else "none"
+        want = (
+            raw - _lower_median(_leave_one_out(golden["layernorm"], "layernorm"), dim=0) if applied != "none" else raw
+        )
+        assert found.centring == applied
+        assert found.references == [list(range(references))] * (5 - references)
+        torch.testing.assert_close(found.scores.double(), want, rtol=0, atol=1e-5)
+
+
+def test_bank_searches_run_under_the_matchings_budget_and_leave_one_out_only_to_centre(monkeypatch):
+    """Every bank search of golden references and of a profile's bank gets the matching's memory budget; golden
+    references search their own leave-one-out only when they centre; the matching's progress bar is shown
+    when asked, and only then."""
+    import dualclip.scoring.sources as sources
+
+    calls = []
+    real = sources.bank_distances
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["memory_mb"], kwargs["query_owner"] is not None, kwargs["progress"] is not None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sources, "bank_distances", spy)
+    g = torch.Generator().manual_seed(2)
+    grid = (2, 3)
+    layers = [torch.randn(5, 6, 4, generator=g), torch.randn(5, 6, 2, generator=g)]
+    for centring, progress in (("none", None), ("ring", True), ("position", False)):
+        matching = Matching("cosine", (1, 3), centring=centring, memory_mb=7.0)
+        golden = GoldenReferences(matching.spaces([t[:2] for t in layers], grid), grid)
+        test = matching.spaces([t[2:] for t in layers], grid)
+        calls.clear()
+        if progress is None:
+            golden.visual_scores(test, grid, matching)
+        else:
+            golden.visual_scores(test, grid, matching, progress)
+        searches = [(7.0, False, bool(progress))] * 2  # one per neighbourhood size
+        if centring != "none":
+            searches += [(7.0, True, False)] * 2
+        assert calls == searches, centring
+    calls.clear()
+    profile = ProfileBank(flat_bank(matching.spaces([t[:2] for t in layers], grid)), {}, None, "none", None)
+    profile.visual_scores(test, grid, matching)
+    assert calls == [(7.0, False, False)] * 2
+
+
+def test_bank_scores_average_the_sizes_and_search_with_the_given_nearest():
+    """Each part's scores are the mean over the neighbourhood sizes of the nearest-patch distances; another
+    search (``nearest``) is handed each size's query and bank and its answers are used; with owners, an image
+    never matches its own patches."""
+    g = torch.Generator().manual_seed(3)
+    grid = (3, 4)
+    matching = Matching("hybrid", (1, 3))
+    spaces = matching.spaces([torch.randn(3, 12, 5, generator=g), torch.randn(3, 12, 3, generator=g)], grid)
+    bank = flat_bank(matching.spaces([torch.randn(2, 12, 5, generator=g), torch.randn(2, 12, 3, generator=g)], grid))
+    want = {p: _over_sizes(spaces[p], bank[p], p) for p in matching.parts}
+    for p, got in bank_scores(spaces, bank).items():
+        torch.testing.assert_close(got.double(), want[p], rtol=0, atol=1e-5)
+
+    handed = []
+
+    def nearest(query, patches, part):
+        handed.append((part, query, patches))
+        return bank_distances_batched(query, patches, part) + 1.0  # marked: its answers are the ones used
+
+    got = bank_scores(spaces, bank, nearest=nearest)
+    assert [(p, q, b) for p, q, b in handed] == [
+        (p, spaces[p][s], bank[p][s]) for p in matching.parts for s in range(len(matching.sizes))
+    ]
+    for p in matching.parts:
+        torch.testing.assert_close(got[p].double(), want[p] + 1.0, rtol=0, atol=1e-5)
+
+    own = bank_scores(spaces, flat_bank(spaces), torch.arange(3), torch.arange(3).repeat_interleave(12))
+    for p in matching.parts:
+        torch.testing.assert_close(own[p].double(), _leave_one_out(spaces[p], p), rtol=0, atol=1e-5)
+
+
+def _profile(bank, position, meta) -> Profile:
+    """A profile holding only what :class:`ProfileBank` reads of it."""
+    parts = {"cosine": Moments(0.2, 0.05), "euclidean": Moments(3.0, 0.5)}
+    scale = ScoreScale(patch={"visual": Moments(0.0, 1.0)}, parts=parts, position=position)
+    owner = torch.zeros(next(iter(bank.values()))[0][0].shape[0], dtype=torch.long)
+    return Profile(bank=bank, bank_owner=owner, scale=scale, normal_scores=[], threshold=None, meta=meta)
+
+
+def test_a_profile_bank_scores_in_its_units_with_its_offsets_on_a_grid_that_is_not_square():
+    """One layer, hybrid, two sizes, a 3 x 4 grid: each part standardised by the profile's moments, averaged,
+    its offsets subtracted; ``nearest`` replaces the search; offsets of another grid are refused by name."""
+    g = torch.Generator().manual_seed(4)
+    grid = (3, 4)
+    matching = Matching("hybrid", (1, 3))
+    bank = flat_bank(matching.spaces([torch.randn(3, 12, 6, generator=g)], grid))
+    test = matching.spaces([torch.randn(2, 12, 6, generator=g)], grid)
+    offsets = torch.linspace(-1.0, 1.0, 12)
+    profile = _profile(bank, offsets.tolist(), {"centring": "ring", "config": {"centring": "ring"}})
+    source = ProfileBank.of(profile)
+    found = source.visual_scores(test, grid, matching)
+    parts = profile.scale.parts
+    raw = {p: _over_sizes(test[p], bank[p], p) for p in matching.parts}
+    want = sum((raw[p] - parts[p].mean) / parts[p].std for p in matching.parts) / 2 - offsets.double()
+    assert found.centring == "ring" and found.references == [[], []]
+    torch.testing.assert_close(found.scores.double(), want, rtol=0, atol=1e-5)
+
+    searched = []
+
+    def nearest(query, patches, part):
+        searched.append(part)
+        return bank_distances_batched(query, patches, part) + 0.5
+
+    marked = source.visual_scores(test, grid, matching, nearest=nearest)
+    assert searched == ["cosine", "cosine", "euclidean", "euclidean"]
+    shift = sum(0.5 / parts[p].std for p in matching.parts) / 2
+    torch.testing.assert_close(marked.scores.double(), want + shift, rtol=0, atol=1e-5)
+
+    damaged = ProfileBank.of(_profile(bank, [0.0] * 5, {"centring": "ring"}))
+    with pytest.raises(ProfileError) as err:
+        damaged.visual_scores(test, grid, matching)
+    assert str(err.value) == (
+        "the profile's positional offsets cover 5 positions, this model's grid 3 x 4: the profile is damaged"
+    )
+
+
+def test_a_profile_bank_is_labelled_with_the_centring_its_offsets_were_fitted_with():
+    """Without offsets nothing is centred, whatever the profile records; with them, the centring its settings
+    record, else the one recorded beside them, else ``"position"`` (a profile that names none)."""
+    bank = flat_bank(Matching("cosine", (1,)).spaces([torch.randn(2, 4, 3)], (2, 2)))
+    cases = [
+        (None, {"centring": "ring", "config": {"centring": "ring"}}, "none"),
+        ([0.0] * 4, {"centring": "ring", "config": {"centring": "ring"}}, "ring"),
+        ([0.0] * 4, {"config": {"centring": "ring"}}, "ring"),
+        ([0.0] * 4, {"centring": "ring", "config": {}}, "ring"),
+        ([0.0] * 4, {"config": {"centring": None}}, "position"),
+    ]
+    for position, meta, label in cases:
+        profile = _profile(bank, position, meta)
+        source = ProfileBank.of(profile)
+        assert (profile.centring, source.centring) == (label, label), meta
+        assert (source.offsets is None) == (position is None)
+        if position is not None:
+            assert source.offsets.dtype == torch.float32 and source.offsets.tolist() == position
+
+
+def test_a_profile_bank_moves_to_each_device_once_and_is_searched_there():
+    """The bank is moved once per device (the ``meta`` device stands in for an accelerator), and features on a
+    device are matched against the bank's copy on that device."""
+    grid = (2, 3)
+    matching = Matching("cosine", (1,))
+    bank = flat_bank(matching.spaces([torch.randn(2, 6, 4)], grid))
+    source = ProfileBank(bank, {}, None, "none", None)
+    cpu = source.bank_on(torch.device("cpu"))
+    assert source.bank_on(torch.device("cpu")) is cpu and cpu["cosine"][0][0].device.type == "cpu"
+    meta = source.bank_on(torch.device("meta"))
+    assert meta is not cpu and source.bank_on(torch.device("meta")) is meta
+    assert [t.device.type for s in meta["cosine"] for t in s] == ["meta"]
+    torch.testing.assert_close(source.bank_on(torch.device("cpu"))["cosine"][0][0], bank["cosine"][0][0])
+
+    seen = []
+
+    def nearest(query, patches, part):
+        seen.append(patches[0].device.type)
+        return bank_distances_batched(query, patches, part)
+
+    test = {"cosine": [[t.to("meta") for t in s] for s in matching.spaces([torch.randn(2, 6, 4)], grid)["cosine"]]}
+    found = source.visual_scores(test, grid, matching, nearest=nearest)
+    assert seen == ["meta"] and found.scores.device.type == "meta" and found.scores.shape == (2, 6)

@@ -352,11 +352,11 @@ def _saved_settings(profile: Profile) -> dict:
     settings that older profiles saved along (device, batch size, ...) are the caller's and left out, and so is
     the removed ``pairing`` (its one value was ``"random"``)."""
     settings = {k: v for k, v in profile.meta["config"].items() if k not in EXECUTION_FIELDS and k != "pairing"}
-    centring = settings.get("centring")
+    centring = settings.get("centring") or profile.meta.get("centring")
     if centring not in (None, "none") and profile.scale.position is None:
-        raise ProfileError(f"its settings centre by {centring!r} but it holds no positional offsets (scale.position)")
+        raise ProfileError(f"it records centring {centring!r} but holds no positional offsets (scale.position)")
     if centring == "none" and profile.scale.position is not None:
-        raise ProfileError("it holds positional offsets (scale.position) but its settings do not centre")
+        raise ProfileError("it holds positional offsets (scale.position) but records centring 'none'")
     for key in ("distance", "neighbourhood", "centring"):
         mine, top = settings.get(key), profile.meta.get(key)
         if isinstance(mine, int) and not isinstance(mine, bool) and key == "neighbourhood":
@@ -366,7 +366,7 @@ def _saved_settings(profile: Profile) -> dict:
     settings.setdefault("border", "zero")
     settings.setdefault("hybrid_norm", "zscore")
     if settings.get("centring") is None:
-        settings["centring"] = "none" if profile.scale.position is None else profile.meta.get("centring", "position")
+        settings["centring"] = profile.centring
     for key in ("distance", "neighbourhood"):
         if settings.get(key) is None and profile.meta.get(key) is not None:
             settings[key] = profile.meta[key]

@@ -317,6 +317,15 @@ class Profile:
     head: dict[str, torch.Tensor] | None = None
     ood: OodGuard | None = None
 
+    @property
+    def centring(self) -> str:
+        """The positional centring its offsets (``scale.position``) apply: ``"none"`` without offsets; else the one
+        it records, in its settings (``config.centring``) or beside them (``centring``), and ``"position"`` where
+        it names none."""
+        if self.scale.position is None:
+            return "none"
+        return (self.meta.get("config") or {}).get("centring") or self.meta.get("centring") or "position"
+
     def guard(self) -> str:
         """The out-of-distribution guard in one line (recorded in every output): on with its limits, or off."""
         if self.ood is None:

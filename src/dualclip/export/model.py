@@ -167,7 +167,7 @@ def export_model(
             "bank_patches": profile.meta.get("bank_patches"),
             "distance": distance,
             "neighbourhood": list(sizes),
-            "centring": profile.meta.get("centring", "none"),
+            "centring": profile.centring,
             "sigma": cfg.sigma,
             "alpha": cfg.alpha,
             "beta": cfg.beta,

@@ -225,9 +225,7 @@ class ProfileBank:
     @classmethod
     def of(cls, profile) -> ProfileBank:
         """The source of a :class:`~dualclip.profile.Profile`."""
-        offsets = profile.scale.position_offsets()
-        centring = profile.meta.get("centring", "none") if offsets is not None else "none"
-        return cls(profile.bank, profile.scale.parts, offsets, centring, profile.scale)
+        return cls(profile.bank, profile.scale.parts, profile.scale.position_offsets(), profile.centring, profile.scale)
 
     def bank_on(self, device: torch.device) -> Spaces:
         """The bank on ``device`` (moved there once)."""
