@@ -32,8 +32,8 @@ DEMO_DATA ?= $(wildcard ../shared/datasets/magnetic_tile)
 demo: $(STAMP)
 	$(BIN)/dualclip demo --out runs/demo $(if $(DEMO_DATA),--data $(DEMO_DATA))
 
-# mutation testing of the scoring core, thresholds/verdicts and evaluation aggregation ([tool.mutmut] in
-# pyproject.toml) over the functions in MUTATE_TARGETS; not part of CI (about 40 minutes on a 2-core CPU). Prints the kill rate; `mutmut results` lists survivors.
+# mutation testing of the scoring core, matching, reference sources, coreset, profile units, thresholds and evaluation aggregation ([tool.mutmut] in
+# pyproject.toml) over the functions in MUTATE_TARGETS; not part of CI (about 90 minutes on a 2-core CPU). Prints the kill rate; `mutmut results` lists survivors.
 MUTATE_TARGETS = 'dualclip.scoring.fusion.*' 'dualclip.scoring.reference.x_aggregate*' 'dualclip.scoring.text.*' \
 	'dualclip.thresholds.*' 'dualclip.core.*' 'dualclip.detector.*_branches_to_run*' \
 	'dualclip.evaluation.x_mean_over_seeds*' 'dualclip.evaluation.x_macro_mean*' \
