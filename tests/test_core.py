@@ -438,7 +438,9 @@ def test_a_score_that_is_not_a_finite_number_gets_no_verdict():
 
     th = Threshold(0.5, "manual")
     for bad in (float("nan"), float("inf"), None):
-        message = f"the score is not a finite number ({bad}): no verdict (the profile or the image gives no usable score)"
+        message = (
+            f"the score is not a finite number ({bad}): no verdict (the profile or the image gives no usable score)"
+        )
         assert score_error(bad) == message
         with pytest.raises(ValueError) as raised:
             th.verdict(bad)
@@ -466,7 +468,11 @@ def test_results_table_lists_defect_rows_and_few_shot_runs_exactly():
         "Few-shot: 4 golden references per category from its normal training images.\n"
     )
     csv_row, csv_low = ",".join(["50.00"] * 7), ",".join(["25.00"] * 7)
-    assert results_table(results, "csv").splitlines()[1:] == [f"a,,{csv_row},", f"a,crack,{csv_low},", f"mean,,{csv_row},"]
+    assert results_table(results, "csv").splitlines()[1:] == [
+        f"a,,{csv_row},",
+        f"a,crack,{csv_low},",
+        f"mean,,{csv_row},",
+    ]
 
 
 def test_a_profiles_normal_scores_are_what_scoring_its_normal_images_in_its_units_gives():
