@@ -276,3 +276,17 @@ def test_a_category_without_normal_images_is_refused_before_scoring(tmp_path):
     (cat,) = D.folder("f", anomalous=[str(root / "screw" / "test" / "scratch")])
     with pytest.raises(D.DatasetLayoutError, match="no normal"):
         cat.check()
+
+
+def test_folder_layout_names_a_defect_type_by_the_folder_above_a_plain_image_folder(tmp_path):
+    from PIL import Image
+
+    for kind in ("MT_Blowhole", "MT_Fray"):
+        (tmp_path / kind / "Imgs").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / kind / "Imgs" / f"{kind}_1.jpg")
+    (tmp_path / "scratch").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "scratch" / "a.png")
+    patterns = [str(tmp_path / "MT_Blowhole" / "Imgs"), str(tmp_path / "MT_Fray" / "Imgs"), str(tmp_path / "scratch")]
+    (cat,) = D.folder("tile", anomalous=patterns)
+    assert sorted(s.defect for s in cat.samples) == ["MT_Blowhole", "MT_Fray", "scratch"]
+    assert cat.defects == ["MT_Blowhole", "MT_Fray", "scratch"]

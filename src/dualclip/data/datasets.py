@@ -411,8 +411,21 @@ def folder(
             cat.samples.append(Sample(img, 0))
         for img in _round_robin(_glob_all(anomalous or []), max_anomalous):
             mask = _find_mask(img, dirs, mask_suffix)  # None: image-level only (Category.check)
-            cat.samples.append(Sample(img, 1, mask, img.parent.name))
+            cat.samples.append(Sample(img, 1, mask, defect_type(img)))
     return [cat]
+
+
+PLAIN_IMAGE_FOLDERS = ("imgs", "images", "img", "image")
+"""Folder names that say only that a folder holds images: the defect type is the folder above."""
+
+
+def defect_type(image: Path) -> str:
+    """The defect type of an anomalous image of the folder layout: its folder's name, or, where that folder
+    is a plain image folder (``MT_Crack/Imgs/``), the first folder above it with another name."""
+    for folder in image.parents:
+        if folder.name and folder.name.lower() not in PLAIN_IMAGE_FOLDERS:
+            return folder.name
+    return image.parent.name
 
 
 LAYOUTS = {"mvtec": mvtec, "mpdd": mvtec, "btad": btad, "visa": visa}
