@@ -236,3 +236,15 @@ def test_quick_gelu_reaches_the_model(tiny_backbone, tmp_path):
     quick = build_clip_backbone(TINY, pretrained=str(path), image_size=None, quick_gelu=True)
     assert acts(quick) == {QuickGELU.__name__}
     assert acts(build_clip_backbone(TINY, pretrained=str(path), image_size=None)) == {"GELU"}
+
+
+def test_effnet_scores_at_the_smallest_image_size_with_a_reflected_border():
+    from PIL import Image
+
+    from dualclip import DetectorConfig, DualClipDetector
+
+    images = [Image.new("RGB", (40, 40), (i * 40, 90, 200 - i * 30)) for i in range(3)]
+    det = DualClipDetector(DetectorConfig(backbone="effnet-lite0", image_size=32, progress=False))
+    result = det.score_images(images)
+    assert tuple(result.maps.shape) == (3, 32, 32) and torch.isfinite(result.image_scores).all()
+    assert det.backbone.border == "reflect"

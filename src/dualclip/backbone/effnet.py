@@ -119,6 +119,8 @@ class EffNetLite0Backbone(Backbone):
 
     def forward(self, images: torch.Tensor) -> BackboneOutput:
         net, pad = self.net, self.border_pad
+        if pad >= min(images.shape[-2:]):  # reflection needs a pad below the side: one cell on the smallest images
+            pad //= 2
         if pad:
             images = F.pad(images, (pad, pad, pad, pad), mode="reflect")
         x = net._swish(net._bn0(net._conv_stem(images)))
