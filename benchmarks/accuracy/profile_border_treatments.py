@@ -26,7 +26,15 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.accuracy.profile_worst_folds import EVAL_SIZE, SIZES_N, config_of, evaluate_maps, pools_and_tests
+from benchmarks.accuracy.profile_worst_folds import (
+    EVAL_SIZE,
+    SIZES_N,
+    at_eval_size,
+    config_of,
+    evaluate_maps,
+    fitting_images,
+    pools_and_tests,
+)
 from benchmarks.common import SHARED
 
 DEFAULT = "effnet-320-reflect / hybrid-robust / 3 / none"
@@ -66,11 +74,9 @@ def main() -> None:
     if not SHARED.is_dir():
         print(f"profile_border_treatments: skipped, {SHARED} is absent", file=sys.stderr)
         return
-    import numpy as np
     import torch
 
     from dualclip import DualClipDetector
-    from dualclip.data.images import load_image
     from dualclip.metrics import _region_labels
     from dualclip.scoring import upsample
     from dualclip.scoring.matching import combine_parts
@@ -86,9 +92,8 @@ def main() -> None:
             if key in results:
                 continue
             t = time.perf_counter()
-            rng = np.random.default_rng(args.seed)
-            n_eff = min(n, len(pool))
-            train = [load_image(pool[i]) for i in sorted(rng.choice(len(pool), n_eff, replace=False))]
+            train = fitting_images(pool, n, args.seed)
+            n_eff = len(train)
             det = DualClipDetector(config_of(DEFAULT, args.seed), backbone=backbone)
             backbone = det.backbone
             det.fit(train)
@@ -102,8 +107,7 @@ def main() -> None:
             normal = combine_parts(bank_scores(spaces, flat_bank(spaces), ids, owner), det._profile_bank().parts)
             results[key] = {}
             for name, v in treatments(visual, normal, feats.grid).items():
-                maps = upsample(v, feats.grid, fusion.size, fusion.sigma)
-                maps = upsample(maps.reshape(len(images), -1), (fusion.size, fusion.size), EVAL_SIZE, 0.0)
+                maps = at_eval_size(upsample(v, feats.grid, fusion.size, fusion.sigma))
                 results[key][name] = evaluate_maps(cat, cat.labels, regions, maps)
             print(
                 key,

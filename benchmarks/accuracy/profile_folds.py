@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from benchmarks.accuracy.pairing_folds import folds
+from benchmarks.accuracy.profile_worst_folds import fitting_images
 from benchmarks.common import SHARED, write_section
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
@@ -86,10 +87,7 @@ def main() -> None:
         return
     import dataclasses
 
-    import numpy as np
-
     from dualclip import DetectorConfig, DualClipDetector
-    from dualclip.data.images import load_image
     from dualclip.metrics import all_metrics
     from dualclip.scoring import map_scores
 
@@ -119,8 +117,7 @@ def main() -> None:
             if n > len(pool):
                 continue
             for seed in seeds:
-                rng = np.random.default_rng(seed)
-                train = [load_image(pool[i]) for i in sorted(rng.choice(len(pool), n, replace=False))]
+                train = fitting_images(pool, n, seed)
                 variants = [("profile", base.memory_bank_size)]
                 if n == 50 and cat.name == "metal_plate":
                     variants.append(("profile, every patch kept", None))

@@ -100,6 +100,23 @@ def pools_and_tests(seed: int = 0):
     return out
 
 
+def fitting_images(pool, n: int, seed: int) -> list:
+    """The seeded draw of ``min(n, len(pool))`` fitting images from a fold's pool (sorted, loaded)."""
+    import numpy as np
+
+    from dualclip.data.images import load_image
+
+    rng = np.random.default_rng(seed)
+    return [load_image(pool[i]) for i in sorted(rng.choice(len(pool), min(n, len(pool)), replace=False))]
+
+
+def at_eval_size(maps):
+    """``(N, S, S)`` maps resized (bilinear, no smoothing) to the metrics' ``EVAL_SIZE``."""
+    from dualclip.scoring import upsample
+
+    return upsample(maps.reshape(len(maps), -1), (maps.shape[1], maps.shape[2]), EVAL_SIZE, 0.0)
+
+
 def golden_baseline(layers_test, layers_train, grid):
     import torch
     import torch.nn.functional as F
@@ -201,12 +218,9 @@ def normalised(results: dict, timings: dict, candidates: list[str]) -> tuple[dic
 
 def run(path: Path, results: dict, timings: dict, candidates: list[str], seeds: list[int]) -> None:
     """Fill ``results[fold, N][setting|seed]`` (and ``timings``) for what is missing, saving after each row."""
-    import numpy as np
 
     from dualclip import DualClipDetector
-    from dualclip.data.images import load_image
     from dualclip.metrics import _region_labels
-    from dualclip.scoring import upsample
 
     base_backbone, _ = extractor("baseline")
     backbones = {}
@@ -219,8 +233,7 @@ def run(path: Path, results: dict, timings: dict, candidates: list[str], seeds: 
             n_eff = min(n, len(pool))
             for seed in seeds:
                 fold = results.setdefault(f"{cat.name}, N = {n}", {})
-                rng = np.random.default_rng(seed)
-                train = [load_image(pool[i]) for i in sorted(rng.choice(len(pool), n_eff, replace=False))]
+                train = fitting_images(pool, n, seed)
                 key = f"{BASELINE}|{seed}"
                 if key not in fold:
                     if test_layers is None:
@@ -244,9 +257,8 @@ def run(path: Path, results: dict, timings: dict, candidates: list[str], seeds: 
                     t = time.perf_counter()
                     r = det.score_images(images)
                     score_s = time.perf_counter() - t
-                    visual = r.maps  # (N, S, S) in profile units, smoothed at S
-                    maps = upsample(visual.reshape(len(images), -1), (visual.shape[1], visual.shape[2]), EVAL_SIZE, 0.0)
-                    fold[key] = evaluate_maps(cat, cat.labels, regions, maps)
+                    # r.maps: (N, S, S) in profile units, smoothed at S
+                    fold[key] = evaluate_maps(cat, cat.labels, regions, at_eval_size(r.maps))
                     timings.setdefault(cand, {}).setdefault(str(n), []).append(
                         {"fit_s": fit_s, "score_ms": 1000 * score_s / len(images)}
                     )
