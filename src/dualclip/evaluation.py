@@ -347,11 +347,12 @@ def run_eval(
     }
     cache: dict = {}
     results: dict = {"config": run_config, "categories": {}}
+    identity = None if fitted is None else _profile_identity(fitted, threshold)  # the bank hashed once
     bar = tqdm(categories, desc="categories", unit="cat", disable=not config.progress)
     for cat in bar:
         bar.set_postfix_str(cat.name)
         saved = cat_dir / f"{cat.name}.json"
-        key = fingerprint(config, cat, seeds, None if fitted is None else _profile_identity(fitted, threshold))
+        key = fingerprint(config, cat, seeds, identity)
         previous = _load_saved(saved)
         if previous is not None and not force:
             if previous.get("fingerprint") == key:
