@@ -5,6 +5,7 @@ before the work. One test per case, named by the behaviour that holds; each fail
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -361,3 +362,97 @@ def test_export_and_fit_check_their_destination_before_the_work(tmp_path, textur
     assert r.exit_code == 2 and f"cannot write in {read_only} (permission denied)" in r.output, r.output
     assert calls == []  # refused before any export or fit
     assert (notes / "a.txt").read_text() == "mine"
+
+
+@pytest.fixture
+def eval_cat(tmp_path, texture_set, monkeypatch):
+    """One mvtec category on disk, scored by a stand-in (the folder rules do not depend on the scores)."""
+    import dualclip.data.datasets as D
+    import dualclip.evaluation as E
+    from conftest import write_mvtec_tree
+
+    write_mvtec_tree(tmp_path / "mv", texture_set)
+    monkeypatch.setattr(E, "evaluate_category", lambda *a, **k: {"image_auroc": 0.5, "warnings": []})
+    return D.mvtec(tmp_path / "mv")
+
+
+def _run_eval(cats, out):
+    from dualclip.evaluation import run_eval
+
+    return run_eval(DetectorConfig(pretrained=None, progress=False), cats, [0], out, warn=lambda m: None)
+
+
+def test_eval_never_replaces_a_file_it_did_not_write(tmp_path, eval_cat):
+    from dualclip.output import OutputFolderError
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.json").write_text("my own notes")
+    with pytest.raises(OutputFolderError, match="holds no results of dualclip eval"):
+        _run_eval(eval_cat, mine)
+    assert (mine / "results.json").read_text() == "my own notes" and len(list(mine.iterdir())) == 1
+    # a predict output is not an eval folder either
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    (pred / OUTPUT_MARKER).write_text(json.dumps({"command": "predict", "files": ["predictions.csv"]}))
+    (pred / "predictions.csv").write_text("x")
+    with pytest.raises(OutputFolderError, match="output of dualclip predict"):
+        _run_eval(eval_cat, pred)
+    # an eval folder: its own files are rewritten, a file of the same name it did not list is refused
+    out = tmp_path / "out"
+    _run_eval(eval_cat, out)
+    listed = json.loads((out / OUTPUT_MARKER).read_text())
+    assert listed["command"] == "eval"
+    assert listed["files"] == ["categories/bottle.json", "results.csv", "results.json", "results.md"]
+    (out / "notes.txt").write_text("kept")
+    _run_eval(eval_cat, out)  # resumes; a file it does not write is left alone
+    assert (out / "notes.txt").read_text() == "kept"
+    (out / "categories" / "other.json").write_text("not ours")
+    other = [dataclasses.replace(eval_cat[0], name="other")]
+    with pytest.raises(OutputFolderError, match="holds categories/other.json, which dualclip eval did not write"):
+        _run_eval(other, out)
+    assert (out / "categories" / "other.json").read_text() == "not ours"
+
+
+def test_eval_writes_nothing_through_a_symbolic_link_nor_outside_its_folder(tmp_path, eval_cat):
+    from dualclip.output import OutputFolderError
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(elsewhere)
+    with pytest.raises(OutputFolderError, match="is a symbolic link"):
+        _run_eval(eval_cat, link)
+    out = tmp_path / "out"
+    _run_eval(eval_cat, out)
+    (out / "categories" / "bottle.json").unlink()
+    (out / "categories").rmdir()
+    (out / "categories").symlink_to(elsewhere)
+    with pytest.raises(OutputFolderError, match="symbolic link"):
+        _run_eval(eval_cat, out)
+    marker = json.loads((out / OUTPUT_MARKER).read_text())  # a marker that lists no category
+    (out / OUTPUT_MARKER).write_text(json.dumps({**marker, "files": ["results.csv", "results.json", "results.md"]}))
+    with pytest.raises(OutputFolderError, match="categories/bottle.json would be written through a symbolic link"):
+        _run_eval(eval_cat, out)
+    assert list(elsewhere.iterdir()) == []
+    for bad in ("../../escaped", "a/b", "..", ""):
+        with pytest.raises(OutputFolderError, match="is not a plain file name"):
+            _run_eval([dataclasses.replace(eval_cat[0], name=bad)], tmp_path / "new")
+    assert not (tmp_path / "new").exists() and not (tmp_path / "escaped.json").exists()
+
+
+def test_eval_cli_name_escaping_out_is_a_usage_error_and_writes_nothing(tmp_path, texture_set):
+    d = _images(tmp_path / "good", texture_set)
+    r = CliRunner().invoke(
+        app, ["eval", "--dataset", "folder", "--name", "../../x", "--normal", str(d), "-o", str(tmp_path / "o")]
+    )
+    assert r.exit_code == 2 and "is not a plain file name" in r.output, r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_eval_folder_written_before_markers_is_resumed(tmp_path, eval_cat):
+    out = tmp_path / "out"
+    first = _run_eval(eval_cat, out)
+    (out / OUTPUT_MARKER).unlink()
+    assert _run_eval(eval_cat, out) == first
+    assert json.loads((out / OUTPUT_MARKER).read_text())["files"][0] == "categories/bottle.json"

@@ -23,13 +23,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .atomic import write_json, write_text
 from .config import DetectorConfig
 from .data.datasets import Category
 from .data.images import file_fingerprint, load_image
 from .detector import DualClipDetector
 from .logs import log_line
 from .metrics import all_metrics
+from .output.eval_folder import EvalFolder, category_file
+from .output.folder import output_lock
 from .thresholds import Threshold
 
 METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
@@ -333,7 +334,7 @@ def run_eval(
     """
     warn = warn or log_line
     out = Path(out)
-    cat_dir = out / "categories"
+    folder = EvalFolder(out, [cat.name for cat in categories])  # before any image is read
     checked = {cat.name: cat.check(require_masks) for cat in categories}
     run_config = {
         **config.to_dict(),
@@ -345,33 +346,35 @@ def run_eval(
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
         **(extra or {}),
     }
-    cache: dict = {}
-    results: dict = {"config": run_config, "categories": {}}
-    identity = None if fitted is None else _profile_identity(fitted, threshold)  # the bank hashed once
-    bar = tqdm(categories, desc="categories", unit="cat", disable=not config.progress)
-    for cat in bar:
-        bar.set_postfix_str(cat.name)
-        saved = cat_dir / f"{cat.name}.json"
-        key = fingerprint(config, cat, seeds, identity)
-        previous = _load_saved(saved)
-        if previous is not None and not force:
-            if previous.get("fingerprint") == key:
-                results["categories"][cat.name] = previous
-                continue
-            warn(f"{cat.name}: saved with other settings, data or version (fingerprint differs): recomputing")
-        res = {"fingerprint": key, **evaluate_category(config, cat, seeds, cache, fitted, threshold)}
-        res["warnings"] = list(dict.fromkeys(checked[cat.name] + res["warnings"]))
-        write_json(saved, res)
-        results["categories"][cat.name] = res
-    results["mean"] = macro_mean(list(results["categories"].values()))
-    results["warnings"] = {n: r["warnings"] for n, r in results["categories"].items() if r.get("warnings")}
-    results["n_warnings"] = sum(len(w) for w in results["warnings"].values())
-    for name, ws in results["warnings"].items():
-        for w in ws:
-            warn(f"warning: {name}: {w}")
-    write_json(out / "results.json", results)
-    write_text(out / "results.md", results_table(results, "md"))
-    write_text(out / "results.csv", results_table(results, "csv"))
+    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):  # one run at a time writes a folder
+        cache: dict = {}
+        results: dict = {"config": run_config, "categories": {}}
+        identity = None if fitted is None else _profile_identity(fitted, threshold)  # the bank hashed once
+        bar = tqdm(categories, desc="categories", unit="cat", disable=not config.progress)
+        for cat in bar:
+            bar.set_postfix_str(cat.name)
+            saved = category_file(cat.name)
+            key = fingerprint(config, cat, seeds, identity)
+            previous = _load_saved(out / saved)
+            if previous is not None and not force:
+                if previous.get("fingerprint") == key:
+                    results["categories"][cat.name] = previous
+                    continue
+                warn(f"{cat.name}: saved with other settings, data or version (fingerprint differs): recomputing")
+            res = {"fingerprint": key, **evaluate_category(config, cat, seeds, cache, fitted, threshold)}
+            res["warnings"] = list(dict.fromkeys(checked[cat.name] + res["warnings"]))
+            folder.write_json(saved, res)
+            results["categories"][cat.name] = res
+        results["mean"] = macro_mean(list(results["categories"].values()))
+        results["warnings"] = {n: r["warnings"] for n, r in results["categories"].items() if r.get("warnings")}
+        results["n_warnings"] = sum(len(w) for w in results["warnings"].values())
+        for name, ws in results["warnings"].items():
+            for w in ws:
+                warn(f"warning: {name}: {w}")
+        folder.write_json("results.json", results)
+        folder.write_text("results.md", results_table(results, "md"))
+        folder.write_text("results.csv", results_table(results, "csv"))
     return results
 
 

@@ -859,8 +859,9 @@ def eval_(
             cats = D.LAYOUTS[dataset](root, wanted)
         else:
             raise UsageError(f"unknown dataset {dataset!r}; choose mvtec, visa, mpdd, btad or folder")
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"--out {out} exists and is a file, not a folder")
+        from ..output.eval_folder import EvalFolder
+
+        EvalFolder(out, [c.name for c in cats])  # refused before any model is built (run_eval checks again)
         extra = {"dataset": dataset, "root": str(root) if root else None}
         fitted = verdicts = None
         if profile is not None:
