@@ -456,3 +456,57 @@ def test_an_eval_folder_written_before_markers_is_resumed(tmp_path, eval_cat):
     (out / OUTPUT_MARKER).unlink()
     assert _run_eval(eval_cat, out) == first
     assert json.loads((out / OUTPUT_MARKER).read_text())["files"][0] == "categories/bottle.json"
+
+
+def test_a_stalled_upload_gets_408_and_gives_its_declared_bytes_back(tiny_backbone, texture_set):
+    pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
+    import httpx
+
+    from dualclip.serve import ServeSettings, create_app
+
+    images, _, labels = texture_set
+    fitted = DualClipDetector(DetectorConfig(pretrained=None, progress=False), backbone=tiny_backbone)
+    fitted.fit([img for img, y in zip(images, labels, strict=True) if not y])
+    app_ = create_app(fitted, ServeSettings(max_body_bytes=1000, max_pending_bytes=2500, body_timeout_s=0.2))
+    budget = app_.state.budget
+
+    async def main() -> tuple:
+        never = asyncio.Event()
+
+        async def stalled():  # declares 1000 bytes, sends 10, then nothing
+            yield b"x" * 10
+            await never.wait()
+
+        transport = httpx.ASGITransport(app=app_)
+        async with httpx.AsyncClient(transport=transport, base_url="http://service") as c:
+            r = await asyncio.wait_for(
+                c.post("/v1/score", content=stalled(), headers={"content-length": "1000"}), timeout=20
+            )
+            info = (await c.get("/v1/info")).json()["memory"]
+        return r, info
+
+    r, info = asyncio.run(main())
+    assert r.status_code == 408 and r.headers["connection"] == "close"
+    assert r.json()["detail"] == "request body stalled: no bytes for 0.2 s (10 bytes received)"
+    assert budget.held == 0 and info["held_bytes"] == 0
+    for bad in (0, -1, float("nan"), 3601):
+        with pytest.raises(ValueError, match="body_timeout_s must lie in"):
+            ServeSettings(body_timeout_s=bad)
+
+
+def test_serve_flags_that_cannot_be_used_are_usage_errors(tmp_path):
+    key_dir = tmp_path / "keydir"
+    key_dir.mkdir()
+    binary = tmp_path / "key.bin"
+    binary.write_bytes(b"\xff\xfe\x00")
+    cases = [
+        (["--api-key-file", str(tmp_path / "missing")], "--api-key-file"),
+        (["--api-key-file", str(key_dir)], "cannot be read"),
+        (["--api-key-file", str(binary)], "cannot be read: not UTF-8 text"),
+        (["--max-body-mb", "nan"], "--max-body-mb must be a positive number of MiB, got nan"),
+        (["--max-pending-mb", "inf"], "--max-pending-mb must be a positive number of MiB, got inf"),
+        (["--body-timeout", "0"], "--body-timeout must lie in (0, 3600] seconds, got 0.0"),
+    ]
+    for args, said in cases:
+        r = CliRunner().invoke(app, ["serve", "--profile", str(tmp_path / "p"), *args])
+        assert r.exit_code == 2 and said in r.output, (args, r.output)

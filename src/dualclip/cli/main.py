@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import signal
@@ -690,6 +691,9 @@ def serve(
     api_key_file: Path = typer.Option(
         None, help=f"A file holding the API key required in the X-API-Key header (or set ${API_KEY_ENV})."
     ),
+    body_timeout: float = typer.Option(
+        30.0, help="Longest wait for the next bytes of a request body (s); a stalled upload gets 408."
+    ),
     device: str = DEVICE,
     runtime: str = RUNTIME,
     onnx_file: Path = ONNX_FILE,
@@ -710,9 +714,18 @@ def serve(
 
         key = os.environ.get(API_KEY_ENV) or None
         if api_key_file is not None:
-            key = api_key_file.read_text(encoding="utf-8").strip()
+            try:
+                key = api_key_file.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                why = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror or str(exc)
+                raise UsageError(f"--api-key-file {api_key_file} cannot be read: {why}") from None
             if not key:
                 raise UsageError(f"--api-key-file {api_key_file} is empty")
+        for flag, mb in (("--max-body-mb", max_body_mb), ("--max-pending-mb", max_pending_mb)):
+            if not math.isfinite(mb) or mb <= 0:
+                raise UsageError(f"{flag} must be a positive number of MiB, got {mb}")
+        if not 0 < body_timeout <= 3600:
+            raise UsageError(f"--body-timeout must lie in (0, 3600] seconds, got {body_timeout}")
         settings = ServeSettings(
             host=host,
             port=port,
@@ -721,6 +734,7 @@ def serve(
             max_body_bytes=int(max_body_mb * 2**20),
             max_pending_bytes=int(max_pending_mb * 2**20),
             api_key=key,
+            body_timeout_s=body_timeout,
         )
         detector = DualClipDetector.load(
             profile, device=device, runtime=runtime, onnx_file=onnx_file, batch_size=batch_size, progress=False

@@ -10,6 +10,7 @@ every image on its own, so a response does not depend on which requests shared i
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import ipaddress
@@ -150,6 +151,9 @@ class ServeSettings:
         ``max_side`` is decoded reduced.
     api_key:
         Required in the ``X-API-Key`` header of every request but ``/healthz`` when set.
+    body_timeout_s:
+        Longest wait for the next bytes of a request body (seconds); a client that stalls longer gets 408 and
+        the bytes its body declared go back to the budget.
     """
 
     host: str = "127.0.0.1"
@@ -161,6 +165,7 @@ class ServeSettings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_side: int = DEFAULT_MAX_SIDE
     api_key: str | None = field(default=None, repr=False)
+    body_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not is_loopback(self.host) and not self.api_key:
@@ -177,6 +182,8 @@ class ServeSettings:
             )
         if not 0 <= self.max_wait_ms <= 10_000:
             raise ConfigError(f"max_wait_ms must lie in [0, 10000], got {self.max_wait_ms}")
+        if not 0 < self.body_timeout_s <= 3600:  # also refuses NaN
+            raise ConfigError(f"body_timeout_s must lie in (0, 3600], got {self.body_timeout_s}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must lie in 1..65535, got {self.port}")
 
@@ -228,9 +235,10 @@ class ByteBudget:
         return {"held_bytes": self.held, "limit_bytes": self.limit, "refused": self.refused}
 
 
-async def _read_body(request: Request, limit: int, take: Callable[[int], None]) -> bytes:
-    """The request body, refused with 413 as soon as it exceeds ``limit`` bytes (declared or streamed); its
-    bytes are taken from the budget (``take``) before they are held."""
+async def _read_body(request: Request, limit: int, take: Callable[[int], None], timeout_s: float) -> bytes:
+    """The request body, refused with 413 as soon as it exceeds ``limit`` bytes (declared or streamed), and
+    with 408 when no bytes come for ``timeout_s`` seconds; its bytes are taken from the budget (``take``) before
+    they are held."""
     declared = request.headers.get("content-length")
     held = 0
     if declared is not None and declared.isdigit():
@@ -239,7 +247,18 @@ async def _read_body(request: Request, limit: int, take: Callable[[int], None]) 
         take(int(declared))  # before reading: a refused body is never read
         held = int(declared)
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), timeout_s)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise HTTPException(
+                408,
+                f"request body stalled: no bytes for {timeout_s:g} s ({size} bytes received)",
+                headers={"Connection": "close"},
+            ) from None
         size += len(chunk)
         if size > limit:
             raise HTTPException(413, f"request body exceeds the limit of {limit} bytes")
@@ -364,6 +383,7 @@ def create_app(detector: DualClipDetector, settings: ServeSettings, profile_path
     refusals = {
         400: "a multipart body without the file field `image`",
         401: "a missing or wrong API key",
+        408: "a body that stalled (no bytes for the body timeout)",
         413: "a body over the size limit",
         422: "not a readable image, or over the pixel limit",
         503: "the bodies held at once would pass their bound (retry after Retry-After seconds)",
@@ -385,7 +405,7 @@ def create_app(detector: DualClipDetector, settings: ServeSettings, profile_path
         """Score one image against the profile: its score, verdict and, on request, its heat map."""
         start = time.perf_counter()
         with budget.hold() as take:  # the body's bytes count until the answer is sent
-            body = await _read_body(request, settings.max_body_bytes, take)
+            body = await _read_body(request, settings.max_body_bytes, take, settings.body_timeout_s)
             data, name = await _upload(request, body, filename)
             if data is not body:  # the file taken out of a multipart body: a second copy
                 take(len(data))
