@@ -274,3 +274,37 @@ def test_device_auto_and_clear_errors_for_devices_torch_cannot_use(tmp_path, fol
     )
     assert r.exit_code == 2 and "torch sees no CUDA GPU here" in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_16_bit_32_bit_and_float_grey_images_become_8_bit_exactly_and_block_by_block():
+    import warnings
+
+    from dualclip.data.images import _grey8, to_rgb8
+
+    def reference(arr):  # the whole image in float64 at once
+        a = arr.astype(np.float64)
+        if arr.dtype == np.uint16:
+            a = a / 257.0
+        elif a.max() > 255 or a.min() < 0:
+            a = (a - a.min()) / (a.max() - a.min()) * 255.0 if a.max() > a.min() else np.zeros_like(a)
+        return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+    rng = np.random.default_rng(0)
+    cases = [
+        rng.integers(0, 65536, (37, 5)).astype(np.uint16),
+        rng.integers(-5, 70000, (37, 5)).astype(np.int32),  # scaled from its range
+        rng.integers(0, 256, (37, 5)).astype(np.int32),  # kept
+        rng.normal(0, 1000, (37, 3)).astype(np.float32),
+        rng.uniform(0, 255, (37, 3)).astype(np.float32),
+        np.full((3, 3), -7, np.int32),  # one value outside [0, 255]: black
+    ]
+    for arr in cases:
+        want = reference(arr)
+        assert np.array_equal(np.asarray(to_rgb8(Image.fromarray(arr)))[..., 0], want), arr.dtype
+        assert np.array_equal(_grey8(arr, rows=4), want), arr.dtype  # blocks of 4 rows, same values
+    holes = np.full((4, 4), np.nan, np.float32)
+    holes[0, :2] = [10.0, 600.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "invalid value" warning from a float TIFF's NaN holes
+        got = np.asarray(to_rgb8(Image.fromarray(holes)))[..., 0]
+    assert got[0, 0] == 0 and got[0, 1] == 255 and (got[1:] == 0).all()

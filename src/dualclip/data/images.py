@@ -42,19 +42,34 @@ def to_rgb8(img: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB: 16/32-bit and float scaled to their range, RGBA/LA composited on black,
     palette and CMYK converted."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        if img.mode.startswith("I;16"):
-            arr = arr / 257.0
-        elif arr.size and (arr.max() > 255 or arr.min() < 0):
-            lo, hi = float(arr.min()), float(arr.max())
-            arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+        img = Image.fromarray(_grey8(np.asarray(img)), mode="L")
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, img.convert("RGBA"))
     return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def _grey8(arr: np.ndarray, rows: int = 256) -> np.ndarray:
+    """A 16-bit, 32-bit or float grey image as 8 bits: 16-bit divided by 257, others kept where they lie in
+    [0, 255] and else scaled from their range; computed ``rows`` rows at a time (float64 of a whole 100 MP image
+    would take 800 MB per copy)."""
+    lo = hi = 0.0
+    sixteen = arr.dtype.kind == "u" and arr.dtype.itemsize == 2
+    if not sixteen and arr.size and not (arr.dtype.kind == "f" and np.isnan(arr).all()):
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+    scaled = not sixteen and (hi > 255 or lo < 0)
+    out = np.empty(arr.shape, dtype=np.uint8)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN (a float TIFF's holes) becomes 0
+        for start in range(0, arr.shape[0], rows):
+            block = arr[start : start + rows].astype(np.float64)
+            if sixteen:
+                block /= 257.0
+            elif scaled:
+                block = (block - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(block)
+            out[start : start + rows] = np.clip(np.nan_to_num(np.rint(block), nan=0.0), 0, 255)
+    return out
 
 
 def array_to_rgb(array) -> Image.Image:
