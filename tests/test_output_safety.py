@@ -510,3 +510,14 @@ def test_serve_flags_that_cannot_be_used_are_usage_errors(tmp_path):
     for args, said in cases:
         r = CliRunner().invoke(app, ["serve", "--profile", str(tmp_path / "p"), *args])
         assert r.exit_code == 2 and said in r.output, (args, r.output)
+
+
+def test_an_empty_out_one_made_keeps_its_mode_and_identity(tmp_path, folder, det):
+    out = tmp_path / "shared_out"
+    out.mkdir()
+    os.chmod(out, 0o2750)  # setgid, group-readable: the folder's own settings
+    before = out.stat()
+    run_predict([str(folder)], out, det.config, detector=det)
+    after = out.stat()
+    assert (after.st_ino, after.st_mode, after.st_gid) == (before.st_ino, before.st_mode, before.st_gid)
+    assert (out / OUTPUT_MARKER).is_file() and (out / "predictions.csv").is_file()

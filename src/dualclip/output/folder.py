@@ -339,10 +339,7 @@ def _commit(staging: Path, out: Path, warn: Callable[[str], None]) -> None:
     if not out.exists():
         os.rename(staging, out)
         return
-    if not any(out.iterdir()):  # an empty folder the user made
-        if _exchange(staging, out):  # the outputs in place at once; the empty folder goes
-            staging.rmdir()
-            return
+    if not any(out.iterdir()):  # an empty folder the user made: kept (its mode, group, ACLs), filled, marker last
         for item in sorted(staging.iterdir(), key=lambda p: p.name == OUTPUT_MARKER):
             os.rename(item, out / item.name)
         staging.rmdir()
