@@ -126,6 +126,17 @@ def _narrow(*names):
     return lambda t: {**t, **{n: t[n][:, :-1].contiguous() for n in names}}
 
 
+def _drop(*keys):
+    def change(doc):
+        target = doc
+        for k in keys[:-1]:
+            target = target[k]
+        del target[keys[-1]]
+        return doc
+
+    return change
+
+
 def _both(key, value):
     return lambda d: set_field(key, value=value)(set_field("config", key, value=value)(d))
 
@@ -170,6 +181,12 @@ def _both(key, value):
             None,
             r"it records centring .ring., its settings \(config.centring\) give .none.",
         ),
+        (_drop("scale", "patch", "visual"), None, "scale.patch holds no moments for visual, which it scores with"),
+        (_drop("scale", "patch", "text"), None, "scale.patch holds no moments for text, which it scores with"),
+        (_drop("scale", "patch", "adapted"), None, "scale.patch holds no moments for adapted"),
+        (_drop("scale", "image", "map"), None, "scale.image holds no moments for map"),
+        (_drop("scale", "image", "text_global"), None, "scale.image holds no moments for text_global"),
+        (_drop("scale", "parts", "cosine"), None, "scale.parts holds no moments for cosine"),
         (_both("neighbourhood", [2]), None, r"neighbourhood must be a list of odd integers >= 1, got \[2\]"),
         (_both("neighbourhood", [5]), None, r"neighbourhood sizes \[5\] exceed the model's feature grid 4 x 4"),
     ],

@@ -306,6 +306,26 @@ class _StageClock:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
+def _check_profile_scale(path, profile: Profile, det: DualClipDetector) -> None:
+    """A profile's score scale must hold the moments of every branch it runs (each patch branch; the global
+    text score and the map's image score where text runs; each part of a two-part distance)."""
+    from .scoring.matching import distance_parts
+
+    use_text, use_visual = det._branches_to_run(len(profile.normal_scores), None)
+    scale = profile.scale
+    needed = {
+        "patch": [b for b, on in (("text", use_text), ("adapted", det.config.tta), ("visual", use_visual)) if on],
+        "image": ["text_global", "map"] if use_text else [],
+        "parts": list(distance_parts(det.config.distance)) if use_visual and len(profile.bank) > 1 else [],
+    }
+    for group, names in needed.items():
+        missing = [n for n in names if n not in getattr(scale, group)]
+        if missing:
+            raise ProfileError(
+                f"{path} is damaged: scale.{group} holds no moments for {', '.join(missing)}, which it scores with"
+            )
+
+
 def _check_profile_geometry(path, profile: Profile, backbone: Backbone) -> None:
     """A profile must fit the model it is loaded with (one forward pass of a blank image gives the grid and the
     widths): its image size, neighbourhood sizes (at most the grid's side), bank widths (each layer's channels),
@@ -962,6 +982,7 @@ class DualClipDetector:
                 f"(fingerprint {got}): load it with the same model and weights, or fit a new profile"
             )
         _check_profile_geometry(path, profile, det.backbone)
+        _check_profile_scale(path, profile, det)
         if det.config.sigma > det.backbone.image_size:
             raise ProfileError(
                 f"{path} is damaged: its sigma {det.config.sigma!r} exceeds its image size {det.backbone.image_size}"
