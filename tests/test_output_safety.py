@@ -521,3 +521,22 @@ def test_an_empty_out_one_made_keeps_its_mode_and_identity(tmp_path, folder, det
     after = out.stat()
     assert (after.st_ino, after.st_mode, after.st_gid) == (before.st_ino, before.st_mode, before.st_gid)
     assert (out / OUTPUT_MARKER).is_file() and (out / "predictions.csv").is_file()
+
+
+def test_markers_and_saved_results_nested_too_deeply_are_treated_as_unreadable(tmp_path, eval_cat, folder, det):
+    from dualclip.output import OutputFolderError
+
+    deep = "[" * 100_000 + "]" * 100_000
+    out = tmp_path / "out"
+    _run_eval(eval_cat, out)
+    (out / "categories" / "bottle.json").write_text(deep)  # a saved result that cannot be read: recomputed
+    assert _run_eval(eval_cat, out)["categories"]["bottle"]["image_auroc"] == 0.5
+    (out / OUTPUT_MARKER).write_text(deep)
+    with pytest.raises(OutputFolderError, match="unreadable marker"):
+        _run_eval(eval_cat, out)
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    (pred / "x.txt").write_text("mine")
+    (pred / OUTPUT_MARKER).write_text(deep)
+    with pytest.raises(UsageError, match="unreadable or invalid"):
+        run_predict([str(folder)], pred, det.config, detector=det, overwrite=True)

@@ -213,3 +213,9 @@ def test_settings_refuse_a_huge_image_size_and_a_neighbourhood_beyond_the_grid(t
         ConfigError, match=r"neighbourhood=5 does not fit the feature grid \(4 x 4\): choose an odd size at most 4"
     ):
         DualClipDetector(cfg, backbone=tiny_backbone).predict(texture_set[0][:4])
+
+
+def test_a_profile_json_nested_too_deeply_is_one_clear_error(profile):
+    (profile / PROFILE_JSON).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ProfileError, match="profile.json cannot be read: its JSON is nested too deeply$"):
+        _load(profile)

@@ -421,8 +421,9 @@ class Profile:
             raise ProfileError(f"{path} is not a profile: it needs {PROFILE_JSON} and {PROFILE_TENSORS}")
         try:
             doc = json.loads((path / PROFILE_JSON).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ProfileError(f"{path / PROFILE_JSON} cannot be read: {exc}") from exc
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            why = "its JSON is nested too deeply" if isinstance(exc, RecursionError) else exc
+            raise ProfileError(f"{path / PROFILE_JSON} cannot be read: {why}") from None
         if not isinstance(doc, dict):
             raise ProfileError(f"{path} is damaged: {PROFILE_JSON} must hold an object, got a {type(doc).__name__}")
         if doc.get("format") != PROFILE_FORMAT:

@@ -93,7 +93,7 @@ def _check_folder(out: Path, key: str) -> bool:
     run_file = out / RUN_FILE
     try:
         previous = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         previous = None
     if not previous or previous.get("kind") != "dualclip archive run":
         raise ArchiveFolderError(

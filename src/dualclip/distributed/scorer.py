@@ -157,7 +157,7 @@ def load_block_result(out: str | Path, block: Block) -> dict | None:
         return None
     try:
         result = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     saved = result.get("block") or {}
     if saved.get("fingerprint") != block.fingerprint or saved.get("content") != block.content:

@@ -44,7 +44,7 @@ def _earlier_eval(out: Path) -> set[str] | None:
     def document(rel: str, *keys: str) -> bool:
         try:
             doc = json.loads((out / rel).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return False
         return isinstance(doc, dict) and all(k in doc for k in keys)
 
@@ -111,7 +111,7 @@ class EvalFolder:
             listed = _written_files(out, strict=True)
             try:
                 command = json.loads(marker.read_text(encoding="utf-8")).get("command")
-            except (OSError, ValueError, AttributeError):
+            except (OSError, ValueError, AttributeError, RecursionError):
                 command = None
             if listed is None or command != COMMAND:
                 what = f"the output of dualclip {command}" if isinstance(command, str) else "an unreadable marker"

@@ -58,7 +58,7 @@ def _written_files(folder: Path, strict: bool = False) -> set[str] | None:
         return None
     try:
         files = json.loads(marker.read_text(encoding="utf-8"))["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
     if not isinstance(files, list):
         return None
@@ -76,7 +76,7 @@ def written_by(folder: Path) -> str | None:
     """The command whose output ``folder`` holds (``predict``, ``demo``; from its marker), or None."""
     try:
         doc = json.loads((folder / OUTPUT_MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return doc.get("command", "predict") if isinstance(doc, dict) else None
 
