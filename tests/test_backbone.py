@@ -248,3 +248,28 @@ def test_effnet_scores_at_the_smallest_image_size_with_a_reflected_border():
     result = det.score_images(images)
     assert tuple(result.maps.shape) == (3, 32, 32) and torch.isfinite(result.image_scores).all()
     assert det.backbone.border == "reflect"
+
+
+def test_a_file_that_is_no_weights_file_is_one_line_that_says_so(tmp_path):
+    from dualclip.backbone import EffNetLite0Backbone
+
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    evil = tmp_path / "evil.pt"
+    marker = _Evil()
+    marker.marker = str(tmp_path / "pwned")
+    with open(evil, "wb") as fh:
+        pickle.dump({"state_dict": marker}, fh)
+    said = {
+        text: "not a weights file of this model (KeyError: ",
+        evil: "it holds pickled objects other than tensors, and dualclip loads tensors only (weights_only=True)",
+    }
+    for path, why in said.items():
+        for build in (
+            lambda p: build_clip_backbone(TINY, pretrained=str(p), image_size=None),
+            lambda p: EffNetLite0Backbone(pretrained=str(p), image_size=64),
+        ):
+            with pytest.raises(ValueError, match="cannot be loaded into") as err:
+                build(path)
+            assert why in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert not (tmp_path / "pwned").exists()

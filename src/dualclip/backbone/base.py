@@ -97,8 +97,20 @@ def load_weights_file(net: nn.Module, path: Path, name: str) -> Path:
             state = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(state, strict=True)
     except Exception as exc:  # unpickling, format and key-mismatch errors come in many types
-        raise InputError(f"checkpoint file {path} cannot be loaded into {name!r}: {exc}") from exc
+        raise InputError(f"checkpoint file {path} cannot be loaded into {name!r}: {load_failure(exc)}") from exc
     return path
+
+
+def load_failure(exc: BaseException) -> str:
+    """Why a weights file failed to load, in one line: the first line of the error's message (torch's run to
+    several lines of advice), with the error's type where the message alone says nothing (a ``KeyError: '101'``
+    of a text file read as a pickle)."""
+    first = str(exc).splitlines()[0][:300] if str(exc).strip() else ""
+    if first.startswith("Weights only load failed"):
+        return "it holds pickled objects other than tensors, and dualclip loads tensors only (weights_only=True)"
+    if isinstance(exc, KeyError) or len(first) < 12:
+        return f"not a weights file of this model ({type(exc).__name__}: {first or 'no message'})"
+    return first
 
 
 @torch.inference_mode()

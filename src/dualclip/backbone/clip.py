@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import DEFAULT
 from ..errors import ConfigError, InputError, InputNotFoundError, WeightsUnavailableError
-from .base import Backbone, BackboneOutput
+from .base import Backbone, BackboneOutput, load_failure
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
@@ -130,8 +130,8 @@ def load_open_clip(
         try:
             open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
         except Exception as exc:  # safetensors, pickle and key-mismatch errors come in many types
-            first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-            raise InputError(f"checkpoint file {path} cannot be loaded into {model_name!r}: {first}") from exc
+            why = load_failure(exc)
+            raise InputError(f"checkpoint file {path} cannot be loaded into {model_name!r}: {why}") from exc
         weights_id = str(path.resolve())
     else:
         tags = open_clip.list_pretrained_tags_by_model(model_name)
