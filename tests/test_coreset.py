@@ -156,3 +156,44 @@ def test_the_progress_bar_counts_every_pick_shows_only_when_asked_and_clears(mon
     counts = [int(n) for n in re.findall(r"\rcoreset: +\d+%\|[^|]*\| (\d+)/300 ", err)]
     assert counts[0] == 1 and counts[-1] == 300 and counts == sorted(counts) and len(counts) > 2, counts
     assert "\n" not in err and err.endswith("\r")  # a finished phase leaves no line behind
+
+
+def _reference_with_duplicates(x: np.ndarray, size: int, first: int) -> list[int]:
+    """Farthest-first while some patch lies away from every pick; once every patch left coincides with a pick,
+    the lowest indices not picked fill the coreset."""
+    chosen = [first]
+    nearest = ((x - x[first]) ** 2).sum(-1)
+    while len(chosen) < size and nearest.max() > 0:
+        chosen.append(int(np.argmax(nearest)))
+        nearest = np.minimum(nearest, ((x - x[chosen[-1]]) ** 2).sum(-1))
+    chosen += [i for i in range(len(x)) if i not in chosen][: size - len(chosen)]
+    return sorted(chosen)
+
+
+def test_duplicate_patches_fill_the_coreset_with_the_lowest_unpicked_indices_and_the_bar_counts_them(monkeypatch):
+    distinct = _randn(3, 4, seed=5)
+    x = distinct.repeat(4, 1)  # 12 patches, 3 distinct points
+    for seed in range(4):
+        first = int(torch.randint(12, (1,), generator=torch.Generator().manual_seed(seed)))
+        want = _reference_with_duplicates(x.double().numpy(), 7, first)
+        got = greedy_coreset(x, 7, seed=seed, projection=None).tolist()
+        assert got == want and len(set(got)) == 7, (seed, got, want)
+        assert {tuple(r) for r in x[got].tolist()} == {tuple(r) for r in distinct.tolist()}  # every point kept
+    monkeypatch.setattr(tqdm.auto, "tqdm", _DrawnAtEveryUpdate)
+    shown = _Terminal()
+    monkeypatch.setattr(sys, "stderr", shown)
+    greedy_coreset(x, 7, projection=None, progress=True)
+    counts = [int(n) for n in re.findall(r"\rcoreset: +\d+%\|[^|]*\| (\d+)/7 ", shown.getvalue())]
+    assert counts[-1] == 7, counts  # the filled picks are counted too
+
+
+def test_non_finite_features_and_a_projection_below_1_are_refused():
+    x = _randn(20, 4, seed=1)
+    for bad in (float("nan"), float("inf")):
+        y = x.clone()
+        y[3, 1] = bad
+        with pytest.raises(ValueError, match="the features hold NaN or infinite values"):
+            greedy_coreset(y, 5)
+    for projection in (0, -3):
+        with pytest.raises(ValueError, match=f"projection must be None or >= 1, got {projection}"):
+            greedy_coreset(x, 5, projection=projection)

@@ -438,3 +438,25 @@ def test_a_profile_bank_moves_to_each_device_once_and_is_searched_there():
     test = {"cosine": [[t.to("meta") for t in s] for s in matching.spaces([torch.randn(2, 6, 4)], grid)["cosine"]]}
     found = source.visual_scores(test, grid, matching, nearest=nearest)
     assert seen == ["meta"] and found.scores.device.type == "meta" and found.scores.shape == (2, 6)
+
+
+def test_the_batched_bank_search_finds_the_nearest_patch_in_any_chunk_of_the_bank():
+    """The export graph's search (:func:`bank_distances_batched`) over a bank cut into several chunks equals the
+    per-image search and a brute force, for both distances; the nearest patches lie in different chunks."""
+    from dualclip.scoring.matching import MIN_BLOCK
+
+    g = torch.Generator().manual_seed(11)
+    query = [torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, 6, generator=g)]
+    m = 5 * MIN_BLOCK
+    bank = [torch.randn(m, 4, generator=g), torch.randn(m, 6, generator=g)]
+    for distance in ("euclidean", "cosine"):
+        whole = bank_distances_batched(query, bank, distance, chunk=m)
+        chunked = bank_distances_batched(query, bank, distance, chunk=MIN_BLOCK)
+        torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+        torch.testing.assert_close(chunked, bank_distances(query, bank, distance), rtol=0, atol=1e-5)
+        if distance == "euclidean":  # one group: every layer concatenated
+            q, b = torch.cat(query, -1).double(), torch.cat(bank, -1).double()
+            brute = torch.cdist(q, b.expand(3, -1, -1)).amin(-1)
+            where = torch.cdist(q, b.expand(3, -1, -1)).argmin(-1) // MIN_BLOCK
+            assert len(where.unique()) > 2  # the nearest patches lie in several chunks
+            torch.testing.assert_close(chunked.double(), brute, rtol=0, atol=1e-5)

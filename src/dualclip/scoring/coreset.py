@@ -38,16 +38,20 @@ def greedy_coreset(
         return torch.arange(m)
     if size < 1:
         raise ValueError(f"coreset size must be >= 1, got {size}")
-    gen = torch.Generator().manual_seed(seed)
+    if projection is not None and projection < 1:
+        raise ValueError(f"projection must be None or >= 1, got {projection}")
+    if not bool(torch.isfinite(features).all()):
+        raise ValueError("the features hold NaN or infinite values: no distance between them is defined")
+    gen = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same picks on every device
     x = features.float()
     if projection is not None and projection < c:
-        x = x @ (torch.randn(c, projection, generator=gen) / projection**0.5)
+        x = x @ (torch.randn(c, projection, generator=gen) / projection**0.5).to(x.device)
     x = x.contiguous()
     sq = (x * x).sum(dim=1)
     first = int(torch.randint(m, (1,), generator=gen))
     chosen = [first]
-    # squared distance of every patch to its nearest chosen patch
-    nearest = (sq - 2 * (x @ x[first]) + sq[first]).clamp_min_(0).numpy()
+    # squared distance of every patch to its nearest chosen patch (kept on the host: the picks are sequential)
+    nearest = (sq - 2 * (x @ x[first]) + sq[first]).clamp_min_(0).cpu().numpy()
     nearest[first] = 0  # exactly: rounding must never make a chosen patch the farthest
     block = int(np.clip(BLOCK_ELEMENTS // m, 16, 256))
     row = np.full(m, -1, dtype=np.int64)  # each candidate's row in the block, -1 elsewhere
@@ -56,14 +60,17 @@ def greedy_coreset(
             if nearest.max() <= 0:  # every patch left coincides with a chosen one: any of them will do
                 left = np.ones(m, dtype=bool)
                 left[chosen] = False
-                chosen += np.flatnonzero(left)[: size - len(chosen)].tolist()
+                filled = np.flatnonzero(left)[: size - len(chosen)].tolist()
+                chosen += filled
+                bar.update(len(filled))
                 break
             b = min(block, m)
             # the farthest b patches, and the first farthest of all (argmax's pick where several tie)
             cand = np.union1d(np.argpartition(nearest, m - b)[m - b :], [nearest.argmax()])
             b = len(cand)
-            ct = torch.from_numpy(cand)
-            dist = torch.addmm(sq.unsqueeze(0), x[ct], x.T, alpha=-2).add_(sq[ct].unsqueeze(1)).clamp_min_(0).numpy()
+            ct = torch.from_numpy(cand).to(x.device)
+            dist = torch.addmm(sq.unsqueeze(0), x[ct], x.T, alpha=-2).add_(sq[ct].unsqueeze(1)).clamp_min_(0)
+            dist = dist.cpu().numpy()
             row[cand] = np.arange(b)
             picked = len(chosen)
             while len(chosen) < size:
