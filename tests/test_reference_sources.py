@@ -460,3 +460,11 @@ def test_the_batched_bank_search_finds_the_nearest_patch_in_any_chunk_of_the_ban
             where = torch.cdist(q, b.expand(3, -1, -1)).argmin(-1) // MIN_BLOCK
             assert len(where.unique()) > 2  # the nearest patches lie in several chunks
             torch.testing.assert_close(chunked.double(), brute, rtol=0, atol=1e-5)
+
+
+def test_the_batched_bank_search_refuses_a_bank_of_other_layers_than_the_query():
+    g = torch.Generator().manual_seed(2)
+    query = [torch.randn(2, 5, 4, generator=g), torch.randn(2, 5, 6, generator=g)]
+    bank = [torch.randn(30, 4, generator=g)]  # one layer for a query of two: no silent truncation
+    with pytest.raises(ValueError, match="zip"):
+        bank_distances_batched(query, bank, "cosine")
