@@ -290,3 +290,36 @@ def test_folder_layout_names_a_defect_type_by_the_folder_above_a_plain_image_fol
     (cat,) = D.folder("tile", anomalous=patterns)
     assert sorted(s.defect for s in cat.samples) == ["MT_Blowhole", "MT_Fray", "scratch"]
     assert cat.defects == ["MT_Blowhole", "MT_Fray", "scratch"]
+
+
+def test_folder_layout_leaves_the_masks_beside_their_images_out_of_the_images(tmp_path):
+    """magnetic_tile keeps ``x.jpg`` beside its mask ``x.png``: the masks are masks, not images to score."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for kind, n in (("MT_Free", 3), ("MT_Crack", 2)):
+        d = tmp_path / kind / "Imgs"
+        d.mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(d / f"{kind}_{i}.jpg")
+            mask = np.zeros((16, 16), np.uint8)
+            if kind == "MT_Crack":
+                mask[4:8, 2:12] = 255
+            Image.fromarray(mask).save(d / f"{kind}_{i}.png")
+    free, crack = str(tmp_path / "MT_Free" / "Imgs"), str(tmp_path / "MT_Crack" / "Imgs")
+    (cat,) = D.folder("tile", normal=[free], anomalous=[crack])
+    assert [s.path.name for s in cat.samples] == [
+        "MT_Free_0.jpg",
+        "MT_Free_1.jpg",
+        "MT_Free_2.jpg",
+        "MT_Crack_0.jpg",
+        "MT_Crack_1.jpg",
+    ]
+    assert [s.mask.name if s.mask else None for s in cat.samples] == [None] * 3 + ["MT_Crack_0.png", "MT_Crack_1.png"]
+    assert cat.notes == [
+        f"{free}: 3 mask file(s) beside their images (same name, binary) left out of the images, e.g. MT_Free_0.png",
+        f"{crack}: 2 mask file(s) beside their images (same name, binary) left out of the images, e.g. MT_Crack_0.png",
+    ]
+    (labelled,) = D.folder("tile", images=[free, crack])  # labels from the masks: the same images
+    assert [(s.path.name, s.label) for s in labelled.samples] == [(s.path.name, s.label) for s in cat.samples]

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, InputError
-from .images import IMAGE_SUFFIXES, MASK_FOLDERS, image_size, load_images
+from .images import IMAGE_SUFFIXES, MASK_FOLDERS, image_size, load_images, paired_masks
 
 
 class DatasetLayoutError(InputError):
@@ -341,7 +341,10 @@ def with_shots(categories: list[Category], shots: int, seed: int = 0) -> list[Ca
     return out
 
 
-def _glob_all(patterns: list[str]) -> list[list[Path]]:
+def _glob_all(patterns: list[str], notes: list[str] | None = None) -> list[list[Path]]:
+    """The files of each folder or glob pattern, sorted; the ground-truth masks kept beside their images
+    (``x.jpg`` with its mask ``x.png``, :func:`~dualclip.data.images.paired_masks`) left out and counted in
+    ``notes``."""
     groups = []
     for pat in patterns:
         p = Path(pat)
@@ -350,6 +353,13 @@ def _glob_all(patterns: list[str]) -> list[list[Path]]:
             if p.is_dir()
             else sorted(Path(f) for f in glob.glob(pat, recursive=True) if Path(f).is_file())
         )
+        masks = {m for m, _ in paired_masks(files)}
+        if masks and notes is not None:
+            notes.append(
+                f"{pat}: {len(masks)} mask file(s) beside their images (same name, binary) left out of the images, "
+                f"e.g. {min(masks).name}"
+            )
+        files = [f for f in files if f not in masks]
         if not files:
             raise DatasetLayoutError(f"no image matches {pat}")
         groups.append(files)
@@ -393,7 +403,7 @@ def folder(
     dirs = [Path(d) for d in mask_dirs or []]
     cat = Category(name, mask_threshold=mask_threshold)
     if images:
-        for img in _round_robin(_glob_all(images), None):
+        for img in _round_robin(_glob_all(images, cat.notes), None):
             mask = _find_mask(img, dirs, mask_suffix)
             label = 0
             if mask is not None:
@@ -407,9 +417,9 @@ def folder(
             raise DatasetLayoutError(
                 "folder layout: give normal and/or anomalous image folders or patterns (or images)"
             )
-        for img in _round_robin(_glob_all(normal or []), max_normal):
+        for img in _round_robin(_glob_all(normal or [], cat.notes), max_normal):
             cat.samples.append(Sample(img, 0))
-        for img in _round_robin(_glob_all(anomalous or []), max_anomalous):
+        for img in _round_robin(_glob_all(anomalous or [], cat.notes), max_anomalous):
             mask = _find_mask(img, dirs, mask_suffix)  # None: image-level only (Category.check)
             cat.samples.append(Sample(img, 1, mask, defect_type(img)))
     return [cat]
