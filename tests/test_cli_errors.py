@@ -39,6 +39,8 @@ def test_a_dualclip_error_is_one_line_with_exit_2_and_its_parameters_named_as_fl
     r = _predict_raising(monkeypatch, ConfigError("memory_bank_size=8 is too small; batch_size= must be >= 1"))
     assert r.exit_code == 2
     assert r.output.strip() == "error: --memory-bank-size 8 is too small; --batch-size must be >= 1"
+    r = _predict_raising(monkeypatch, ConfigError("reused; overwrite=True replaces it"))
+    assert r.output.strip() == "error: reused; --overwrite replaces it"  # a switch is named without a value
 
 
 def test_debug_from_the_environment_shows_the_traceback(monkeypatch):

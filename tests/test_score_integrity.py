@@ -147,6 +147,7 @@ def test_eval_recomputes_after_an_image_or_mask_changes_at_the_same_path(tmp_pat
     first = run_eval(cfg, cats, [0], tmp_path / "out", warn=said.append)["categories"]["tex"]
     assert run_eval(cfg, cats, [0], tmp_path / "out", warn=said.append)["categories"]["tex"] == first
     assert not any("recomputing" in s for s in said)
+    assert said[-1] == "tex: saved with the same settings and data: reused; force=True recomputes it"
     good = sorted((root / "tex" / "test" / "good").glob("*.png"))
     bad = sorted((root / "tex" / "test" / "hole").glob("*.png"))
     Image.open(bad[0]).save(good[0])  # a defective image where a normal one was, same path

@@ -360,6 +360,7 @@ def run_eval(
             if previous is not None and not force:
                 if previous.get("fingerprint") == key:
                     results["categories"][cat.name] = previous
+                    warn(f"{cat.name}: saved with the same settings and data: reused; force=True recomputes it")
                     continue
                 warn(f"{cat.name}: saved with other settings, data or version (fingerprint differs): recomputing")
             res = {"fingerprint": key, **evaluate_category(config, cat, seeds, cache, fitted, threshold)}

@@ -104,6 +104,7 @@ def _flags(message: str) -> str:
     if "=" not in message:
         return message
     for name, flag in _command_flags().items():
+        message = re.sub(rf"(?<![\w.(\-'\"]){re.escape(name)}=True\b", flag, message)  # a switch: no value
         message = re.sub(
             rf"(?<![\w.(\-'\"]){re.escape(name)}=(\S?)",
             lambda m, f=flag: f + (" " + m.group(1) if m.group(1) and m.group(1) not in ",;)" else m.group(1)),
