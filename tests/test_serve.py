@@ -309,3 +309,20 @@ def test_cli_serve_refuses_an_open_host_without_a_key(profile_dir):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "can be reached from other machines" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_address_in_use_is_one_config_error_before_the_server_starts():
+    import socket
+
+    from fastapi import FastAPI
+
+    from dualclip.errors import ConfigError
+    from dualclip.serve import ServeSettings
+    from dualclip.serve.app import serve
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ConfigError, match=rf"cannot listen on host=127.0.0.1 port={port}: Address already in use"):
+            serve(FastAPI(), ServeSettings(port=port))

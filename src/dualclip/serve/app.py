@@ -440,7 +440,23 @@ def create_app(detector: DualClipDetector, settings: ServeSettings, profile_path
 
 
 def serve(app: FastAPI, settings: ServeSettings, log_level: str = "info") -> None:
-    """Run ``app`` with uvicorn until interrupted."""
+    """Run ``app`` with uvicorn until interrupted. The listening socket is bound first: an address in use, or
+    one this host does not have, is a :class:`ConfigError` before uvicorn starts."""
+    import socket
+
     import uvicorn
 
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, workers=1)
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"cannot listen on host={settings.host} port={settings.port}: {exc.strerror or exc}; "
+            "choose another port (or stop what listens there)"
+        ) from None
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, workers=1))
+    with sock:
+        server.run(sockets=[sock])
