@@ -494,3 +494,26 @@ def test_a_profiles_normal_scores_are_what_scoring_its_normal_images_in_its_unit
     _, again = fuse_branches(branches, grid, fusion, scale)
     torch.testing.assert_close(again, scores, rtol=0, atol=1e-6)
     assert scale.score.std > 0 and abs(float(scores.mean())) < 1e-6
+
+
+def test_a_profiles_moments_standardise_each_branch_of_the_fused_map_with_its_share_of_the_slot():
+    """Text and adapted share alpha (alpha / 2 each), visual gets 1 - alpha; each branch standardised by the
+    profile's own moments, not over the run."""
+    from dualclip.core.branches import BranchScores
+    from dualclip.core.maps import Fusion, fused_maps
+    from dualclip.profile import Moments, ScoreScale
+
+    g = torch.Generator().manual_seed(0)
+    grid = (4, 5)
+    text, adapted, visual = (torch.rand(3, 20, generator=g) * s for s in (1.0, 2.0, 5.0))
+    fusion = Fusion(alpha=0.4, beta=0.0, norm="zscore", image_score="max", sigma=0.0, size=10)
+    scale = ScoreScale(patch={"text": Moments(0.3, 0.2), "adapted": Moments(1.0, 0.5), "visual": Moments(2.0, 4.0)})
+    maps, scores = fused_maps(BranchScores(text=text, adapted=adapted, visual=visual), grid, fusion, scale)
+    want = 0.2 * (text - 0.3) / 0.2 + 0.2 * (adapted - 1.0) / 0.5 + 0.6 * (visual - 2.0) / 4.0
+    torch.testing.assert_close(maps, upsample(want, grid, 10, 0.0), rtol=0, atol=1e-5)
+    torch.testing.assert_close(scores, maps.flatten(1).amax(1))
+
+
+def test_upsampling_is_half_pixel_bilinear():
+    up = upsample(torch.tensor([[0.0, 1.0, 2.0, 3.0]]), (2, 2), 4, 0.0)
+    assert up[0, 0].tolist() == [0.0, 0.25, 0.75, 1.0] and up[0, :, 0].tolist() == [0.0, 0.5, 1.5, 2.0]

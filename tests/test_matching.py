@@ -235,3 +235,33 @@ def test_part_moments_put_several_parts_on_one_scale_and_leave_a_single_part_alo
         assert (plain[name].mean, plain[name].std) == pytest.approx((v.mean(), v.std()), rel=1e-12)
         assert (robust[name].mean, robust[name].std) == pytest.approx((med, 1.4826 * mad), rel=1e-12)
     assert robust["euclidean"].std < plain["euclidean"].std / 5
+
+
+def test_memory_blocks_at_their_smallest_and_a_budget_of_one_element():
+    from dualclip.scoring.matching import block_elements, block_side, blocks
+
+    assert block_elements(0.0) == 1 and block_elements(1.0) == 2**20 // 4
+    assert block_side(512.0, 10, 1) == 1  # at most `most`, even 1
+    assert block_side(1.0, 1, 10**9) == 2**20 // 4  # one column: the whole budget along the other side
+    assert blocks(5, 1) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+
+
+def test_an_unknown_distance_is_named_with_the_distances_there_are():
+    from dualclip.scoring.matching import distance_parts
+
+    said = r"^unknown distance 'manhattan'; choose one of cosine, euclidean, layernorm, hybrid$"
+    with pytest.raises(ValueError, match=said):
+        distance_parts("manhattan")
+    with pytest.raises(ValueError, match=said):
+        bank_distances([torch.zeros(1, 2, 3)], [torch.zeros(4, 3)], "manhattan")
+
+
+def test_combining_parts_over_the_run_keeps_their_dtype_and_a_constant_part_is_only_centred():
+    from dualclip.scoring.matching import combine_parts
+
+    x = torch.tensor([[1.0, 2.0, 4.0, 5.0]])
+    flat = torch.full((1, 4), 7.0)  # no spread: centred, never divided by 0
+    got = combine_parts({"cosine": x, "euclidean": flat})
+    want = ((x - 3.0) / x.std(unbiased=False) + (flat - 7.0)) / 2
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

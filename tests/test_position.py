@@ -276,3 +276,26 @@ def test_a_profile_whose_offsets_or_size_do_not_fit_its_model_is_refused_at_load
     unseal_profile(tmp_path / "p", doc=lambda doc: tamper(doc) or doc)
     with pytest.raises(ProfileError, match=message):
         DualClipDetector.load(tmp_path / "p", backbone=tiny_backbone)
+
+
+def test_ring_offsets_are_each_rings_lower_median_on_a_grid_of_three_rings_in_the_scores_dtype():
+    """Brute force: every position's offset is the lower median of all scores at positions of its ring (its
+    distance from the nearest border); a 6 x 7 grid has three rings."""
+    g = torch.Generator().manual_seed(6)
+    grid = (6, 7)
+    scores = torch.randn(5, 42, generator=g, dtype=torch.float64)
+    got = positional_offsets(scores, grid, "ring")
+    ring = [min(i, j, grid[0] - 1 - i, grid[1] - 1 - j) for i in range(grid[0]) for j in range(grid[1])]
+    assert sorted(set(ring)) == [0, 1, 2]
+    for pos in range(42):
+        vals = sorted(scores[:, [q for q in range(42) if ring[q] == ring[pos]]].reshape(-1).tolist())
+        assert got[pos].item() == vals[(len(vals) - 1) // 2], pos
+    assert got.dtype == torch.float64
+    with pytest.raises(ValueError, match=r"^scores have 40 positions, the grid 6 x 7 has 42$"):
+        positional_offsets(scores[:, :40], grid, "ring")
+
+
+def test_centring_keeps_the_scores_dtype():
+    scores = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float16)
+    out = centre(scores, torch.tensor([0.5, 0.25, 1.0]))
+    assert out.dtype == torch.float16 and out.tolist() == [[0.5, 1.75, 2.0]]
