@@ -517,3 +517,30 @@ def test_a_profiles_moments_standardise_each_branch_of_the_fused_map_with_its_sh
 def test_upsampling_is_half_pixel_bilinear():
     up = upsample(torch.tensor([[0.0, 1.0, 2.0, 3.0]]), (2, 2), 4, 0.0)
     assert up[0, 0].tolist() == [0.0, 0.25, 0.75, 1.0] and up[0, :, 0].tolist() == [0.0, 0.5, 1.5, 2.0]
+
+
+def test_fuse_with_a_profiles_moments_weights_each_standardised_branch_by_its_share():
+    from dualclip.profile import Moments
+    from dualclip.scoring import fuse
+
+    a = torch.tensor([0.0, 1.0, 2.0])
+    b = torch.tensor([2.0, 0.0, 1.0])
+    ma, mb = Moments(1.0, 2.0), Moments(-1.0, 0.5)
+    want = 0.25 * (a - 1.0) / 2.0 + 0.75 * (b + 1.0) / 0.5
+    torch.testing.assert_close(fuse([(a, 1.0), (b, 3.0)], "zscore", [ma, mb]), want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="zip"):  # one moment for two branches: never a silent truncation
+        fuse([(a, 1.0), (b, 3.0)], "zscore", [ma])
+
+
+def test_a_profiles_image_score_fuses_the_global_text_score_and_the_map_in_its_units():
+    from dualclip.core.branches import BranchScores
+    from dualclip.core.maps import Fusion, image_scores
+    from dualclip.profile import Moments, ScoreScale
+
+    text_global = torch.tensor([0.1, 0.5, 0.9])
+    map_max = torch.tensor([3.0, 1.0, 2.0])
+    fusion = Fusion(alpha=0.5, beta=0.3, norm="zscore", image_score="max", sigma=0.0, size=8)
+    scale = ScoreScale(patch={}, image={"text_global": Moments(0.5, 0.2), "map": Moments(2.0, 0.5)})
+    got = image_scores(BranchScores(text_global=text_global), map_max, fusion, scale)
+    want = 0.3 * (text_global - 0.5) / 0.2 + 0.7 * (map_max - 2.0) / 0.5
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
