@@ -450,12 +450,18 @@ def test_eval_cli_name_escaping_out_is_a_usage_error_and_writes_nothing(tmp_path
     assert not (tmp_path / "o").exists()
 
 
-def test_an_eval_folder_written_before_markers_is_resumed(tmp_path, eval_cat):
+def test_an_eval_folder_without_a_marker_is_refused_whatever_it_holds(tmp_path, eval_cat):
+    """Results files of one's own that look like an eval's (a results.json with config and categories beside
+    one's notes in results.md) are never taken for an earlier eval's."""
+    from dualclip.output import OutputFolderError
+
     out = tmp_path / "out"
-    first = _run_eval(eval_cat, out)
-    (out / OUTPUT_MARKER).unlink()
-    assert _run_eval(eval_cat, out) == first
-    assert json.loads((out / OUTPUT_MARKER).read_text())["files"][0] == "categories/bottle.json"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps({"config": {}, "categories": {}}))
+    (out / "results.md").write_text("MY IMPORTANT NOTES")
+    with pytest.raises(OutputFolderError, match="holds no results of dualclip eval"):
+        _run_eval(eval_cat, out)
+    assert (out / "results.md").read_text() == "MY IMPORTANT NOTES"
 
 
 def test_a_stalled_upload_gets_408_and_gives_its_declared_bytes_back(tiny_backbone, texture_set):
@@ -532,7 +538,7 @@ def test_markers_and_saved_results_nested_too_deeply_are_treated_as_unreadable(t
     (out / "categories" / "bottle.json").write_text(deep)  # a saved result that cannot be read: recomputed
     assert _run_eval(eval_cat, out)["categories"]["bottle"]["image_auroc"] == 0.5
     (out / OUTPUT_MARKER).write_text(deep)
-    with pytest.raises(OutputFolderError, match="unreadable marker"):
+    with pytest.raises(OutputFolderError, match="cannot be read or lists no files"):
         _run_eval(eval_cat, out)
     pred = tmp_path / "pred"
     pred.mkdir()
@@ -540,3 +546,83 @@ def test_markers_and_saved_results_nested_too_deeply_are_treated_as_unreadable(t
     (pred / OUTPUT_MARKER).write_text(deep)
     with pytest.raises(UsageError, match="unreadable or invalid"):
         run_predict([str(folder)], pred, det.config, detector=det, overwrite=True)
+
+
+def test_replacing_an_output_keeps_its_folders_mode_and_group(tmp_path, folder, det):
+    """--overwrite of a private (0o700) or setgid folder: the new outputs keep its mode, and files made in it
+    take its group (the setgid bit is set before anything is written)."""
+    import grp
+
+    out = tmp_path / "private"
+    run_predict([str(folder)], out, det.config, detector=det)
+    groups = [g.gr_gid for g in grp.getgrall() if g.gr_gid != os.getgid()]
+    gid = groups[0] if groups and os.geteuid() == 0 else os.getgid()
+    os.chown(out, -1, gid)
+    os.chmod(out, 0o2700)
+    run_predict([str(folder)], out, det.config, detector=det, overwrite=True)
+    st = out.stat()
+    assert (st.st_mode & 0o7777, st.st_gid) == (0o2700, gid)
+    assert {p.stat().st_gid for p in out.rglob("*")} == {gid}  # files and sub-folders too
+    fitted = tmp_path / "p.dualclip"
+    det.fit([str(p) for p in sorted(folder.glob("*.png"))[:3]]).save(fitted)
+    os.chmod(fitted, 0o700)
+    det.save(fitted, overwrite=True)
+    assert fitted.stat().st_mode & 0o7777 == 0o700
+
+
+def test_out_given_as_dot_is_written_and_replaced_as_the_folder_it_names(tmp_path, folder, det, monkeypatch):
+    out = tmp_path / "here"
+    out.mkdir()
+    monkeypatch.chdir(out)
+    run_predict([str(folder)], Path("."), det.config, detector=det)
+    assert (out / OUTPUT_MARKER).is_file()
+    run_predict([str(folder)], Path("."), det.config, detector=det, overwrite=True)
+    monkeypatch.chdir(tmp_path)
+    assert (out / OUTPUT_MARKER).is_file() and not list(tmp_path.glob(".*dualclip-*"))
+    assert not [p for p in out.iterdir() if "dualclip-staging" in p.name]
+
+
+def test_predict_never_replaces_an_eval_folder_even_with_overwrite(tmp_path, eval_cat, folder, det):
+    out = tmp_path / "ev"
+    _run_eval(eval_cat, out)
+    before = _tree(out)
+    with pytest.raises(UsageError, match="holds the output of dualclip eval; predict never replaces it"):
+        run_predict([str(folder)], out, det.config, detector=det, overwrite=True)
+    assert _tree(out) == before
+
+
+def test_eval_refuses_a_marker_or_a_result_that_is_no_regular_file_and_recomputes_damaged_results(tmp_path, eval_cat):
+    from dualclip.output import OutputFolderError
+
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    (fifo / "x").write_text("mine")
+    os.mkfifo(fifo / OUTPUT_MARKER)  # reading it would wait forever
+    with pytest.raises(OutputFolderError, match=r"\.dualclip-output\.json is not a regular file"):
+        _run_eval(eval_cat, fifo)
+    out = tmp_path / "out"
+    first = _run_eval(eval_cat, out)["categories"]["bottle"]
+    (out / "results.md").unlink()
+    (out / "results.md").mkdir()
+    with pytest.raises(OutputFolderError, match="results.md is not a regular file"):
+        _run_eval(eval_cat, out)
+    (out / "results.md").rmdir()
+    saved = out / "categories" / "bottle.json"
+    for damaged in (
+        [1, 2],
+        {"fingerprint": first["fingerprint"]},
+        {**first, "image_auroc": "abc"},
+        {**first, "warnings": 5},
+    ):
+        saved.write_text(json.dumps(damaged))
+        assert _run_eval(eval_cat, out)["categories"]["bottle"] == first  # recomputed, never a crash
+        assert json.loads(saved.read_text()) == first
+
+
+def test_eval_writes_file_names_that_are_not_utf8_as_valid_json(tmp_path, eval_cat):
+    cat = dataclasses.replace(eval_cat[0], name="b\udcffd")
+    out = tmp_path / "out"
+    res = _run_eval([cat], out)
+    doc = json.loads((out / "categories" / "b\udcffd.json").read_bytes().decode("utf-8"))
+    assert doc == res["categories"]["b\udcffd"]
+    assert "b\\udcffd" in (out / "results.md").read_text(encoding="utf-8")

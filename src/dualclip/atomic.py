@@ -38,8 +38,9 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write UTF-8 ``text`` atomically."""
-    write_bytes(path, text.encode("utf-8"))
+    """Write UTF-8 ``text`` atomically. A file name that is not UTF-8 (its bytes kept as lone surrogates, as
+    Python reads them) is written as the escape ``\\udcff``: valid UTF-8, and in JSON the same string again."""
+    write_bytes(path, text.encode("utf-8", errors="backslashreplace"))
 
 
 def finite(value: Any) -> Any:
@@ -73,3 +74,25 @@ def save_image(image: Image.Image, path: str | os.PathLike, format: str = "PNG")
     buf = io.BytesIO()
     image.save(buf, format=format)
     write_bytes(path, buf.getvalue())
+
+
+def take_folder_settings(new: str | os.PathLike, old: str | os.PathLike) -> None:
+    """Give the folder ``new`` (made to replace ``old``) ``old``'s group and permission bits, setgid included,
+    so that replacing a private (``0o700``) or group-shared folder keeps it so; files made in ``new`` afterwards
+    inherit the group where the setgid bit is set. Best effort: a group the user does not belong to is kept
+    as it was."""
+    import stat
+
+    st = os.stat(old)
+    try:
+        os.chown(new, -1, st.st_gid)
+    except OSError:
+        pass
+    os.chmod(new, stat.S_IMODE(st.st_mode))  # after chown, which may clear the setgid bit
+
+
+def named_path(path: str | os.PathLike) -> Path:
+    """``path``, or its absolute form where its last part is no name of its own (``''``, ``.``, ``..``): such a
+    path cannot be renamed (``rename('.', ...)`` is refused), the folder it names can."""
+    path = Path(path)
+    return Path(os.path.abspath(path)) if path.name in ("", ".", "..") else path

@@ -399,10 +399,24 @@ def macro_mean(rows: list[dict]) -> dict[str, float]:
 
 
 def _load_saved(path: Path) -> dict | None:
-    """A saved category result, or None (absent, or unreadable: e.g. written by an older version)."""
+    """A saved category result, or None (absent, unreadable, or not a category result: its fingerprint, metrics
+    and warnings of the wrong kind)."""
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return None
+
+    def number(v) -> bool:
+        return v is None or (isinstance(v, int | float) and not isinstance(v, bool))
+
+    valid = (
+        isinstance(doc, dict)
+        and isinstance(doc.get("fingerprint"), str)
+        and "image_auroc" in doc
+        and all(number(doc[k]) for k in METRICS if k in doc)
+        and isinstance(doc.get("warnings"), list)
+        and all(isinstance(w, str) for w in doc["warnings"])
+    )
+    return doc if valid else None  # damaged or edited: recomputed

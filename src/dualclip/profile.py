@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .atomic import dumps, finite, write_bytes, write_text
+from .atomic import dumps, finite, named_path, take_folder_settings, write_bytes, write_text
 from .data.images import file_fingerprint
 from .errors import ProfileError
 from .thresholds import Threshold
@@ -392,9 +392,12 @@ class Profile:
         # the two files name each other: the tensors the digest of the document, the document the tensors file's
         blob = save_tensors(tensors, metadata={JSON_DIGEST: document_digest(json.loads(dumps(doc)))})
         doc[TENSORS_DIGEST] = hashlib.sha256(blob).hexdigest()
+        path = named_path(path)
         staging = path.parent / f".{path.name}.partial-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
+        if path.is_dir() and not path.is_symlink():  # replaced (overwrite): its group and mode are kept
+            take_folder_settings(staging, path)
         try:
             write_bytes(staging / PROFILE_TENSORS, blob)
             write_text(staging / PROFILE_JSON, dumps(doc) + "\n")

@@ -10,7 +10,6 @@ is written, so an interrupted run leaves a folder the next run resumes.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 from .. import __version__
 from ..atomic import write_json, write_text
 from ..data.images import OUTPUT_MARKER
-from .folder import OutputFolderError, _files_under, _written_files, check_parent, lies_outside
+from .folder import OutputFolderError, _written_files, check_parent, lies_outside, written_by
 
 RESULT_FILES = ("results.json", "results.md", "results.csv")
 COMMAND = "eval"
@@ -34,33 +33,6 @@ def category_file(name: str) -> str:
             "results, so it may hold no path separator, no NUL, and may not be '.' or '..'"
         )
     return f"categories/{name}.json"
-
-
-def _earlier_eval(out: Path) -> set[str] | None:
-    """The files an eval folder without a marker holds, when every one of them is an eval result: each
-    ``categories/*.json`` a JSON object with a fingerprint, ``results.json`` one with its config and categories,
-    and ``results.md`` / ``results.csv`` only beside such a ``results.json``; else None."""
-
-    def document(rel: str, *keys: str) -> bool:
-        try:
-            doc = json.loads((out / rel).read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError):
-            return False
-        return isinstance(doc, dict) and all(k in doc for k in keys)
-
-    found = _files_under(out)
-    summary = "results.json" in found and document("results.json", "config", "categories")
-    for rel in found:
-        parts = rel.split("/")
-        if rel in RESULT_FILES:
-            ok = summary
-        elif len(parts) == 2 and parts[0] == "categories" and parts[1].endswith(".json"):
-            ok = document(rel, "fingerprint")
-        else:
-            ok = False
-        if not ok:
-            return None
-    return found
 
 
 class EvalFolder:
@@ -97,6 +69,11 @@ class EvalFolder:
                     f"output folder {out}: {rel} would be written through a symbolic link; dualclip never writes "
                     "through one: remove the link or choose another folder"
                 )
+            if os.path.lexists(out / rel) and not (out / rel).is_file():
+                raise OutputFolderError(
+                    f"output folder {out}: {rel} is not a regular file (a folder, a FIFO or a device); dualclip "
+                    "never replaces it: move it or choose another folder"
+                )
             if os.path.lexists(out / rel) and rel not in listed:
                 raise OutputFolderError(
                     f"output folder {out} holds {rel}, which dualclip eval did not write; it is never replaced: "
@@ -107,30 +84,30 @@ class EvalFolder:
     @staticmethod
     def _listed(out: Path) -> set[str]:
         marker = out / OUTPUT_MARKER
-        if marker.exists():
-            listed = _written_files(out, strict=True)
-            try:
-                command = json.loads(marker.read_text(encoding="utf-8")).get("command")
-            except (OSError, ValueError, AttributeError, RecursionError):
-                command = None
-            if listed is None or command != COMMAND:
-                what = f"the output of dualclip {command}" if isinstance(command, str) else "an unreadable marker"
-                raise OutputFolderError(
-                    f"output folder {out} holds {what}, not of an evaluation: choose another folder"
-                )
-            return listed
-        earlier = _earlier_eval(out)
-        if earlier is None:
+        if not marker.is_file() or marker.is_symlink():  # never read a FIFO or a device: it may never end
+            state = "missing" if not os.path.lexists(marker) else "not a regular file"
             raise OutputFolderError(
                 f"output folder {out} is not empty and holds no results of dualclip eval ({OUTPUT_MARKER} is "
-                "missing): nothing in it is replaced; choose an empty or new folder"
+                f"{state}): nothing in it is replaced; choose an empty or new folder"
             )
-        return earlier
+        listed = _written_files(out, strict=True)
+        command = written_by(out)
+        if listed is None or command is None:
+            raise OutputFolderError(
+                f"output folder {out}: its {OUTPUT_MARKER} cannot be read or lists no files: nothing in it is "
+                "replaced; choose another folder"
+            )
+        if command != COMMAND:
+            raise OutputFolderError(
+                f"output folder {out} holds the output of dualclip {command}, not of an evaluation: choose another "
+                "folder"
+            )
+        return listed
 
     def _record(self, rel: str) -> None:
         if lies_outside(self.out, rel):  # a link made during the run
             raise OutputFolderError(f"output folder {self.out}: {rel} would be written through a symbolic link")
-        if rel not in self.files or not (self.out / OUTPUT_MARKER).is_file():  # listed, or a folder adopted
+        if rel not in self.files or not (self.out / OUTPUT_MARKER).is_file():  # not listed yet, or a first write
             self.files.add(rel)
             marker = {"tool": "dualclip", "version": __version__, "command": COMMAND, "files": sorted(self.files)}
             write_json(self.out / OUTPUT_MARKER, marker)

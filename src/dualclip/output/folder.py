@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
 from .. import __version__
-from ..atomic import write_json
+from ..atomic import take_folder_settings, write_json
 from ..data.images import OUTPUT_LOCK_SUFFIX, OUTPUT_MARKER
 from ..errors import OutputError
 
@@ -74,6 +74,8 @@ def _written_files(folder: Path, strict: bool = False) -> set[str] | None:
 
 def written_by(folder: Path) -> str | None:
     """The command whose output ``folder`` holds (``predict``, ``demo``; from its marker), or None."""
+    if not (folder / OUTPUT_MARKER).is_file():  # never read a FIFO or a device: it may never end
+        return None
     try:
         doc = json.loads((folder / OUTPUT_MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
@@ -166,6 +168,11 @@ def check_output_folder(out: Path, inputs: Iterable[Path], overwrite: bool) -> N
                 f"--out {out} is not empty and was not written by dualclip "
                 f"({'an unreadable or invalid' if (out / OUTPUT_MARKER).exists() else 'no'} {OUTPUT_MARKER}); "
                 "it is never replaced, even with --overwrite: choose another folder"
+            )
+        command = written_by(out)
+        if command not in ("predict", "demo"):
+            raise OutputFolderError(
+                f"--out {out} holds the output of dualclip {command}; predict never replaces it: choose another folder"
             )
         foreign = sorted(_files_under(out) - listed)
         if foreign:
@@ -304,6 +311,8 @@ def staged_output(
         shutil.rmtree(stale, ignore_errors=True)
     staging = out.parent / f".{out.name[:100]}.dualclip-staging-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
+    if out.is_dir() and not out.is_symlink():  # the folder it replaces: its group and mode (a private 0o700 stays so)
+        take_folder_settings(staging, out)
     (staging / ".staging").write_text(str(os.getpid()))
     try:
         yield staging
