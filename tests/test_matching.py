@@ -265,3 +265,38 @@ def test_combining_parts_over_the_run_keeps_their_dtype_and_a_constant_part_is_o
     want = ((x - 3.0) / x.std(unbiased=False) + (flat - 7.0)) / 2
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_neighbourhood_means_of_size_5_on_a_grid_that_is_not_square_equal_a_brute_force():
+    """The mean over the size x size square around each patch, only patches inside the grid counted."""
+    from dualclip.scoring.matching import neighbourhood_mean
+
+    g = torch.Generator().manual_seed(3)
+    h, w, c = 4, 7, 3
+    tokens = torch.randn(2, h * w, c, generator=g)
+    got = neighbourhood_mean(tokens, (h, w), 5)
+    grid = tokens.reshape(2, h, w, c)
+    for i in range(h):
+        for j in range(w):
+            window = grid[:, max(0, i - 2) : i + 3, max(0, j - 2) : j + 3].reshape(2, -1, c)
+            torch.testing.assert_close(got[:, i * w + j], window.mean(1), rtol=0, atol=1e-6)
+    assert torch.equal(neighbourhood_mean(tokens, (h, w), 1), tokens)
+
+
+def test_neighbourhood_sizes_and_distances_that_do_not_exist_are_named():
+    from dualclip.errors import ConfigError
+    from dualclip.scoring.matching import neighbourhood_mean
+
+    tokens = torch.zeros(1, 15, 2)
+    for size in (2, 7):
+        with pytest.raises(
+            ConfigError,
+            match=rf"^neighbourhood={size} does not fit the feature grid \(3 x 5\): choose an odd size at most 5$",
+        ):
+            neighbourhood_mean(tokens, (3, 5), size)
+    with pytest.raises(ValueError, match=r"^unknown distance 'manhattan'; choose one of cosine, euclidean, layernorm"):
+        to_match_space(tokens, (3, 5), "manhattan", 1)
+    with pytest.raises(
+        ValueError, match=r"^'hybrid' has no matching space of its own: use distance_parts\(\) for its parts$"
+    ):
+        to_match_space(tokens, (3, 5), "hybrid", 1)
