@@ -493,8 +493,38 @@ def test_a_stalled_upload_gets_408_and_gives_its_declared_bytes_back(tiny_backbo
 
     r, info = asyncio.run(main())
     assert r.status_code == 408 and r.headers["connection"] == "close"
-    assert r.json()["detail"] == "request body stalled: no bytes for 0.2 s (10 bytes received)"
+    assert re.fullmatch(
+        r"request body stalled: 10 bytes in [\d.]+ s \(a body may pause at most 0.2 s, and after its first 0.2 s "
+        r"must come at 65536 bytes/s at least\)",
+        r.json()["detail"],
+    ), r.json()["detail"]
     assert budget.held == 0 and info["held_bytes"] == 0
+
+    async def drip() -> tuple:  # a byte every 0.1 s never stalls 0.2 s, and never reaches 50 bytes/s
+        app_.state.budget.refused = 0
+
+        async def slow():
+            for _ in range(200):
+                yield b"x"
+                await asyncio.sleep(0.1)
+
+        transport = httpx.ASGITransport(app=app_)
+        async with httpx.AsyncClient(transport=transport, base_url="http://service") as c:
+            return await asyncio.wait_for(
+                c.post("/v1/score", content=slow(), headers={"content-length": "1000"}), timeout=20
+            )
+
+    app_ = create_app(
+        fitted,
+        ServeSettings(max_body_bytes=1000, max_pending_bytes=2500, body_timeout_s=0.2, min_body_bytes_per_s=50),
+    )
+    budget = app_.state.budget
+    r = asyncio.run(drip())
+    assert r.status_code == 408 and budget.held == 0
+    got = re.fullmatch(
+        r"request body stalled: (\d+) bytes in ([\d.]+) s \(.* must come at 50 bytes/s at least\)", r.json()["detail"]
+    )
+    assert got and int(got[1]) < 50 * (float(got[2]) - 0.2) + 2 and float(got[2]) < 5, r.json()["detail"]  # cut early
     for bad in (0, -1, float("nan"), 3601):
         with pytest.raises(ValueError, match="body_timeout_s must lie in"):
             ServeSettings(body_timeout_s=bad)
@@ -512,6 +542,7 @@ def test_serve_flags_that_cannot_be_used_are_usage_errors(tmp_path):
         (["--max-body-mb", "nan"], "--max-body-mb must be a positive number of MiB, got nan"),
         (["--max-pending-mb", "inf"], "--max-pending-mb must be a positive number of MiB, got inf"),
         (["--body-timeout", "0"], "--body-timeout must lie in (0, 3600] seconds, got 0.0"),
+        (["--min-body-rate", "nan"], "--min-body-rate must be a positive number of KiB/s, got nan"),
     ]
     for args, said in cases:
         r = CliRunner().invoke(app, ["serve", "--profile", str(tmp_path / "p"), *args])

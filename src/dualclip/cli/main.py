@@ -695,6 +695,9 @@ def serve(
     body_timeout: float = typer.Option(
         30.0, help="Longest wait for the next bytes of a request body (s); a stalled upload gets 408."
     ),
+    min_body_rate: float = typer.Option(
+        64.0, help="After --body-timeout seconds a body must have come at this average rate (KiB/s), else 408."
+    ),
     device: str = DEVICE,
     runtime: str = RUNTIME,
     onnx_file: Path = ONNX_FILE,
@@ -727,6 +730,8 @@ def serve(
                 raise UsageError(f"{flag} must be a positive number of MiB, got {mb}")
         if not 0 < body_timeout <= 3600:
             raise UsageError(f"--body-timeout must lie in (0, 3600] seconds, got {body_timeout}")
+        if not math.isfinite(min_body_rate) or min_body_rate * 2**10 < 1:
+            raise UsageError(f"--min-body-rate must be a positive number of KiB/s, got {min_body_rate}")
         settings = ServeSettings(
             host=host,
             port=port,
@@ -736,6 +741,7 @@ def serve(
             max_pending_bytes=int(max_pending_mb * 2**20),
             api_key=key,
             body_timeout_s=body_timeout,
+            min_body_bytes_per_s=int(min_body_rate * 2**10),
         )
         detector = DualClipDetector.load(
             profile, device=device, runtime=runtime, onnx_file=onnx_file, batch_size=batch_size, progress=False

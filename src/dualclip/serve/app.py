@@ -154,6 +154,9 @@ class ServeSettings:
     body_timeout_s:
         Longest wait for the next bytes of a request body (seconds); a client that stalls longer gets 408 and
         the bytes its body declared go back to the budget.
+    min_body_bytes_per_s:
+        After the first ``body_timeout_s`` seconds, a body must have come at this average rate at least (else
+        408): a client sending a byte now and then cannot hold the bytes it declared for long.
     """
 
     host: str = "127.0.0.1"
@@ -166,6 +169,7 @@ class ServeSettings:
     max_side: int = DEFAULT_MAX_SIDE
     api_key: str | None = field(default=None, repr=False)
     body_timeout_s: float = 30.0
+    min_body_bytes_per_s: int = 64 * 2**10
 
     def __post_init__(self) -> None:
         if not is_loopback(self.host) and not self.api_key:
@@ -173,7 +177,14 @@ class ServeSettings:
                 f"host={self.host} can be reached from other machines: set an API key "
                 "(api_key=, or the DUALCLIP_API_KEY environment variable), or bind to host=127.0.0.1"
             )
-        for name in ("batch_size", "max_body_bytes", "max_pending_bytes", "max_pixels", "max_side"):
+        for name in (
+            "batch_size",
+            "max_body_bytes",
+            "max_pending_bytes",
+            "max_pixels",
+            "max_side",
+            "min_body_bytes_per_s",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_pending_bytes < self.max_body_bytes:
@@ -235,10 +246,13 @@ class ByteBudget:
         return {"held_bytes": self.held, "limit_bytes": self.limit, "refused": self.refused}
 
 
-async def _read_body(request: Request, limit: int, take: Callable[[int], None], timeout_s: float) -> bytes:
+async def _read_body(
+    request: Request, limit: int, take: Callable[[int], None], timeout_s: float, min_rate: int
+) -> bytes:
     """The request body, refused with 413 as soon as it exceeds ``limit`` bytes (declared or streamed), and
-    with 408 when no bytes come for ``timeout_s`` seconds; its bytes are taken from the budget (``take``) before
-    they are held."""
+    with 408 when no bytes come for ``timeout_s`` seconds or, after those first ``timeout_s`` seconds, fewer
+    than ``min_rate`` bytes per second have come on average (a slow drip would hold its declared bytes for
+    ever); its bytes are taken from the budget (``take``) before they are held."""
     declared = request.headers.get("content-length")
     held = 0
     if declared is not None and declared.isdigit():
@@ -248,15 +262,18 @@ async def _read_body(request: Request, limit: int, take: Callable[[int], None], 
         held = int(declared)
     chunks, size = [], 0
     stream = request.stream().__aiter__()
+    start = time.monotonic()
     while True:
+        behind = timeout_s + size / min_rate - (time.monotonic() - start)  # until the average falls under min_rate
         try:
-            chunk = await asyncio.wait_for(stream.__anext__(), timeout_s)
+            chunk = await asyncio.wait_for(stream.__anext__(), max(0.0, min(timeout_s, behind)))
         except StopAsyncIteration:
             break
         except TimeoutError:
             raise HTTPException(
                 408,
-                f"request body stalled: no bytes for {timeout_s:g} s ({size} bytes received)",
+                f"request body stalled: {size} bytes in {time.monotonic() - start:.1f} s (a body may pause at most "
+                f"{timeout_s:g} s, and after its first {timeout_s:g} s must come at {min_rate} bytes/s at least)",
                 headers={"Connection": "close"},
             ) from None
         size += len(chunk)
@@ -405,7 +422,9 @@ def create_app(detector: DualClipDetector, settings: ServeSettings, profile_path
         """Score one image against the profile: its score, verdict and, on request, its heat map."""
         start = time.perf_counter()
         with budget.hold() as take:  # the body's bytes count until the answer is sent
-            body = await _read_body(request, settings.max_body_bytes, take, settings.body_timeout_s)
+            body = await _read_body(
+                request, settings.max_body_bytes, take, settings.body_timeout_s, settings.min_body_bytes_per_s
+            )
             data, name = await _upload(request, body, filename)
             if data is not body:  # the file taken out of a multipart body: a second copy
                 take(len(data))
