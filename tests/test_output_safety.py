@@ -93,15 +93,20 @@ def test_forged_marker_listing_paths_outside_out_is_refused_and_never_deletes_th
 
 
 # -- D4: request bodies held at once are bounded ---------------------------------------------------------------------
-def test_concurrent_bodies_over_the_byte_budget_get_503_and_the_budget_returns_to_zero(tiny_backbone, texture_set):
+@pytest.fixture
+def fitted(tiny_backbone, texture_set):
+    """A detector fitted on the texture set's normal images (the service's profile)."""
     pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
+    images, _, labels = texture_set
+    det = DualClipDetector(DetectorConfig(pretrained=None, progress=False), backbone=tiny_backbone)
+    return det.fit([img for img, y in zip(images, labels, strict=True) if not y])
+
+
+def test_concurrent_bodies_over_the_byte_budget_get_503_and_the_budget_returns_to_zero(fitted):
     import httpx
 
     from dualclip.serve import ServeSettings, create_app
 
-    images, _, labels = texture_set
-    fitted = DualClipDetector(DetectorConfig(pretrained=None, progress=False), backbone=tiny_backbone)
-    fitted.fit([img for img, y in zip(images, labels, strict=True) if not y])
     app_ = create_app(fitted, ServeSettings(max_body_bytes=1000, max_pending_bytes=2500))
     budget = app_.state.budget
 
@@ -464,15 +469,11 @@ def test_an_eval_folder_without_a_marker_is_refused_whatever_it_holds(tmp_path, 
     assert (out / "results.md").read_text() == "MY IMPORTANT NOTES"
 
 
-def test_a_stalled_upload_gets_408_and_gives_its_declared_bytes_back(tiny_backbone, texture_set):
-    pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
+def test_a_stalled_upload_gets_408_and_gives_its_declared_bytes_back(fitted):
     import httpx
 
     from dualclip.serve import ServeSettings, create_app
 
-    images, _, labels = texture_set
-    fitted = DualClipDetector(DetectorConfig(pretrained=None, progress=False), backbone=tiny_backbone)
-    fitted.fit([img for img, y in zip(images, labels, strict=True) if not y])
     app_ = create_app(fitted, ServeSettings(max_body_bytes=1000, max_pending_bytes=2500, body_timeout_s=0.2))
     budget = app_.state.budget
 
