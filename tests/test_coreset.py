@@ -155,6 +155,7 @@ def test_the_progress_bar_counts_every_pick_shows_only_when_asked_and_clears(mon
     err = shown.getvalue()
     counts = [int(n) for n in re.findall(r"\rcoreset: +\d+%\|[^|]*\| (\d+)/300 ", err)]
     assert counts[0] == 1 and counts[-1] == 300 and counts == sorted(counts) and len(counts) > 2, counts
+    assert re.search(r"300/300 \[[^\]]*patch/s\]", err)  # counted in patches
     assert "\n" not in err and err.endswith("\r")  # a finished phase leaves no line behind
 
 
@@ -192,8 +193,11 @@ def test_non_finite_features_and_a_projection_below_1_are_refused():
     for bad in (float("nan"), float("inf")):
         y = x.clone()
         y[3, 1] = bad
-        with pytest.raises(ValueError, match="the features hold NaN or infinite values"):
+        with pytest.raises(
+            ValueError, match="^the features hold NaN or infinite values: no distance between them is defined$"
+        ):
             greedy_coreset(y, 5)
     for projection in (0, -3):
-        with pytest.raises(ValueError, match=f"projection must be None or >= 1, got {projection}"):
+        with pytest.raises(ValueError, match=f"^projection must be None or >= 1, got {projection}$"):
             greedy_coreset(x, 5, projection=projection)
+    assert greedy_coreset(x, 5, projection=1).tolist() == _reference(x, 5, 0, 1)  # a 1-D projection is one
