@@ -550,14 +550,16 @@ def test_serve_flags_that_cannot_be_used_are_usage_errors(tmp_path):
         assert r.exit_code == 2 and said in r.output, (args, r.output)
 
 
-def test_an_empty_out_one_made_keeps_its_mode_and_identity(tmp_path, folder, det):
+def test_an_empty_out_one_made_keeps_its_mode_and_group(tmp_path, folder, det):
+    """Filled in one exchange (an interrupt leaves it empty or complete), by a staging folder that was given its
+    mode and group before anything was written."""
     out = tmp_path / "shared_out"
     out.mkdir()
     os.chmod(out, 0o2750)  # setgid, group-readable: the folder's own settings
     before = out.stat()
     run_predict([str(folder)], out, det.config, detector=det)
     after = out.stat()
-    assert (after.st_ino, after.st_mode, after.st_gid) == (before.st_ino, before.st_mode, before.st_gid)
+    assert (after.st_mode, after.st_gid) == (before.st_mode, before.st_gid)
     assert (out / OUTPUT_MARKER).is_file() and (out / "predictions.csv").is_file()
 
 
@@ -602,16 +604,16 @@ def test_replacing_an_output_keeps_its_folders_mode_and_group(tmp_path, folder, 
     assert fitted.stat().st_mode & 0o7777 == 0o700
 
 
-def test_out_given_as_dot_is_written_and_replaced_as_the_folder_it_names(tmp_path, folder, det, monkeypatch):
+def test_out_that_is_or_holds_the_working_folder_is_refused_before_anything_is_written(
+    tmp_path, folder, det, monkeypatch
+):
     out = tmp_path / "here"
-    out.mkdir()
-    monkeypatch.chdir(out)
-    run_predict([str(folder)], Path("."), det.config, detector=det)
-    assert (out / OUTPUT_MARKER).is_file()
-    run_predict([str(folder)], Path("."), det.config, detector=det, overwrite=True)
-    monkeypatch.chdir(tmp_path)
-    assert (out / OUTPUT_MARKER).is_file() and not list(tmp_path.glob(".*dualclip-*"))
-    assert not [p for p in out.iterdir() if "dualclip-staging" in p.name]
+    (out / "sub").mkdir(parents=True)
+    for cwd, given in ((out, "."), (out, ""), (out / "sub", "..")):
+        monkeypatch.chdir(cwd)
+        with pytest.raises(UsageError, match="is or holds the folder you are in"):
+            run_predict([str(folder)], Path(given), det.config, detector=det)
+    assert [p.name for p in out.iterdir()] == ["sub"] and not list(tmp_path.glob(".*dualclip-*"))
 
 
 def test_predict_never_replaces_an_eval_folder_even_with_overwrite(tmp_path, eval_cat, folder, det):

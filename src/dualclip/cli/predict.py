@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..atomic import named_path
 from ..config import DetectorConfig
 from ..data.datasets import read_mask
 from ..data.images import DEFAULT_MAX_SIDE, Expanded, ImageLoadError, expand_paths, load_images, mask_like
@@ -225,7 +224,7 @@ def run_predict(
     predictions table (``json``, ``csv``, ``parquet``).
     """
     warn = warn or log_line
-    out = named_path(out)  # -o . is renamed as the folder it names
+    out = Path(out)
     _check_threshold_options(threshold, threshold_quantile)
     _check_output_formats(save_maps, tables)
     try:

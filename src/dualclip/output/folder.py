@@ -154,6 +154,12 @@ def check_output_folder(out: Path, inputs: Iterable[Path], overwrite: bool) -> N
     if out.exists() and not out.is_dir():
         raise OutputFolderError(f"--out {out} exists and is a file, not a folder")
     resolved = out.resolve()
+    here = Path.cwd().resolve()
+    if resolved == here or resolved in here.parents:
+        raise OutputFolderError(
+            f"--out {out} is or holds the folder you are in: its outputs are swapped in as a new folder, which would "
+            "leave you in a deleted one; give --out a folder of its own (e.g. -o results)"
+        )
     for inp in inputs:
         r = Path(inp).resolve()
         if r == resolved or resolved in r.parents:
@@ -348,7 +354,10 @@ def _commit(staging: Path, out: Path, warn: Callable[[str], None]) -> None:
     if not out.exists():
         os.rename(staging, out)
         return
-    if not any(out.iterdir()):  # an empty folder the user made: kept (its mode, group, ACLs), filled, marker last
+    if not any(out.iterdir()):  # an empty folder the user made (its mode and group are the staging folder's)
+        if _exchange(staging, out):  # the outputs in place at once; the empty folder goes
+            staging.rmdir()
+            return
         for item in sorted(staging.iterdir(), key=lambda p: p.name == OUTPUT_MARKER):
             os.rename(item, out / item.name)
         staging.rmdir()
