@@ -154,18 +154,18 @@ def check_output_folder(out: Path, inputs: Iterable[Path], overwrite: bool) -> N
     if out.exists() and not out.is_dir():
         raise OutputFolderError(f"--out {out} exists and is a file, not a folder")
     resolved = out.resolve()
-    here = Path.cwd().resolve()
-    if resolved == here or resolved in here.parents:
-        raise OutputFolderError(
-            f"--out {out} is or holds the folder you are in: its outputs are swapped in as a new folder, which would "
-            "leave you in a deleted one; give --out a folder of its own (e.g. -o results)"
-        )
     for inp in inputs:
         r = Path(inp).resolve()
         if r == resolved or resolved in r.parents:
             raise OutputFolderError(
                 f"--out {out} is or contains the input {inp}: outputs must go to a folder of their own"
             )
+    here = Path.cwd().resolve()
+    if resolved == here or resolved in here.parents:
+        raise OutputFolderError(
+            f"--out {out} is or holds the folder you are in: its outputs are swapped in as a new folder, which would "
+            "leave you in a deleted one; give --out a folder of its own (e.g. -o results)"
+        )
     check_parent(resolved)
     if out.is_dir() and any(out.iterdir()):
         listed = _written_files(out, strict=True)
