@@ -540,11 +540,19 @@ def test_serve_flags_that_cannot_be_used_are_usage_errors(tmp_path):
         (["--api-key-file", str(tmp_path / "missing")], "--api-key-file"),
         (["--api-key-file", str(key_dir)], "cannot be read"),
         (["--api-key-file", str(binary)], "cannot be read: not UTF-8 text"),
-        (["--max-body-mb", "nan"], "--max-body-mb must be a positive number of MiB, got nan"),
-        (["--max-pending-mb", "inf"], "--max-pending-mb must be a positive number of MiB, got inf"),
+        (["--max-body-mb", "nan"], "--max-body-mb must be a positive number of MiB up to 1048576, got nan"),
+        (["--max-pending-mb", "inf"], "--max-pending-mb must be a positive number of MiB up to 1048576, got inf"),
+        (["--max-body-mb", "1e300"], "--max-body-mb must be a positive number of MiB up to 1048576, got 1e+300"),
+        (["--max-pending-mb", "1"], "--max-pending-mb 1 must be at least --max-body-mb 32"),
+        (["--max-wait-ms", "nan"], "--max-wait-ms nan must lie in [0, 10000]"),
+        (["--batch-size", "0"], "--batch-size 0 must be >= 1"),
+        (["--port", "70000"], "--port 70000 must lie in 1..65535"),
         (["--body-timeout", "0"], "--body-timeout must lie in (0, 3600] seconds, got 0.0"),
         (["--min-body-rate", "nan"], "--min-body-rate must be a positive number of KiB/s, got nan"),
     ]
+    for name, text in (("two_lines", "abc\ndef"), ("accents", "clé-secrète"), ("spaced", "a key")):
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        cases.append((["--api-key-file", str(tmp_path / name)], "--api-key-file FILE must be printable ASCII"))
     for args, said in cases:
         r = CliRunner().invoke(app, ["serve", "--profile", str(tmp_path / "p"), *args])
         assert r.exit_code == 2 and said in r.output, (args, r.output)

@@ -726,8 +726,10 @@ def serve(
             if not key:
                 raise UsageError(f"--api-key-file {api_key_file} is empty")
         for flag, mb in (("--max-body-mb", max_body_mb), ("--max-pending-mb", max_pending_mb)):
-            if not math.isfinite(mb) or mb <= 0:
-                raise UsageError(f"{flag} must be a positive number of MiB, got {mb}")
+            if not math.isfinite(mb) or not 0 < mb <= 2**20:
+                raise UsageError(f"{flag} must be a positive number of MiB up to {2**20}, got {mb:g}")
+        if max_pending_mb < max_body_mb:
+            raise UsageError(f"--max-pending-mb {max_pending_mb:g} must be at least --max-body-mb {max_body_mb:g}")
         if not 0 < body_timeout <= 3600:
             raise UsageError(f"--body-timeout must lie in (0, 3600] seconds, got {body_timeout}")
         if not math.isfinite(min_body_rate) or min_body_rate * 2**10 < 1:

@@ -177,6 +177,11 @@ class ServeSettings:
                 f"host={self.host} can be reached from other machines: set an API key "
                 "(api_key=, or the DUALCLIP_API_KEY environment variable), or bind to host=127.0.0.1"
             )
+        if self.api_key is not None and not all(0x21 <= ord(c) <= 0x7E for c in self.api_key):
+            raise ConfigError(
+                "api_key= must be printable ASCII without spaces or line breaks: the X-API-Key header carries it, "
+                "and no client could send another key"
+            )
         for name in (
             "batch_size",
             "max_body_bytes",
@@ -186,17 +191,17 @@ class ServeSettings:
             "min_body_bytes_per_s",
         ):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if self.max_pending_bytes < self.max_body_bytes:
             raise ConfigError(
                 f"max_pending_bytes ({self.max_pending_bytes}) must be at least max_body_bytes ({self.max_body_bytes})"
             )
         if not 0 <= self.max_wait_ms <= 10_000:
-            raise ConfigError(f"max_wait_ms must lie in [0, 10000], got {self.max_wait_ms}")
+            raise ConfigError(f"max_wait_ms={self.max_wait_ms} must lie in [0, 10000]")
         if not 0 < self.body_timeout_s <= 3600:  # also refuses NaN
             raise ConfigError(f"body_timeout_s must lie in (0, 3600], got {self.body_timeout_s}")
         if not 0 < self.port < 65536:
-            raise ConfigError(f"port must lie in 1..65535, got {self.port}")
+            raise ConfigError(f"port={self.port} must lie in 1..65535")
 
     def to_dict(self) -> dict:
         d = asdict(self)
