@@ -273,3 +273,24 @@ def test_a_file_that_is_no_weights_file_is_one_line_that_says_so(tmp_path):
                 build(path)
             assert why in str(err.value) and "\n" not in str(err.value), str(err.value)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_weights_path_that_is_no_regular_file_or_has_other_keys_is_named_as_such(tmp_path):
+    from dualclip.backbone import EffNetLite0Backbone
+
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    for build in (
+        lambda p: build_clip_backbone(TINY, pretrained=str(p), image_size=None),
+        lambda p: EffNetLite0Backbone(pretrained=str(p), image_size=64),
+    ):
+        with pytest.raises(ValueError, match="is not a regular file") as err:
+            build(folder)
+        assert not isinstance(err.value, FileNotFoundError)
+        with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
+            build(tmp_path / "missing.pt")
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"not_a_layer.weight": torch.zeros(2)}, wrong)
+    with pytest.raises(ValueError, match=r"Error\(s\) in loading state_dict for \w+: (Missing|Unexpected) key") as err:
+        EffNetLite0Backbone(pretrained=str(wrong), image_size=64)
+    assert "\n" not in str(err.value)

@@ -86,8 +86,7 @@ def load_weights_file(net: nn.Module, path: Path, name: str) -> Path:
     ``weights_only=True`` (no pickled code runs). A missing file is ``FileNotFoundError``; any other failure a
     ``ValueError`` naming the file and the backbone."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise InputNotFoundError(f"checkpoint file not found: {path}")
+    check_weights_file(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -101,6 +100,15 @@ def load_weights_file(net: nn.Module, path: Path, name: str) -> Path:
     return path
 
 
+def check_weights_file(path: Path) -> None:
+    """A weights file must be a regular file: missing is :class:`InputNotFoundError`, a folder or a device an
+    :class:`InputError` (reading a device could never end)."""
+    if not path.exists():
+        raise InputNotFoundError(f"checkpoint file not found: {path}")
+    if not path.is_file():
+        raise InputError(f"checkpoint file {path} is not a regular file (a folder, a FIFO or a device)")
+
+
 def load_failure(exc: BaseException) -> str:
     """Why a weights file failed to load, in one line: the first line of the error's message (torch's run to
     several lines of advice), with the error's type where the message alone says nothing (a ``KeyError: '101'``
@@ -108,6 +116,9 @@ def load_failure(exc: BaseException) -> str:
     first = str(exc).splitlines()[0][:300] if str(exc).strip() else ""
     if first.startswith("Weights only load failed"):
         return "it holds pickled objects other than tensors, and dualclip loads tensors only (weights_only=True)"
+    if first.startswith("Error(s) in loading state_dict"):  # the next line names the keys that differ
+        lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        return f"{first} {lines[0][:300]}" if lines else first
     if isinstance(exc, KeyError) or len(first) < 12:
         return f"not a weights file of this model ({type(exc).__name__}: {first or 'no message'})"
     return first

@@ -22,8 +22,8 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
 from ..config import DEFAULT
-from ..errors import ConfigError, InputError, InputNotFoundError, WeightsUnavailableError
-from .base import Backbone, BackboneOutput, load_failure
+from ..errors import ConfigError, InputError, WeightsUnavailableError
+from .base import Backbone, BackboneOutput, check_weights_file, load_failure
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
@@ -123,8 +123,7 @@ def load_open_clip(
         weights_id = None
     elif is_checkpoint_path(pretrained):
         path = Path(pretrained).expanduser()
-        if not path.is_file():
-            raise InputNotFoundError(f"checkpoint file not found: {path}")
+        check_weights_file(path)
         model = open_clip.create_model(model_name, pretrained=None, **common)
         # weights_only=True: tensors only, no pickled code is executed; .safetensors via safetensors.
         try:
