@@ -308,3 +308,19 @@ def test_16_bit_32_bit_and_float_grey_images_become_8_bit_exactly_and_block_by_b
         warnings.simplefilter("error")  # no "invalid value" warning from a float TIFF's NaN holes
         got = np.asarray(to_rgb8(Image.fromarray(holes)))[..., 0]
     assert got[0, 0] == 0 and got[0, 1] == 255 and (got[1:] == 0).all()
+
+
+def test_a_16_bit_image_decoded_reduced_is_its_8_bit_grey_reduced():
+    import io
+
+    from dualclip.data.images import decode_image
+
+    rng = np.random.default_rng(1)
+    arr = rng.integers(0, 65536, (300, 240)).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    got = decode_image(buf.getvalue(), "g16.png", max_side=100)
+    grey = Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), mode="L")
+    want = grey.reduce(3).resize((80, 100), Image.BILINEAR).convert("RGB")
+    assert got.mode == "RGB" and got.size == (80, 100)
+    assert np.array_equal(np.asarray(got), np.asarray(want))

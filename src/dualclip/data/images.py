@@ -247,8 +247,8 @@ def _reduced(img: Image.Image, max_side: int) -> Image.Image:
     if img.format == "JPEG":
         img.draft(img.mode if img.mode in ("RGB", "L") else None, target)
     img.load()
-    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-        img = to_rgb8(img)
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):  # 8-bit grey, made RGB after the reduction
+        img = Image.fromarray(_grey8(np.asarray(img)), mode="L")
     factor = max(1, min(img.width // target[0], img.height // target[1]))
     if factor > 1:
         img = img.reduce(factor)
