@@ -281,3 +281,25 @@ def test_a_profile_matches_its_bank_at_its_own_default_neighbourhood(tmp_path, s
     assert loaded.matching() == ("hybrid", (3,))
     assert [p.score for p in loaded.predict(test)] == pytest.approx([p.score for p in det.predict(test)], abs=1e-5)
     assert DualClipDetector(cfg, backbone=det.backbone).matching() == ("hybrid", (1,))
+
+
+def test_a_profile_is_saved_into_an_empty_folder_one_made_and_keeps_its_mode(tmp_path, tiny_backbone, texture_set):
+    import os
+
+    from dualclip.profile import PROFILE_JSON, PROFILE_TENSORS
+
+    images, _, labels = texture_set
+    det = DualClipDetector(DetectorConfig(pretrained=None, progress=False), backbone=tiny_backbone)
+    det.fit([img for img, y in zip(images, labels, strict=True) if not y])
+    out = tmp_path / "mine.dualclip"
+    out.mkdir()
+    os.chmod(out, 0o700)
+    det.save(out)  # no overwrite needed: the folder is empty
+    assert sorted(p.name for p in out.iterdir()) == sorted([PROFILE_JSON, PROFILE_TENSORS])
+    assert out.stat().st_mode & 0o777 == 0o700
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="exists"):
+        det.save(tmp_path / "full")
+    det.save(out, overwrite=True)  # replaces its own files only; no leftover sibling
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "mine.dualclip"]

@@ -405,7 +405,12 @@ class Profile:
                 old = path.parent / f".{path.name}.old-{os.getpid()}"
                 os.rename(path, old)
                 os.rename(staging, path)
-                shutil.rmtree(old)
+                for name in (PROFILE_JSON, PROFILE_TENSORS):  # only what an earlier save wrote
+                    (old / name).unlink(missing_ok=True)
+                try:
+                    old.rmdir()
+                except OSError:
+                    log.warning("%s: files put into it during the save were kept in %s", path, old)
             else:
                 os.rename(staging, path)
         finally:
@@ -640,8 +645,10 @@ def _check_binding(path: Path, doc: dict, blob: bytes) -> bool:
 def check_destination(path: str | os.PathLike, overwrite: bool = False) -> None:
     """Refuse, before any fitting, a ``path`` that :meth:`Profile.save` will not write: an existing path
     without ``overwrite``, or one that is not a profile folder (a folder holding ``profile.json`` and
-    ``tensors.safetensors`` and nothing else)."""
+    ``tensors.safetensors`` and nothing else). An empty folder is written into as a new path."""
     path = Path(path)
+    if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+        return  # an empty folder one made: filled (it keeps its mode and group)
     if path.exists() or path.is_symlink():
         if not overwrite:
             raise ProfileError(f"{path} exists: choose another path or overwrite it (overwrite=True)")

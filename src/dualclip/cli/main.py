@@ -599,7 +599,8 @@ def fit(
     for path, flag in misplaced_paths(ctx.meta.get("raw_args", []), ("--validation-normal", "--validation-anomalous")):
         log.warning("%s follows the value of %s: it is used as a normal image", path, flag)
     with cli_errors(debug, quiet, verbose):
-        if out.exists() and not overwrite:
+        empty = out.is_dir() and not out.is_symlink() and not any(out.iterdir())  # a folder one made for it
+        if out.exists() and not overwrite and not empty:
             raise UsageError(f"{out} exists: choose another --out or pass --overwrite")
         check_destination(out, overwrite)  # where the profile goes, before any image is read
         check_parent(out, created=True)
