@@ -77,6 +77,7 @@ def main() -> None:
     import torch
 
     from dualclip import DualClipDetector
+    from dualclip.atomic import write_json
     from dualclip.metrics import _region_labels
     from dualclip.scoring import upsample
     from dualclip.scoring.matching import combine_parts
@@ -115,8 +116,7 @@ def main() -> None:
                 f"{time.perf_counter() - t:.0f} s",
                 flush=True,
             )
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(results, indent=1))
+            write_json(args.json, results)  # atomic: an interrupted run keeps the cells saved so far
 
 
 if __name__ == "__main__":

@@ -80,6 +80,7 @@ def main() -> None:
         print(f"profile_ensemble: skipped, {SHARED} is absent", file=sys.stderr)
         return
     from dualclip import DualClipDetector
+    from dualclip.atomic import write_json
     from dualclip.metrics import _region_labels
 
     results = json.loads(args.json.read_text()) if args.json.is_file() else {}
@@ -115,8 +116,7 @@ def main() -> None:
                     f"{time.perf_counter() - t0:.0f} s",
                     flush=True,
                 )
-                args.json.parent.mkdir(parents=True, exist_ok=True)
-                args.json.write_text(json.dumps(results, indent=1))
+                write_json(args.json, results)  # atomic: an interrupted run keeps the cells saved so far
 
 
 if __name__ == "__main__":

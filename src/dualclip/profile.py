@@ -647,13 +647,18 @@ def check_destination(path: str | os.PathLike, overwrite: bool = False) -> None:
     without ``overwrite``, or one that is not a profile folder (a folder holding ``profile.json`` and
     ``tensors.safetensors`` and nothing else). An empty folder is written into as a new path."""
     path = Path(path)
-    if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
-        return  # an empty folder one made: filled (it keeps its mode and group)
+    if empty_folder(path):
+        return  # filled (it keeps its mode and group)
     if path.exists() or path.is_symlink():
         if not overwrite:
             raise ProfileError(f"{path} exists: choose another path or overwrite it (overwrite=True)")
         if not _is_profile_folder(path):
             raise ProfileError(f"{path} is not a profile folder: refusing to replace it")
+
+
+def empty_folder(path: Path) -> bool:
+    """A real folder (not a link) with nothing in it, as one makes for a profile: written into as a new path."""
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
 def _is_profile_folder(path: Path) -> bool:

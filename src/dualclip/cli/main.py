@@ -593,14 +593,13 @@ def fit(
     from ..data.images import expand_paths, load_images
     from ..detector import DualClipDetector
     from ..output import check_parent, display_path
-    from ..profile import ProfileError, check_destination
+    from ..profile import ProfileError, check_destination, empty_folder
     from .predict import mask_warnings
 
     for path, flag in misplaced_paths(ctx.meta.get("raw_args", []), ("--validation-normal", "--validation-anomalous")):
         log.warning("%s follows the value of %s: it is used as a normal image", path, flag)
     with cli_errors(debug, quiet, verbose):
-        empty = out.is_dir() and not out.is_symlink() and not any(out.iterdir())  # a folder one made for it
-        if out.exists() and not overwrite and not empty:
+        if out.exists() and not overwrite and not empty_folder(out):
             raise UsageError(f"{out} exists: choose another --out or pass --overwrite")
         check_destination(out, overwrite)  # where the profile goes, before any image is read
         check_parent(out, created=True)

@@ -405,7 +405,7 @@ def create_app(detector: DualClipDetector, settings: ServeSettings, profile_path
     refusals = {
         400: "a multipart body without the file field `image`",
         401: "a missing or wrong API key",
-        408: "a body that stalled (no bytes for the body timeout)",
+        408: "a body that stalled or dripped (see body_timeout_s and min_body_bytes_per_s)",
         413: "a body over the size limit",
         422: "not a readable image, or over the pixel limit",
         503: "the bodies held at once would pass their bound (retry after Retry-After seconds)",
