@@ -143,7 +143,9 @@ MODEL_CASES = {
     ),
     # vision-only, the real bundled weights (random effnet-lite0 features are near zero: no test of anything),
     # the image reflect-padded before the network
-    "effnet": dict(backbone="effnet-lite0", image_size=96, centring="position", border="reflect"),
+    "effnet": dict(backbone="effnet-lite0", image_size=96, centring="position", border="reflect", plain_weight=0.0),
+    # the plain view: a second input at its own size, its bank and the two views' mix inside the graph
+    "effnet-plain": dict(backbone="effnet-lite0", image_size=96, plain_image_size=64, plain_weight=0.5),
 }
 
 
@@ -160,11 +162,24 @@ def _fitted_profile(tmp_path, texture_set, case: str):
     return DualClipDetector(cfg).fit(train, class_name="tile", threshold_quantile=0.9).save(tmp_path / "profile")
 
 
-def _run_model(path, x: np.ndarray, outputs=("score", "anomaly_map")) -> tuple[np.ndarray, ...]:
+def _run_model(path, x, outputs=("score", "anomaly_map")) -> tuple[np.ndarray, ...]:
+    """The model's outputs for ``x``: the ``images`` input, or ``{input name: array}``."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return tuple(session.run(list(outputs), {"images": x}))
+    return tuple(session.run(list(outputs), x if isinstance(x, dict) else {"images": x}))
+
+
+def _inputs(det, images, rows=slice(None)) -> dict:
+    """Every input of ``det``'s exported model for ``images`` (``images``, and ``plain_images`` with a plain view)."""
+    from dualclip.backbone.preprocess import to_tensor
+
+    bb = det.backbone
+    feeds = {"images": to_tensor(images, bb.image_size, bb.mean, bb.std).numpy()[rows]}
+    if det.profile_.plain is not None:
+        side = det.plain_backbone.image_size
+        feeds["plain_images"] = to_tensor(images, side, bb.mean, bb.std).numpy()[rows]
+    return feeds
 
 
 @pytest.mark.parametrize("case", list(MODEL_CASES))
@@ -179,13 +194,13 @@ def test_whole_model_export_scores_like_predict_profile_at_batch_1_and_3(case, t
     want = det.score_images(test)  # maps at S x S, image scores in profile units
     assert [p.score for p in det.predict(test)] == pytest.approx(want.image_scores.tolist(), abs=1e-6)
     bb = det.backbone
-    x = to_tensor(test, bb.image_size, bb.mean, bb.std).numpy()
+    x = _inputs(det, test)
     scores, maps = _run_model(path, x)  # batch 3
     assert maps.shape == (3, bb.image_size, bb.image_size)
     np.testing.assert_allclose(scores, want.image_scores.numpy(), atol=TOL, rtol=0)
     np.testing.assert_allclose(maps, want.maps.numpy(), atol=TOL, rtol=0)
     for i in range(3):  # batch 1
-        s1, m1 = _run_model(path, x[i : i + 1])
+        s1, m1 = _run_model(path, _inputs(det, test, slice(i, i + 1)))
         np.testing.assert_allclose(s1, want.image_scores.numpy()[i : i + 1], atol=TOL, rtol=0)
         np.testing.assert_allclose(m1[0], want.maps.numpy()[i], atol=TOL, rtol=0)
     # the out-of-distribution guard's distance, and the verdicts it gives, as predict's
@@ -200,9 +215,14 @@ def test_whole_model_export_scores_like_predict_profile_at_batch_1_and_3(case, t
     assert meta["what"] == "model"
     assert meta["threshold"] == det.threshold_.to_dict()
     assert meta["profile"]["fingerprint"] == det.profile_.fingerprint()
-    assert meta["profile"]["centring"] == MODEL_CASES[case]["centring"]
+    assert meta["profile"]["centring"] == MODEL_CASES[case].get("centring", "none")
     assert meta["preprocess"]["resize"] == "bicubic" and meta["preprocess"]["mean"] == list(bb.mean)
-    want_branches = {"clip-hybrid": ["text", "visual"], "clip-head": ["adapted", "text", "visual"]}
+    want_branches = {
+        "clip-hybrid": ["text", "visual"],
+        "clip-head": ["adapted", "text", "visual"],
+        "effnet-plain": ["plain", "visual"],
+    }
+    assert {k: v[2] for k, v in meta["inputs"].items()} == {k: v.shape[2] for k, v in x.items()}
     assert meta["branches"] == want_branches.get(case, ["visual"])
 
 
@@ -233,9 +253,11 @@ def _docs_block(marker: str) -> str:
     return after.split("```python\n", 1)[1].split("```", 1)[0]
 
 
-def test_docs_onnx_example_runs_the_exported_model_without_dualclip(tmp_path, texture_set):
+@pytest.mark.parametrize("case", ["clip-hybrid", "effnet-plain"])
+def test_docs_onnx_example_runs_the_exported_model_without_dualclip(tmp_path, texture_set, case):
     """The docs' example, as written, on a product image and on a blank frame: the score, map, threshold and
-    verdict (``unusable`` for the blank frame, by the profile's guard) of `dualclip predict --profile`."""
+    verdict (``unusable`` for the blank frame, by the profile's guard) of `dualclip predict --profile`; also for
+    a model with the plain view's second input."""
     import json
     import os
     import shutil
@@ -244,11 +266,15 @@ def test_docs_onnx_example_runs_the_exported_model_without_dualclip(tmp_path, te
 
     from PIL import Image
 
-    profile = _fitted_profile(tmp_path, texture_set, "clip-hybrid")
+    profile = _fitted_profile(tmp_path, texture_set, case)
     model = tmp_path / "model.onnx"
     r = CliRunner().invoke(app, ["export", "--profile", str(profile), "-o", str(model)])
     assert r.exit_code == 0, r.output
-    assert "images -> score, anomaly_map, ood_distance (text, visual), threshold" in r.output
+    said = {
+        "clip-hybrid": "images -> score, anomaly_map, ood_distance (text, visual), threshold",
+        "effnet-plain": "images, plain_images -> score, anomaly_map, ood_distance (plain, visual), threshold",
+    }
+    assert said[case] in r.output
     det = DualClipDetector.load(profile)
     _, test = _split(texture_set)
     code = _docs_block("onnx-model-example") + (

@@ -134,16 +134,20 @@ def golden_baseline(layers_test, layers_train, grid):
 
 
 def config_of(candidate: str, seed: int):
-    """A DetectorConfig from ``features / distance / neighbourhood / centring``."""
+    """A DetectorConfig from ``features / distance / neighbourhood / centring`` and an optional
+    ``/ plain W``: the plain view's weight (``plain_weight``; without it 0, the setting before the plain view)."""
     from dualclip import DetectorConfig
 
-    feat, dist, nb, centring = (p.strip() for p in candidate.split("/"))
+    fields = [p.strip() for p in candidate.split("/")]
+    feat, dist, nb, centring = fields[:4]
+    plain = float(fields[4].removeprefix("plain")) if len(fields) > 4 else 0.0
     kw = {
         "distance": dist.split("-")[0],
         "neighbourhood": int(nb),
         "centring": centring,
         "seed": seed,
         "progress": False,
+        "plain_weight": plain,
     }
     kw["hybrid_norm"] = "robust" if dist == "hybrid-robust" else "zscore"
     if feat.startswith("effnet"):

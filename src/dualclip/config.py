@@ -215,6 +215,15 @@ class MethodSettings:
         Most golden patches a fitted profile keeps (:meth:`DualClipDetector.fit`): above it a greedy coreset
         (PatchCore) chooses this many; ``None`` keeps all. 16384 patches are about 10 images of effnet-lite0
         at 320 px; measured in docs/results.md ("Saved profiles").
+    plain_weight:
+        A fitted profile's plain view (:mod:`dualclip.scoring.plain`): the share of the visual slot given to a
+        plain nearest neighbour of the normal images, from a second pass of the network at
+        ``plain_image_size`` with its own zero padding (3 x 3 average counting the padding, Euclidean); the main
+        visual branch keeps the rest. 0: off. Only a convolutional backbone (effnet-lite0) has the second pass;
+        zero-shot runs and golden references never use it. ``None``: the backbone's default, chosen by the
+        worst fold of five over three products (docs/results.md, "Saved profiles over three products").
+    plain_image_size:
+        The plain view's processing size (32 to 4096 pixels; 224: a 28 x 28 grid for effnet-lite0).
     seed:
         Seeds pairing, synthesis and adaptation; recorded in every output.
     quick_gelu:
@@ -247,6 +256,8 @@ class MethodSettings:
     tta: bool = False
     adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
     memory_bank_size: int | None = 16384
+    plain_weight: float | None = None
+    plain_image_size: int = 224
     seed: int = 0
     quick_gelu: bool | None = None
 
@@ -266,7 +277,7 @@ class MethodSettings:
                 _is_number(value) or (name == "temperature" and value is None),
                 f"{name} must be a number, got {value!r}",
             )
-        for name in ("image_size", "vv_start", "memory_bank_size"):
+        for name in ("image_size", "vv_start", "memory_bank_size", "plain_image_size"):
             value = getattr(self, name)
             _check(value is None or _is_int(value), f"{name} must be an integer, got {value!r}")
         if self.feature_layers is not None:
@@ -279,6 +290,14 @@ class MethodSettings:
         _check(
             self.image_size is None or 32 <= self.image_size <= MAX_IMAGE_SIZE,
             f"image_size={self.image_size!r} is outside [32, {MAX_IMAGE_SIZE}] pixels",
+        )
+        _check(
+            32 <= self.plain_image_size <= MAX_IMAGE_SIZE,
+            f"plain_image_size={self.plain_image_size!r} is outside [32, {MAX_IMAGE_SIZE}] pixels",
+        )
+        _check(
+            self.plain_weight is None or (_is_number(self.plain_weight) and 0.0 <= self.plain_weight <= 1.0),
+            f"plain_weight must be a number in [0, 1] or None, got {self.plain_weight!r}",
         )
         _check(self.vv_start is None or self.vv_start >= 0, "vv_start is 1-based (0: no V-V path) and must be >= 0")
         _one_of("distance", self.distance, DISTANCES, optional=True)

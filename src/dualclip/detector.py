@@ -56,6 +56,7 @@ from .scoring import (
     positional_offsets,
     resize_map,
 )
+from .scoring.plain import PlainBank, plain_space
 from .scoring.sources import (
     GoldenReferences,
     Matching,
@@ -183,7 +184,7 @@ class ScoreResult:
     unusable: list[str | None] = field(default_factory=list)
 
 
-_RUN_FIELDS = ("duplicate_pairs", "centring")
+_RUN_FIELDS = ("duplicate_pairs", "centring", "plain_grid")
 """BranchScores fields that describe the run, not per-image scores."""
 
 
@@ -208,6 +209,7 @@ def _concat(results: list[ScoreResult]) -> ScoreResult:
     branches = BranchScores(
         **{f.name: cat(f.name) for f in dataclasses.fields(BranchScores) if f.name not in _RUN_FIELDS},
         centring=first.branches.centring,
+        plain_grid=first.branches.plain_grid,
     )
     return ScoreResult(
         image_scores=torch.cat([r.image_scores for r in results]),
@@ -314,8 +316,17 @@ def _check_profile_scale(path, profile: Profile, det: DualClipDetector) -> None:
     use_text, use_visual = det._branches_to_run(len(profile.normal_scores), None)
     scale = profile.scale
     needed = {
-        "patch": [b for b, on in (("text", use_text), ("adapted", det.config.tta), ("visual", use_visual)) if on],
-        "image": ["text_global", "map"] if use_text else [],
+        "patch": [
+            b
+            for b, on in (
+                ("text", use_text),
+                ("adapted", det.config.tta),
+                ("visual", use_visual),
+                ("plain", use_visual and profile.plain is not None),
+            )
+            if on
+        ],
+        "image": (["text_global", "map"] if use_text else []) + (["views"] if profile.plain is not None else []),
         "parts": list(distance_parts(det.config.distance)) if use_visual and len(profile.bank) > 1 else [],
     }
     for group, names in needed.items():
@@ -366,6 +377,24 @@ def _check_profile_geometry(path, profile: Profile, backbone: Backbone) -> None:
         )
 
 
+def _check_plain_geometry(path, profile: Profile, det: DualClipDetector) -> None:
+    """A profile's plain view must fit the model's (one forward pass of a blank image at the plain view's size):
+    its grid and its patches' width."""
+    if profile.plain is None:
+        return
+    view = det.plain_backbone
+    size = view.image_size
+    with torch.inference_mode():
+        out = view(torch.zeros(1, 3, size, size, device=next(view.parameters()).device))
+    width = sum(t.shape[-1] for t in out.match_features)
+    got = (tuple(profile.plain.grid), int(profile.plain.bank.shape[1]))
+    if got != (tuple(out.grid), width):
+        raise ProfileError(
+            f"{path} is damaged: its plain view has a {got[0][0]} x {got[0][1]} grid of width {got[1]}, the model's "
+            f"plain view at {size} px a {out.grid[0]} x {out.grid[1]} grid of width {width}"
+        )
+
+
 def _saved_settings(profile: Profile) -> dict:
     """A profile's method settings, with what a profile saved before a setting existed computed with: the network's
     own border padding, no centring (no offsets saved), the distance and neighbourhood it recorded. The execution
@@ -385,6 +414,12 @@ def _saved_settings(profile: Profile) -> dict:
             raise ProfileError(f"it records {key} {top!r}, its settings (config.{key}) give {mine!r}")
     settings.setdefault("border", "zero")
     settings.setdefault("hybrid_norm", "zscore")
+    settings.setdefault("plain_weight", 0.0)
+    weight = settings["plain_weight"]
+    if profile.plain is None and weight not in (0, 0.0):
+        raise ProfileError(f"it records plain_weight {weight!r} but holds no plain view (plain)")
+    if profile.plain is not None and not (isinstance(weight, int | float) and weight > 0):
+        raise ProfileError(f"it holds a plain view (plain) but records plain_weight {weight!r}")
     if settings.get("centring") is None:
         settings["centring"] = profile.centring
     for key in ("distance", "neighbourhood"):
@@ -438,6 +473,7 @@ class DualClipDetector:
         self.profile_ = profile
         self.text_cache = TextEmbeddingCache()  # text embeddings of this detector's backbone, per class
         self._bank: tuple[Profile, ProfileBank] | None = None  # the source of profile_, its bank moved once
+        self._plain_view: Backbone | None = None  # the backbone's plain view, made on first use
 
     @property
     def backbone(self) -> Backbone:
@@ -445,6 +481,19 @@ class DualClipDetector:
         if self._backbone is None:
             self._backbone = build_backbone(self.config)
         return self._backbone
+
+    @property
+    def plain_backbone(self) -> Backbone:
+        """The network of the plain view (:mod:`dualclip.scoring.plain`): the backbone's weights at
+        ``plain_image_size`` with their own zero padding (the torch model, also under ``runtime="onnxruntime"``)."""
+        if self._plain_view is None:
+            self._plain_view = self.backbone.weights_module().plain_view(self.config.plain_image_size)
+        return self._plain_view
+
+    def plain_weight(self) -> float:
+        """The plain view's share of a fitted profile's visual slot: the setting, or the backbone's default."""
+        w = self.config.plain_weight
+        return self.backbone.default_plain_weight if w is None else float(w)
 
     # -- public API -------------------------------------------------------------------------------------
     def predict(
@@ -476,7 +525,9 @@ class DualClipDetector:
                 score=float(result.image_scores[i]),
                 anomaly_map=resize_map(result.maps[i], img.height, img.width),
                 branch_scores={k: float(v[i]) for k, v in branch_image.items()},
-                branch_maps={k: v[i].reshape(result.grid).numpy() for k, v in branch_patch.items()},
+                branch_maps={
+                    k: v[i].reshape(result.branches.grid_of(k, result.grid)).numpy() for k, v in branch_patch.items()
+                },
                 references=list(result.run.references[i]),
                 source=source,
                 unusable=result.unusable[i] if result.unusable else None,
@@ -530,6 +581,9 @@ class DualClipDetector:
         refs: list[list[int]] = [[] for _ in images]
         if use_visual:
             refs = self._visual(source, feats, clock, branches, progress)
+            if profile is not None and profile.plain is not None:
+                branches.plain = self._plain(images, profile.plain, clock, progress)
+                branches.plain_grid = profile.plain.grid
         adaptation = None
         if cfg.tta and profile is not None and profile.head is not None:
             with clock("adaptation"):
@@ -675,6 +729,32 @@ class DualClipDetector:
         out.visual, out.centring, out.duplicate_pairs = found.scores, found.centring, found.duplicate_pairs
         return found.references
 
+    def _plain_features(self, images: list[Image.Image], desc: str, progress: bool | None = None):
+        """The plain view's ``(N, P', C)`` patch features of ``images`` and their grid."""
+        cfg = self.config
+        out = extract_features(
+            self.plain_backbone,
+            images,
+            cfg.batch_size,
+            keep_patch_embeddings=False,
+            progress=cfg.progress if progress is None else progress,
+            desc=desc,
+            precision=self.precision(),
+        )
+        return plain_space(out.match_features, out.grid), out.grid
+
+    def _plain(self, images: list[Image.Image], bank: PlainBank, clock: _StageClock, progress: bool) -> torch.Tensor:
+        """The plain branch ``(N, P')`` of ``images``: their plain-view distances to the profile's plain bank."""
+        with clock("backbone"):
+            space, plain_grid = self._plain_features(images, "features (plain view)", progress)
+        if plain_grid != bank.grid:
+            raise ProfileError(
+                f"the profile's plain view has a {bank.grid[0]} x {bank.grid[1]} grid, this model's "
+                f"{plain_grid[0]} x {plain_grid[1]}: the profile is damaged"
+            )
+        with clock("reference"):
+            return bank.scores(space, self.config.match_memory_mb)
+
     def _profile_bank(self) -> ProfileBank:
         """The reference source of ``profile_`` (made once per profile: its bank moves to a device once)."""
         if self._bank is None or self._bank[0] is not self.profile_:
@@ -717,7 +797,9 @@ class DualClipDetector:
     def fusion(self) -> Fusion:
         """The fusion weights of this detector (settings, and the backbone's processing size)."""
         cfg = self.config
-        return Fusion(cfg.alpha, cfg.beta, cfg.fusion_norm, cfg.image_score, cfg.sigma, self.backbone.image_size)
+        return Fusion(
+            cfg.alpha, cfg.beta, cfg.fusion_norm, cfg.image_score, cfg.sigma, self.backbone.image_size, self.plain_weight()
+        )
 
     def _fuse(
         self, branches: BranchScores, grid: tuple[int, int], scale: ScoreScale | None = None
@@ -801,6 +883,21 @@ class DualClipDetector:
             branches.visual = centre(branches.visual, offsets)
         else:
             offsets = None
+        plain = None
+        if use_visual and self.plain_weight() > 0:
+            if use_text:
+                raise ConfigError(
+                    f"plain_weight={self.plain_weight()} mixes a plain view into a vision-only profile's map; "
+                    f"{backbone.name!r} scores with text: use plain_weight=0 (or use_text=False)"
+                )
+            space, plain_grid = self._plain_features(rgb, "normal images (plain view)")
+            flat, plain_owner, plain_total = build_bank(
+                {"plain": [[space]]}, cfg.memory_bank_size, cfg.seed, progress=cfg.progress
+            )
+            plain = PlainBank(flat["plain"][0][0], plain_owner, plain_grid, plain_total)
+            progress = "leave-one-out (plain view)" if cfg.progress else None
+            loo = plain.scores(space, matching.memory_mb, query_owner=torch.arange(len(rgb)), progress=progress)
+            branches.plain, branches.plain_grid = loo, plain_grid
         head = None
         if cfg.tta:
             head, _ = fit_head(backbone, rgb, text, temperature, cfg)
@@ -812,6 +909,7 @@ class DualClipDetector:
         # the defaults this fit resolved are saved as settings: a later default cannot change a saved profile
         resolved = {"distance": distance, "neighbourhood": list(sizes), "border": backbone.border}
         resolved["hybrid_norm"] = self.hybrid_norm()
+        resolved["plain_weight"] = self.plain_weight() if plain is not None else 0.0
         resolved["centring"] = self.centring() if offsets is not None else "none"
         _check_normal_spread(scale)
         size = backbone.image_size
@@ -843,6 +941,7 @@ class DualClipDetector:
             meta=meta,
             head=None if head is None else head.tensors(),
             ood=ood,
+            plain=plain,
         )
         if threshold_quantile is not None:
             self.profile_.threshold = quantile_threshold(normal_scores.numpy(), threshold_quantile)
@@ -982,6 +1081,7 @@ class DualClipDetector:
                 f"(fingerprint {got}): load it with the same model and weights, or fit a new profile"
             )
         _check_profile_geometry(path, profile, det.backbone)
+        _check_plain_geometry(path, profile, det)
         _check_profile_scale(path, profile, det)
         if det.config.sigma > det.backbone.image_size:
             raise ProfileError(

@@ -29,6 +29,7 @@ from . import __version__
 from .atomic import dumps, finite, named_path, take_folder_settings, write_bytes, write_text
 from .data.images import file_fingerprint
 from .errors import ProfileError
+from .scoring.plain import PlainBank
 from .thresholds import Threshold
 
 PROFILE_FORMAT = 1
@@ -302,6 +303,8 @@ class Profile:
         The adaptation head's tensors (``tta``), trained at fit time on anomalies synthesized on the normal images.
     ood:
         The :class:`OodGuard` (``None``: a profile saved before it existed; no guard).
+    plain:
+        The plain view's bank (:class:`~dualclip.scoring.plain.PlainBank`; ``None``: no plain view).
     meta:
         Identity and provenance: ``config`` (the DetectorConfig), ``class_name``, ``backbone``, ``weights``,
         ``weights_fingerprint``, ``image_size``, ``distance``, ``neighbourhood``, ``n_normal``,
@@ -316,6 +319,7 @@ class Profile:
     meta: dict
     head: dict[str, torch.Tensor] | None = None
     ood: OodGuard | None = None
+    plain: PlainBank | None = None
 
     @property
     def centring(self) -> str:
@@ -345,9 +349,11 @@ class Profile:
         }
         tensors["bank_owner"] = self.bank_owner
         tensors.update({f"head.{k}": v for k, v in (self.head or {}).items()})
+        tensors.update(self._plain_tensors())
         _hash_tensors(h, tensors)
         doc = {
             "meta": {k: v for k, v in self.meta.items() if k not in ("format", "dualclip_version")},
+            **({"plain": self._plain_doc()} if self.plain is not None else {}),
             "scale": self.scale.to_dict(),
             "normal_scores": self.normal_scores,
             "threshold": None if self.threshold is None else self.threshold.to_dict(),
@@ -376,6 +382,7 @@ class Profile:
             tensors[f"head.{k}"] = v.detach().float().contiguous()
         if self.ood is not None:
             tensors["ood.embeddings"] = self.ood.embeddings.float().contiguous()
+        tensors.update(self._plain_tensors())
         doc = {
             **self.meta,
             "format": PROFILE_FORMAT,
@@ -388,6 +395,7 @@ class Profile:
             "layers": len(next(iter(self.bank.values()), [[]])[0]),
             "head": sorted(self.head) if self.head else None,
             "ood": None if self.ood is None else self.ood.to_dict(),
+            "plain": None if self.plain is None else self._plain_doc(),
         }
         # the two files name each other: the tensors the digest of the document, the document the tensors file's
         blob = save_tensors(tensors, metadata={JSON_DIGEST: document_digest(json.loads(dumps(doc)))})
@@ -416,6 +424,18 @@ class Profile:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return path
+
+    def _plain_tensors(self) -> dict[str, torch.Tensor]:
+        if self.plain is None:
+            return {}
+        return {
+            "plain.bank": self.plain.bank.float().contiguous(),
+            "plain.owner": self.plain.owner.to(torch.int64).contiguous(),
+        }
+
+    def _plain_doc(self) -> dict:
+        p = self.plain
+        return {"grid": list(p.grid), "patches": int(p.owner.numel()), "patches_total": p.total}
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Profile:
@@ -516,8 +536,9 @@ class Profile:
         ood = None
         if doc.get("ood") is not None:
             ood = OodGuard.from_dict(doc["ood"], tensors["ood.embeddings"], n)
+        plain = _plain_from_files(doc.get("plain"), tensors, n)
         meta = {k: v for k, v in doc.items() if k not in _DERIVED}
-        return cls(bank, owner.to(torch.int64), scale, [float(v) for v in scores], threshold, meta, head, ood)
+        return cls(bank, owner.to(torch.int64), scale, [float(v) for v in scores], threshold, meta, head, ood, plain)
 
     @staticmethod
     def _bank_from_files(
@@ -601,7 +622,50 @@ def _offsets(values) -> list[float] | None:
     return [float(v) for v in values]
 
 
-_DERIVED = {"scale", "normal_scores", "threshold", "parts", "spaces", "layers", "head", "ood", TENSORS_DIGEST}
+_DERIVED = {"scale", "normal_scores", "threshold", "parts", "spaces", "layers", "head", "ood", "plain", TENSORS_DIGEST}
+
+
+def _plain_from_files(d, tensors: dict[str, torch.Tensor], n: int) -> PlainBank | None:
+    """The plain view's bank of a parsed ``profile.json`` (``d``: its ``plain`` entry) and its tensors, checked:
+    a grid of positive sides, finite float32 patches, one owner per patch naming one of the ``n`` normal images
+    (at least two of them), the counts the document records."""
+    if d is None:
+        _need("plain.bank" not in tensors, "it holds tensor plain.bank but no plain entry")
+        return None
+    _need(
+        isinstance(d, dict) and set(d) == {"grid", "patches", "patches_total"},
+        f"plain must be {{'grid', 'patches', 'patches_total'}}, got {str(d)[:80]}",
+    )
+    grid = d["grid"]
+    _need(
+        isinstance(grid, list)
+        and len(grid) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096 for v in grid),
+        f"plain.grid must be two sides in [1, 4096], got {grid!r}",
+    )
+    bank, owner = tensors["plain.bank"], tensors["plain.owner"]
+    _need(
+        bank.dtype == torch.float32 and bank.ndim == 2 and bank.shape[0] >= 1 and bank.shape[1] >= 1,
+        f"tensor plain.bank must be a non-empty 2-D float32 tensor, got {bank.dtype} {tuple(bank.shape)}",
+    )
+    _need(bool(torch.isfinite(bank).all()), "tensor plain.bank holds values that are not finite")
+    _need(
+        owner.dtype == torch.int64 and owner.ndim == 1 and owner.numel() == bank.shape[0],
+        f"tensor plain.owner must be int64 with one entry per plain.bank row ({bank.shape[0]}), got "
+        f"{owner.dtype} {tuple(owner.shape)}",
+    )
+    _need(
+        int(owner.min()) >= 0 and int(owner.max()) < n and len(owner.unique()) >= 2,
+        f"tensor plain.owner must name at least 2 of the n_normal={n} images, got ids "
+        f"{int(owner.min())}..{int(owner.max())}",
+    )
+    total = d["patches_total"]
+    _need(d["patches"] == bank.shape[0], f"plain.patches is {d['patches']!r} for {bank.shape[0]} plain.bank rows")
+    _need(
+        isinstance(total, int) and not isinstance(total, bool) and total == n * grid[0] * grid[1],
+        f"plain.patches_total must be n_normal x the grid's patches ({n * grid[0] * grid[1]}), got {total!r}",
+    )
+    return PlainBank(bank, owner, (grid[0], grid[1]), total)
 
 
 def document_digest(doc: dict) -> str:

@@ -66,6 +66,9 @@ class Backbone(nn.Module, ABC):
     """How the image border is padded when ``DetectorConfig.border`` is ``None`` (only effnet-lite0 pads)."""
     border: str = "zero"
     """How this backbone pads the image border (``"zero"``: the network's own padding)."""
+    default_plain_weight: float = 0.0
+    """The plain view's share of a fitted profile's visual slot when ``DetectorConfig.plain_weight`` is ``None``
+    (:mod:`dualclip.scoring.plain`)."""
 
     @abstractmethod
     def forward(self, images: torch.Tensor) -> BackboneOutput:
@@ -75,6 +78,16 @@ class Backbone(nn.Module, ABC):
         """The module whose weights identify this backbone (its weights fingerprint): itself, or the torch
         model an ONNX runtime wrapper stands in for."""
         return self
+
+    def plain_view(self, image_size: int) -> Backbone:
+        """This network at ``image_size`` with its own zero padding, sharing its weights: the second pass of a
+        profile's plain view (:mod:`dualclip.scoring.plain`). Only a convolutional backbone has one."""
+        from ..errors import ConfigError
+
+        raise ConfigError(
+            f"backbone {self.name!r} has no plain view (a second pass of a convolutional network at another size): "
+            "use plain_weight=0"
+        )
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """Embed sentences into the joint space (``(len(prompts), D)``, not normalised)."""

@@ -7,6 +7,7 @@ Matching features are MBConv block outputs, resized to the grid of the finest ch
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -116,6 +117,12 @@ class EffNetLite0Backbone(Backbone):
         # two cells of the coarsest block used: a whole number of cells at every chosen block's stride
         self.border_pad = 2 * _stride(net, layers[-1]) if self.border == "reflect" else 0
         self.mean, self.std = _MEAN, _STD
+
+    def plain_view(self, image_size: int) -> EffNetLite0Backbone:
+        """This network (the same modules, hence weights) at ``image_size`` with its own zero padding."""
+        view = copy.copy(self)
+        view.image_size, view.border, view.border_pad = int(image_size), "zero", 0
+        return view
 
     def forward(self, images: torch.Tensor) -> BackboneOutput:
         net, pad = self.net, self.border_pad

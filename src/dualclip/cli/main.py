@@ -572,6 +572,10 @@ def fit(
         None, metavar=choices(CENTRINGS), help="Subtract the normal images' score per place (none: off)."
     ),
     memory_bank_size: int = typer.Option(16384, help="Most golden patches kept (greedy coreset above); 0: all."),
+    plain_weight: float = typer.Option(
+        None, help="The plain nearest-neighbour view's share of the map, 0 to 1 (0: off; default: the backbone's)."
+    ),
+    plain_image_size: int = typer.Option(224, help="The plain view's processing size."),
     tta: bool = typer.Option(False, "--tta/--no-tta", help="Train the adaptation head on the normal images."),
     seed: int = typer.Option(0),
     threshold_quantile: float = typer.Option(None, help="Threshold = this quantile of the normal images' scores."),
@@ -618,6 +622,8 @@ def fit(
             border=border,
             centring=centring,
             memory_bank_size=memory_bank_size or None,
+            plain_weight=plain_weight,
+            plain_image_size=plain_image_size,
             device=device,
             batch_size=batch_size,
             runtime=runtime,
@@ -813,7 +819,8 @@ def export(
         threshold = "none" if meta["threshold"] is None else f"{meta['threshold']['value']:.4g}"
         typer.echo(
             head + f"(fingerprint {meta['weights_fingerprint']}), profile {meta['profile']['fingerprint']}; "
-            f"images -> {', '.join(meta['outputs'])} ({', '.join(meta['branches'])}), threshold {threshold}"
+            f"{', '.join(meta['inputs'])} -> {', '.join(meta['outputs'])} ({', '.join(meta['branches'])}), "
+            f"threshold {threshold}"
         )
     else:
         typer.echo(head + f"(fingerprint {meta['weights_fingerprint']}), outputs {', '.join(meta['outputs'])}")

@@ -24,6 +24,8 @@ class BranchScores:
         ``(N, P)`` visual-reference patch scores (docs/method.md §5), distances in [0, 1].
     adapted:
         ``(N, P)`` adapted-head patch scores (docs/method.md §7), probabilities in (0, 1).
+    plain:
+        ``(N, P')`` a fitted profile's plain-view distances (:mod:`dualclip.scoring.plain`), on ``plain_grid``.
     duplicate_pairs:
         Pairs of near-exact duplicates kept from being each other's reference in this run.
     """
@@ -32,12 +34,18 @@ class BranchScores:
     text_global: torch.Tensor | None = None
     visual: torch.Tensor | None = None
     adapted: torch.Tensor | None = None
+    plain: torch.Tensor | None = None
     duplicate_pairs: int = 0
     centring: str = "none"
+    plain_grid: tuple[int, int] | None = None
+
+    def grid_of(self, name: str, grid: tuple[int, int]) -> tuple[int, int]:
+        """The grid of patch branch ``name``: the plain view's own, or the main ``grid``."""
+        return self.plain_grid if name == "plain" else grid
 
     def patch(self) -> dict[str, torch.Tensor]:
         """The patch branches that ran, by name: ``(N, P)`` each."""
-        named = {"text": self.text, "visual": self.visual, "adapted": self.adapted}
+        named = {"text": self.text, "visual": self.visual, "adapted": self.adapted, "plain": self.plain}
         return {k: v for k, v in named.items() if v is not None}
 
     def image(self) -> dict[str, torch.Tensor]:

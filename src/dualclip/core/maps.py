@@ -20,8 +20,9 @@ from .branches import BranchScores
 @dataclass(frozen=True)
 class Fusion:
     """The weights of fusion: ``alpha`` (text slot vs visual), ``beta`` (global text vs map), the run-relative
-    normalisation ``norm``, the image score from a map (``image_score``), the smoothing ``sigma`` and the map
-    side ``size`` (the backbone's processing size)."""
+    normalisation ``norm``, the image score from a map (``image_score``), the smoothing ``sigma``, the map
+    side ``size`` (the backbone's processing size) and ``plain``, the plain view's share of the visual slot
+    (where a profile has one)."""
 
     alpha: float
     beta: float
@@ -29,6 +30,7 @@ class Fusion:
     image_score: str
     sigma: float
     size: int
+    plain: float = 0.0
 
 
 def fused_maps(
@@ -67,12 +69,27 @@ def fuse_branches(
     branches: BranchScores, grid: tuple[int, int], fusion: Fusion, scale: ScoreScale | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """docs/method.md §6: maps ``(N, S, S)`` and image scores ``(N,)`` of the patch branches, in the run's units or
-    (``scale``) a profile's."""
+    (``scale``) a profile's; with a profile's plain view, the two views' mixed map (:func:`mix_views`)."""
     maps, map_max = fused_maps(branches, grid, fusion, scale)
     scores = image_scores(branches, map_max, fusion, scale)
     if scale is not None:
         maps, scores = scale.score.standardize(maps), scale.score.standardize(scores)
+        if branches.plain is not None:
+            views = scale.image["views"]
+            mixed = mix_views(maps, branches.plain, branches.plain_grid, fusion, scale)
+            maps, scores = views.standardize(mixed), views.standardize(map_scores(mixed, fusion.image_score))
     return maps, scores
+
+
+def mix_views(
+    maps: torch.Tensor, plain: torch.Tensor, grid: tuple[int, int], fusion: Fusion, scale: ScoreScale
+) -> torch.Tensor:
+    """A profile's two views in one map (:mod:`dualclip.scoring.plain`): ``(1 - w) * maps + w * P``, where
+    ``maps`` ``(N, S, S)`` is the main view's map in profile units, ``P`` the plain view's ``(N, P')`` distances
+    on its own ``grid``, standardised by the normal images' moments (``scale.patch["plain"]``) and upsampled (bilinear,
+    not smoothed), and ``w`` the plain view's weight ``fusion.plain``."""
+    z = upsample(scale.patch["plain"].standardize(plain), grid, fusion.size, 0.0)
+    return (1.0 - fusion.plain) * maps + fusion.plain * z
 
 
 def normal_scale(branches: BranchScores, grid: tuple[int, int], fusion: Fusion) -> tuple[ScoreScale, torch.Tensor]:
@@ -80,10 +97,15 @@ def normal_scale(branches: BranchScores, grid: tuple[int, int], fusion: Fusion) 
     :func:`fuse_branches` uses them: patch moments, then image moments, then the moments of the fused score.
     Returns the scale and the normal images' scores in it."""
     scale = ScoreScale(patch={name: Moments.of(t) for name, t in branches.patch().items()})
-    _, map_max = fused_maps(branches, grid, fusion, scale)
+    maps, map_max = fused_maps(branches, grid, fusion, scale)
     scale.image["map"] = Moments.of(map_max)
     if branches.text_global is not None:
         scale.image["text_global"] = Moments.of(branches.text_global)
     raw = image_scores(branches, map_max, fusion, scale)
     scale.score = Moments.of(raw)
-    return scale, scale.score.standardize(raw)
+    if branches.plain is None:
+        return scale, scale.score.standardize(raw)
+    mixed = mix_views(scale.score.standardize(maps), branches.plain, branches.plain_grid, fusion, scale)
+    raw = map_scores(mixed, fusion.image_score)
+    scale.image["views"] = Moments.of(raw)
+    return scale, scale.image["views"].standardize(raw)

@@ -59,20 +59,38 @@ class ProfileGraph(nn.Module):
         self.register_buffer("text", text)
         use_head = cfg.tta and profile.head is not None
         self.head = AdaptationHead.from_tensors(profile.head) if use_head else None
+        # the plain view: the same network at its own size (its weights are the backbone's), and its bank
+        self.plain_view = None if profile.plain is None else detector.plain_backbone
+        self.register_buffer("plain_bank", None if profile.plain is None else profile.plain.bank.float())
+        self.register_buffer("plain_centre", None if profile.plain is None else profile.plain.centre)
 
     def branches(self) -> list[str]:
         """The patch branches the graph computes."""
-        named = {"text": self.use_text, "visual": self.use_visual, "adapted": self.head is not None}
+        named = {
+            "text": self.use_text,
+            "visual": self.use_visual,
+            "adapted": self.head is not None,
+            "plain": self.plain_view is not None,
+        }
         return sorted(k for k, on in named.items() if on)
 
     def output_names(self) -> list[str]:
         """``score``, ``anomaly_map``, and ``ood_distance`` where the profile has an out-of-distribution guard."""
         return MODEL_OUTPUTS + (["ood_distance"] if self.detector.profile_.ood is not None else [])
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def input_sizes(self) -> dict[str, int]:
+        """Each input's side: ``images`` at S, and ``plain_images`` at the plain view's size where the profile has
+        one."""
+        sizes = {"images": self.detector.backbone.image_size}
+        if self.plain_view is not None:
+            sizes["plain_images"] = self.plain_view.image_size
+        return sizes
+
+    def forward(self, images: torch.Tensor, plain_images: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         from ..adaptation.adapt import head_scores
         from ..core import BranchScores, text_scores
         from ..scoring import bank_distances_batched, distance_parts, match_spaces
+        from ..scoring.plain import PLAIN_DISTANCE, plain_space
 
         det = self.detector
         out = self.backbone(images)
@@ -91,6 +109,12 @@ class ProfileGraph(nn.Module):
             branches.visual, _ = det.profile_visual(spaces, feats.grid, nearest=bank_distances_batched)
         if self.head is not None:
             branches.adapted = head_scores(self.head, feats, self.use_text)
+        if self.plain_view is not None:
+            out = self.plain_view(plain_images)
+            space = plain_space([m.float() for m in out.match_features], out.grid)
+            centre = self.plain_centre
+            branches.plain = bank_distances_batched([space - centre], [self.plain_bank - centre], PLAIN_DISTANCE)
+            branches.plain_grid = out.grid
         maps, scores = det._fuse(branches, feats.grid, det.profile_.scale)
         if det.profile_.ood is None:
             return scores, maps
@@ -103,7 +127,8 @@ def export_model(
     """Write a fitted ``detector``'s whole scoring (:class:`ProfileGraph`) to ``path`` as one ONNX graph.
 
     Input ``images`` (``B x 3 x S x S`` float32, resized and normalised as the metadata's ``preprocess``
-    says); outputs ``score`` (``B``) and ``anomaly_map`` (``B x S x S``), in profile units. The ``dualclip``
+    says) and, for a profile with a plain view, ``plain_images`` (the same images at the plain view's size);
+    outputs ``score`` (``B``) and ``anomaly_map`` (``B x S x S``), in profile units. The ``dualclip``
     metadata records the preprocessing, the threshold, the units, the backbone's identity, the profile's
     fingerprint (:meth:`~dualclip.profile.Profile.fingerprint`) and settings, the dualclip version and the
     graph's hash. Written to a temporary sibling, checked with ``onnx.checker``, renamed into place.
@@ -124,6 +149,7 @@ def export_model(
         raise ConfigError("export_model traces on the CPU, where the profile's memory bank is: load with device='cpu'")
     backbone, cfg = graph.backbone, detector.config
     held = [*graph.state_dict().values(), *(t for sp in profile.bank.values() for space in sp for t in space)]
+    held = list({id(t): t for t in held}.values())  # the plain view's weights are the backbone's
     size_bytes = sum(t.numel() * t.element_size() for t in held)
     if size_bytes > MAX_GRAPH_BYTES:
         raise ConfigError(
@@ -138,13 +164,14 @@ def export_model(
         **identity,
         "what": "model",
         "dualclip_version": __version__,
-        "inputs": {"images": ["batch", 3, size, size]},
+        "inputs": {name: ["batch", 3, side, side] for name, side in graph.input_sizes().items()},
         "outputs": {"score": ["batch"], "anomaly_map": ["batch", size, size]}
         | ({"ood_distance": ["batch"]} if profile.ood is not None else {}),
         "preprocess": {
             "decode": "8-bit RGB, EXIF orientation applied",
             "resize": "bicubic",
             "size": [size, size],
+            "sizes": {name: [side, side] for name, side in graph.input_sizes().items()},
             "aspect": "squashed to S x S (the whole image: no crop, no padding)",
             "value_range": [0.0, 1.0],
             "normalise": "(pixels / 255 - mean) / std, per RGB channel, channels first",
@@ -175,4 +202,4 @@ def export_model(
             "config": profile.meta.get("config"),
         },
     }
-    return write_graph(graph, size, graph.output_names(), meta, path, opset)
+    return write_graph(graph, graph.input_sizes(), graph.output_names(), meta, path, opset)

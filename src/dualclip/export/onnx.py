@@ -130,27 +130,29 @@ def check_folder(path: str | os.PathLike) -> None:
 
 
 def write_graph(
-    module: nn.Module, size: int, names: list[str], meta: dict, path: str | os.PathLike, opset: int
+    module: nn.Module, sizes: int | dict[str, int], names: list[str], meta: dict, path: str | os.PathLike, opset: int
 ) -> Path:
-    """Trace ``module`` (input ``images``: ``B x 3 x size x size``, dynamic batch; outputs ``names``) into an
-    ONNX file at ``path`` with ``meta`` and the graph's hash (``graph_sha256``) as its ``dualclip`` metadata;
-    written to a temporary sibling, checked with ``onnx.checker`` and put in place atomically."""
+    """Trace ``module`` (inputs ``{name: side}``, each ``B x 3 x side x side``, dynamic batch; an int: the one
+    input ``images``; outputs ``names``) into an ONNX file at ``path`` with ``meta`` and the graph's hash
+    (``graph_sha256``) as its ``dualclip`` metadata; written to a temporary sibling, checked with
+    ``onnx.checker`` and put in place atomically."""
     import onnx
 
     path = Path(path)
-    example = torch.zeros(2, 3, size, size, device=_device(module))
+    sizes = {"images": sizes} if isinstance(sizes, int) else sizes
+    examples = tuple(torch.zeros(2, 3, side, side, device=_device(module)) for side in sizes.values())
     tmp = temp_sibling(path)
     try:
         with _plain_attention(), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the tracer's notes on Python-side shape arithmetic
             torch.onnx.export(
                 module.eval(),
-                (example,),
+                examples,
                 str(tmp),
                 dynamo=False,
-                input_names=["images"],
+                input_names=list(sizes),
                 output_names=names,
-                dynamic_axes={name: {0: "batch"} for name in ["images", *names]},
+                dynamic_axes={name: {0: "batch"} for name in [*sizes, *names]},
                 opset_version=opset,
             )
         model = onnx.load(str(tmp))

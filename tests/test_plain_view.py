@@ -1,0 +1,215 @@
+"""A profile's plain view: the golden-reference nearest neighbour (224 px, zero padding, 3 x 3 average counting
+the padding, Euclidean) mixed into the map in profile units, checked against a brute-force recomputation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import unseal_profile
+from dualclip import DetectorConfig, DualClipDetector
+from dualclip.backbone.effnet import EffNetLite0Backbone
+from dualclip.errors import ConfigError
+from dualclip.profile import PROFILE_JSON, ProfileError
+from dualclip.scoring.plain import plain_space
+
+CFG = DetectorConfig(
+    backbone="effnet-lite0",
+    pretrained=None,
+    image_size=64,
+    plain_image_size=48,
+    plain_weight=0.5,
+    memory_bank_size=None,
+    progress=False,
+)
+
+
+@pytest.fixture(scope="module")
+def split(texture_set):
+    images, _, labels = texture_set
+    normal = [im for im, y in zip(images, labels, strict=True) if y == 0]
+    anomalous = [im for im, y in zip(images, labels, strict=True) if y == 1]
+    return normal[:4], normal[4:] + anomalous
+
+
+@pytest.fixture(scope="module")
+def fitted(split):
+    return DualClipDetector(CFG).fit(split[0])
+
+
+def _brute_plain_features(images, size=48):
+    """The plain view by hand: an independently built network at ``size`` with its zero padding, the layers
+    concatenated, each patch the mean of the 3 x 3 square around it with zeros outside the grid."""
+    from dualclip.backbone import extract_features
+
+    net = EffNetLite0Backbone(pretrained=None, image_size=size, border="zero")
+    out = extract_features(net, images, keep_patch_embeddings=False)
+    h, w = out.grid
+    x = torch.cat(out.match_features, dim=-1).reshape(len(images), h, w, -1).double()
+    padded = F.pad(x.permute(0, 3, 1, 2), (1, 1, 1, 1)).permute(0, 2, 3, 1)
+    mean = sum(padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)) / 9
+    return mean.reshape(len(images), h * w, -1), (h, w)
+
+
+def _nearest(q, bank):
+    """``(N, P)`` Euclidean distance of every query patch to its nearest bank patch (float64, no blocks)."""
+    return torch.stack([torch.cdist(qi, bank).amin(dim=1) for qi in q])
+
+
+def test_plain_space_is_the_zero_padded_3x3_mean_of_the_concatenated_layers():
+    g = torch.Generator().manual_seed(0)
+    layers = [torch.randn(2, 5 * 7, 3, generator=g), torch.randn(2, 5 * 7, 4, generator=g)]
+    got = plain_space(layers, (5, 7))
+    x = torch.cat(layers, dim=-1).reshape(2, 5, 7, 7)
+    want = torch.zeros_like(x)
+    for r in range(5):
+        for c in range(7):
+            for dr in (-1, 0, 1):
+                for dc in (-1, 0, 1):
+                    if 0 <= r + dr < 5 and 0 <= c + dc < 7:
+                        want[:, r, c] += x[:, r + dr, c + dc]
+    torch.testing.assert_close(got, (want / 9).reshape(2, 35, 7), rtol=1e-5, atol=1e-6)
+
+
+def test_the_plain_view_is_the_brute_force_golden_nearest_neighbour_mixed_half_and_half(fitted, split):
+    train, test = split
+    det = fitted
+    scale = det.profile_.scale
+    q, grid = _brute_plain_features(test)
+    t, _ = _brute_plain_features(train)
+    assert det.profile_.plain.grid == grid
+    # the bank: every plain patch of the normal images (no coreset at this size)
+    torch.testing.assert_close(det.profile_.plain.bank.double(), t.reshape(-1, t.shape[-1]), rtol=1e-4, atol=1e-5)
+    # the units: the moments of every normal patch's distance to the other normal images' patches
+    loo = torch.cat([_nearest(t[i : i + 1], torch.cat([t[:i], t[i + 1 :]]).reshape(-1, t.shape[-1])) for i in range(4)])
+    assert scale.patch["plain"].mean == pytest.approx(float(loo.mean()), rel=1e-4)
+    assert scale.patch["plain"].std == pytest.approx(float(loo.std(unbiased=False)), rel=1e-3)
+    result = det.score_images(test)
+    d = _nearest(q, t.reshape(-1, t.shape[-1]))
+    np.testing.assert_allclose(result.branches.plain.numpy(), d.numpy(), rtol=1e-4, atol=1e-4)
+    preds = det.predict(test[:1])
+    assert preds[0].branch_maps["plain"].shape == grid and preds.run.branches == ["plain", "visual"]
+    # the map: half the main view's map (a profile without the plain view, the same main units), half the plain
+    # distances in their normal units upsampled to S, then in the units of the normal images' mixed scores
+    main = DualClipDetector(dataclasses.replace(CFG, plain_weight=0.0), backbone=det.backbone).fit(train)
+    main_maps = main.score_images(test).maps
+    z = (d - scale.patch["plain"].mean) / scale.patch["plain"].std
+    up = F.interpolate(z.float().reshape(-1, 1, *grid), size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    mixed = 0.5 * main_maps + 0.5 * up
+    views = scale.image["views"]
+    torch.testing.assert_close(result.maps, (mixed - views.mean) / views.std, rtol=1e-4, atol=1e-4)
+    want_scores = (mixed.reshape(len(test), -1).amax(dim=1) - views.mean) / views.std
+    torch.testing.assert_close(result.image_scores, want_scores, rtol=1e-4, atol=1e-4)
+    # the normal images' leave-one-out scores are the units: mean 0, spread 1
+    normal = np.array(det.profile_.normal_scores)
+    assert normal.mean() == pytest.approx(0.0, abs=1e-6) and normal.std() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_plain_view_profile_scores_alone_as_in_a_batch_and_after_a_save(tmp_path, fitted, split):
+    _, test = split
+    together = fitted.score_images(test).image_scores
+    alone = torch.cat([fitted.score_images([img]).image_scores for img in test])
+    torch.testing.assert_close(alone, together, rtol=0, atol=1e-5)
+    path = fitted.save(tmp_path / "p.dualclip")
+    doc = json.loads((path / PROFILE_JSON).read_text())
+    assert doc["config"]["plain_weight"] == 0.5 and doc["config"]["plain_image_size"] == 48
+    assert doc["plain"] == {"grid": [6, 6], "patches": 4 * 36, "patches_total": 4 * 36}
+    loaded = DualClipDetector.load(path)
+    assert loaded.profile_.fingerprint() == fitted.profile_.fingerprint()
+    torch.testing.assert_close(loaded.score_images(test).image_scores, together, rtol=0, atol=1e-5)
+
+
+def test_plain_weight_zero_and_zero_shot_runs_leave_the_main_view_alone(split):
+    train, test = split
+    off = DualClipDetector(dataclasses.replace(CFG, plain_weight=0.0)).fit(train)
+    assert off.profile_.plain is None and "plain" not in off.profile_.scale.patch
+    assert off.profile_.meta["config"]["plain_weight"] == 0.0
+    zero_shot = [DualClipDetector(dataclasses.replace(CFG, plain_weight=w)).predict(test) for w in (0.0, 0.7)]
+    assert [p.score for p in zero_shot[0]] == [p.score for p in zero_shot[1]]
+    assert "plain" not in zero_shot[1][0].branch_scores
+
+
+def test_the_plain_view_needs_a_convolutional_vision_only_backbone(tiny_backbone, split):
+    from conftest import TINY
+
+    cfg = DetectorConfig(backbone=TINY, pretrained=None, progress=False, memory_bank_size=None, plain_weight=0.5)
+    with pytest.raises(ConfigError, match="scores with text: use plain_weight=0"):
+        DualClipDetector(cfg, backbone=tiny_backbone).fit(split[0])
+    no_text = dataclasses.replace(cfg, use_text=False)
+    with pytest.raises(ConfigError, match="has no plain view"):
+        DualClipDetector(no_text, backbone=tiny_backbone).fit(split[0])
+    with pytest.raises(ValueError, match="plain_weight must be a number in"):
+        DetectorConfig(plain_weight=1.5)
+    with pytest.raises(ValueError, match="plain_image_size=16 is outside"):
+        DetectorConfig(plain_image_size=16)
+
+
+def _saved(fitted, tmp_path):
+    return fitted.save(tmp_path / "p.dualclip")
+
+
+def _set(key, value):
+    def change(doc):
+        doc["config"][key] = value
+        return doc
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("doc", "tensors", "message"),
+    [
+        (lambda d: {**d, "plain": None}, None, "holds tensor plain.bank but no plain entry"),
+        (_set("plain_weight", 0.0), None, "holds a plain view \\(plain\\) but records plain_weight 0.0"),
+        (lambda d: {**d, "plain": {**d["plain"], "grid": [6, 7]}}, None, "plain.patches_total must be"),
+        (lambda d: {**d, "plain": {**d["plain"], "patches": 3}}, None, "plain.patches is 3 for 144"),
+        (None, lambda t: {**t, "plain.owner": torch.full_like(t["plain.owner"], 1)}, "must name at least 2"),
+        (None, lambda t: {**t, "plain.owner": t["plain.owner"] + 1}, "must name at least 2 of the n_normal=4"),
+        (None, lambda t: {**t, "plain.bank": t["plain.bank"].double()}, "plain.bank must be a non-empty 2-D float32"),
+        (None, lambda t: {**t, "plain.bank": t["plain.bank"] * float("nan")}, "plain.bank holds values that are not"),
+        (None, lambda t: {**t, "plain.bank": t["plain.bank"][:, :-1].contiguous()}, "plain view has a 6 x 6 grid of width"),
+    ],
+)
+def test_a_tampered_plain_view_is_one_profile_error(tmp_path, fitted, doc, tensors, message):
+    path = _saved(fitted, tmp_path)
+    unseal_profile(path, doc=doc, tensors=tensors)
+    with pytest.raises(ProfileError, match=message):
+        DualClipDetector.load(path)
+
+
+def test_a_profile_without_the_views_moments_is_refused(tmp_path, fitted):
+    path = _saved(fitted, tmp_path)
+
+    def drop(doc):
+        del doc["scale"]["image"]["views"]
+        return doc
+
+    unseal_profile(path, doc=drop)
+    with pytest.raises(ProfileError, match="scale.image holds no moments for views"):
+        DualClipDetector.load(path)
+
+
+def test_a_profile_saved_before_the_plain_view_loads_without_it(tmp_path, split, caplog):
+    """Profiles that name no plain_weight (saved before it existed) score with the main view alone, whatever the
+    backbone's default is now."""
+    train, test = split
+    det = DualClipDetector(dataclasses.replace(CFG, plain_weight=0.0)).fit(train)
+    path = det.save(tmp_path / "old.dualclip")
+
+    def older(doc):
+        for key in ("plain_weight", "plain_image_size"):
+            del doc["config"][key]
+        del doc["plain"]
+        return doc
+
+    unseal_profile(path, doc=older)
+    with caplog.at_level(logging.WARNING):
+        loaded = DualClipDetector.load(path)
+    assert loaded.plain_weight() == 0.0 and loaded.profile_.plain is None
+    torch.testing.assert_close(loaded.score_images(test).image_scores, det.score_images(test).image_scores)
