@@ -27,10 +27,18 @@ PatchCore) and its positional centring (profiles estimate the positional offsets
 Added after stage 1 had been seen (all three lost 11 to 22 points of image AUROC on magnetic_tile/Crack, whose
 cracks run along the tiles' edges: centring there removes the defect with the border response), and so to be
 judged on the folds they were not designed on: neighbourhood 3 with the Euclidean and the robust hybrid
-distance (a 3 x 3 patch context, as PatchCore aggregates, for thin defects).
+distance (a 3 x 3 patch context, as PatchCore aggregates, for thin defects). Added after all three seeds of
+those had been seen (designed on magnetic_tile/Crack, where neighbourhood 3 still lost image AUROC; judged on
+the other four folds): the plain view (``... / plain 0.5``, ``plain_weight=0.5``), the baseline's own features
+and distance as a second bank mixed half and half into the map; its weight was fixed before any run, in the
+diagnostic ``profile_ensemble.py``.
+
+The three finalists ran on seeds 0, 1, 2 (``--seeds 0,1,2 --candidates ...``); ``make folds`` renders what the
+results file holds and runs only what is missing::
 
     .venv/bin/python -m benchmarks.accuracy.profile_worst_folds --json runs/bench/profile_worst_folds.json \
-        --candidates "effnet-320-reflect / hybrid-robust / 1 / none" "effnet-320 / hybrid / 1 / none"
+        --seeds 0,1,2 --candidates "effnet-320-reflect / euclidean / 3 / none" \
+        "effnet-320-reflect / hybrid-robust / 3 / none" "effnet-320-reflect / hybrid-robust / 3 / none / plain 0.5"
 """
 
 from __future__ import annotations
@@ -165,6 +173,7 @@ DEFAULT_CANDIDATES = (
     "effnet-320-reflect / hybrid-robust / 1 / position",
     "effnet-320-reflect / euclidean / 3 / none",
     "effnet-320-reflect / hybrid-robust / 3 / none",
+    "effnet-320-reflect / hybrid-robust / 3 / none / plain 0.5",
 )
 STAGE_TWO = 2
 """How many candidates, the best by the rule on seed 0, run on seeds 1 and 2."""

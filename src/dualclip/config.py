@@ -220,8 +220,9 @@ class MethodSettings:
         plain nearest neighbour of the normal images, from a second pass of the network at
         ``plain_image_size`` with its own zero padding (3 x 3 average counting the padding, Euclidean); the main
         visual branch keeps the rest. 0: off. Only a convolutional backbone (effnet-lite0) has the second pass;
-        zero-shot runs and golden references never use it. ``None``: the backbone's default, chosen by the
-        worst fold of five over three products (docs/results.md, "Saved profiles over three products").
+        zero-shot runs and golden references never use it. ``None``: the backbone's default (effnet-lite0: 0.5;
+        the others: 0), chosen by the worst fold of five over three products (docs/results.md, "Saved profiles
+        over three products").
     plain_image_size:
         The plain view's processing size (32 to 4096 pixels; 224: a 28 x 28 grid for effnet-lite0).
     seed:
