@@ -20,6 +20,9 @@ from dualclip.export import OnnxBackbone, export_onnx, onnx_metadata, output_nam
 from dualclip.profile import weights_fingerprint  # noqa: E402
 
 TOL = 1e-4
+REL = 5e-5
+"""A whole model's scores and maps against predict's: within TOL, or REL of the value (profile units magnify
+the float32 rounding of a bank search, which differs with the thread count, by 1 / the normal spread)."""
 
 
 def _assert_same_features(a, b, tol=TOL):
@@ -184,7 +187,6 @@ def _inputs(det, images, rows=slice(None)) -> dict:
 
 @pytest.mark.parametrize("case", list(MODEL_CASES))
 def test_whole_model_export_scores_like_predict_profile_at_batch_1_and_3(case, tmp_path, texture_set):
-    from dualclip.backbone.preprocess import to_tensor
     from dualclip.export import export_model
 
     _, test = _split(texture_set)
@@ -197,12 +199,12 @@ def test_whole_model_export_scores_like_predict_profile_at_batch_1_and_3(case, t
     x = _inputs(det, test)
     scores, maps = _run_model(path, x)  # batch 3
     assert maps.shape == (3, bb.image_size, bb.image_size)
-    np.testing.assert_allclose(scores, want.image_scores.numpy(), atol=TOL, rtol=0)
-    np.testing.assert_allclose(maps, want.maps.numpy(), atol=TOL, rtol=0)
+    np.testing.assert_allclose(scores, want.image_scores.numpy(), atol=TOL, rtol=REL)
+    np.testing.assert_allclose(maps, want.maps.numpy(), atol=TOL, rtol=REL)
     for i in range(3):  # batch 1
         s1, m1 = _run_model(path, _inputs(det, test, slice(i, i + 1)))
-        np.testing.assert_allclose(s1, want.image_scores.numpy()[i : i + 1], atol=TOL, rtol=0)
-        np.testing.assert_allclose(m1[0], want.maps.numpy()[i], atol=TOL, rtol=0)
+        np.testing.assert_allclose(s1, want.image_scores.numpy()[i : i + 1], atol=TOL, rtol=REL)
+        np.testing.assert_allclose(m1[0], want.maps.numpy()[i], atol=TOL, rtol=REL)
     # the out-of-distribution guard's distance, and the verdicts it gives, as predict's
     (ood,) = _run_model(path, x, ["ood_distance"])
     guard = det.profile_.ood
@@ -306,10 +308,10 @@ def test_docs_onnx_example_runs_the_exported_model_without_dualclip(tmp_path, te
         )
         assert r.exit_code == 0, r.output
         row = json.loads((work / "o" / "predictions.json").read_text())["predictions"][0]
-        assert got["score"] == pytest.approx(row["score"], abs=TOL)
+        assert got["score"] == pytest.approx(row["score"], abs=TOL, rel=REL)
         assert got["threshold"] == row["threshold"] and got["verdict"] == row["verdict"]
         want = det.score_images([image]).maps[0].numpy()
-        np.testing.assert_allclose(np.load(work / "map.npy")[0], want, atol=TOL, rtol=0)
+        np.testing.assert_allclose(np.load(work / "map.npy")[0], want, atol=TOL, rtol=REL)
         verdicts[name] = got["verdict"]
     assert verdicts["part"] in ("ok", "defective") and verdicts["blank"] == "unusable"
 
@@ -353,11 +355,11 @@ def test_whole_model_export_refuses_an_unfitted_detector_a_missing_folder_and_a_
 @pytest.mark.slow
 def test_whole_model_export_matches_predict_profile_on_real_metal_plates(tmp_path):
     """The real effnet-lite0 at its S = 320 on mpdd_metal_plate: hybrid distance on real features, a bank of
-    every fitted patch, position centring; 5 defect-free plates fitted, a good one and two defective scored."""
+    every fitted patch, position centring, the plain view at 224 px; 5 defect-free plates fitted, a good one and
+    two defective scored."""
     from PIL import Image
 
     from conftest import shared_dataset
-    from dualclip.backbone.preprocess import to_tensor
     from dualclip.data.images import load_image
     from dualclip.export import export_model
 
@@ -377,7 +379,7 @@ def test_whole_model_export_matches_predict_profile_on_real_metal_plates(tmp_pat
     path = export_model(det, tmp_path / "model.onnx")
     test = [load_image(p) for p in [test_good[0], *test_bad[:2]]]
     want = det.score_images(test)
-    bb = det.backbone
-    scores, maps = _run_model(path, to_tensor(test, bb.image_size, bb.mean, bb.std).numpy())
-    np.testing.assert_allclose(scores, want.image_scores.numpy(), atol=TOL, rtol=0)
-    np.testing.assert_allclose(maps, want.maps.numpy(), atol=TOL, rtol=0)
+    assert det.profile_.plain is not None  # effnet-lite0's default: the plain view's second input
+    scores, maps = _run_model(path, _inputs(det, test))
+    np.testing.assert_allclose(scores, want.image_scores.numpy(), atol=TOL, rtol=REL)
+    np.testing.assert_allclose(maps, want.maps.numpy(), atol=TOL, rtol=REL)

@@ -173,7 +173,11 @@ def _set(key, value):
         (None, lambda t: {**t, "plain.owner": t["plain.owner"] + 1}, "must name at least 2 of the n_normal=4"),
         (None, lambda t: {**t, "plain.bank": t["plain.bank"].double()}, "plain.bank must be a non-empty 2-D float32"),
         (None, lambda t: {**t, "plain.bank": t["plain.bank"] * float("nan")}, "plain.bank holds values that are not"),
-        (None, lambda t: {**t, "plain.bank": t["plain.bank"][:, :-1].contiguous()}, "plain view has a 6 x 6 grid of width"),
+        (
+            None,
+            lambda t: {**t, "plain.bank": t["plain.bank"][:, :-1].contiguous()},
+            "plain view has a 6 x 6 grid of width",
+        ),
     ],
 )
 def test_a_tampered_plain_view_is_one_profile_error(tmp_path, fitted, doc, tensors, message):

@@ -154,7 +154,8 @@ def test_a_profile_saves_the_method_only_and_loads_with_the_callers_execution(tm
     det.save(tmp_path / "p")
     loaded = DualClipDetector.load(tmp_path / "p", device="cpu", batch_size=2, progress=False)
     assert loaded.config.method == dataclasses.replace(
-        det.config.method, **{k: saved[k] for k in ("distance", "neighbourhood", "border", "hybrid_norm", "centring", "plain_weight")}
+        det.config.method,
+        **{k: saved[k] for k in ("distance", "neighbourhood", "border", "hybrid_norm", "centring", "plain_weight")},
     )
     assert (loaded.config.batch_size, loaded.config.num_workers, loaded.config.progress) == (2, 0, False)
 

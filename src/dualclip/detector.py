@@ -798,7 +798,13 @@ class DualClipDetector:
         """The fusion weights of this detector (settings, and the backbone's processing size)."""
         cfg = self.config
         return Fusion(
-            cfg.alpha, cfg.beta, cfg.fusion_norm, cfg.image_score, cfg.sigma, self.backbone.image_size, self.plain_weight()
+            cfg.alpha,
+            cfg.beta,
+            cfg.fusion_norm,
+            cfg.image_score,
+            cfg.sigma,
+            self.backbone.image_size,
+            self.plain_weight(),
         )
 
     def _fuse(
