@@ -40,7 +40,8 @@ MUTATE_TARGETS = 'dualclip.scoring.fusion.*' 'dualclip.scoring.reference.x_aggre
 	'dualclip.evaluation.x_results_table*' \
 	'dualclip.scoring.matching.*' 'dualclip.scoring.sources.*' 'dualclip.scoring.position.*' \
 	'dualclip.scoring.coreset.*' 'dualclip.profile.*Moments*' 'dualclip.profile.*ScoreScale*' \
-	'dualclip.profile.x_build_bank*' 'dualclip.profile.x__offsets*'
+	'dualclip.profile.x_build_bank*' 'dualclip.profile.x__offsets*' 'dualclip.scoring.plain.*' \
+	'dualclip.profile.x__plain_from_files*'
 mutate: $(STAMP)
 	$(BIN)/pip install -q mutmut==3.8.1
 	rm -rf mutants
