@@ -127,14 +127,27 @@ def headline(data: dict[str, dict]) -> list[str]:
             + ("; every image exactly once" if r["rows_unique"] else "; ROWS LOST OR DUPLICATED")
         )
     fs = data.get("fit_speed", {}).get("raw", {})
-    before = {r["n"]: r for r in fs.get("before", [])}
-    for r in fs.get("rows", []):
-        b = before.get(r["n"])
+    before = {(r["n"], r.get("plain_weight", 0.0)): r for r in fs.get("before", [])}
+    rows = fs.get("rows", [])
+    without = {r["n"]: r for r in rows if r.get("plain_weight", 0.0) == 0.0}
+    for r in rows:
+        plain = r.get("plain_weight", 0.0)
+        if not plain and "score_ms" in r:
+            continue  # measured beside a row with the plain view: its numbers are in that row's line
+        b, w = before.get((r["n"], plain)), without.get(r["n"])
+        cost = ""
+        if plain and w is not None and "score_ms" in r:
+            cost = (
+                f"; the plain view {r['fit_s'] / w['fit_s']:.2f}x the fit and {r['score_ms'] / w['score_ms']:.2f}x "
+                f"the scoring time without it (AUPRO {100 * w['aupro']:.2f} without)"
+            )
         lines.append(
-            f"- `fit`, {r['n']} magnetic_tile images: {r['ratio']:.1f}x the feature extraction"
+            f"- `fit`, {r['n']} magnetic_tile images{', plain view' if plain else ''}: {r['ratio']:.1f}x the "
+            "feature extraction"
             + (f" (before: {b['ratio']:.1f}x)" if b else "")
             + f"; AUPRO {100 * r['aupro']:.2f}"
             + (f" (before: {100 * b['aupro']:.2f})" if b else "")
+            + cost
         )
     return lines
 

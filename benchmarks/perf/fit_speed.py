@@ -3,7 +3,8 @@
 For each N, in one process: the features of N defect-free magnetic_tile images (``DualClipDetector.features``,
 after a warm-up), then ``fit`` on the same images (features again, memory-bank coreset, leave-one-out
 scores), and the profile's accuracy on 50 other defect-free and 50 defective images (pixel AUPRO, pixel and
-image AUROC). ``--before FILE``: the same script's results on other code (e.g. the main branch, run from a
+image AUROC) and its scoring time per image; each N twice, with the plain view (the default) and without it
+(``plain_weight=0``), on the same backbone. ``--before FILE``: the same script's results on other code (e.g. the main branch, run from a
 checkout of it: ``python -m benchmarks.perf.fit_speed --json runs/bench/fit_speed_main.json``), shown beside
 these; default ``runs/bench/fit_speed_main.json`` where it exists.
 
@@ -37,14 +38,15 @@ def test_category():
     return Category("magnetic_tile", samples=samples, mask_threshold=127)
 
 
-def measure(n: int, test) -> dict:
+def measure(n: int, test, plain_weight: float | None, backbone=None) -> dict:
     from dualclip import DetectorConfig, DualClipDetector
     from dualclip.data.images import load_images
     from dualclip.metrics import aupro, image_auroc, pixel_auroc
 
     files = sorted((SHARED / "magnetic_tile" / "MT_Free" / "Imgs").glob("*.jpg"))[:n]
     images = load_images(files, strict=True)
-    det = DualClipDetector(DetectorConfig(backbone="effnet-lite0", seed=0, progress=False, device="cpu"))
+    cfg = DetectorConfig(backbone="effnet-lite0", seed=0, progress=False, device="cpu", plain_weight=plain_weight)
+    det = DualClipDetector(cfg, backbone=backbone)
     det.features(images[:2])  # warm-up: weights loaded, first-call costs paid
     start = time.perf_counter()
     det.features(images)
@@ -53,11 +55,17 @@ def measure(n: int, test) -> dict:
     det.fit(images)
     fit_s = time.perf_counter() - start
     meta = det.profile_.meta
-    result = det.score_images(test.images())
+    test_images = test.images()
+    start = time.perf_counter()
+    result = det.score_images(test_images)
+    score_s = time.perf_counter() - start
     masks = test.masks(result.maps.shape[-1])
     maps = result.maps.numpy()
     return {
         "n": n,
+        "plain_weight": det.plain_weight(),
+        "score_ms": 1000 * score_s / len(test_images),
+        "backbone": det.backbone,
         "patches": meta["bank_patches_total"],
         "bank": meta["bank_patches"],
         "features_s": features_s,
@@ -81,25 +89,43 @@ def main() -> None:
         rows = json.loads(args.measured.read_text())["raw"]["rows"]
     else:
         test, rows = test_category(), []
+        backbone = None
         for n in [50] if args.quick else [int(x) for x in args.n.split(",")]:
-            rows.append(measure(n, test))
-            write_section(args.json, "fit_speed", [], {"rows": rows})  # each N kept as soon as it is measured
+            for plain in (None, 0.0):  # the default (the plain view), then without it
+                row = measure(n, test, plain, backbone)
+                backbone = row.pop("backbone")
+                rows.append(row)
+                write_section(args.json, "fit_speed", [], {"rows": rows})  # each row kept as soon as measured
     before = {}
     if args.before.is_file() and args.before.resolve() != args.json.resolve():
-        before = {r["n"]: r for r in json.loads(args.before.read_text())["raw"]["rows"]}
+        # rows measured before the plain view existed are rows without it
+        before = {(r["n"], r.get("plain_weight", 0.0)): r for r in json.loads(args.before.read_text())["raw"]["rows"]}
 
-    def was(n: int, key: str, fmt: str) -> str:
-        return format(before[n][key], fmt) if n in before else "—"
+    def key(r: dict) -> tuple:
+        return r["n"], r.get("plain_weight", 0.0)
+
+    def was(r: dict, field: str, fmt: str) -> str:
+        return format(before[key(r)][field], fmt) if key(r) in before else "—"
+
+    without = {r["n"]: r for r in rows if r.get("plain_weight", 0.0) == 0.0}
+
+    def against_without(r: dict, field: str) -> str:
+        w = without.get(r["n"])
+        return "—" if w is None or w is r or field not in r else f"{r[field] / w[field]:.2f}x"
 
     table = {
         "title": "Fit speed: profile fitting against feature extraction (effnet-lite0, CPU)",
         "headers": [
             "N",
+            "plain view",
             "patches",
             "bank",
             "features s",
             "fit s",
             "fit / features",
+            "fit: with / without the plain view",
+            "score ms / image",
+            "score: with / without",
             "before: fit / features",
             "AUPRO %",
             "before: AUPRO %",
@@ -109,14 +135,18 @@ def main() -> None:
         "rows": [
             [
                 r["n"],
+                f"{r.get('plain_weight', 0.0):g}",
                 r["patches"],
                 r["bank"],
                 f"{r['features_s']:.1f}",
                 f"{r['fit_s']:.1f}",
                 f"{r['ratio']:.1f}x",
-                was(r["n"], "ratio", ".1f") + ("x" if r["n"] in before else ""),
+                against_without(r, "fit_s"),
+                f"{r['score_ms']:.0f}" if "score_ms" in r else "—",
+                against_without(r, "score_ms"),
+                was(r, "ratio", ".1f") + ("x" if key(r) in before else ""),
                 f"{100 * r['aupro']:.2f}",
-                "—" if r["n"] not in before else f"{100 * before[r['n']]['aupro']:.2f}",
+                "—" if key(r) not in before else f"{100 * before[key(r)]['aupro']:.2f}",
                 f"{100 * r['pixel_auroc']:.2f}",
                 f"{100 * r['image_auroc']:.2f}",
             ]
@@ -124,7 +154,8 @@ def main() -> None:
         ],
         "notes": [
             "N defect-free magnetic_tile images (the first in name order), default settings (hybrid matching, "
-            "memory bank of 16384 patches); features: `DualClipDetector.features` of the same images in the same "
+            "memory bank of 16384 patches; with and without the plain view, `plain_weight` 0.5 and 0, each its own "
+            "profile on the same backbone in the same process); score: `score_images` of the 100 test images; features: `DualClipDetector.features` of the same images in the same "
             "process, before the fit; fit: `DualClipDetector.fit` (features, coreset, leave-one-out scores). "
             "Accuracy of each profile on 50 other defect-free and 50 defective images (masks > 127). 'before': "
             f"this script on the code before the change ({args.before.name}"
