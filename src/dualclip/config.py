@@ -216,10 +216,10 @@ class MethodSettings:
         (PatchCore) chooses this many; ``None`` keeps all. 16384 patches are about 10 images of effnet-lite0
         at 320 px; measured in docs/results.md ("Saved profiles").
     plain_weight:
-        A fitted profile's plain view (:mod:`dualclip.scoring.plain`): the share of the visual slot given to a
-        plain nearest neighbour of the normal images, from a second pass of the network at
-        ``plain_image_size`` with its own zero padding (3 x 3 average counting the padding, Euclidean); the main
-        visual branch keeps the rest. 0: off. Only a convolutional backbone (effnet-lite0) has the second pass;
+        A fitted profile's plain view (:mod:`dualclip.scoring.plain`): the weight ``w`` of a plain nearest
+        neighbour of the normal images in the profile's map, ``(1 - w) * main + w * plain``, both in profile
+        units; the plain view comes from a second pass of the network at ``plain_image_size`` with its own zero
+        padding (3 x 3 average counting the padding, Euclidean). 0: off. Only a convolutional backbone (effnet-lite0) has the second pass;
         zero-shot runs and golden references never use it. ``None``: the backbone's default (effnet-lite0: 0.5;
         the others: 0), chosen by the worst fold of five over three products (docs/results.md, "Saved profiles
         over three products").

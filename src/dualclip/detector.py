@@ -491,7 +491,7 @@ class DualClipDetector:
         return self._plain_view
 
     def plain_weight(self) -> float:
-        """The plain view's share of a fitted profile's visual slot: the setting, or the backbone's default."""
+        """The plain view's weight in a fitted profile's map: the setting, or the backbone's default."""
         w = self.config.plain_weight
         return self.backbone.default_plain_weight if w is None else float(w)
 

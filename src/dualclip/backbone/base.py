@@ -67,7 +67,7 @@ class Backbone(nn.Module, ABC):
     border: str = "zero"
     """How this backbone pads the image border (``"zero"``: the network's own padding)."""
     default_plain_weight: float = 0.0
-    """The plain view's share of a fitted profile's visual slot when ``DetectorConfig.plain_weight`` is ``None``
+    """The plain view's weight in a fitted profile's map when ``DetectorConfig.plain_weight`` is ``None``
     (:mod:`dualclip.scoring.plain`)."""
 
     @abstractmethod

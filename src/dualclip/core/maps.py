@@ -21,8 +21,8 @@ from .branches import BranchScores
 class Fusion:
     """The weights of fusion: ``alpha`` (text slot vs visual), ``beta`` (global text vs map), the run-relative
     normalisation ``norm``, the image score from a map (``image_score``), the smoothing ``sigma``, the map
-    side ``size`` (the backbone's processing size) and ``plain``, the plain view's share of the visual slot
-    (where a profile has one)."""
+    side ``size`` (the backbone's processing size) and ``plain``, the plain view's weight in a profile's map
+    (:func:`mix_views`, where the profile has one)."""
 
     alpha: float
     beta: float
