@@ -217,3 +217,11 @@ def test_a_profile_saved_before_the_plain_view_loads_without_it(tmp_path, split,
         loaded = DualClipDetector.load(path)
     assert loaded.plain_weight() == 0.0 and loaded.profile_.plain is None
     torch.testing.assert_close(loaded.score_images(test).image_scores, det.score_images(test).image_scores)
+
+
+def test_a_bank_smaller_than_one_plain_view_image_is_refused(split):
+    """The plain view's bank must hold more than one image's patches (leave-one-out), also where its grid is
+    finer than the main view's."""
+    cfg = dataclasses.replace(CFG, image_size=32, plain_image_size=64, memory_bank_size=20)
+    with pytest.raises(ConfigError, match="memory_bank_size=20 is too small for the plain view: .* one image's 64"):
+        DualClipDetector(cfg).fit(split[0])

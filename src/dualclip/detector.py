@@ -897,6 +897,13 @@ class DualClipDetector:
                     f"{backbone.name!r} scores with text: use plain_weight=0 (or use_text=False)"
                 )
             space, plain_grid = self._plain_features(rgb, "normal images (plain view)")
+            least = _least_bank_size(plain_grid)
+            if cfg.memory_bank_size is not None and cfg.memory_bank_size < least:
+                raise ConfigError(
+                    f"memory_bank_size={cfg.memory_bank_size} is too small for the plain view: its bank must hold "
+                    f"more than one image's {least - 1} patches at plain_image_size={cfg.plain_image_size}; use at "
+                    f"least {least}, a smaller plain_image_size, or plain_weight=0"
+                )
             flat, plain_owner, plain_total = build_bank(
                 {"plain": [[space]]}, cfg.memory_bank_size, cfg.seed, progress=cfg.progress
             )
