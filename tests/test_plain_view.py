@@ -144,7 +144,7 @@ def test_the_plain_view_needs_a_convolutional_vision_only_backbone(tiny_backbone
     no_text = dataclasses.replace(cfg, use_text=False)
     with pytest.raises(ConfigError, match="has no plain view"):
         DualClipDetector(no_text, backbone=tiny_backbone).fit(split[0])
-    with pytest.raises(ValueError, match="plain_weight must be a number in"):
+    with pytest.raises(ValueError, match="plain_weight=1.5 is not a weight in \\[0, 1\\]"):
         DetectorConfig(plain_weight=1.5)
     with pytest.raises(ValueError, match="plain_image_size=16 is outside"):
         DetectorConfig(plain_image_size=16)

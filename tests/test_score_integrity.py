@@ -414,3 +414,17 @@ def test_blank_frames_are_unusable_against_a_magnetic_tile_profile():
     preds = det.predict(blanks + free[10:16] + [p for d in defects for p in d])
     assert [p.unusable is not None for p in preds[:2]] == [True, True]
     assert all(p.unusable is None for p in preds[2:])
+
+
+def test_a_class_name_with_a_profile_fitted_without_one_says_so(tmp_path, split):
+    """The warning names the profile's lack of a class (it read 'fitted for class None')."""
+    from dualclip import DetectorConfig, DualClipDetector
+
+    cfg = DetectorConfig(backbone="effnet-lite0", pretrained=None, image_size=64, progress=False)
+    profile = DualClipDetector(cfg).fit(split[0]).save(tmp_path / "p.dualclip")
+    paths = _save_all(tmp_path / "in", split[1][:1])
+    args = ["predict", "--profile", str(profile), str(paths[0]), "-o", str(tmp_path / "o"), "-q"]
+    r = CliRunner().invoke(app, [*args, "--class-name", "carpet"])
+    assert r.exit_code == 0, r.output
+    assert "--class-name 'carpet' has no effect: the profile was fitted without a class name" in r.output
+    assert "None" not in r.output

@@ -298,7 +298,7 @@ class MethodSettings:
         )
         _check(
             self.plain_weight is None or (_is_number(self.plain_weight) and 0.0 <= self.plain_weight <= 1.0),
-            f"plain_weight must be a number in [0, 1] or None, got {self.plain_weight!r}",
+            f"plain_weight={self.plain_weight!r} is not a weight in [0, 1]",
         )
         _check(self.vv_start is None or self.vv_start >= 0, "vv_start is 1-based (0: no V-V path) and must be >= 0")
         _one_of("distance", self.distance, DISTANCES, optional=True)

@@ -104,8 +104,12 @@ def input_warnings(found: Expanded, class_name: str | None, det: DualClipDetecto
     used = det.scoring_class(class_name)  # a fitted detector's own class (another is refused where it matters)
     if class_name and class_name != used:
         notes.append(
-            f"--class-name {class_name!r} has no effect: the profile was fitted for class {used!r}, which is "
-            "used and recorded"
+            f"--class-name {class_name!r} has no effect: "
+            + (
+                "the profile was fitted without a class name (none is used or recorded)"
+                if used is None
+                else f"the profile was fitted for class {used!r}, which is used and recorded"
+            )
         )
     elif class_name and not det.backbone.has_text:
         notes.append(
