@@ -102,6 +102,26 @@ def unseal_profile(path: Path, doc=None, tensors=None) -> None:
     save_file(t if tensors is None else tensors(t), path / PROFILE_TENSORS)  # no metadata
 
 
+def reseal_profile(path: Path, doc=None, tensors=None) -> None:
+    """Rewrite a saved profile after ``doc`` and ``tensors`` changed it (as :func:`unseal_profile`), with both
+    digests computed again, as a forger who knows the format would: only the field checks stand in the way."""
+    import hashlib
+
+    from safetensors.torch import load_file
+    from safetensors.torch import save as save_tensors
+
+    from dualclip.profile import JSON_DIGEST, PROFILE_JSON, PROFILE_TENSORS, TENSORS_DIGEST, document_digest
+
+    d = json.loads((path / PROFILE_JSON).read_text())
+    d = d if doc is None else doc(d)
+    d.pop(TENSORS_DIGEST, None)
+    t = load_file(path / PROFILE_TENSORS)
+    blob = save_tensors(t if tensors is None else tensors(t), metadata={JSON_DIGEST: document_digest(d)})
+    d[TENSORS_DIGEST] = hashlib.sha256(blob).hexdigest()
+    (path / PROFILE_TENSORS).write_bytes(blob)
+    (path / PROFILE_JSON).write_text(json.dumps(d))
+
+
 def set_field(*keys, value):
     """A profile.json edit (for :func:`unseal_profile`): the field at ``keys`` set to ``value``."""
 

@@ -383,3 +383,17 @@ def test_whole_model_export_matches_predict_profile_on_real_metal_plates(tmp_pat
     scores, maps = _run_model(path, _inputs(det, test))
     np.testing.assert_allclose(scores, want.image_scores.numpy(), atol=TOL, rtol=REL)
     np.testing.assert_allclose(maps, want.maps.numpy(), atol=TOL, rtol=REL)
+
+
+def test_a_plain_images_batch_of_another_size_is_refused_by_the_model(tmp_path, texture_set):
+    """One plain_images row per image: a batch of 1 beside 3 images fails in the graph (it broadcast image 0's
+    plain distances to every image)."""
+    from dualclip.export import export_model
+
+    _, test = _split(texture_set)
+    det = DualClipDetector.load(_fitted_profile(tmp_path, texture_set, "effnet-plain"))
+    path = export_model(det, tmp_path / "model.onnx")
+    feeds = _inputs(det, test)
+    _run_model(path, feeds)  # matching batches run
+    with pytest.raises(Exception, match="(?i)reshape|shape"):
+        _run_model(path, {**feeds, "plain_images": feeds["plain_images"][:1]})

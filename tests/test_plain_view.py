@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import unseal_profile
+from conftest import reseal_profile, unseal_profile
 from dualclip import DetectorConfig, DualClipDetector
 from dualclip.backbone.effnet import EffNetLite0Backbone
 from dualclip.errors import ConfigError
@@ -139,11 +139,14 @@ def test_the_plain_view_needs_a_convolutional_vision_only_backbone(tiny_backbone
     from conftest import TINY
 
     cfg = DetectorConfig(backbone=TINY, pretrained=None, progress=False, memory_bank_size=None, plain_weight=0.5)
+    for c in (cfg, dataclasses.replace(cfg, use_text=False)):
+        with pytest.raises(ConfigError, match="has no plain view .* use plain_weight=0"):
+            DualClipDetector(c, backbone=tiny_backbone).fit(split[0])
+    # a backbone with a plain view and a text tower: the mix is a vision-only profile's
+    det = DualClipDetector(cfg, backbone=tiny_backbone)
+    det._plain_view = tiny_backbone
     with pytest.raises(ConfigError, match="scores with text: use plain_weight=0"):
-        DualClipDetector(cfg, backbone=tiny_backbone).fit(split[0])
-    no_text = dataclasses.replace(cfg, use_text=False)
-    with pytest.raises(ConfigError, match="has no plain view"):
-        DualClipDetector(no_text, backbone=tiny_backbone).fit(split[0])
+        det.fit(split[0])
     with pytest.raises(ValueError, match="plain_weight=1.5 is not a weight in \\[0, 1\\]"):
         DetectorConfig(plain_weight=1.5)
     with pytest.raises(ValueError, match="plain_image_size=16 is outside"):
@@ -173,6 +176,9 @@ def _set(key, value):
         (None, lambda t: {**t, "plain.owner": t["plain.owner"] + 1}, "must name at least 2 of the n_normal=4"),
         (None, lambda t: {**t, "plain.bank": t["plain.bank"].double()}, "plain.bank must be a non-empty 2-D float32"),
         (None, lambda t: {**t, "plain.bank": t["plain.bank"] * float("nan")}, "plain.bank holds values that are not"),
+        (None, lambda t: {**t, "plain.bank": t["plain.bank"] * 1e18}, "plain.bank holds values of magnitude above"),
+        (lambda d: {**d, "plain": {**d["plain"], "patches": 144.0}}, None, "plain.patches is 144.0 for 144"),
+        (lambda d: {**d, "config": {k: v for k, v in d["config"].items() if k != "plain_weight"}}, None, "name no pl"),
         (
             None,
             lambda t: {**t, "plain.bank": t["plain.bank"][:, :-1].contiguous()},
@@ -182,7 +188,7 @@ def _set(key, value):
 )
 def test_a_tampered_plain_view_is_one_profile_error(tmp_path, fitted, doc, tensors, message):
     path = _saved(fitted, tmp_path)
-    unseal_profile(path, doc=doc, tensors=tensors)
+    reseal_profile(path, doc=doc, tensors=tensors)  # the digests made again: the field checks must hold
     with pytest.raises(ProfileError, match=message):
         DualClipDetector.load(path)
 
@@ -194,8 +200,22 @@ def test_a_profile_without_the_views_moments_is_refused(tmp_path, fitted):
         del doc["scale"]["image"]["views"]
         return doc
 
-    unseal_profile(path, doc=drop)
+    reseal_profile(path, doc=drop)
     with pytest.raises(ProfileError, match="scale.image holds no moments for views"):
+        DualClipDetector.load(path)
+
+
+def test_a_plain_view_profile_without_digests_is_refused(tmp_path, fitted):
+    """Every dualclip that saves a plain view binds the two files: one without digests was edited (a changed
+    plain_weight would otherwise score silently in units that no longer hold)."""
+    path = _saved(fitted, tmp_path)
+
+    def edit(doc):
+        doc["config"]["plain_weight"] = 0.3
+        return doc
+
+    unseal_profile(path, doc=edit)
+    with pytest.raises(ProfileError, match="holds a plain view but no digests binding"):
         DualClipDetector.load(path)
 
 
@@ -225,3 +245,40 @@ def test_a_bank_smaller_than_one_plain_view_image_is_refused(split):
     cfg = dataclasses.replace(CFG, image_size=32, plain_image_size=64, memory_bank_size=20)
     with pytest.raises(ConfigError, match="memory_bank_size=20 is too small for the plain view: .* one image's 64"):
         DualClipDetector(cfg).fit(split[0])
+
+
+def test_plain_view_refusals_come_before_any_image_is_processed(split, monkeypatch):
+    """A bank too small for the plain view, and a backbone without one, are refused before the first feature
+    pass (a large plain_image_size would otherwise cost the whole pass first)."""
+    from dualclip import detector as D
+
+    def no_features(*args, **kwargs):
+        raise AssertionError("features were extracted before the refusal")
+
+    monkeypatch.setattr(D, "extract_features", no_features)
+    cfg = dataclasses.replace(CFG, image_size=32, plain_image_size=64, memory_bank_size=20)
+    with pytest.raises(ConfigError, match="too small for the plain view"):
+        DualClipDetector(cfg).fit(split[0])
+
+
+def test_fit_under_onnxruntime_resolves_the_same_plain_view_as_torch(tmp_path, split):
+    pytest.importorskip("onnxruntime")
+    cfg = dataclasses.replace(CFG, plain_weight=None)
+    torch_fit = DualClipDetector(cfg).fit(split[0])
+    ort_fit = DualClipDetector(dataclasses.replace(cfg, runtime="onnxruntime", cache_dir=str(tmp_path))).fit(split[0])
+    assert torch_fit.plain_weight() == ort_fit.plain_weight() == 0.5
+    assert ort_fit.profile_.plain is not None and ort_fit.profile_.meta["config"]["plain_weight"] == 0.5
+    torch.testing.assert_close(
+        ort_fit.score_images(split[1]).image_scores, torch_fit.score_images(split[1]).image_scores, atol=1e-3, rtol=0
+    )
+
+
+def test_outputs_name_the_plain_view(fitted):
+    assert fitted.plain_summary() == {
+        "weight": 0.5,
+        "image_size": 48,
+        "grid": [6, 6],
+        "bank_patches": 144,
+        "bank_patches_total": 144,
+    }
+    assert fitted.profile_summary()["plain_view"] == fitted.plain_summary()

@@ -414,6 +414,8 @@ def _saved_settings(profile: Profile) -> dict:
             raise ProfileError(f"it records {key} {top!r}, its settings (config.{key}) give {mine!r}")
     settings.setdefault("border", "zero")
     settings.setdefault("hybrid_norm", "zscore")
+    if profile.plain is not None and "plain_weight" not in settings:
+        raise ProfileError("it holds a plain view (plain) but its settings name no plain_weight")
     settings.setdefault("plain_weight", 0.0)
     weight = settings["plain_weight"]
     if profile.plain is None and weight not in (0, 0.0):
@@ -755,6 +757,31 @@ class DualClipDetector:
         with clock("reference"):
             return bank.scores(space, self.config.match_memory_mb)
 
+    def plain_grid(self) -> tuple[int, int]:
+        """The plain view's feature grid (one forward pass of a blank image at its size)."""
+        view = self.plain_backbone
+        size = view.image_size
+        with torch.inference_mode():
+            return tuple(view(torch.zeros(1, 3, size, size, device=next(view.parameters()).device)).grid)
+
+    def _check_plain_settings(self, use_text: bool) -> None:
+        """A plain view needs a backbone that has one (refused by :meth:`Backbone.plain_view` otherwise), no text
+        branch (the mix is a vision-only profile's), and a bank of more than one image's plain-view patches."""
+        cfg, weight = self.config, self.plain_weight()
+        grid = self.plain_grid()
+        if use_text:
+            raise ConfigError(
+                f"plain_weight={weight} mixes a plain view into a vision-only profile's map, and "
+                f"{self.backbone.name!r} scores with text: use plain_weight=0"
+            )
+        least = _least_bank_size(grid)
+        if cfg.memory_bank_size is not None and cfg.memory_bank_size < least:
+            raise ConfigError(
+                f"memory_bank_size={cfg.memory_bank_size} is too small for the plain view: its bank must hold "
+                f"more than one image's {least - 1} patches at plain_image_size={cfg.plain_image_size}; use at "
+                f"least {least}, a smaller plain_image_size, or plain_weight=0"
+            )
+
     def _profile_bank(self) -> ProfileBank:
         """The reference source of ``profile_`` (made once per profile: its bank moves to a device once)."""
         if self._bank is None or self._bank[0] is not self.profile_:
@@ -863,6 +890,9 @@ class DualClipDetector:
         rgb = [img for img, _ in loaded]
         self.profile_ = None
         use_text, use_visual = self._branches_to_run(len(rgb), golden=None)
+        use_plain = use_visual and self.plain_weight() > 0
+        if use_plain:  # refused before any image is processed
+            self._check_plain_settings(use_text)
         feats = self._extract(rgb, keep_patch_embeddings=use_text, desc="normal images")
         least = _least_bank_size(feats.grid)
         if use_visual and cfg.memory_bank_size is not None and cfg.memory_bank_size < least:
@@ -890,20 +920,8 @@ class DualClipDetector:
         else:
             offsets = None
         plain = None
-        if use_visual and self.plain_weight() > 0:
-            if use_text:
-                raise ConfigError(
-                    f"plain_weight={self.plain_weight()} mixes a plain view into a vision-only profile's map; "
-                    f"{backbone.name!r} scores with text: use plain_weight=0 (or use_text=False)"
-                )
+        if use_plain:
             space, plain_grid = self._plain_features(rgb, "normal images (plain view)")
-            least = _least_bank_size(plain_grid)
-            if cfg.memory_bank_size is not None and cfg.memory_bank_size < least:
-                raise ConfigError(
-                    f"memory_bank_size={cfg.memory_bank_size} is too small for the plain view: its bank must hold "
-                    f"more than one image's {least - 1} patches at plain_image_size={cfg.plain_image_size}; use at "
-                    f"least {least}, a smaller plain_image_size, or plain_weight=0"
-                )
             flat, plain_owner, plain_total = build_bank(
                 {"plain": [[space]]}, cfg.memory_bank_size, cfg.seed, progress=cfg.progress
             )
@@ -998,6 +1016,20 @@ class DualClipDetector:
             "units": PROFILE_UNITS,
             **{k: meta.get(k) for k in ("n_normal", "bank_patches", "weights_fingerprint", "created_by", "class_name")},
             "ood_guard": self.profile_.guard(),
+            "plain_view": self.plain_summary(),
+        }
+
+    def plain_summary(self) -> dict | None:
+        """The fitted profile's plain view in outputs: its weight, size and bank (kept / total), or ``None``."""
+        plain = None if self.profile_ is None else self.profile_.plain
+        if plain is None:
+            return None
+        return {
+            "weight": self.plain_weight(),
+            "image_size": self.config.plain_image_size,
+            "grid": list(plain.grid),
+            "bank_patches": int(plain.owner.numel()),
+            "bank_patches_total": plain.total,
         }
 
     def normal_scores(self) -> list[float] | None:

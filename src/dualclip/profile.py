@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 MAX_MOMENT = 1e6
 """The largest ``|mean|`` or ``std`` a profile's moments may hold: each describes a distance, a probability or
 a standardised score, all far below it (a larger one is a damaged profile)."""
+MAX_FEATURE = 1e6
+"""The largest magnitude a bank value may have: a feature (an activation, a normalised or averaged token) is far
+below it; above it, squared distances overflow float32 and scores turn NaN."""
 SPREAD_FLOOR = 1e-6
 """A spread at or below ``SPREAD_FLOOR * max(1, |mean|)`` is none: dividing by it would turn float noise into
 scores of millions."""
@@ -465,6 +468,11 @@ class Profile:
         except (OSError, SafetensorError) as exc:
             raise ProfileError(f"{path / PROFILE_TENSORS} cannot be read: {exc}") from exc
         sealed = _check_binding(path, doc, blob)
+        if not sealed and (doc.get("plain") is not None or "plain.bank" in tensors):
+            raise ProfileError(
+                f"{path} holds a plain view but no digests binding {PROFILE_JSON} and {PROFILE_TENSORS}: every "
+                "dualclip that saves a plain view binds them, so the files were edited; fit the profile again"
+            )
         try:
             profile = cls._from_files(doc, tensors)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
@@ -581,6 +589,10 @@ class Profile:
                         f"tensor {name} must be a non-empty 2-D float32 tensor, got {t.dtype} {tuple(t.shape)}",
                     )
                     _need(bool(torch.isfinite(t).all()), f"tensor {name} of the bank holds values that are not finite")
+                    _need(
+                        float(t.abs().max()) <= MAX_FEATURE,
+                        f"tensor {name} of the bank holds values of magnitude above {MAX_FEATURE:g} (features never are)",
+                    )
                     rows.add(t.shape[0])
                     bank[part][s].append(t)
         _need(len(rows) == 1, f"the bank tensors have different row counts {sorted(rows)}")
@@ -650,6 +662,10 @@ def _plain_from_files(d, tensors: dict[str, torch.Tensor], n: int) -> PlainBank 
     )
     _need(bool(torch.isfinite(bank).all()), "tensor plain.bank holds values that are not finite")
     _need(
+        float(bank.abs().max()) <= MAX_FEATURE,
+        f"tensor plain.bank holds values of magnitude above {MAX_FEATURE:g} (features never are)",
+    )
+    _need(
         owner.dtype == torch.int64 and owner.ndim == 1 and owner.numel() == bank.shape[0],
         f"tensor plain.owner must be int64 with one entry per plain.bank row ({bank.shape[0]}), got "
         f"{owner.dtype} {tuple(owner.shape)}",
@@ -660,7 +676,10 @@ def _plain_from_files(d, tensors: dict[str, torch.Tensor], n: int) -> PlainBank 
         f"{int(owner.min())}..{int(owner.max())}",
     )
     total = d["patches_total"]
-    _need(d["patches"] == bank.shape[0], f"plain.patches is {d['patches']!r} for {bank.shape[0]} plain.bank rows")
+    _need(
+        isinstance(d["patches"], int) and not isinstance(d["patches"], bool) and d["patches"] == bank.shape[0],
+        f"plain.patches is {d['patches']!r} for {bank.shape[0]} plain.bank rows",
+    )
     _need(
         isinstance(total, int) and not isinstance(total, bool) and total == n * grid[0] * grid[1],
         f"plain.patches_total must be n_normal x the grid's patches ({n * grid[0] * grid[1]}), got {total!r}",

@@ -673,10 +673,12 @@ def fit(
             det.save(out, overwrite=overwrite)
         except ProfileError as exc:
             raise UsageError(str(exc)) from exc
-    meta, th = det.profile_meta(), det.threshold_
+    meta, th, plain = det.profile_meta(), det.threshold_, det.plain_summary()
     typer.echo(
         f"wrote profile {out}: {meta['n_normal']} normal images, {meta['bank_patches']} of "
-        f"{meta['bank_patches_total']} patches kept, threshold "
+        f"{meta['bank_patches_total']} patches kept"
+        + ("" if plain is None else f" (plain view: {plain['bank_patches']} of {plain['bank_patches_total']})")
+        + ", threshold "
         + ("none" if th is None else f"{th.value:.4f} ({th.source})")
     )
 

@@ -113,7 +113,9 @@ class ProfileGraph(nn.Module):
             out = self.plain_view(plain_images)
             space = plain_space([m.float() for m in out.match_features], out.grid)
             centre = self.plain_centre
-            branches.plain = bank_distances_batched([space - centre], [self.plain_bank - centre], PLAIN_DISTANCE)
+            d = bank_distances_batched([space - centre], [self.plain_bank - centre], PLAIN_DISTANCE)
+            # one row per image of `images`: a plain_images batch of another size fails here, never broadcasts
+            branches.plain = d.reshape(images.shape[0], d.shape[1])
             branches.plain_grid = out.grid
         maps, scores = det._fuse(branches, feats.grid, det.profile_.scale)
         if det.profile_.ood is None:

@@ -277,6 +277,7 @@ class OnnxBackbone(Backbone):
         self.default_profile_neighbourhood = backbone.default_profile_neighbourhood
         self.default_centring = backbone.default_centring
         self.default_hybrid_norm = backbone.default_hybrid_norm
+        self.default_plain_weight = backbone.default_plain_weight
         self.grid = tuple(meta["grid"])
         self.outputs = list(meta["outputs"])
         if providers is None:

@@ -90,7 +90,9 @@ class InfoResponse(BaseModel):
     backbone: str | None
     weights: str | None
     weights_fingerprint: str | None
-    profile: dict = Field(description="path, class name, normal images, memory-bank size, who made it")
+    profile: dict = Field(
+        description="path, class name, normal images, memory-bank size, who made it, the plain view (or null)"
+    )
     threshold: dict | None = Field(description="value and source of the verdict threshold")
     ood_guard: str = Field(description="the profile's out-of-distribution guard: on with its limits, or off")
     units: str
@@ -378,7 +380,7 @@ def create_app(detector: DualClipDetector, settings: ServeSettings, profile_path
         return {"status": "ok"}
 
     distance, sizes = detector.matching()
-    guard = detector.profile_summary()["ood_guard"]
+    guard, plain_view = detector.profile_summary()["ood_guard"], detector.plain_summary()
     resolved = {"image_size": detector.backbone.image_size, "distance": distance, "neighbourhood": list(sizes)}
 
     @app.get("/v1/info", response_model=InfoResponse, dependencies=guarded)
@@ -391,6 +393,7 @@ def create_app(detector: DualClipDetector, settings: ServeSettings, profile_path
             "profile": {
                 "path": None if profile_path is None else str(profile_path),
                 **{k: meta.get(k) for k in ("class_name", "n_normal", "bank_patches", "created_by")},
+                "plain_view": plain_view,
             },
             "threshold": None if threshold is None else threshold.to_dict(),
             "ood_guard": guard,
