@@ -395,5 +395,5 @@ def test_a_plain_images_batch_of_another_size_is_refused_by_the_model(tmp_path, 
     path = export_model(det, tmp_path / "model.onnx")
     feeds = _inputs(det, test)
     _run_model(path, feeds)  # matching batches run
-    with pytest.raises(Exception, match="(?i)reshape|shape"):
+    with pytest.raises(Exception, match="mismatched dimensions"):
         _run_model(path, {**feeds, "plain_images": feeds["plain_images"][:1]})

@@ -114,8 +114,9 @@ class ProfileGraph(nn.Module):
             space = plain_space([m.float() for m in out.match_features], out.grid)
             centre = self.plain_centre
             d = bank_distances_batched([space - centre], [self.plain_bank - centre], PLAIN_DISTANCE)
-            # one row per image of `images`: a plain_images batch of another size fails here, never broadcasts
-            branches.plain = d.reshape(images.shape[0], d.shape[1])
+            # one row per image of `images`: a plain_images batch of another size fails here (a concatenation
+            # needs equal batch sizes; the mix below would broadcast one image's distances to all)
+            branches.plain = torch.cat([d, images.flatten(1)[:, :1]], dim=1)[:, :-1]
             branches.plain_grid = out.grid
         maps, scores = det._fuse(branches, feats.grid, det.profile_.scale)
         if det.profile_.ood is None:

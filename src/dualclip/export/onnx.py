@@ -152,7 +152,12 @@ def write_graph(
                 dynamo=False,
                 input_names=list(sizes),
                 output_names=names,
-                dynamic_axes={name: {0: "batch"} for name in [*sizes, *names]},
+                # a batch axis of its own for every further input: the graph then checks it against the first's
+                # (one named axis would let the exporter assume the sizes equal and drop the check)
+                dynamic_axes={
+                    name: {0: "batch" if i == 0 or name in names else f"{name}_batch"}
+                    for i, name in enumerate([*sizes, *names])
+                },
                 opset_version=opset,
             )
         model = onnx.load(str(tmp))
