@@ -282,3 +282,34 @@ def test_outputs_name_the_plain_view(fitted):
         "bank_patches_total": 144,
     }
     assert fitted.profile_summary()["plain_view"] == fitted.plain_summary()
+
+
+@pytest.mark.parametrize("image_score", ["max", "top1pct"])
+def test_the_units_of_the_mixed_map_are_the_normal_images_mixed_scores(image_score):
+    """normal_scale by hand on random branch scores: the main view's map in its units, the plain distances in
+    theirs upsampled without smoothing, mixed 0.3 / 0.7, its image score (max or the mean of the top 1%), then
+    the moments of those scores."""
+    from dualclip.core import BranchScores, Fusion, normal_scale
+    from dualclip.scoring import upsample
+
+    g = torch.Generator().manual_seed(0)
+    branches = BranchScores(visual=torch.rand(5, 16, generator=g), plain=torch.rand(5, 9, generator=g) * 7 + 3)
+    branches.plain_grid = (3, 3)
+    fusion = Fusion(0.5, 0.5, "zscore", image_score, 2.0, 20, plain=0.7)
+    scale, normal = normal_scale(branches, (4, 4), fusion)
+    main = upsample(branches.visual, (4, 4), 20, 2.0)  # the visual branch alone: its own units
+    flat = main.reshape(5, -1)
+    top = max(1, round(0.01 * 400))
+
+    def score(m):
+        return m.amax(dim=1) if image_score == "max" else m.sort(dim=1, descending=True).values[:, :top].mean(dim=1)
+
+    raw_main = score(flat).double()
+    main_units = (main.double() - raw_main.mean()) / raw_main.std(unbiased=False)
+    p = branches.plain.double()
+    z = (p - p.mean()) / p.std(unbiased=False)
+    up = F.interpolate(z.reshape(5, 1, 3, 3), size=(20, 20), mode="bilinear", align_corners=False)[:, 0]
+    raw = score((0.3 * main_units + 0.7 * up).reshape(5, -1))
+    assert scale.image["views"].mean == pytest.approx(float(raw.mean()), rel=1e-5)
+    assert scale.image["views"].std == pytest.approx(float(raw.std(unbiased=False)), rel=1e-4)
+    np.testing.assert_allclose(normal.numpy(), ((raw - raw.mean()) / raw.std(unbiased=False)).numpy(), atol=1e-4)
