@@ -1,6 +1,7 @@
 """The whole-model ONNX export against `predict --profile`: parity and ms per image, in the same process.
 
-An effnet-lite0 profile (the bundled weights, its defaults: S = 320, hybrid distance) is fitted on the first
+An effnet-lite0 profile (the bundled weights, its defaults: S = 320, hybrid distance, the plain view at 224 px,
+a second input of the graph) is fitted on the first
 10 magnetic_tile MT_Free images (sorted by name, from ../shared/datasets) and exported with
 ``dualclip.export.export_model``. Scored: the next 10 MT_Free images and the first 5 of each defect class.
 Parity: the largest difference of the image scores and of the maps at S x S between onnxruntime and
@@ -30,12 +31,19 @@ N_FIT = 10
 DEFECTS = ("MT_Blowhole", "MT_Crack", "MT_Fray")
 
 
-def _preprocess(images: list[Image.Image], meta: dict) -> np.ndarray:
-    """What the README example does: bicubic resize to S x S, [0, 1], (x - mean) / std, channels first."""
-    size, prep = meta["image_size"], meta["preprocess"]
+def _preprocess(images: list[Image.Image], meta: dict) -> dict[str, np.ndarray]:
+    """What the docs' example does, for every input of the model (``images`` at S, ``plain_images`` at the plain
+    view's size): bicubic resize, [0, 1], (x - mean) / std, channels first."""
+    prep = meta["preprocess"]
     mean, std = np.float32(prep["mean"]), np.float32(prep["std"])
-    arrays = [np.asarray(im.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0 for im in images]
-    return ((np.stack(arrays) - mean) / std).transpose(0, 3, 1, 2)
+    feeds = {}
+    for name, shape in meta["inputs"].items():
+        size = shape[2]
+        arrays = [
+            np.asarray(im.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0 for im in images
+        ]
+        feeds[name] = ((np.stack(arrays) - mean) / std).transpose(0, 3, 1, 2)
+    return feeds
 
 
 def main() -> None:
@@ -67,7 +75,7 @@ def main() -> None:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def run(images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
-        return tuple(session.run(["score", "anomaly_map"], {"images": _preprocess(images, meta)}))
+        return tuple(session.run(["score", "anomaly_map"], _preprocess(images, meta)))
 
     want = det.score_images(test_images)
     load = os.getloadavg()[0]
