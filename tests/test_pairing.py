@@ -83,7 +83,7 @@ def test_a_profile_saved_with_the_pairing_setting_still_loads(backbone, tmp_path
     import json
 
     images, _ = _recurring(n_normal=4, n_defective=0)
-    cfg = DetectorConfig(backbone="effnet-lite0", progress=False)
+    cfg = DetectorConfig(backbone="effnet-lite0", progress=False, plain_weight=0.0)  # no plain view back then
     DualClipDetector(cfg, backbone=backbone).fit(images).save(tmp_path / "p")
     doc = json.loads((tmp_path / "p" / "profile.json").read_text())
     doc["config"]["pairing"] = "random"  # what a profile saved while the setting existed holds

@@ -243,7 +243,9 @@ def test_a_bank_smaller_than_one_plain_view_image_is_refused(split):
     """The plain view's bank must hold more than one image's patches (leave-one-out), also where its grid is
     finer than the main view's."""
     cfg = dataclasses.replace(CFG, image_size=32, plain_image_size=64, memory_bank_size=20)
-    with pytest.raises(ConfigError, match="memory_bank_size=20 is too small for the plain view: .* one image's 64"):
+    with pytest.raises(
+        ConfigError, match="memory_bank_size=20 is too small: .* one image's 64 patches \\(of the plain"
+    ):
         DualClipDetector(cfg).fit(split[0])
 
 
@@ -252,12 +254,16 @@ def test_plain_view_refusals_come_before_any_image_is_processed(split, monkeypat
     pass (a large plain_image_size would otherwise cost the whole pass first)."""
     from dualclip import detector as D
 
-    def no_features(*args, **kwargs):
-        raise AssertionError("features were extracted before the refusal")
+    real = D.extract_features
+    normal = {img.tobytes() for img in split[0]}
 
-    monkeypatch.setattr(D, "extract_features", no_features)
+    def probes_only(backbone, images, *args, **kwargs):  # a blank probe of the grid, never a normal image
+        assert not any(img.convert("RGB").tobytes() in normal for img in images), "a normal image was processed"
+        return real(backbone, images, *args, **kwargs)
+
+    monkeypatch.setattr(D, "extract_features", probes_only)
     cfg = dataclasses.replace(CFG, image_size=32, plain_image_size=64, memory_bank_size=20)
-    with pytest.raises(ConfigError, match="too small for the plain view"):
+    with pytest.raises(ConfigError, match="too small: .* \\(of the plain view"):
         DualClipDetector(cfg).fit(split[0])
 
 

@@ -215,7 +215,9 @@ def test_reflect_border_is_refused_for_a_transformer_and_old_profiles_keep_zero_
 
     with pytest.raises(ValueError, match="border='reflect' pads a convolutional backbone"):
         build_backbone(DetectorConfig(backbone=TINY, pretrained=None, border="reflect"))
-    cfg = DetectorConfig(backbone="effnet-lite0", pretrained=None, image_size=64, progress=False, border="zero")
+    cfg = DetectorConfig(
+        backbone="effnet-lite0", pretrained=None, image_size=64, progress=False, border="zero", plain_weight=0.0
+    )  # older profiles have no plain view
     det = DualClipDetector(cfg).fit(texture_set[0][:3])
     assert det.profile_.meta["config"]["border"] == "zero"
     assert det.profile_.meta["config"]["distance"] == det.matching()[0]  # the defaults it used are saved

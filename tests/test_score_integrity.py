@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import set_field, shared_dataset, unseal_profile, write_mvtec_tree
+from conftest import reseal_profile, set_field, shared_dataset, write_mvtec_tree
 from dualclip import DetectorConfig, DualClipDetector
 from dualclip.cli.main import app
 from dualclip.cli.predict import EXIT_SOME_FAILED, run_predict
@@ -235,9 +235,11 @@ def test_fit_on_identical_images_is_refused_and_no_zero_spread_divides(tmp_path,
 
 # -- D10: a memory bank too small for leave-one-out ---------------------------------------------------------
 def test_a_bank_smaller_than_one_image_is_refused_with_the_smallest_valid_size(tmp_path, split):
+    main_only = DualClipDetector(dataclasses.replace(EFFNET, memory_bank_size=1, plain_weight=0.0))
+    assert main_only.min_bank_size() == main_only.features(split[0][:1]).match_features[0].shape[1] + 1
     det = DualClipDetector(dataclasses.replace(EFFNET, memory_bank_size=1))
     least = det.min_bank_size()
-    assert least == det.features(split[0][:1]).match_features[0].shape[1] + 1
+    assert least == 28 * 28 + 1  # the plain view at 224 px has the finer grid here (the main view: 8 x 8 at 64 px)
     with pytest.raises(ValueError, match=f"memory_bank_size=1 .* at least {least}"):
         det.fit(split[0])
     ok = DualClipDetector(dataclasses.replace(EFFNET, memory_bank_size=least)).fit(split[0])
@@ -252,12 +254,13 @@ def test_a_bank_smaller_than_one_image_is_refused_with_the_smallest_valid_size(t
 
 # -- D16 and D13: every field of a profile is checked on load; a bad one is one ProfileError -----------------
 def _tamper_json(path: Path, change) -> None:
-    """Change ``profile.json`` of a profile as one saved without digests (the field checks meet the change)."""
-    unseal_profile(path, doc=change)
+    """Change ``profile.json`` of a profile and make its digests again, as a forger would (the field checks meet
+    the change)."""
+    reseal_profile(path, doc=change)
 
 
 def _tamper_tensor(path: Path, name: str, change) -> None:
-    unseal_profile(path, tensors=lambda t: {**t, name: change(t[name])})
+    reseal_profile(path, tensors=lambda t: {**t, name: change(t[name])})
 
 
 TAMPERED_FIELDS = {

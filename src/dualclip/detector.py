@@ -764,24 +764,6 @@ class DualClipDetector:
         with torch.inference_mode():
             return tuple(view(torch.zeros(1, 3, size, size, device=next(view.parameters()).device)).grid)
 
-    def _check_plain_settings(self, use_text: bool) -> None:
-        """A plain view needs a backbone that has one (refused by :meth:`Backbone.plain_view` otherwise), no text
-        branch (the mix is a vision-only profile's), and a bank of more than one image's plain-view patches."""
-        cfg, weight = self.config, self.plain_weight()
-        grid = self.plain_grid()
-        if use_text:
-            raise ConfigError(
-                f"plain_weight={weight} mixes a plain view into a vision-only profile's map, and "
-                f"{self.backbone.name!r} scores with text: use plain_weight=0"
-            )
-        least = _least_bank_size(grid)
-        if cfg.memory_bank_size is not None and cfg.memory_bank_size < least:
-            raise ConfigError(
-                f"memory_bank_size={cfg.memory_bank_size} is too small for the plain view: its bank must hold "
-                f"more than one image's {least - 1} patches at plain_image_size={cfg.plain_image_size}; use at "
-                f"least {least}, a smaller plain_image_size, or plain_weight=0"
-            )
-
     def _profile_bank(self) -> ProfileBank:
         """The reference source of ``profile_`` (made once per profile: its bank moves to a device once)."""
         if self._bank is None or self._bank[0] is not self.profile_:
@@ -891,16 +873,23 @@ class DualClipDetector:
         self.profile_ = None
         use_text, use_visual = self._branches_to_run(len(rgb), golden=None)
         use_plain = use_visual and self.plain_weight() > 0
-        if use_plain:  # refused before any image is processed
-            self._check_plain_settings(use_text)
-        feats = self._extract(rgb, keep_patch_embeddings=use_text, desc="normal images")
-        least = _least_bank_size(feats.grid)
+        if use_plain:  # refused before any image is processed, as a bank too small below
+            self.plain_backbone  # noqa: B018 - a backbone without a plain view is refused here
+        if use_plain and use_text:
+            raise ConfigError(
+                f"plain_weight={self.plain_weight()} mixes a plain view into a vision-only profile's map, and "
+                f"{backbone.name!r} scores with text: use plain_weight=0"
+            )
+        least = self.min_bank_size()
         if use_visual and cfg.memory_bank_size is not None and cfg.memory_bank_size < least:
+            plain = " (of the plain view, at plain_image_size=" + str(cfg.plain_image_size) + ")"
             raise ConfigError(
                 f"memory_bank_size={cfg.memory_bank_size} is too small: a bank must hold more than one image's "
-                f"{least - 1} patches, so that every normal image is compared with other images (leave-one-out); "
-                f"use at least {least}, or None to keep every patch"
+                f"{least - 1} patches{plain if use_plain and least > self._main_least_bank_size() else ''}, so "
+                f"that every normal image is compared with other images (leave-one-out); use at least {least}, "
+                "or None to keep every patch"
             )
+        feats = self._extract(rgb, keep_patch_embeddings=use_text, desc="normal images")
         branches = BranchScores()
         temperature = cfg.temperature or backbone.logit_scale
         text = self._text(feats, class_name, use_text, temperature, branches)
@@ -1057,8 +1046,15 @@ class DualClipDetector:
         return fitted
 
     def min_bank_size(self) -> int:
-        """The smallest ``memory_bank_size`` :meth:`fit` accepts with this backbone: more than one image's patches,
-        so that every normal image keeps bank patches of other images (leave-one-out). One forward pass."""
+        """The smallest ``memory_bank_size`` :meth:`fit` accepts with these settings: more than one image's patches,
+        in the main view and (where a fit makes one) the plain view, so that every normal image keeps bank patches
+        of other images (leave-one-out). One forward pass of a blank image per view."""
+        least = self._main_least_bank_size()
+        if self.config.use_visual and self.plain_weight() > 0:
+            least = max(least, _least_bank_size(self.plain_grid()))
+        return least
+
+    def _main_least_bank_size(self) -> int:
         probe = self._extract([Image.new("RGB", (8, 8))], keep_patch_embeddings=False, desc="grid", progress=False)
         return _least_bank_size(probe.grid)
 
