@@ -481,21 +481,30 @@ def test_eval_with_a_profile_counts_its_verdicts_at_its_threshold(tmp_path, two_
 def test_every_phase_of_fit_predict_and_eval_shows_a_progress_bar(tmp_path, capsys, texture_set, two_defects):
     images, _, labels = texture_set
     normal = [img for img, y in zip(images, labels, strict=True) if not y]
-    cfg = DetectorConfig(**{**EFFNET, "progress": True}, memory_bank_size=100)
+    # a bank above the plain view's 6 x 784 patches' smallest size and below their number: its coreset runs
+    cfg = DetectorConfig(**{**EFFNET, "progress": True}, memory_bank_size=800)
     fitted = DualClipDetector(cfg).fit(normal)
     err = capsys.readouterr().err
-    for phase in ("normal images", "coreset", "leave-one-out (cosine)", "leave-one-out (euclidean)"):
+    for phase in (
+        "normal images",
+        "normal images (plain view)",
+        "coreset",
+        "leave-one-out (cosine)",
+        "leave-one-out (euclidean)",
+        "leave-one-out (plain view)",
+    ):
         assert f"\r{phase}: " in err, phase
     run_predict([str(p) for p in sorted((two_defects / "bottle" / "test").rglob("*.png"))], tmp_path / "o", cfg)
     err = capsys.readouterr().err
     for phase in ("features", "matching", "writing"):
         assert f"\r{phase}: " in err, phase
     fitted.predict(images[:3])
-    assert "\rscoring: " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "\rscoring: " in err
     run_eval(cfg, D.mvtec(two_defects), [0], tmp_path / "e", warn=lambda m: None)
     err = capsys.readouterr().err
     for phase in ("categories", "features", "matching"):
         assert f"\r{phase}: " in err, phase
-    DualClipDetector(DetectorConfig(**EFFNET, memory_bank_size=100)).fit(normal).predict(images[:3])
+    DualClipDetector(DetectorConfig(**EFFNET, memory_bank_size=800)).fit(normal).predict(images[:3])
     run_predict([str(two_defects)], tmp_path / "q", DetectorConfig(**EFFNET), quiet=True)
     assert "%|" not in capsys.readouterr().err  # progress=False / --quiet: no bar
