@@ -687,11 +687,17 @@ class DualClipDetector:
         return use_text, use_visual
 
     def _extract(
-        self, images: list[Image.Image], keep_patch_embeddings: bool, desc: str, progress: bool | None = None
+        self,
+        images: list[Image.Image],
+        keep_patch_embeddings: bool,
+        desc: str,
+        progress: bool | None = None,
+        backbone: Backbone | None = None,
     ) -> BackboneOutput:
+        """Features of ``images`` by the backbone (or another network, the plain view's)."""
         cfg = self.config
         return extract_features(
-            self.backbone,
+            self.backbone if backbone is None else backbone,
             images,
             cfg.batch_size,
             keep_patch_embeddings=keep_patch_embeddings,
@@ -733,15 +739,8 @@ class DualClipDetector:
 
     def _plain_features(self, images: list[Image.Image], desc: str, progress: bool | None = None):
         """The plain view's ``(N, P', C)`` patch features of ``images`` and their grid."""
-        cfg = self.config
-        out = extract_features(
-            self.plain_backbone,
-            images,
-            cfg.batch_size,
-            keep_patch_embeddings=False,
-            progress=cfg.progress if progress is None else progress,
-            desc=desc,
-            precision=self.precision(),
+        out = self._extract(
+            images, keep_patch_embeddings=False, desc=desc, progress=progress, backbone=self.plain_backbone
         )
         return plain_space(out.match_features, out.grid), out.grid
 
