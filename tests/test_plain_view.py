@@ -319,3 +319,111 @@ def test_the_units_of_the_mixed_map_are_the_normal_images_mixed_scores(image_sco
     assert scale.image["views"].mean == pytest.approx(float(raw.mean()), rel=1e-5)
     assert scale.image["views"].std == pytest.approx(float(raw.std(unbiased=False)), rel=1e-4)
     np.testing.assert_allclose(normal.numpy(), ((raw - raw.mean()) / raw.std(unbiased=False)).numpy(), atol=1e-4)
+
+
+def _plain_doc(grid=(2, 3), n=4, rows=None, width=5):
+    """A valid plain entry and its tensors (``rows`` patches kept of ``n`` images on ``grid``), as a profile holds."""
+    total = n * grid[0] * grid[1]
+    rows = total if rows is None else rows
+    bank = torch.arange(rows * width, dtype=torch.float32).reshape(rows, width) / 10
+    owner = torch.arange(rows, dtype=torch.int64) % n
+    return {"grid": list(grid), "patches": rows, "patches_total": total}, {"plain.bank": bank, "plain.owner": owner}
+
+
+def test_a_valid_plain_entry_is_read_as_it_was_saved():
+    from dualclip.profile import MAX_FEATURE, _plain_from_files
+
+    d, t = _plain_doc(grid=(2, 3))
+    got = _plain_from_files(d, t, 4)
+    assert got.grid == (2, 3) and got.total == 24 and torch.equal(got.bank, t["plain.bank"])
+    assert torch.equal(got.owner, t["plain.owner"])
+    assert _plain_from_files(None, {}, 4) is None
+    # the bounds themselves are valid: a side of 1, a width of 1, two owners, a value of exactly MAX_FEATURE
+    d, t = _plain_doc(grid=(1, 6), width=1)
+    t["plain.bank"][0, 0] = MAX_FEATURE
+    t["plain.owner"] = torch.tensor([0, 1] * 12)
+    assert _plain_from_files(d, t, 4).grid == (1, 6)
+
+
+def _broken(change):
+    d, t = _plain_doc()
+    change(d, t)
+    return d, t
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d, t: d.clear(), "plain must be {'grid', 'patches', 'patches_total'}, got {}"),
+        (lambda d, t: d.update(extra=1), "plain must be {'grid', 'patches', 'patches_total'}, got {'grid': [2, 3], "),
+        (lambda d, t: d.update(grid=[2]), "plain.grid must be two sides in [1, 4096], got [2]"),
+        (lambda d, t: d.update(grid=[2, 3, 4]), "plain.grid must be two sides in [1, 4096], got [2, 3, 4]"),
+        (lambda d, t: d.update(grid=[0, 3]), "plain.grid must be two sides in [1, 4096], got [0, 3]"),
+        (lambda d, t: d.update(grid=[2, 4097]), "plain.grid must be two sides in [1, 4096], got [2, 4097]"),
+        (lambda d, t: d.update(grid=[True, 3]), "plain.grid must be two sides in [1, 4096], got [True, 3]"),
+        (
+            lambda d, t: t.update({"plain.bank": torch.zeros(0, 5)}),
+            "tensor plain.bank must be a non-empty 2-D float32 tensor, got torch.float32 (0, 5)",
+        ),
+        (
+            lambda d, t: t.update({"plain.bank": torch.zeros(24, 0)}),
+            "tensor plain.bank must be a non-empty 2-D float32 tensor, got torch.float32 (24, 0)",
+        ),
+        (
+            lambda d, t: t["plain.bank"].__setitem__((0, 0), float("inf")),
+            "tensor plain.bank holds values that are not finite",
+        ),
+        (
+            lambda d, t: t["plain.bank"].__setitem__((0, 0), 1.0001e6),
+            "tensor plain.bank holds values of magnitude above 1e+06 (features never are)",
+        ),
+        (
+            lambda d, t: t.update({"plain.owner": t["plain.owner"][:-1]}),
+            "tensor plain.owner must be int64 with one entry per plain.bank row (24), got torch.int64 (23,)",
+        ),
+        (
+            lambda d, t: t.update({"plain.owner": t["plain.owner"].int()}),
+            "tensor plain.owner must be int64 with one entry per plain.bank row (24), got torch.int32 (24,)",
+        ),
+        (
+            lambda d, t: t.update({"plain.owner": torch.zeros(24, dtype=torch.int64)}),
+            "tensor plain.owner must name at least 2 of the n_normal=4 images, got ids 0..0",
+        ),
+        (
+            lambda d, t: t.update({"plain.owner": t["plain.owner"] - 1}),
+            "tensor plain.owner must name at least 2 of the n_normal=4 images, got ids -1..2",
+        ),
+        (
+            lambda d, t: t.update({"plain.owner": t["plain.owner"] + 1}),
+            "tensor plain.owner must name at least 2 of the n_normal=4 images, got ids 1..4",
+        ),
+        (lambda d, t: d.update(patches=23), "plain.patches is 23 for 24 plain.bank rows"),
+        (lambda d, t: d.update(patches=24.0), "plain.patches is 24.0 for 24 plain.bank rows"),
+        (
+            lambda d, t: d.update(patches_total=25),
+            "plain.patches_total must be n_normal x the grid's patches (24), got 25",
+        ),
+        (
+            lambda d, t: d.update(grid=[3, 3]),
+            "plain.patches_total must be n_normal x the grid's patches (36), got 24",
+        ),
+    ],
+)
+def test_each_broken_part_of_a_plain_entry_is_named(change, message):
+    from dualclip.profile import _plain_from_files
+
+    d, t = _broken(change)
+    with pytest.raises(ValueError) as err:
+        _plain_from_files(d, t, 4)
+    assert str(err.value).startswith(message)
+
+
+def test_a_long_plain_entry_is_quoted_to_80_characters():
+    from dualclip.profile import _plain_from_files
+
+    d = ["x" * 200]
+    with pytest.raises(ValueError) as err:
+        _plain_from_files(d, {}, 4)
+    assert str(err.value) == "plain must be {'grid', 'patches', 'patches_total'}, got " + str(d)[:80]
+    with pytest.raises(ValueError, match="^it holds tensor plain.bank but no plain entry$"):
+        _plain_from_files(None, {"plain.bank": torch.zeros(1, 1)}, 4)
