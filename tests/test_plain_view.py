@@ -319,6 +319,11 @@ def test_the_units_of_the_mixed_map_are_the_normal_images_mixed_scores(image_sco
     assert scale.image["views"].mean == pytest.approx(float(raw.mean()), rel=1e-5)
     assert scale.image["views"].std == pytest.approx(float(raw.std(unbiased=False)), rel=1e-4)
     np.testing.assert_allclose(normal.numpy(), ((raw - raw.mean()) / raw.std(unbiased=False)).numpy(), atol=1e-4)
+    # scored later with these units, the same branch scores give the same scores
+    from dualclip.core import fuse_branches
+
+    _, scores = fuse_branches(branches, (4, 4), fusion, scale)
+    np.testing.assert_allclose(scores.numpy(), normal.numpy(), atol=1e-5)
 
 
 def _plain_doc(grid=(2, 3), n=4, rows=None, width=5):
