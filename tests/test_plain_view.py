@@ -348,6 +348,8 @@ def test_a_valid_plain_entry_is_read_as_it_was_saved():
     t["plain.bank"][0, 0] = MAX_FEATURE
     t["plain.owner"] = torch.tensor([0, 1] * 12)
     assert _plain_from_files(d, t, 4).grid == (1, 6)
+    d, t = _plain_doc(grid=(4096, 1), n=2, width=1)  # the largest side
+    assert _plain_from_files(d, t, 2).grid == (4096, 1)
 
 
 def _broken(change):
@@ -389,6 +391,10 @@ def _broken(change):
         (
             lambda d, t: t.update({"plain.owner": t["plain.owner"].int()}),
             "tensor plain.owner must be int64 with one entry per plain.bank row (24), got torch.int32 (24,)",
+        ),
+        (
+            lambda d, t: t.update({"plain.bank": torch.ones(1, 5), "plain.owner": torch.zeros(1, dtype=torch.int64)}),
+            "tensor plain.owner must name at least 2 of the n_normal=4 images, got ids 0..0",
         ),
         (
             lambda d, t: t.update({"plain.owner": torch.zeros(24, dtype=torch.int64)}),
