@@ -113,6 +113,8 @@ def test_cli_export_writes_the_profile_model_and_refuses_to_overwrite(tmp_path, 
     assert (meta["image_size"], meta["weights_fingerprint"]) == (96, det.profile_.meta["weights_fingerprint"])
     r = CliRunner().invoke(app, ["export", "-o", str(out), "--profile", str(profile)])
     assert r.exit_code == 2 and "--overwrite" in r.output
+    r = CliRunner().invoke(app, ["export", "-o", str(out), "--profile", str(profile), "--overwrite", "-q"])
+    assert r.exit_code == 0 and r.output.startswith(f"wrote {out}"), r.output  # -q as every command takes it
     r = CliRunner().invoke(
         app, ["export", "--format", "tflite", "-o", str(tmp_path / "x"), "--backbone", "effnet-lite0"]
     )

@@ -783,12 +783,14 @@ def export(
     pretrained: str = PRETRAINED,
     image_size: int = typer.Option(None, help="Processing size S (fixed in the graph)."),
     overwrite: bool = typer.Option(False, help="Replace an existing file at --out."),
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
     debug: bool = DEBUG,
 ) -> None:
     """Export a profile's whole model (image to score and anomaly map), or the one-pass image encoder, to ONNX."""
     from ..output import check_parent
 
-    with cli_errors(debug):
+    with cli_errors(debug, quiet, verbose):
         if format != "onnx":
             raise UsageError(f"unknown --format {format!r}: onnx is the only export format")
         what = what or ("model" if profile is not None else "encoder")
