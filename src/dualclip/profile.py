@@ -584,15 +584,7 @@ class Profile:
                 for layer in range(layers):
                     name = f"bank.{part}.{s}.{layer}"
                     t = tensors[name]
-                    _need(
-                        t.dtype == torch.float32 and t.ndim == 2 and t.shape[0] >= 1 and t.shape[1] >= 1,
-                        f"tensor {name} must be a non-empty 2-D float32 tensor, got {t.dtype} {tuple(t.shape)}",
-                    )
-                    _need(bool(torch.isfinite(t).all()), f"tensor {name} of the bank holds values that are not finite")
-                    _need(
-                        float(t.abs().max()) <= MAX_FEATURE,
-                        f"tensor {name} of the bank holds values of magnitude above {MAX_FEATURE:g} (features never are)",
-                    )
+                    _check_patches(t, name, f"tensor {name} of the bank")
                     rows.add(t.shape[0])
                     bank[part][s].append(t)
         _need(len(rows) == 1, f"the bank tensors have different row counts {sorted(rows)}")
@@ -637,6 +629,20 @@ def _offsets(values) -> list[float] | None:
 _DERIVED = {"scale", "normal_scores", "threshold", "parts", "spaces", "layers", "head", "ood", "plain", TENSORS_DIGEST}
 
 
+def _check_patches(t: torch.Tensor, name: str, subject: str) -> None:
+    """A bank tensor ``name`` (named ``subject`` in messages about its values): a non-empty 2-D float32 tensor of
+    finite values of magnitude at most :data:`MAX_FEATURE`."""
+    _need(
+        t.dtype == torch.float32 and t.ndim == 2 and t.shape[0] >= 1 and t.shape[1] >= 1,
+        f"tensor {name} must be a non-empty 2-D float32 tensor, got {t.dtype} {tuple(t.shape)}",
+    )
+    _need(bool(torch.isfinite(t).all()), f"{subject} holds values that are not finite")
+    _need(
+        float(t.abs().max()) <= MAX_FEATURE,
+        f"{subject} holds values of magnitude above {MAX_FEATURE:g} (features never are)",
+    )
+
+
 def _plain_from_files(d, tensors: dict[str, torch.Tensor], n: int) -> PlainBank | None:
     """The plain view's bank of a parsed ``profile.json`` (``d``: its ``plain`` entry) and its tensors, checked:
     a grid of positive sides, finite float32 patches, one owner per patch naming one of the ``n`` normal images
@@ -656,15 +662,7 @@ def _plain_from_files(d, tensors: dict[str, torch.Tensor], n: int) -> PlainBank 
         f"plain.grid must be two sides in [1, 4096], got {grid!r}",
     )
     bank, owner = tensors["plain.bank"], tensors["plain.owner"]
-    _need(
-        bank.dtype == torch.float32 and bank.ndim == 2 and bank.shape[0] >= 1 and bank.shape[1] >= 1,
-        f"tensor plain.bank must be a non-empty 2-D float32 tensor, got {bank.dtype} {tuple(bank.shape)}",
-    )
-    _need(bool(torch.isfinite(bank).all()), "tensor plain.bank holds values that are not finite")
-    _need(
-        float(bank.abs().max()) <= MAX_FEATURE,
-        f"tensor plain.bank holds values of magnitude above {MAX_FEATURE:g} (features never are)",
-    )
+    _check_patches(bank, "plain.bank", "tensor plain.bank")
     _need(
         owner.dtype == torch.int64 and owner.ndim == 1 and owner.numel() == bank.shape[0],
         f"tensor plain.owner must be int64 with one entry per plain.bank row ({bank.shape[0]}), got "
