@@ -61,8 +61,9 @@ class ProfileGraph(nn.Module):
         self.head = AdaptationHead.from_tensors(profile.head) if use_head else None
         # the plain view: the same network at its own size (its weights are the backbone's), and its bank
         self.plain_view = None if profile.plain is None else detector.plain_backbone
-        self.register_buffer("plain_bank", None if profile.plain is None else profile.plain.bank.float())
-        self.register_buffer("plain_centre", None if profile.plain is None else profile.plain.centre)
+        bank, centre = (None, None) if profile.plain is None else profile.plain.centred_on("cpu")
+        self.register_buffer("plain_bank", bank)  # centred, as the detector searches it
+        self.register_buffer("plain_centre", centre)
 
     def branches(self) -> list[str]:
         """The patch branches the graph computes."""
@@ -112,8 +113,7 @@ class ProfileGraph(nn.Module):
         if self.plain_view is not None:
             out = self.plain_view(plain_images)
             space = plain_space([m.float() for m in out.match_features], out.grid)
-            centre = self.plain_centre
-            d = bank_distances_batched([space - centre], [self.plain_bank - centre], PLAIN_DISTANCE)
+            d = bank_distances_batched([space - self.plain_centre], [self.plain_bank], PLAIN_DISTANCE)
             # one row per image of `images`: a plain_images batch of another size fails here (a concatenation
             # needs equal batch sizes; the mix below would broadcast one image's distances to all)
             branches.plain = torch.cat([d, images.flatten(1)[:, :1]], dim=1)[:, :-1]

@@ -16,7 +16,7 @@ of a tile). Their mean is at or above the plain nearest neighbour on every fold 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -59,23 +59,27 @@ class PlainBank:
     owner: torch.Tensor
     grid: tuple[int, int]
     total: int
+    _centred: dict = field(default_factory=dict, repr=False, compare=False)
 
-    @property
-    def centre(self) -> torch.Tensor:
-        """``(C,)`` the bank's mean patch: distances are computed from it (the same distances; short vectors
-        lose fewer digits to the ``|a|^2 + |b|^2 - 2ab`` of a float32 search)."""
-        return self.bank.double().mean(dim=0).float()
+    def centred_on(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(bank - centre, centre)`` on ``device`` (made once per device), ``centre`` the bank's ``(C,)`` mean
+        patch: distances are computed from it (the same distances; short vectors lose fewer digits to the
+        ``|a|^2 + |b|^2 - 2ab`` of a float32 search)."""
+        key = str(device)
+        if key not in self._centred:
+            centre = self.bank.double().mean(dim=0).float()
+            self._centred[key] = ((self.bank - centre).to(device), centre.to(device))
+        return self._centred[key]
 
     def scores(self, features: torch.Tensor, memory_mb: float | None = None, query_owner=None, progress=None):
         """``(N, P)`` Euclidean distance of each plain-view patch of ``features`` ``(N, P, C)`` to its nearest
         bank patch (with ``query_owner``: never one of its own image's, the leave-one-out pass of a fit)."""
         from .matching import MATCH_MEMORY_MB, bank_distances
 
-        bank = self.bank.to(features.device)
-        centre = self.centre.to(features.device)
+        bank, centre = self.centred_on(features.device)
         return bank_distances(
             [features - centre],
-            [bank - centre],
+            [bank],
             PLAIN_DISTANCE,
             query_owner=query_owner,
             bank_owner=None if query_owner is None else self.owner,
