@@ -382,16 +382,13 @@ def _check_plain_geometry(path, profile: Profile, det: DualClipDetector) -> None
     its grid and its patches' width."""
     if profile.plain is None:
         return
-    view = det.plain_backbone
-    size = view.image_size
-    with torch.inference_mode():
-        out = view(torch.zeros(1, 3, size, size, device=next(view.parameters()).device))
+    out = det.plain_probe()
     width = sum(t.shape[-1] for t in out.match_features)
     got = (tuple(profile.plain.grid), int(profile.plain.bank.shape[1]))
     if got != (tuple(out.grid), width):
         raise ProfileError(
             f"{path} is damaged: its plain view has a {got[0][0]} x {got[0][1]} grid of width {got[1]}, the model's "
-            f"plain view at {size} px a {out.grid[0]} x {out.grid[1]} grid of width {width}"
+            f"plain view at {det.plain_backbone.image_size} px a {out.grid[0]} x {out.grid[1]} grid of width {width}"
         )
 
 
@@ -756,12 +753,12 @@ class DualClipDetector:
         with clock("reference"):
             return bank.scores(space, self.config.match_memory_mb)
 
-    def plain_grid(self) -> tuple[int, int]:
-        """The plain view's feature grid (one forward pass of a blank image at its size)."""
+    def plain_probe(self) -> BackboneOutput:
+        """The plain view's output for one blank image at its size: its grid and its layers' widths."""
         view = self.plain_backbone
         size = view.image_size
         with torch.inference_mode():
-            return tuple(view(torch.zeros(1, 3, size, size, device=next(view.parameters()).device)).grid)
+            return view(torch.zeros(1, 3, size, size, device=next(view.parameters()).device))
 
     def _profile_bank(self) -> ProfileBank:
         """The reference source of ``profile_`` (made once per profile: its bank moves to a device once)."""
@@ -879,15 +876,16 @@ class DualClipDetector:
                 f"plain_weight={self.plain_weight()} mixes a plain view into a vision-only profile's map, and "
                 f"{backbone.name!r} scores with text: use plain_weight=0"
             )
-        least = self.min_bank_size()
-        if use_visual and cfg.memory_bank_size is not None and cfg.memory_bank_size < least:
-            plain = " (of the plain view, at plain_image_size=" + str(cfg.plain_image_size) + ")"
-            raise ConfigError(
-                f"memory_bank_size={cfg.memory_bank_size} is too small: a bank must hold more than one image's "
-                f"{least - 1} patches{plain if use_plain and least > self._main_least_bank_size() else ''}, so "
-                f"that every normal image is compared with other images (leave-one-out); use at least {least}, "
-                "or None to keep every patch"
-            )
+        if use_visual and cfg.memory_bank_size is not None:
+            main_least, plain_least = self._least_bank_sizes()
+            least = max(main_least, plain_least or 0)
+            if cfg.memory_bank_size < least:
+                view = f" (of the plain view, at plain_image_size={cfg.plain_image_size})" if least > main_least else ""
+                raise ConfigError(
+                    f"memory_bank_size={cfg.memory_bank_size} is too small: a bank must hold more than one image's "
+                    f"{least - 1} patches{view}, so that every normal image is compared with other images "
+                    f"(leave-one-out); use at least {least}, or None to keep every patch"
+                )
         feats = self._extract(rgb, keep_patch_embeddings=use_text, desc="normal images")
         branches = BranchScores()
         temperature = cfg.temperature or backbone.logit_scale
@@ -1048,14 +1046,14 @@ class DualClipDetector:
         """The smallest ``memory_bank_size`` :meth:`fit` accepts with these settings: more than one image's patches,
         in the main view and (where a fit makes one) the plain view, so that every normal image keeps bank patches
         of other images (leave-one-out). One forward pass of a blank image per view."""
-        least = self._main_least_bank_size()
-        if self.config.use_visual and self.plain_weight() > 0:
-            least = max(least, _least_bank_size(self.plain_grid()))
-        return least
+        main, plain = self._least_bank_sizes()
+        return max(main, plain or 0)
 
-    def _main_least_bank_size(self) -> int:
+    def _least_bank_sizes(self) -> tuple[int, int | None]:
+        """The smallest bank of the main view and of the plain view (``None`` where a fit makes none)."""
         probe = self._extract([Image.new("RGB", (8, 8))], keep_patch_embeddings=False, desc="grid", progress=False)
-        return _least_bank_size(probe.grid)
+        use_plain = self.config.use_visual and self.plain_weight() > 0
+        return _least_bank_size(probe.grid), _least_bank_size(self.plain_probe().grid) if use_plain else None
 
     @property
     def threshold_(self) -> Threshold | None:
