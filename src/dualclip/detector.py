@@ -415,7 +415,7 @@ def _saved_settings(profile: Profile) -> dict:
         raise ProfileError("it holds a plain view (plain) but its settings name no plain_weight")
     settings.setdefault("plain_weight", 0.0)
     weight = settings["plain_weight"]
-    if profile.plain is None and weight not in (0, 0.0):
+    if profile.plain is None and weight != 0:
         raise ProfileError(f"it records plain_weight {weight!r} but holds no plain view (plain)")
     if profile.plain is not None and not (isinstance(weight, int | float) and weight > 0):
         raise ProfileError(f"it holds a plain view (plain) but records plain_weight {weight!r}")

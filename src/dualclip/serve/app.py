@@ -380,7 +380,8 @@ def create_app(detector: DualClipDetector, settings: ServeSettings, profile_path
         return {"status": "ok"}
 
     distance, sizes = detector.matching()
-    guard, plain_view = detector.profile_summary()["ood_guard"], detector.plain_summary()
+    summary = detector.profile_summary()
+    guard, plain_view = summary["ood_guard"], summary["plain_view"]
     resolved = {"image_size": detector.backbone.image_size, "distance": distance, "neighbourhood": list(sizes)}
 
     @app.get("/v1/info", response_model=InfoResponse, dependencies=guarded)
